@@ -1,0 +1,66 @@
+//! Run-time device choice (`--device cpu|cuda:N`). The CPU backend is burn's flex; CUDA is
+//! burn-cuda, compiled only with the `cuda` feature.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A device named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(DeviceSpec::Cuda(i)),
+                _ => Err(format!(
+                    "unknown device '{s}' (expected cpu, cuda or cuda:N)"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+/// The CPU backend.
+pub type Cpu = burn::backend::Flex;
+
+/// The CUDA backend.
+#[cfg(feature = "cuda")]
+pub type Cuda = burn_cuda::Cuda;
+
+/// Whether this build includes the CUDA backend.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+impl DeviceSpec {
+    /// # Errors
+    /// When CUDA is asked for in a build without the `cuda` feature.
+    pub fn check_available(self) -> Result<(), String> {
+        match self {
+            DeviceSpec::Cuda(_) if !CUDA_BUILT => Err(format!(
+                "device '{self}' needs a build with CUDA support: rebuild with `cargo build --release --features cuda`"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The burn-cuda device for GPU `index`.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(index: usize) -> burn_cuda::CudaDevice {
+    burn_cuda::CudaDevice::new(index)
+}

@@ -1,0 +1,248 @@
+//! Autoregressive generation for one request: prefill the prompt, then decode one token at a
+//! time with the KV cache, handing every token (and the text it completes) to a callback so a
+//! caller can stream. Stops on EOS / stop ids, stop strings, or the token budget.
+
+use std::time::Instant;
+
+use burn::prelude::*;
+
+use crate::lora::Adapter;
+use crate::model::{Llama, Logits, SeqCache, SeqInput};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::TokenizerBundle;
+
+/// Why generation ended (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One generated token as delivered to the callback.
+#[derive(Debug, Clone)]
+pub struct TokenEvent<'a> {
+    pub id: u32,
+    /// Text this token makes final (may be empty while a multi-byte character or a possible
+    /// stop string is incomplete).
+    pub text: &'a str,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+}
+
+/// Errors during generation.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt of {prompt} tokens plus max_tokens {max_new} exceeds the model's context of {context}")]
+    TooLong {
+        prompt: usize,
+        max_new: usize,
+        context: usize,
+    },
+    #[error("invalid sampling parameters: {0}")]
+    Params(String),
+    #[error("decoding tokens: {0}")]
+    Decode(String),
+}
+
+/// Generates a continuation of `prompt`.
+///
+/// # Errors
+/// See [`GenerateError`].
+pub fn generate<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &TokenizerBundle,
+    adapter: Option<&Adapter<B>>,
+    prompt: &[u32],
+    params: &SamplingParams,
+    mut on_token: impl FnMut(TokenEvent<'_>),
+) -> Result<Generation, GenerateError> {
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    params.validate().map_err(GenerateError::Params)?;
+    let context = model.config.max_position_embeddings;
+    if prompt.len() + params.max_new_tokens > context {
+        return Err(GenerateError::TooLong {
+            prompt: prompt.len(),
+            max_new: params.max_new_tokens,
+            context,
+        });
+    }
+    let mut sampler = Sampler::new(params.clone());
+    let mut cache = SeqCache::new();
+    let mut all: Vec<u32> = prompt.to_vec();
+    let mut out = Vec::new();
+    let mut stream = TextStream::new(&params.stop_strings);
+    let start = Instant::now();
+    let mut prefill_secs = 0.0;
+    let mut next_input = prompt.to_vec();
+    let mut finish = FinishReason::Length;
+    while out.len() < params.max_new_tokens {
+        let logits = model.forward(
+            &mut [SeqInput {
+                tokens: &next_input,
+                cache: Some(&mut cache),
+                adapter,
+            }],
+            Logits::Last,
+        );
+        let mut row: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
+        if out.is_empty() {
+            prefill_secs = start.elapsed().as_secs_f64();
+        }
+        let id = sampler.sample(&mut row, &all);
+        all.push(id);
+        if tokenizer.eos_ids.contains(&id) || params.stop_token_ids.contains(&id) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        out.push(id);
+        let text = tokenizer
+            .decode(&out, true)
+            .map_err(GenerateError::Decode)?;
+        let (piece, stopped) = stream.push(&text);
+        on_token(TokenEvent { id, text: &piece });
+        if stopped {
+            finish = FinishReason::Stop;
+            break;
+        }
+        next_input = vec![id];
+    }
+    let tail = stream.finish();
+    if !tail.is_empty() {
+        on_token(TokenEvent {
+            id: *out.last().unwrap_or(&0),
+            text: &tail,
+        });
+    }
+    Ok(Generation {
+        text: stream.emitted,
+        tokens: out,
+        finish_reason: finish,
+        prompt_tokens: prompt.len(),
+        prefill_secs,
+        decode_secs: start.elapsed().as_secs_f64() - prefill_secs,
+    })
+}
+
+/// Turns the growing decoded text into final pieces: holds back an incomplete UTF-8 character
+/// (decoded as U+FFFD) and any suffix that could still become a stop string, and cuts the text
+/// at the first stop string.
+pub struct TextStream<'a> {
+    stops: &'a [String],
+    pub emitted: String,
+    stopped: bool,
+    pending: String,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(stops: &'a [String]) -> Self {
+        TextStream {
+            stops,
+            emitted: String::new(),
+            stopped: false,
+            pending: String::new(),
+        }
+    }
+
+    /// Given the full text so far, returns the new final piece and whether a stop string hit.
+    pub fn push(&mut self, full: &str) -> (String, bool) {
+        if self.stopped {
+            return (String::new(), true);
+        }
+        let mut text = full;
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            text = &text[..cut];
+            self.stopped = true;
+        }
+        let mut safe = text.len();
+        if !self.stopped {
+            if text.ends_with('\u{FFFD}') {
+                safe = text.trim_end_matches('\u{FFFD}').len();
+            }
+            // Hold back the longest suffix that is a prefix of some stop string.
+            for s in self.stops {
+                for k in (1..s.len()).rev() {
+                    if s.is_char_boundary(k) && text[..safe].ends_with(&s[..k]) {
+                        safe = safe.min(safe - k);
+                        break;
+                    }
+                }
+            }
+        }
+        if safe < self.emitted.len()
+            || !text.is_char_boundary(safe)
+            || !text.starts_with(&self.emitted)
+        {
+            self.pending = text.to_string();
+            return (String::new(), self.stopped);
+        }
+        let piece = text[self.emitted.len()..safe].to_string();
+        self.emitted.push_str(&piece);
+        self.pending = text.to_string();
+        (piece, self.stopped)
+    }
+
+    /// What was held back when generation ends without a stop.
+    pub fn finish(&mut self) -> String {
+        if self.stopped || !self.pending.starts_with(&self.emitted) {
+            return String::new();
+        }
+        let rest = self.pending[self.emitted.len()..].to_string();
+        self.emitted.push_str(&rest);
+        rest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_cut_and_hold_back_prefixes() {
+        let stops = vec!["END".to_string()];
+        let mut s = TextStream::new(&stops);
+        assert_eq!(s.push("Hello E"), ("Hello ".to_string(), false));
+        assert_eq!(s.push("Hello EN"), (String::new(), false));
+        assert_eq!(s.push("Hello ENx"), ("ENx".to_string(), false));
+        assert_eq!(s.push("Hello ENx END more"), (" ".to_string(), true));
+        assert_eq!(s.emitted, "Hello ENx ");
+        assert_eq!(s.finish(), "");
+    }
+
+    #[test]
+    fn incomplete_characters_wait() {
+        let mut s = TextStream::new(&[]);
+        assert_eq!(s.push("caf\u{FFFD}"), ("caf".to_string(), false));
+        assert_eq!(s.push("café"), ("é".to_string(), false));
+        assert_eq!(s.finish(), "");
+    }
+}

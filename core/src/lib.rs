@@ -1,0 +1,22 @@
+//! graft-core: one Llama-family model with quantized frozen projections and LoRA adapters,
+//! checkpoint loaders (GGUF, HF safetensors, Hub), tokenizer and chat templates, sampling and
+//! generation. `graft-train` and `graft-serve` are built on this crate's public API.
+
+pub mod chat;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod gguf;
+pub mod load;
+pub mod lora;
+pub mod model;
+pub mod proj;
+pub mod quant;
+pub mod rope;
+pub mod sampling;
+pub mod tokenizer;
+
+/// burn's prelude, re-exported so dependents use the same burn without naming it.
+pub mod burn_prelude {
+    pub use burn::prelude::*;
+}

@@ -1,0 +1,184 @@
+//! Loading a model from where people keep one: an HF model directory (safetensors), a GGUF
+//! file, or a Hub id resolved through the HF cache. Only these modules know checkpoint key
+//! names; the model sees [`crate::model::Llama`] parts.
+
+mod gguf;
+mod hf;
+pub mod hub;
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+
+use crate::gguf::GgufError;
+use crate::model::Llama;
+use crate::quant::QuantKind;
+use crate::tokenizer::TokenizerBundle;
+
+pub use gguf::load_gguf;
+pub use hf::load_hf_dir;
+
+/// Errors loading a model; each names the file and the tensor or key involved.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: corrupt safetensors file: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{path}: tensor '{tensor}' is missing")]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{path}: tensor '{tensor}' has shape {found:?}, the config implies {expected:?}")]
+    Shape {
+        path: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor '{tensor}' has dtype {dtype}, graft loads f32, f16 and bf16")]
+    Dtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
+    #[error("{path}: tensor '{tensor}': {message}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("{path}: architecture '{arch}' is not supported (graft runs Llama-family models: {supported})")]
+    Architecture {
+        path: PathBuf,
+        arch: String,
+        supported: String,
+    },
+    #[error("{path}: tokenizer: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("hub model '{repo}': {message}")]
+    Hub { repo: String, message: String },
+    #[error("'{0}' is neither a model directory, a .gguf file, nor a hub id (owner/name)")]
+    Source(String),
+}
+
+/// Where a model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// An HF model directory (config.json + safetensors).
+    HfDir(PathBuf),
+    /// A GGUF file.
+    Gguf(PathBuf),
+    /// A Hub repository id with an optional revision (`owner/name@rev`).
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// Interprets a `--model` argument: an existing directory or `.gguf` file, else a hub id.
+    ///
+    /// # Errors
+    /// [`LoadError::Source`] when it is none of these.
+    pub fn parse(s: &str) -> Result<Self, LoadError> {
+        let p = Path::new(s);
+        if p.is_dir() {
+            return Ok(ModelSource::HfDir(p.to_path_buf()));
+        }
+        if p.is_file() || s.ends_with(".gguf") {
+            return Ok(ModelSource::Gguf(p.to_path_buf()));
+        }
+        let (repo, revision) = match s.split_once('@') {
+            Some((r, rev)) => (r, Some(rev.to_string())),
+            None => (s, None),
+        };
+        let valid = repo.split('/').count() == 2
+            && repo.split('/').all(|part| {
+                !part.is_empty()
+                    && part != ".."
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            });
+        if valid {
+            Ok(ModelSource::Hub {
+                repo: repo.to_string(),
+                revision,
+            })
+        } else {
+            Err(LoadError::Source(s.to_string()))
+        }
+    }
+}
+
+/// Options for loading.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// How to store the projections' base weights.
+    pub quantize: QuantKind,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            quantize: QuantKind::Keep,
+        }
+    }
+}
+
+/// A loaded model with what generation needs beside it.
+pub struct LoadedModel<B: Backend> {
+    pub model: Llama<B>,
+    /// Tokenizer, chat template and special tokens; `None` only for an HF directory that ships
+    /// no `tokenizer.json`.
+    pub tokenizer: Option<TokenizerBundle>,
+    /// A name for the model (hub id, file stem).
+    pub name: String,
+}
+
+/// Loads a model from any [`ModelSource`].
+///
+/// # Errors
+/// See [`LoadError`].
+pub fn load<B: Backend>(
+    source: &ModelSource,
+    opts: LoadOptions,
+    device: &B::Device,
+) -> Result<LoadedModel<B>, LoadError> {
+    match source {
+        ModelSource::HfDir(dir) => load_hf_dir(dir, opts, device),
+        ModelSource::Gguf(path) => load_gguf(path, opts, device),
+        ModelSource::Hub { repo, revision } => {
+            let dir = hub::resolve(repo, revision.as_deref(), &hub::HubSettings::from_env())?;
+            let mut loaded = load_hf_dir(&dir, opts, device)?;
+            loaded.name = repo.clone();
+            Ok(loaded)
+        }
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| LoadError::Json {
+        path: path.into(),
+        source,
+    })
+}
+
+pub(crate) fn read_json_value(path: &Path) -> Result<serde_json::Value, LoadError> {
+    read_json(path)
+}

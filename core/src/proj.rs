@@ -1,0 +1,153 @@
+//! The one projection type of the model: a frozen base weight (dense, GGUF blocks or NF4) plus
+//! optional low-rank adapters applied beside it, never merged into it:
+//!
+//! `y = x·Wᵀ + b + scale·(x·Aᵀ)·Bᵀ`, with `scale = lora_alpha / r` (or `/ √r` for rsLoRA),
+//! `A: [r, in]`, `B: [out, r]` (PEFT's `lora_A` / `lora_B` layout).
+//!
+//! Rows of one call may belong to different adapters (a serving batch mixes requests); the base
+//! product runs once for all rows and each adapter adds its term to its own rows.
+
+use std::ops::Range;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::quant::PackedWeight;
+
+/// A frozen base weight of shape `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum BaseWeight<B: Backend> {
+    /// f32 on the device (dense checkpoints, loaded without quantization).
+    Dense(Tensor<B, 2>),
+    /// Packed in host memory, dequantized one projection at a time during the forward.
+    Packed(PackedWeight),
+}
+
+/// A low-rank adapter for one projection.
+#[derive(Debug, Clone)]
+pub struct LoraWeights<B: Backend> {
+    /// `[r, in]`
+    pub a: Tensor<B, 2>,
+    /// `[out, r]`
+    pub b: Tensor<B, 2>,
+    /// `lora_alpha / r` (or `lora_alpha / √r` with rsLoRA).
+    pub scale: f32,
+}
+
+impl<B: Backend> LoraWeights<B> {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `scale·(x·Aᵀ)·Bᵀ`.
+    ///
+    /// # Shapes
+    /// `x: [n, in]` → `[n, out]`
+    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        x.matmul(self.a.clone().transpose())
+            .matmul(self.b.clone().transpose())
+            .mul_scalar(self.scale)
+    }
+}
+
+/// Which adapter (if any) applies to each contiguous run of rows.
+pub type RowAdapters<'a, B> = [(Range<usize>, Option<&'a LoraWeights<B>>)];
+
+/// A linear projection without activation.
+#[derive(Debug, Clone)]
+pub struct Proj<B: Backend> {
+    pub base: BaseWeight<B>,
+    /// `[out]` (Qwen2-style q/k/v biases).
+    pub bias: Option<Tensor<B, 1>>,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl<B: Backend> Proj<B> {
+    pub fn new(base: BaseWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
+        let (out_features, in_features) = match &base {
+            BaseWeight::Dense(w) => {
+                let [o, i] = w.dims();
+                (o, i)
+            }
+            BaseWeight::Packed(p) => (p.rows, p.cols),
+        };
+        Proj {
+            base,
+            bias,
+            out_features,
+            in_features,
+        }
+    }
+
+    /// The base weight as a dense `[out, in]` tensor (dequantized if packed).
+    pub fn weight(&self, device: &B::Device) -> Tensor<B, 2> {
+        match &self.base {
+            BaseWeight::Dense(w) => w.clone(),
+            BaseWeight::Packed(p) => {
+                let data = TensorData::new(p.dequantize(), [p.rows, p.cols]);
+                Tensor::from_data(data, device)
+            }
+        }
+    }
+
+    /// Rows `ids` of the weight, e.g. an embedding lookup. Packed weights dequantize only
+    /// those rows.
+    ///
+    /// # Shapes
+    /// → `[ids.len(), in]`
+    pub fn rows(&self, ids: &[u32], device: &B::Device) -> Tensor<B, 2> {
+        match &self.base {
+            BaseWeight::Dense(w) => {
+                let idx: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+                let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [ids.len()]), device);
+                w.clone().select(0, idx)
+            }
+            BaseWeight::Packed(p) => {
+                let mut out = vec![0f32; ids.len() * p.cols];
+                for (k, &id) in ids.iter().enumerate() {
+                    p.dequantize_rows(id as usize, 1, &mut out[k * p.cols..(k + 1) * p.cols]);
+                }
+                Tensor::from_data(TensorData::new(out, [ids.len(), p.cols]), device)
+            }
+        }
+    }
+
+    /// Bytes held by the base weight and bias.
+    pub fn n_bytes(&self) -> usize {
+        let base = match &self.base {
+            BaseWeight::Dense(_) => self.out_features * self.in_features * 4,
+            BaseWeight::Packed(p) => p.n_bytes(),
+        };
+        base + self.bias.as_ref().map_or(0, |_| self.out_features * 4)
+    }
+
+    /// `x·Wᵀ + b`, plus each row range's adapter term.
+    ///
+    /// # Shapes
+    /// `x: [n, in]` → `[n, out]`
+    pub fn forward(&self, x: Tensor<B, 2>, adapters: &RowAdapters<'_, B>) -> Tensor<B, 2> {
+        let w = self.weight(&x.device());
+        let mut y = x.clone().matmul(w.transpose());
+        if let Some(b) = &self.bias {
+            y = y + b.clone().unsqueeze::<2>();
+        }
+        match adapters {
+            [] | [(_, None)] => y,
+            [(_, Some(lora))] => y + lora.delta(x),
+            runs => {
+                let parts = runs
+                    .iter()
+                    .map(|(range, lora)| {
+                        let ys = y.clone().slice(range.clone());
+                        match lora {
+                            Some(l) => ys + l.delta(x.clone().slice(range.clone())),
+                            None => ys,
+                        }
+                    })
+                    .collect();
+                Tensor::cat(parts, 0)
+            }
+        }
+    }
+}

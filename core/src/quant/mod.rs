@@ -1,0 +1,126 @@
+//! Frozen base-weight storage: GGML blocks kept as shipped in a GGUF file, or NF4 (+double
+//! quantization) made on load. Only this module knows codebooks and block layouts; the rest of
+//! graft sees a [`PackedWeight`] that can dequantize itself, whole or by rows.
+
+mod ggml;
+pub mod nf4;
+
+use std::sync::Arc;
+
+pub use ggml::GgmlType;
+pub use nf4::Nf4Tensor;
+
+/// How a base weight is stored, as named on the command line and in configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantKind {
+    /// Keep what the checkpoint ships (GGUF blocks stay packed; safetensors load dense).
+    Keep,
+    /// Quantize dense weights to NF4 with double quantization on load.
+    Nf4,
+}
+
+impl std::str::FromStr for QuantKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "keep" | "none" => Ok(QuantKind::Keep),
+            "nf4" => Ok(QuantKind::Nf4),
+            other => Err(format!(
+                "unknown quantization '{other}' (expected 'keep', 'none' or 'nf4')"
+            )),
+        }
+    }
+}
+
+/// A frozen 2-D weight `[rows, cols]` kept packed in memory.
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    pub rows: usize,
+    pub cols: usize,
+    data: PackedData,
+}
+
+#[derive(Debug, Clone)]
+enum PackedData {
+    /// GGML blocks along each row (`cols` is a multiple of the block size).
+    Ggml { ty: GgmlType, bytes: Arc<[u8]> },
+    /// NF4 over the row-major flattening, with the absmaxes already expanded to f32 once
+    /// (one f32 per 64 values: 1/16 of a byte per weight).
+    Nf4 {
+        q: Arc<Nf4Tensor>,
+        absmax: Arc<[f32]>,
+    },
+}
+
+impl PackedWeight {
+    /// Wraps GGML bytes of a `[rows, cols]` weight.
+    ///
+    /// # Errors
+    /// When `cols` is not a whole number of blocks or the byte count is not the one implied.
+    pub fn ggml(ty: GgmlType, rows: usize, cols: usize, bytes: Arc<[u8]>) -> Result<Self, String> {
+        let row_bytes = ty
+            .bytes_for(cols as u64)
+            .ok_or_else(|| format!("{cols} columns is not a whole number of {ty:?} blocks"))?;
+        if row_bytes as usize * rows != bytes.len() {
+            return Err(format!(
+                "{} bytes of {ty:?} do not hold a [{rows}, {cols}] weight ({} expected)",
+                bytes.len(),
+                row_bytes as usize * rows
+            ));
+        }
+        Ok(PackedWeight {
+            rows,
+            cols,
+            data: PackedData::Ggml { ty, bytes },
+        })
+    }
+
+    /// Quantizes a dense row-major `[rows, cols]` weight to NF4 with double quantization.
+    pub fn nf4(rows: usize, cols: usize, w: &[f32]) -> Self {
+        let q = Nf4Tensor::quantize(w, true);
+        let absmax = q.absmax().into();
+        PackedWeight {
+            rows,
+            cols,
+            data: PackedData::Nf4 {
+                q: Arc::new(q),
+                absmax,
+            },
+        }
+    }
+
+    /// A short description of the storage, e.g. `Q4_1` or `NF4`.
+    pub fn kind_name(&self) -> String {
+        match &self.data {
+            PackedData::Ggml { ty, .. } => format!("{ty:?}"),
+            PackedData::Nf4 { .. } => "NF4".into(),
+        }
+    }
+
+    /// Bytes of memory the packed weight holds.
+    pub fn n_bytes(&self) -> usize {
+        match &self.data {
+            PackedData::Ggml { bytes, .. } => bytes.len(),
+            PackedData::Nf4 { q, absmax } => q.n_bytes() + absmax.len() * 4,
+        }
+    }
+
+    /// Dequantizes rows `start..start + n` into a row-major buffer of `n * cols` values.
+    pub fn dequantize_rows(&self, start: usize, n: usize, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), n * self.cols);
+        match &self.data {
+            PackedData::Ggml { ty, bytes } => {
+                let rb = ty.bytes_for(self.cols as u64).unwrap_or(0) as usize;
+                ty.dequantize(&bytes[start * rb..(start + n) * rb], out);
+            }
+            PackedData::Nf4 { q, absmax } => q.dequantize_range(absmax, start * self.cols, out),
+        }
+    }
+
+    /// Dequantizes the whole weight, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, self.rows, &mut out);
+        out
+    }
+}

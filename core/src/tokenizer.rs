@@ -1,0 +1,321 @@
+//! Tokenizers as `tokenizers::Tokenizer`, from an HF directory (`tokenizer.json` +
+//! `tokenizer_config.json`) or built from GGUF metadata the way transformers' GGUF loader and
+//! llama.cpp read it: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) or SentencePiece
+//! (`"llama"`), special tokens from the token types, and the chat template.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+
+use crate::gguf::{GgufFile, GgufValue};
+use crate::load::LoadError;
+
+/// GGUF token types (`gguf-py` `TokenType`).
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
+
+/// A tokenizer with the special tokens and chat template that come with it.
+#[derive(Clone)]
+pub struct TokenizerBundle {
+    pub tokenizer: Tokenizer,
+    /// Jinja chat template, if the model ships one.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Prepend the BOS id when encoding with special tokens (GGUF `add_bos_token`; an HF
+    /// tokenizer.json does this in its post-processor instead).
+    pub add_bos: bool,
+    pub bos_id: Option<u32>,
+    /// Token ids that end generation (EOS, end-of-turn, generation_config's list).
+    pub eos_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for TokenizerBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenizerBundle")
+            .field("vocab", &self.tokenizer.get_vocab_size(true))
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .field("eos_ids", &self.eos_ids)
+            .finish()
+    }
+}
+
+impl TokenizerBundle {
+    /// Token ids of `text`; with `add_special_tokens`, the BOS token where the model uses one.
+    ///
+    /// # Errors
+    /// The tokenizer's own error text.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| e.to_string())?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens && self.add_bos {
+            if let Some(bos) = self.bos_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`, with or without special tokens.
+    ///
+    /// # Errors
+    /// The tokenizer's own error text.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String> {
+        self.tokenizer
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The id of a token's exact text.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Loads `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` of an HF
+    /// model directory.
+    ///
+    /// # Errors
+    /// Unreadable or malformed files.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, LoadError> {
+        let path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.is_file() {
+            crate::load::read_json_value(&cfg_path)?
+        } else {
+            json!({})
+        };
+        let token_str = |k: &str| match cfg.get(k) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
+            _ => None,
+        };
+        let chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        };
+        let chat_template = match chat_template {
+            Some(t) => Some(t),
+            None => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        let (bos_token, eos_token) = (token_str("bos_token"), token_str("eos_token"));
+        let mut eos_ids: Vec<u32> = eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t))
+            .into_iter()
+            .collect();
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.is_file() {
+            let gen = crate::load::read_json_value(&gen_path)?;
+            match gen.get("eos_token_id") {
+                Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|v| v as u32)),
+                Some(Value::Array(a)) => {
+                    eos_ids.extend(a.iter().filter_map(Value::as_u64).map(|v| v as u32))
+                }
+                _ => {}
+            }
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let bos_id = bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
+        Ok(TokenizerBundle {
+            tokenizer,
+            chat_template,
+            bos_token,
+            eos_token,
+            add_bos: false,
+            bos_id,
+            eos_ids,
+        })
+    }
+
+    /// Builds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
+    ///
+    /// # Errors
+    /// A message naming the missing or malformed key.
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, String> {
+        let model = f.str("tokenizer.ggml.model").map_err(|e| e.to_string())?;
+        let tokens = f
+            .string_array("tokenizer.ggml.tokens")
+            .map_err(|e| e.to_string())?;
+        let types: Vec<i64> = match f
+            .opt_array("tokenizer.ggml.token_type")
+            .map_err(|e| e.to_string())?
+        {
+            Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let id_key = |k: &str| f.opt_u64(k).ok().flatten().map(|v| v as u32);
+        let bos_id = id_key("tokenizer.ggml.bos_token_id");
+        let eos_id = id_key("tokenizer.ggml.eos_token_id");
+        let eot_id = id_key("tokenizer.ggml.eot_token_id");
+        let unk_id = id_key("tokenizer.ggml.unknown_token_id");
+        let name = |id: Option<u32>| {
+            id.and_then(|i| tokens.get(i as usize))
+                .map(|s| s.to_string())
+        };
+        let added: Vec<Value> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, &t))| t == TOKEN_CONTROL || t == TOKEN_USER_DEFINED)
+            .map(|(id, (tok, &t))| {
+                json!({"id": id, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": t == TOKEN_USER_DEFINED, "special": t == TOKEN_CONTROL})
+            })
+            .collect();
+        let vocab: serde_json::Map<String, Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), json!(i)))
+            .collect();
+        let (spec, add_bos_default) = match model {
+            "gpt2" => {
+                let merges = f
+                    .string_array("tokenizer.ggml.merges")
+                    .map_err(|e| e.to_string())?;
+                let pre = f.str("tokenizer.ggml.pre").unwrap_or("default");
+                (byte_level_bpe(vocab, &merges, pre, &added), false)
+            }
+            "llama" => {
+                let scores: Vec<f32> = match f
+                    .opt_array("tokenizer.ggml.scores")
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+                    None => vec![0.0; tokens.len()],
+                };
+                let unk = name(unk_id).unwrap_or_else(|| "<unk>".into());
+                (
+                    sentencepiece_bpe(vocab, &tokens, &scores, &unk, &added),
+                    true,
+                )
+            }
+            other => {
+                return Err(format!(
+                    "tokenizer.ggml.model '{other}' is not supported (gpt2, llama)"
+                ))
+            }
+        };
+        let tokenizer: Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e| format!("building tokenizer: {e}"))?;
+        let add_bos = f
+            .opt_bool("tokenizer.ggml.add_bos_token")
+            .ok()
+            .flatten()
+            .unwrap_or(add_bos_default);
+        let chat_template = match f.get("tokenizer.chat_template") {
+            Some(GgufValue::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let mut eos_ids: Vec<u32> = eos_id.into_iter().chain(eot_id).collect();
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(TokenizerBundle {
+            tokenizer,
+            chat_template,
+            bos_token: name(bos_id),
+            eos_token: name(eos_id),
+            add_bos,
+            bos_id,
+            eos_ids,
+        })
+    }
+}
+
+/// GPT-2 style byte-level BPE; the pre-tokenizer follows llama.cpp's `tokenizer.ggml.pre`.
+fn byte_level_bpe(
+    vocab: serde_json::Map<String, Value>,
+    merges: &[&str],
+    pre: &str,
+    added: &[Value],
+) -> Value {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+    let pre_tokenizer = match pre {
+        // llama.cpp's "smollm": digits one by one, then GPT-2's regex.
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        _ => byte_level(true),
+    };
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    })
+}
+
+/// SentencePiece BPE (Llama 1/2, Mistral): merges recovered from the vocabulary, each pair
+/// ranked by the score of the piece it forms (as transformers' `SentencePieceExtractor`).
+fn sentencepiece_bpe(
+    vocab: serde_json::Map<String, Value>,
+    tokens: &[&str],
+    scores: &[f32],
+    unk: &str,
+    added: &[Value],
+) -> Value {
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(f32, usize, usize, String)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        for (split, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(split);
+            if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                merges.push((
+                    scores.get(id).copied().unwrap_or(0.0),
+                    li,
+                    ri,
+                    format!("{l} {r}"),
+                ));
+            }
+        }
+    }
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let merges: Vec<String> = merges.into_iter().map(|m| m.3).collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u{2581}"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges}
+    })
+}

@@ -1,0 +1,153 @@
+//! `graft-serve generate`: load a model, run one prompt, stream the answer.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use graft_core::burn_prelude::Backend;
+use graft_core::chat::{ChatTemplate, Message};
+use graft_core::device::DeviceSpec;
+use graft_core::generate::generate;
+use graft_core::load::{load, LoadOptions, ModelSource};
+use graft_core::quant::QuantKind;
+use graft_core::sampling::SamplingParams;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model: an HF directory, a .gguf file, or a hub id (owner/name[@revision]).
+    #[arg(long)]
+    model: String,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// RNG seed (same seed, same output).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Base weight storage: keep (as shipped) or nf4 (quantize dense weights on load).
+    #[arg(long, default_value = "keep")]
+    quantize: QuantKind,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    args.device.check_available().map_err(|e| anyhow!(e))?;
+    match args.device {
+        DeviceSpec::Cpu => run_on::<graft_core::device::Cpu>(&args, &Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => {
+            let device = graft_core::device::cuda_device(i);
+            run_on::<graft_core::device::Cuda>(&args, &device)
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("check_available rejects cuda in builds without it"),
+    }
+}
+
+fn run_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+    let t0 = Instant::now();
+    let source = ModelSource::parse(&args.model)?;
+    let loaded = load::<B>(
+        &source,
+        LoadOptions {
+            quantize: args.quantize,
+        },
+        device,
+    )
+    .with_context(|| format!("loading model '{}'", args.model))?;
+    let tok = loaded
+        .tokenizer
+        .as_ref()
+        .ok_or_else(|| anyhow!("model '{}' ships no tokenizer.json", args.model))?;
+    eprintln!(
+        "loaded {} in {:.2}s: {} layers, base weights {:.1} MiB",
+        loaded.name,
+        t0.elapsed().as_secs_f64(),
+        loaded.model.config.num_layers,
+        loaded.model.base_bytes() as f64 / (1 << 20) as f64
+    );
+    let prompt_text = if args.chat {
+        let source = tok
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| anyhow!("model '{}' has no chat template", args.model))?;
+        let template =
+            ChatTemplate::new(source, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
+        let mut messages = Vec::new();
+        if let Some(s) = &args.system {
+            messages.push(Message::new("system", s.clone()));
+        }
+        messages.push(Message::new("user", args.prompt.clone()));
+        template.render(&messages, true)?
+    } else {
+        args.prompt.clone()
+    };
+    // A rendered chat template already carries its special tokens.
+    let ids = tok
+        .encode(&prompt_text, !args.chat)
+        .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?;
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        max_new_tokens: args.max_tokens,
+        stop_token_ids: Vec::new(),
+        stop_strings: args.stop.clone(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let out = generate(&loaded.model, tok, None, &ids, &params, |ev| {
+        // A closed stdout (e.g. piped into `head`) ends the output, not the program.
+        let _ = stdout
+            .write_all(ev.text.as_bytes())
+            .and_then(|_| stdout.flush());
+    })?;
+    let _ = writeln!(stdout);
+    let decoded = out.tokens.len();
+    eprintln!(
+        "prompt: {} tokens in {:.2}s ({:.1} tokens/s); decode: {} tokens in {:.2}s ({:.1} tokens/s); finish: {}; peak RSS {}",
+        out.prompt_tokens,
+        out.prefill_secs,
+        out.prompt_tokens as f64 / out.prefill_secs.max(1e-9),
+        decoded,
+        out.decode_secs,
+        decoded.saturating_sub(1) as f64 / out.decode_secs.max(1e-9),
+        out.finish_reason.as_str(),
+        peak_rss().map_or("n/a".into(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0)),
+    );
+    Ok(())
+}
+
+/// Peak resident set size in KiB (Linux `VmHWM`).
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
