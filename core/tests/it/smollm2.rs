@@ -1,0 +1,250 @@
+//! Parity with transformers on the real SmolLM2-135M-Instruct (Q4_1 GGUF): logits of the GGUF
+//! and HF-safetensors paths, greedy continuations, tokenizer ids and the chat template.
+//!
+//! The model comes from `scripts/fetch-model.sh`; the HF directory from `scripts/gguf_to_hf.py`
+//! (`scripts/test.sh` makes both). These tests fail, rather than skip, when either is missing.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use graft_core::chat::{ChatTemplate, Message};
+use graft_core::load::{load_gguf, load_hf_dir, LoadOptions, LoadedModel};
+use graft_core::model::{Llama, Logits, SeqCache, SeqInput};
+use graft_core::sampling::argmax;
+use serde::Deserialize;
+
+use crate::reference::{f32s, fixture, read_fixture};
+use crate::{max_abs_diff, values, B};
+
+const TOLERANCE: f32 = 1e-3;
+const NEAR_TIE: f32 = 0.05;
+
+fn cache_dir() -> PathBuf {
+    match std::env::var_os("GRAFT_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/graft"),
+    }
+}
+
+fn gguf_path() -> PathBuf {
+    let p = cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+fn hf_dir() -> PathBuf {
+    let p = cache_dir().join("models/SmolLM2-135M-Instruct-f32-sharded");
+    assert!(
+        p.join("config.json").is_file(),
+        "{} is missing: run scripts/gguf_to_hf.py (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+fn gguf_model() -> &'static LoadedModel<B> {
+    static M: OnceLock<LoadedModel<B>> = OnceLock::new();
+    M.get_or_init(|| {
+        load_gguf::<B>(&gguf_path(), LoadOptions::default(), &Default::default()).unwrap()
+    })
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    prompts: Vec<Prompt>,
+}
+
+#[derive(Deserialize)]
+struct Prompt {
+    text: String,
+    input_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+    greedy_margins: Vec<f32>,
+    vocab_probe_ids: Vec<usize>,
+}
+
+fn reference() -> Reference {
+    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap())
+        .unwrap()
+}
+
+fn check_logits(model: &Llama<B>, label: &str) {
+    let r = reference();
+    let t = read_fixture("smollm2_reference.safetensors");
+    let vocab = model.config.vocab_size;
+    for (i, p) in r.prompts.iter().enumerate() {
+        let logits = values(model.forward(
+            &mut [SeqInput {
+                tokens: &p.input_ids,
+                cache: None,
+                adapter: None,
+            }],
+            Logits::All,
+        ));
+        let n = p.input_ids.len();
+        let last = &logits[(n - 1) * vocab..];
+        let d_last = max_abs_diff(last, &f32s(&t[&format!("p{i}.last_logits")]));
+        let probe_ref = f32s(&t[&format!("p{i}.probe_logits")]);
+        let probe: Vec<f32> = (0..n)
+            .flat_map(|pos| p.vocab_probe_ids.iter().map(move |&v| (pos, v)))
+            .map(|(pos, v)| logits[pos * vocab + v])
+            .collect();
+        let d_probe = max_abs_diff(&probe, &probe_ref);
+        eprintln!("{label} prompt {i}: max |Δ| last position {d_last:.2e}, probe ids at all {n} positions {d_probe:.2e}");
+        assert!(
+            d_last <= TOLERANCE && d_probe <= TOLERANCE,
+            "{label} prompt {i} ({:?}): {d_last} / {d_probe}",
+            p.text
+        );
+    }
+}
+
+#[test]
+fn gguf_logits_match_transformers() {
+    check_logits(&gguf_model().model, "gguf");
+}
+
+#[test]
+fn hf_safetensors_logits_match_transformers() {
+    let m = load_hf_dir::<B>(&hf_dir(), LoadOptions::default(), &Default::default()).unwrap();
+    check_logits(&m.model, "hf-safetensors (sharded)");
+}
+
+#[test]
+fn greedy_continuations_match_up_to_the_first_near_tie() {
+    let model = &gguf_model().model;
+    for p in reference().prompts {
+        let mut cache = SeqCache::new();
+        let mut input = p.input_ids.clone();
+        let mut compared = 0;
+        for (step, (&want, &margin)) in p.greedy_ids.iter().zip(&p.greedy_margins).enumerate() {
+            let row = values(model.forward(
+                &mut [SeqInput {
+                    tokens: &input,
+                    cache: Some(&mut cache),
+                    adapter: None,
+                }],
+                Logits::Last,
+            ));
+            let got = argmax(&row);
+            if margin < NEAR_TIE {
+                break;
+            }
+            assert_eq!(got, want, "prompt {:?}: step {step}", p.text);
+            compared += 1;
+            input = vec![want];
+        }
+        eprintln!(
+            "greedy {:?}: {compared} tokens equal before a near-tie or the end",
+            p.text
+        );
+        assert!(compared > 0 || p.greedy_margins[0] < NEAR_TIE);
+    }
+}
+
+#[derive(Deserialize)]
+struct Tokenization {
+    cases: Vec<TokCase>,
+    pretokenizer_divergent_cases: Vec<DivergentCase>,
+}
+
+/// Texts where transformers' GGUF tokenizer (plain ByteLevel pre-tokenizer) and SmolLM2's own
+/// `tokenizer.json` (Digits(individual) then ByteLevel; llama.cpp's `smollm` pre-tokenizer)
+/// disagree. graft follows the model's own tokenizer, which the model was trained with.
+#[derive(Deserialize)]
+struct DivergentCase {
+    text: String,
+    ids: Vec<u32>,
+    ids_smollm_pretokenizer: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct TokCase {
+    text: String,
+    ids: Vec<u32>,
+    decoded: String,
+}
+
+#[test]
+fn tokenizer_from_gguf_matches_transformers() {
+    let tok = gguf_model().tokenizer.as_ref().unwrap();
+    let t: Tokenization =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tokenization.json")).unwrap())
+            .unwrap();
+    for c in &t.cases {
+        assert_eq!(tok.encode(&c.text, false).unwrap(), c.ids, "{:?}", c.text);
+        assert_eq!(tok.decode(&c.ids, false).unwrap(), c.decoded);
+    }
+    for c in &t.pretokenizer_divergent_cases {
+        assert_ne!(
+            c.ids, c.ids_smollm_pretokenizer,
+            "{:?} is listed as divergent",
+            c.text
+        );
+        assert_eq!(
+            tok.encode(&c.text, false).unwrap(),
+            c.ids_smollm_pretokenizer,
+            "{:?}",
+            c.text
+        );
+        assert_eq!(
+            tok.decode(&c.ids_smollm_pretokenizer, false).unwrap(),
+            c.text
+        );
+    }
+    for r in reference().prompts {
+        assert_eq!(
+            tok.encode(&r.text, false).unwrap(),
+            r.input_ids,
+            "{:?}",
+            r.text
+        );
+    }
+    assert_eq!(tok.eos_ids, vec![2], "<|im_end|> ends a turn");
+}
+
+#[derive(Deserialize)]
+struct ChatCase {
+    messages: Vec<Message>,
+    add_generation_prompt: bool,
+    rendered: String,
+}
+
+#[test]
+fn chat_template_matches_transformers() {
+    let tok = gguf_model().tokenizer.as_ref().unwrap();
+    let tmpl = ChatTemplate::new(
+        tok.chat_template.as_deref().unwrap(),
+        tok.bos_token.as_deref(),
+        tok.eos_token.as_deref(),
+    )
+    .unwrap();
+    let cases: Vec<ChatCase> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("chat_template.json")).unwrap())
+            .unwrap();
+    for c in cases {
+        assert_eq!(
+            tmpl.render(&c.messages, c.add_generation_prompt).unwrap(),
+            c.rendered
+        );
+    }
+}
+
+#[test]
+fn quantized_base_stays_near_its_packed_size() {
+    let m = &gguf_model().model;
+    let file = std::fs::metadata(gguf_path()).unwrap().len() as usize;
+    let base = m.base_bytes();
+    eprintln!(
+        "base weights in memory: {:.1} MiB (GGUF file {:.1} MiB; f32 would be {:.1} MiB)",
+        base as f64 / 1048576.0,
+        file as f64 / 1048576.0,
+        m.config.n_params() as f64 * 4.0 / 1048576.0
+    );
+    assert!(base <= file, "{base} bytes held for a {file}-byte file");
+    assert!(base * 5 < m.config.n_params() * 4);
+}

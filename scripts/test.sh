@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite (what CI runs): prepares the real model, runs every test of the workspace
+# in the release profile (one build shared by all tests), then checks that the CUDA backend
+# (feature `cuda`) still compiles.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/prepare-test-models.sh
+cargo test --release --workspace
+cargo check --release -p graft-serve --features cuda

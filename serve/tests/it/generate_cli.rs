@@ -1,0 +1,115 @@
+//! `graft-serve generate` end to end on the real SmolLM2 GGUF (made by `scripts/fetch-model.sh`;
+//! the test fails, rather than skips, when it is missing).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn gguf_path() -> PathBuf {
+    let cache = match std::env::var_os("GRAFT_CACHE") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/graft"),
+    };
+    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+fn graft_serve() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_graft-serve"))
+}
+
+#[test]
+fn chat_answers_the_capital_of_france_and_reports_speed() {
+    let out = graft_serve()
+        .arg("generate")
+        .arg("--model")
+        .arg(gguf_path())
+        .args(["--chat", "--prompt", "What is the capital of France?"])
+        .args(["--max-tokens", "24", "--temperature", "0"])
+        .output()
+        .expect("spawn graft-serve");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstderr: {stderr}",
+        out.status
+    );
+    assert!(stdout.contains("Paris"), "answer without Paris: {stdout:?}");
+    assert!(
+        !stdout.contains("<|im_end|>"),
+        "end-of-turn token leaked: {stdout:?}"
+    );
+    assert!(
+        stderr.contains("tokens/s"),
+        "no speed figures on stderr: {stderr}"
+    );
+}
+
+#[test]
+fn same_seed_gives_same_sampled_text() {
+    let run = || {
+        let out = graft_serve()
+            .arg("generate")
+            .arg("--model")
+            .arg(gguf_path())
+            .args(["--prompt", "Once upon a time", "--max-tokens", "12"])
+            .args(["--temperature", "0.9", "--seed", "7"])
+            .output()
+            .expect("spawn graft-serve");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    };
+    let first = run();
+    assert!(!first.trim().is_empty());
+    assert_eq!(first, run());
+}
+
+#[test]
+fn missing_model_file_is_a_clear_error() {
+    let out = graft_serve()
+        .args([
+            "generate",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--prompt",
+            "hi",
+        ])
+        .output()
+        .expect("spawn graft-serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains("/nonexistent/model.gguf"),
+        "path not named: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_device_without_the_feature_is_a_clear_error() {
+    let out = graft_serve()
+        .arg("generate")
+        .arg("--model")
+        .arg(gguf_path())
+        .args(["--prompt", "hi", "--device", "cuda:0"])
+        .output()
+        .expect("spawn graft-serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains("cuda"), "{stderr}");
+    assert!(
+        stderr.contains("--features cuda"),
+        "no hint how to enable it: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

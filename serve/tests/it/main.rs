@@ -1,0 +1,3 @@
+//! graft-serve integration tests: the binary spawned as a user runs it.
+
+mod generate_cli;
