@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/prepare-test-models.sh
 cargo test --release --workspace
-cargo check --release -p graft-serve --features cuda
+cargo check --release -p graft-serve -p graft-train --features graft-serve/cuda,graft-train/cuda

@@ -98,10 +98,7 @@ impl ChatTemplate {
 
 /// The few `strftime` codes chat templates use (Llama 3's date line), in UTC.
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let (y, m, d, ..) = crate::clock::utc_now();
     const MONTHS: [&str; 12] = [
         "January",
         "February",
@@ -121,19 +118,6 @@ fn strftime_now(fmt: &str) -> String {
         .replace("%d", &format!("{d:02}"))
         .replace("%B", MONTHS[(m - 1) as usize])
         .replace("%b", &MONTHS[(m - 1) as usize][..3])
-}
-
-/// Days since 1970-01-01 to (year, month, day) (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]
@@ -168,11 +152,5 @@ mod tests {
             t.render(&[Message::new("user", "  ok ")], false).unwrap(),
             "OK"
         );
-    }
-
-    #[test]
-    fn civil_dates() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_779), (2026, 11, 22));
     }
 }

@@ -2,9 +2,8 @@
 //! time with the KV cache, handing every token (and the text it completes) to a callback so a
 //! caller can stream. Stops on EOS / stop ids, stop strings, or the token budget.
 
+use crate::backend::GraftBackend;
 use std::time::Instant;
-
-use burn::prelude::*;
 
 use crate::lora::Adapter;
 use crate::model::{Llama, Logits, SeqCache, SeqInput};
@@ -70,7 +69,7 @@ pub enum GenerateError {
 ///
 /// # Errors
 /// See [`GenerateError`].
-pub fn generate<B: Backend>(
+pub fn generate<B: GraftBackend>(
     model: &Llama<B>,
     tokenizer: &TokenizerBundle,
     adapter: Option<&Adapter<B>>,

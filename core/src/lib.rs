@@ -2,7 +2,10 @@
 //! checkpoint loaders (GGUF, HF safetensors, Hub), tokenizer and chat templates, sampling and
 //! generation. `graft-train` and `graft-serve` are built on this crate's public API.
 
+pub mod backend;
+pub mod cache;
 pub mod chat;
+pub mod clock;
 pub mod config;
 pub mod device;
 pub mod generate;
@@ -10,11 +13,15 @@ pub mod gguf;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod peft;
 pub mod proj;
 pub mod quant;
 pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
+
+/// The burn this crate is built on, for dependents that need more than the prelude.
+pub use burn;
 
 /// burn's prelude, re-exported so dependents use the same burn without naming it.
 pub mod burn_prelude {

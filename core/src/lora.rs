@@ -6,7 +6,12 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::prelude::*;
+use burn::tensor::TensorData;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
+use crate::backend::GraftBackend;
+use crate::model::Llama;
 use crate::proj::LoraWeights;
 
 /// A projection of a decoder layer that an adapter can target.
@@ -120,6 +125,79 @@ impl<B: Backend> Adapter<B> {
             .flatten()
             .flatten()
             .map(|l| (l.a.shape().num_elements() + l.b.shape().num_elements()) * 4)
+            .sum()
+    }
+}
+
+/// The hyper-parameters of a LoRA adapter (PEFT's `LoraConfig` names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank `r` (≥ 1).
+    pub r: usize,
+    /// `lora_alpha`; the update is scaled by `lora_alpha / r` (`/ √r` with rsLoRA).
+    pub lora_alpha: f32,
+    /// Dropout on the adapter's input during training (`lora_dropout`), in `[0, 1)`.
+    pub lora_dropout: f32,
+    /// Projections that get an adapter, in every layer.
+    pub target_modules: Vec<TargetModule>,
+    /// rsLoRA scaling (`use_rslora`).
+    pub use_rslora: bool,
+}
+
+impl LoraConfig {
+    /// The factor applied to `B·A`.
+    pub fn scale(&self) -> f32 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f32).sqrt()
+        } else {
+            self.lora_alpha / self.r as f32
+        }
+    }
+}
+
+impl<B: GraftBackend> Adapter<B> {
+    /// A fresh adapter initialized as PEFT does by default (`init_lora_weights=True`): `A`
+    /// kaiming-uniform with `a = √5`, i.e. uniform in `±1/√in`, and `B = 0`, so the adapter
+    /// starts as a no-op. The values come from a ChaCha8 stream seeded with `seed`, drawn layer
+    /// by layer in target order (they differ from torch's generator).
+    pub fn init_peft(model: &Llama<B>, config: &LoraConfig, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let device = model.device();
+        let mut adapter = Adapter::empty(model.layers.len());
+        let mut targets = config.target_modules.clone();
+        targets.sort();
+        targets.dedup();
+        for (li, layer) in model.layers.iter().enumerate() {
+            for &t in &targets {
+                let p = layer.proj(t);
+                let bound = 1.0 / (p.in_features as f32).sqrt();
+                let a: Vec<f32> = (0..config.r * p.in_features)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                adapter.layers[li][t.index()] = Some(LoraWeights {
+                    a: Tensor::from_data(TensorData::new(a, [config.r, p.in_features]), device),
+                    b: Tensor::zeros([p.out_features, config.r], device),
+                    scale: config.scale(),
+                    dropout: config.lora_dropout,
+                });
+            }
+        }
+        adapter
+    }
+
+    /// Every (layer, target, weights) the adapter covers, in layer then target order.
+    pub fn modules(&self) -> impl Iterator<Item = (usize, TargetModule, &LoraWeights<B>)> {
+        self.layers.iter().enumerate().flat_map(|(li, l)| {
+            TargetModule::ALL
+                .into_iter()
+                .filter_map(move |t| l[t.index()].as_ref().map(|w| (li, t, w)))
+        })
+    }
+
+    /// Number of trainable values (A and B).
+    pub fn n_params(&self) -> usize {
+        self.modules()
+            .map(|(_, _, w)| w.a.shape().num_elements() + w.b.shape().num_elements())
             .sum()
     }
 }

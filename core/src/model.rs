@@ -9,6 +9,7 @@
 //! of different sequences may carry different adapters. Packed training examples are simply
 //! separate sequences, so no attention crosses example boundaries.
 
+use crate::backend::GraftBackend;
 use std::ops::Range;
 
 use burn::prelude::*;
@@ -22,13 +23,13 @@ use crate::rope::Rope;
 
 /// Root-mean-square layer norm: `x / √(mean(x²) + ε) · w`.
 #[derive(Debug, Clone)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: GraftBackend> {
     /// `[hidden]`
     pub weight: Tensor<B, 1>,
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: GraftBackend> RmsNorm<B> {
     /// # Shapes
     /// `x: [n, hidden]` → `[n, hidden]`
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
@@ -39,14 +40,14 @@ impl<B: Backend> RmsNorm<B> {
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
-pub struct Block<B: Backend> {
+pub struct Block<B: GraftBackend> {
     pub input_norm: RmsNorm<B>,
     /// q, k, v, o, gate, up, down — indexed by [`TargetModule::index`].
     pub projs: [Proj<B>; 7],
     pub post_attention_norm: RmsNorm<B>,
 }
 
-impl<B: Backend> Block<B> {
+impl<B: GraftBackend> Block<B> {
     pub fn proj(&self, t: TargetModule) -> &Proj<B> {
         &self.projs[t.index()]
     }
@@ -54,12 +55,12 @@ impl<B: Backend> Block<B> {
 
 /// The key/value cache of one sequence: per layer `[kv_heads, len, head_dim]`.
 #[derive(Debug, Clone, Default)]
-pub struct SeqCache<B: Backend> {
+pub struct SeqCache<B: GraftBackend> {
     layers: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
     len: usize,
 }
 
-impl<B: Backend> SeqCache<B> {
+impl<B: GraftBackend> SeqCache<B> {
     pub fn new() -> Self {
         SeqCache {
             layers: Vec::new(),
@@ -78,7 +79,7 @@ impl<B: Backend> SeqCache<B> {
 }
 
 /// One sequence's part of a forward call.
-pub struct SeqInput<'a, B: Backend> {
+pub struct SeqInput<'a, B: GraftBackend> {
     /// New tokens of the sequence (its prompt, or the last sampled token).
     pub tokens: &'a [u32],
     /// Its cache: positions start at `cache.len()`, and the new keys/values are appended.
@@ -99,7 +100,7 @@ pub enum Logits {
 
 /// A Llama-family causal language model.
 #[derive(Debug, Clone)]
-pub struct Llama<B: Backend> {
+pub struct Llama<B: GraftBackend> {
     pub config: LlamaConfig,
     pub embed_tokens: Proj<B>,
     pub layers: Vec<Block<B>>,
@@ -110,7 +111,7 @@ pub struct Llama<B: Backend> {
     device: B::Device,
 }
 
-impl<B: Backend> Llama<B> {
+impl<B: GraftBackend> Llama<B> {
     pub fn new(
         config: LlamaConfig,
         embed_tokens: Proj<B>,
@@ -326,7 +327,7 @@ impl<B: Backend> Llama<B> {
 }
 
 /// Contiguous row ranges and the adapter weights that apply to them for one projection.
-fn row_runs<'a, B: Backend>(
+fn row_runs<'a, B: GraftBackend>(
     spans: &[(Range<usize>, usize)],
     adapters: &[Option<&'a Adapter<B>>],
     layer: usize,

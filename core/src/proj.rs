@@ -10,13 +10,14 @@
 use std::ops::Range;
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{Distribution, TensorData};
 
+use crate::backend::GraftBackend;
 use crate::quant::PackedWeight;
 
 /// A frozen base weight of shape `[out, in]`.
 #[derive(Debug, Clone)]
-pub enum BaseWeight<B: Backend> {
+pub enum BaseWeight<B: GraftBackend> {
     /// f32 on the device (dense checkpoints, loaded without quantization).
     Dense(Tensor<B, 2>),
     /// Packed in host memory, dequantized one projection at a time during the forward.
@@ -32,6 +33,9 @@ pub struct LoraWeights<B: Backend> {
     pub b: Tensor<B, 2>,
     /// `lora_alpha / r` (or `lora_alpha / √r` with rsLoRA).
     pub scale: f32,
+    /// Dropout probability on the adapter's input; applied only when the backend records
+    /// gradients (training).
+    pub dropout: f32,
 }
 
 impl<B: Backend> LoraWeights<B> {
@@ -44,6 +48,13 @@ impl<B: Backend> LoraWeights<B> {
     /// # Shapes
     /// `x: [n, in]` → `[n, out]`
     pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - f64::from(self.dropout);
+            let mask = x.random_like(Distribution::Bernoulli(keep));
+            x * mask.div_scalar(keep)
+        } else {
+            x
+        };
         x.matmul(self.a.clone().transpose())
             .matmul(self.b.clone().transpose())
             .mul_scalar(self.scale)
@@ -55,7 +66,7 @@ pub type RowAdapters<'a, B> = [(Range<usize>, Option<&'a LoraWeights<B>>)];
 
 /// A linear projection without activation.
 #[derive(Debug, Clone)]
-pub struct Proj<B: Backend> {
+pub struct Proj<B: GraftBackend> {
     pub base: BaseWeight<B>,
     /// `[out]` (Qwen2-style q/k/v biases).
     pub bias: Option<Tensor<B, 1>>,
@@ -63,7 +74,7 @@ pub struct Proj<B: Backend> {
     pub in_features: usize,
 }
 
-impl<B: Backend> Proj<B> {
+impl<B: GraftBackend> Proj<B> {
     pub fn new(base: BaseWeight<B>, bias: Option<Tensor<B, 1>>) -> Self {
         let (out_features, in_features) = match &base {
             BaseWeight::Dense(w) => {
@@ -127,8 +138,10 @@ impl<B: Backend> Proj<B> {
     /// # Shapes
     /// `x: [n, in]` → `[n, out]`
     pub fn forward(&self, x: Tensor<B, 2>, adapters: &RowAdapters<'_, B>) -> Tensor<B, 2> {
-        let w = self.weight(&x.device());
-        let mut y = x.clone().matmul(w.transpose());
+        let mut y = match &self.base {
+            BaseWeight::Dense(w) => x.clone().matmul(w.clone().transpose()),
+            BaseWeight::Packed(p) => B::packed_matmul(x.clone(), p),
+        };
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze::<2>();
         }

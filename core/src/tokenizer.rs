@@ -63,6 +63,21 @@ impl TokenizerBundle {
         Ok(ids)
     }
 
+    /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
+    ///
+    /// # Errors
+    /// The tokenizer's own error text.
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| e.to_string())?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     /// Text of `ids`, with or without special tokens.
     ///
     /// # Errors

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use graft_core::burn_prelude::Backend;
+use graft_core::backend::GraftBackend;
 use graft_core::chat::{ChatTemplate, Message};
 use graft_core::device::DeviceSpec;
 use graft_core::generate::generate;
@@ -50,6 +50,10 @@ pub struct GenerateArgs {
     /// Base weight storage: keep (as shipped) or nf4 (quantize dense weights on load).
     #[arg(long, default_value = "keep")]
     quantize: QuantKind,
+    /// A LoRA adapter to apply: a PEFT directory (adapter_config.json +
+    /// adapter_model.safetensors), e.g. a graft-train run's `adapter/`.
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -69,7 +73,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
 }
 
-fn run_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     let t0 = Instant::now();
     let source = ModelSource::parse(&args.model)?;
     let loaded = load::<B>(
@@ -91,6 +95,19 @@ fn run_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
         loaded.model.config.num_layers,
         loaded.model.base_bytes() as f64 / (1 << 20) as f64
     );
+    let adapter = match &args.adapter {
+        Some(dir) => {
+            let (a, cfg) = graft_core::peft::load(dir, &loaded.model)?;
+            eprintln!(
+                "adapter {}: r={} on {} modules",
+                dir.display(),
+                cfg.r,
+                a.modules().count()
+            );
+            Some(a)
+        }
+        None => None,
+    };
     let prompt_text = if args.chat {
         let source = tok
             .chat_template
@@ -123,7 +140,7 @@ fn run_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
         stop_strings: args.stop.clone(),
     };
     let mut stdout = std::io::stdout().lock();
-    let out = generate(&loaded.model, tok, None, &ids, &params, |ev| {
+    let out = generate(&loaded.model, tok, adapter.as_ref(), &ids, &params, |ev| {
         // A closed stdout (e.g. piped into `head`) ends the output, not the program.
         let _ = stdout
             .write_all(ev.text.as_bytes())

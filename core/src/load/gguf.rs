@@ -5,6 +5,7 @@
 //! reordering of whole packed rows, exact for every block type), so the model uses HF's rope
 //! and adapters use PEFT's layout.
 
+use crate::backend::GraftBackend;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,7 +29,7 @@ const ARCHS: [&str; 2] = ["llama", "qwen2"];
 /// # Errors
 /// File format errors, an unsupported architecture, missing tensors or keys, shapes that
 /// disagree with the metadata.
-pub fn load_gguf<B: Backend>(
+pub fn load_gguf<B: GraftBackend>(
     path: &Path,
     opts: LoadOptions,
     device: &B::Device,
@@ -126,7 +127,7 @@ fn dense_f32(f: &GgufFile, info: &GgufTensorInfo) -> Vec<f32> {
     out
 }
 
-struct Loader<'a, B: Backend> {
+struct Loader<'a, B: GraftBackend> {
     file: &'a GgufFile,
     config: &'a LlamaConfig,
     opts: LoadOptions,
@@ -134,7 +135,7 @@ struct Loader<'a, B: Backend> {
     permute_qk: bool,
 }
 
-impl<B: Backend> Loader<'_, B> {
+impl<B: GraftBackend> Loader<'_, B> {
     fn info(&self, name: &str, expected: &[usize]) -> Result<&GgufTensorInfo, LoadError> {
         let path = self.file.path();
         let info = self
@@ -193,14 +194,20 @@ impl<B: Backend> Loader<'_, B> {
                 message,
             }
         })?;
-        let dense = matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+        let dense = matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+            || self.opts.quantize == QuantKind::None;
         let base = match (dense, quantize && self.opts.quantize == QuantKind::Nf4) {
             (true, true) => BaseWeight::Packed(PackedWeight::nf4(rows, cols, &packed.dequantize())),
             (true, false) => BaseWeight::Dense(Tensor::from_data(
                 TensorData::new(packed.dequantize(), [rows, cols]),
                 self.device,
             )),
-            (false, _) => BaseWeight::Packed(packed),
+            // NF4 asked for on GGML blocks: requantize (bitsandbytes' NF4 of the dequantized
+            // weight), so QLoRA-NF4 runs from any GGUF.
+            (false, true) => {
+                BaseWeight::Packed(PackedWeight::nf4(rows, cols, &packed.dequantize()))
+            }
+            (false, false) => BaseWeight::Packed(packed),
         };
         let bias_name = format!("{name}.bias");
         let bias = match self.file.tensor_info(&bias_name) {

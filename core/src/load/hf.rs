@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`, tokenizer files. f32/f16/bf16 tensors; projections can be
 //! quantized to NF4 on load.
 
+use crate::backend::GraftBackend;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use crate::tokenizer::TokenizerBundle;
 /// # Errors
 /// Missing or malformed files, unsupported architectures, missing tensors, wrong shapes or
 /// dtypes.
-pub fn load_hf_dir<B: Backend>(
+pub fn load_hf_dir<B: GraftBackend>(
     dir: &Path,
     opts: LoadOptions,
     device: &B::Device,
@@ -188,14 +189,14 @@ impl Weights {
     }
 }
 
-struct Loader<'a, B: Backend> {
+struct Loader<'a, B: GraftBackend> {
     weights: &'a Weights,
     config: &'a LlamaConfig,
     opts: LoadOptions,
     device: &'a B::Device,
 }
 
-impl<B: Backend> Loader<'_, B> {
+impl<B: GraftBackend> Loader<'_, B> {
     fn vector(&self, name: &str, len: usize) -> Result<Tensor<B, 1>, LoadError> {
         Ok(Tensor::from_data(
             TensorData::new(self.weights.f32(name, &[len])?, [len]),

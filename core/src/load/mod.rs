@@ -6,9 +6,8 @@ mod gguf;
 mod hf;
 pub mod hub;
 
+use crate::backend::GraftBackend;
 use std::path::{Path, PathBuf};
-
-use burn::prelude::*;
 
 use crate::gguf::GgufError;
 use crate::model::Llama;
@@ -138,7 +137,7 @@ impl Default for LoadOptions {
 }
 
 /// A loaded model with what generation needs beside it.
-pub struct LoadedModel<B: Backend> {
+pub struct LoadedModel<B: GraftBackend> {
     pub model: Llama<B>,
     /// Tokenizer, chat template and special tokens; `None` only for an HF directory that ships
     /// no `tokenizer.json`.
@@ -151,7 +150,7 @@ pub struct LoadedModel<B: Backend> {
 ///
 /// # Errors
 /// See [`LoadError`].
-pub fn load<B: Backend>(
+pub fn load<B: GraftBackend>(
     source: &ModelSource,
     opts: LoadOptions,
     device: &B::Device,

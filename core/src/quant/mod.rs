@@ -17,13 +17,16 @@ pub enum QuantKind {
     Keep,
     /// Quantize dense weights to NF4 with double quantization on load.
     Nf4,
+    /// Expand every weight to dense f32 (plain LoRA on a full-precision base).
+    None,
 }
 
 impl std::str::FromStr for QuantKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "keep" | "none" => Ok(QuantKind::Keep),
+            "keep" => Ok(QuantKind::Keep),
+            "none" => Ok(QuantKind::None),
             "nf4" => Ok(QuantKind::Nf4),
             other => Err(format!(
                 "unknown quantization '{other}' (expected 'keep', 'none' or 'nf4')"

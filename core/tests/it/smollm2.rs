@@ -19,15 +19,8 @@ use crate::{max_abs_diff, values, B};
 const TOLERANCE: f32 = 1e-3;
 const NEAR_TIE: f32 = 0.05;
 
-fn cache_dir() -> PathBuf {
-    match std::env::var_os("GRAFT_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/graft"),
-    }
-}
-
 fn gguf_path() -> PathBuf {
-    let p = cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = graft_core::cache::default_model_path();
     assert!(
         p.is_file(),
         "{} is missing: run scripts/fetch-model.sh (scripts/test.sh does)",
@@ -37,7 +30,7 @@ fn gguf_path() -> PathBuf {
 }
 
 fn hf_dir() -> PathBuf {
-    let p = cache_dir().join("models/SmolLM2-135M-Instruct-f32-sharded");
+    let p = graft_core::cache::cache_dir().join("models/SmolLM2-135M-Instruct-f32-sharded");
     assert!(
         p.join("config.json").is_file(),
         "{} is missing: run scripts/gguf_to_hf.py (scripts/test.sh does)",

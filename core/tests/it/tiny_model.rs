@@ -154,6 +154,7 @@ fn adapter(m: &Llama<B>, seed: u64, zero_b: bool) -> Adapter<B> {
                 a: Tensor::from_data(TensorData::new(av, [r, p.in_features]), &dev),
                 b: Tensor::from_data(TensorData::new(bv, [p.out_features, r]), &dev),
                 scale: 2.0,
+                dropout: 0.0,
             });
         }
     }

@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn gguf_path() -> PathBuf {
-    let cache = match std::env::var_os("GRAFT_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/graft"),
-    };
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = graft_core::cache::default_model_path();
     assert!(
         p.is_file(),
         "{} is missing: run scripts/fetch-model.sh",

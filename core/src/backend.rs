@@ -1,0 +1,128 @@
+//! graft's extension of burn's `Backend`: the product of activations with a packed (quantized,
+//! frozen) base weight.
+//!
+//! The default dequantizes the weight on the tensor's device and multiplies; backends can
+//! override it with fused kernels that never materialize the f32 weight. Under autodiff the
+//! product gets its own backward, `∂L/∂x = ∂L/∂y · W`, which dequantizes `W` again instead of
+//! keeping the forward's f32 copy alive until the backward pass: QLoRA memory stays near the
+//! packed size of the base, as in bitsandbytes' `MatMul4Bit`. No gradient flows to `W` (frozen).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::{TensorData, TensorPrimitive};
+
+use crate::quant::PackedWeight;
+
+/// A burn backend graft's model runs on.
+pub trait GraftBackend: Backend {
+    /// `x·Wᵀ` for a packed `W: [out, in]`.
+    ///
+    /// # Shapes
+    /// `x: [n, in]` → `[n, out]`
+    fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
+        let wd = dequantized(w, &x.device());
+        x.matmul(wd.transpose())
+    }
+
+    /// `g·W` for a packed `W: [out, in]` (the input gradient of [`Self::packed_matmul`]).
+    ///
+    /// # Shapes
+    /// `g: [n, out]` → `[n, in]`
+    fn packed_matmul_transposed(g: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
+        let wd = dequantized(w, &g.device());
+        g.matmul(wd)
+    }
+}
+
+/// The f32 weight `[out, in]` on `device`.
+pub fn dequantized<B: Backend>(w: &PackedWeight, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]), device)
+}
+
+impl GraftBackend for burn::backend::Flex {}
+
+#[cfg(feature = "cuda")]
+impl GraftBackend for burn_cuda::Cuda {}
+
+#[derive(Debug)]
+struct PackedMatmulBackward;
+
+impl<B: GraftBackend> Backward<B, 1> for PackedMatmulBackward {
+    type State = PackedWeight;
+
+    fn backward(self, ops: Ops<PackedWeight, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let w = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            let g = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
+            B::packed_matmul_transposed(g, &w).into_primitive().tensor()
+        });
+    }
+}
+
+impl<B: GraftBackend, C: CheckpointStrategy> GraftBackend for Autodiff<B, C> {
+    fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
+        let x = x.into_primitive().tensor();
+        let inner = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+        let y = B::packed_matmul(inner, w).into_primitive().tensor();
+        let out = match PackedMatmulBackward
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(w.clone(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Ad = Autodiff<burn::backend::Flex>;
+
+    #[test]
+    fn packed_matmul_gradient_equals_the_dense_gradient() {
+        let (rows, cols, n) = (6, 64, 3);
+        let wv: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 97.0)
+            .collect();
+        let w = PackedWeight::nf4(rows, cols, &wv);
+        let device = Default::default();
+        let xv: Vec<f32> = (0..n * cols)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+            .collect();
+        let x = || {
+            Tensor::<Ad, 2>::from_data(TensorData::new(xv.clone(), [n, cols]), &device)
+                .require_grad()
+        };
+
+        let x1 = x();
+        let y1 = Ad::packed_matmul(x1.clone(), &w);
+        let g1 = (y1.clone() * y1.clone()).sum().backward();
+        let x2 = x();
+        let y2 = x2
+            .clone()
+            .matmul(dequantized::<Ad>(&w, &device).transpose());
+        let g2 = (y2.clone() * y2.clone()).sum().backward();
+
+        let v = |t: Tensor<burn::backend::Flex, 2>| t.into_data().to_vec::<f32>().expect("f32");
+        assert_eq!(v(y1.inner()), v(y2.inner()));
+        let (a, b) = (
+            v(x1.grad(&g1).expect("x has a gradient")),
+            v(x2.grad(&g2).expect("x has a gradient")),
+        );
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-4, "max |Δ| {d}");
+        assert!(a.iter().any(|g| g.abs() > 1e-3), "a non-trivial gradient");
+    }
+}

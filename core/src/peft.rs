@@ -1,0 +1,431 @@
+//! LoRA adapters in Hugging Face PEFT's directory format (`adapter_config.json` +
+//! `adapter_model.safetensors`), read and written so that `PeftModel.from_pretrained`, vLLM and
+//! graft load the same files. Only this module knows PEFT's key names:
+//! `base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj…}.lora_{A|B}.weight`, with
+//! `lora_A: [r, in]` and `lora_B: [out, r]`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::GraftBackend;
+use crate::lora::{Adapter, LoraConfig, TargetModule};
+use crate::model::Llama;
+use crate::proj::LoraWeights;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+const PREFIX: &str = "base_model.model.model.layers.";
+
+/// Why an adapter could not be read, written or attached to a base model.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid adapter config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Unsupported { path: PathBuf, message: String },
+    #[error("{path}: corrupt safetensors file: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("{path}: tensor '{tensor}': {message}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+}
+
+/// `adapter_config.json`, the fields graft reads and writes. Other PEFT fields are accepted
+/// and ignored when they hold their defaults; those that change the math are refused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeftConfig {
+    pub peft_type: String,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha")]
+    pub lora_alpha: f32,
+    #[serde(default)]
+    pub lora_dropout: f32,
+    #[serde(default)]
+    pub target_modules: Option<serde_json::Value>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default)]
+    pub lora_bias: bool,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f32>,
+    #[serde(default)]
+    pub inference_mode: bool,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f32 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+
+impl PeftConfig {
+    /// The config PEFT would write for `config` on `base_model`.
+    pub fn from_lora(config: &LoraConfig, base_model: &str) -> Self {
+        let targets: Vec<&str> = config.target_modules.iter().map(|t| t.hf_name()).collect();
+        PeftConfig {
+            peft_type: "LORA".into(),
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: Some(base_model.into()),
+            revision: None,
+            r: config.r,
+            lora_alpha: config.lora_alpha,
+            lora_dropout: config.lora_dropout,
+            target_modules: Some(serde_json::json!(targets)),
+            use_rslora: config.use_rslora,
+            use_dora: false,
+            fan_in_fan_out: false,
+            bias: "none".into(),
+            lora_bias: false,
+            modules_to_save: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            inference_mode: true,
+        }
+    }
+
+    /// `lora_alpha` for the module `name` (e.g. `model.layers.3.self_attn.q_proj`), honouring
+    /// `alpha_pattern` keys that name the module or a dotted suffix of it.
+    fn alpha_for(&self, name: &str) -> f32 {
+        self.alpha_pattern
+            .iter()
+            .find(|(k, _)| name == k.as_str() || name.ends_with(&format!(".{k}")))
+            .map_or(self.lora_alpha, |(_, &a)| a)
+    }
+}
+
+/// Writes `adapter` as a PEFT directory at `dir`, atomically: the files are written into a
+/// temporary sibling directory that is then renamed into place (replacing an older `dir`).
+///
+/// # Errors
+/// On any I/O failure; `dir` is then left as it was.
+pub fn save<B: GraftBackend>(
+    dir: &Path,
+    adapter: &Adapter<B>,
+    config: &PeftConfig,
+) -> Result<(), AdapterError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AdapterError::Io { path, source }
+    };
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = dir
+        .file_name()
+        .map_or("adapter".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (li, t, w) in adapter.modules() {
+        let key = format!("{PREFIX}{li}.{}.{}", t.hf_parent(), t.hf_name());
+        for (which, tensor) in [("lora_A", &w.a), ("lora_B", &w.b)] {
+            let dims = tensor.dims().to_vec();
+            let values = tensor
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("converted to f32");
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            tensors.push((format!("{key}.{which}.weight"), dims, bytes));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                .expect("shape and byte count agree by construction");
+            (n.clone(), view)
+        })
+        .collect();
+    let metadata = Some([("format".to_string(), "pt".to_string())].into());
+    let weights = tmp.join(WEIGHTS_FILE);
+    safetensors::serialize_to_file(views, metadata, &weights).map_err(|e| AdapterError::Io {
+        path: weights.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let cfg_path = tmp.join(CONFIG_FILE);
+    let json = serde_json::to_string_pretty(config).expect("config serializes");
+    std::fs::write(&cfg_path, json).map_err(io(&cfg_path))?;
+
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(io(dir))?;
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    } else {
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// Reads the PEFT adapter in `dir` and checks it against `model`: every tensor must name a
+/// layer and projection the model has, with `A: [r, in]` and `B: [out, r]` of that projection.
+///
+/// # Errors
+/// Missing or malformed files, pickled `.bin` weights, PEFT options graft does not implement
+/// (DoRA, `fan_in_fan_out`, LoRA biases, `modules_to_save`), unknown tensors, shape mismatches.
+pub fn load<B: GraftBackend>(
+    dir: &Path,
+    model: &Llama<B>,
+) -> Result<(Adapter<B>, PeftConfig), AdapterError> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path).map_err(|source| AdapterError::Io {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let config: PeftConfig = serde_json::from_str(&text).map_err(|e| AdapterError::Config {
+        path: cfg_path.clone(),
+        message: e.to_string(),
+    })?;
+    check_supported(&cfg_path, &config)?;
+
+    let weights = dir.join(WEIGHTS_FILE);
+    if !weights.exists() && dir.join("adapter_model.bin").exists() {
+        return Err(AdapterError::Unsupported {
+            path: dir.join("adapter_model.bin"),
+            message: "pickled PyTorch weights are not loaded (they can run code); save the \
+                      adapter with safe_serialization=True to get adapter_model.safetensors"
+                .into(),
+        });
+    }
+    let bytes = std::fs::read(&weights).map_err(|source| AdapterError::Io {
+        path: weights.clone(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Corrupt {
+        path: weights.clone(),
+        message: e.to_string(),
+    })?;
+
+    let device = model.device();
+    let mut adapter = Adapter::empty(model.layers.len());
+    let mut pending: BTreeMap<(usize, TargetModule), (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>)> =
+        BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let bad = |message: String| AdapterError::Tensor {
+            path: weights.clone(),
+            tensor: name.clone(),
+            message,
+        };
+        let (layer, target, is_a) = parse_key(&name).ok_or_else(|| {
+            bad("not a LoRA A/B weight of a Llama projection (expected \
+                 base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_<A|B>.weight)"
+                .into())
+        })?;
+        let proj = model
+            .layers
+            .get(layer)
+            .ok_or_else(|| {
+                bad(format!(
+                    "layer {layer} but the base model has {}",
+                    model.layers.len()
+                ))
+            })?
+            .proj(target);
+        let shape = view.shape().to_vec();
+        let [rows, cols] = shape[..] else {
+            return Err(bad(format!("expected a matrix, found shape {shape:?}")));
+        };
+        let (want_other, what) = if is_a {
+            (proj.in_features, "columns (the projection's input size)")
+        } else {
+            (proj.out_features, "rows (the projection's output size)")
+        };
+        let other = if is_a { cols } else { rows };
+        if other != want_other {
+            return Err(bad(format!(
+                "shape {shape:?} has {other} {what} but the base model's {} has {want_other}",
+                target.hf_name()
+            )));
+        }
+        let values = to_f32(view.dtype(), view.data()).map_err(bad)?;
+        let t = Tensor::from_data(TensorData::new(values, [rows, cols]), device);
+        let slot = pending.entry((layer, target)).or_default();
+        if is_a {
+            slot.0 = Some(t);
+        } else {
+            slot.1 = Some(t);
+        }
+    }
+    for ((layer, target), (a, b)) in pending {
+        let module = format!(
+            "model.layers.{layer}.{}.{}",
+            target.hf_parent(),
+            target.hf_name()
+        );
+        let missing = |which: &str| AdapterError::Tensor {
+            path: weights.clone(),
+            tensor: format!("base_model.model.{module}.{which}.weight"),
+            message: "missing (every adapted module needs both lora_A and lora_B)".into(),
+        };
+        let a = a.ok_or_else(|| missing("lora_A"))?;
+        let b = b.ok_or_else(|| missing("lora_B"))?;
+        let (r, r_b) = (a.dims()[0], b.dims()[1]);
+        if r != r_b || r == 0 {
+            return Err(AdapterError::Tensor {
+                path: weights.clone(),
+                tensor: format!("base_model.model.{module}.lora_B.weight"),
+                message: format!("rank {r_b} does not match lora_A's rank {r}"),
+            });
+        }
+        let alpha = config.alpha_for(&module);
+        let scale = if config.use_rslora {
+            alpha / (r as f32).sqrt()
+        } else {
+            alpha / r as f32
+        };
+        adapter.layers[layer][target.index()] = Some(LoraWeights {
+            a,
+            b,
+            scale,
+            dropout: 0.0,
+        });
+    }
+    if adapter.modules().next().is_none() {
+        return Err(AdapterError::Corrupt {
+            path: weights,
+            message: "no LoRA tensors".into(),
+        });
+    }
+    Ok((adapter, config))
+}
+
+fn check_supported(path: &Path, c: &PeftConfig) -> Result<(), AdapterError> {
+    let unsupported = |message: String| AdapterError::Unsupported {
+        path: path.to_path_buf(),
+        message,
+    };
+    if c.peft_type != "LORA" {
+        return Err(unsupported(format!(
+            "peft_type '{}' is not LORA",
+            c.peft_type
+        )));
+    }
+    if c.use_dora {
+        return Err(unsupported(
+            "use_dora = true: DoRA adapters are not supported".into(),
+        ));
+    }
+    if c.fan_in_fan_out {
+        return Err(unsupported(
+            "fan_in_fan_out = true is for GPT-2 Conv1D weights, not Llama".into(),
+        ));
+    }
+    if c.bias != "none" || c.lora_bias {
+        return Err(unsupported(format!(
+            "bias = '{}', lora_bias = {}: adapters with trained biases are not supported",
+            c.bias, c.lora_bias
+        )));
+    }
+    if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(unsupported(format!(
+            "modules_to_save = {:?}: fully trained modules are not supported",
+            c.modules_to_save.as_deref().unwrap_or_default()
+        )));
+    }
+    if c.alpha_pattern
+        .keys()
+        .any(|k| k.contains(['*', '(', '[', '|']))
+    {
+        return Err(unsupported(
+            "regular-expression alpha_pattern keys are not supported".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` → `(3, Q, true)`.
+fn parse_key(name: &str) -> Option<(usize, TargetModule, bool)> {
+    let rest = name.strip_prefix(PREFIX)?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer = layer.parse().ok()?;
+    let (parent, rest) = rest.split_once('.')?;
+    let (module, rest) = rest.split_once('.')?;
+    let target: TargetModule = module.parse().ok()?;
+    if target.hf_parent() != parent {
+        return None;
+    }
+    match rest {
+        "lora_A.weight" => Some((layer, target, true)),
+        "lora_B.weight" => Some((layer, target, false)),
+        _ => None,
+    }
+}
+
+fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, String> {
+    Ok(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => return Err(format!("dtype {other:?} (expected F32, F16 or BF16)")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_only_for_llama_projections() {
+        assert_eq!(
+            parse_key("base_model.model.model.layers.12.mlp.down_proj.lora_B.weight"),
+            Some((12, TargetModule::Down, false))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight"),
+            None
+        );
+        assert_eq!(parse_key("base_model.model.lm_head.weight"), None);
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"),
+            None
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! Prompt formats: how a row's fields become a conversation or a plain text with trained parts.
+//!
+//! - `chat`: a list of `{role, content}` messages (OpenAI / HF `messages`);
+//! - `alpaca`: `instruction`, optional `input`, `output` → a user turn (instruction, a blank
+//!   line, input) and an assistant turn;
+//! - `completion`: `prompt` and `completion` texts, no template; the completion is trained;
+//! - `text`: one text field, every token trained.
+//!
+//! Field names are configurable; the format is detected from the first row when not given.
+
+use graft_core::chat::Message;
+use serde_json::Value;
+
+use crate::source::{kind, Row};
+
+/// A prompt format with its field names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Format {
+    Chat {
+        messages: String,
+    },
+    Alpaca {
+        instruction: String,
+        input: String,
+        output: String,
+    },
+    Completion {
+        prompt: String,
+        completion: String,
+    },
+    Text {
+        text: String,
+    },
+}
+
+/// What one row means.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// Rendered with the chat template; assistant turns are trained.
+    Conversation(Vec<Message>),
+    /// Plain text in parts, each trained or not.
+    Segments(Vec<(String, bool)>),
+}
+
+impl Format {
+    /// The format named `name` with default field names (`messages`; `instruction`, `input`,
+    /// `output`; `prompt`, `completion`; `text`).
+    pub fn named(name: &str) -> Option<Format> {
+        Some(match name {
+            "chat" => Format::Chat {
+                messages: "messages".into(),
+            },
+            "alpaca" => Format::Alpaca {
+                instruction: "instruction".into(),
+                input: "input".into(),
+                output: "output".into(),
+            },
+            "completion" => Format::Completion {
+                prompt: "prompt".into(),
+                completion: "completion".into(),
+            },
+            "text" => Format::Text {
+                text: "text".into(),
+            },
+            _ => return None,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Format::Chat { .. } => "chat",
+            Format::Alpaca { .. } => "alpaca",
+            Format::Completion { .. } => "completion",
+            Format::Text { .. } => "text",
+        }
+    }
+
+    /// The field names this format reads (required ones first).
+    pub fn fields(&self) -> Vec<&str> {
+        match self {
+            Format::Chat { messages } => vec![messages],
+            Format::Alpaca {
+                instruction,
+                input,
+                output,
+            } => vec![instruction, output, input],
+            Format::Completion { prompt, completion } => vec![prompt, completion],
+            Format::Text { text } => vec![text],
+        }
+    }
+
+    /// The format whose default fields a row has, when exactly one fits.
+    ///
+    /// # Errors
+    /// The row's keys, when no format or several fit.
+    pub fn detect(row: &Row) -> Result<Format, String> {
+        let has = |k: &str| row.fields.contains_key(k);
+        let mut fits = Vec::new();
+        if has("messages") {
+            fits.push("chat");
+        }
+        if has("instruction") && has("output") {
+            fits.push("alpaca");
+        }
+        if has("prompt") && has("completion") {
+            fits.push("completion");
+        }
+        if has("text") {
+            fits.push("text");
+        }
+        match fits[..] {
+            [one] => Ok(Format::named(one).expect("a known format name")),
+            _ => {
+                let keys: Vec<&String> = row.fields.keys().collect();
+                Err(format!(
+                    "{}: cannot tell the data format from the keys {keys:?} ({}); set data.format",
+                    row.location(),
+                    if fits.is_empty() {
+                        "no format fits".to_string()
+                    } else {
+                        format!("{fits:?} all fit")
+                    }
+                ))
+            }
+        }
+    }
+
+    /// What `row` means in this format.
+    ///
+    /// # Errors
+    /// A message naming the row's file and line, the field and what is wrong with it.
+    pub fn example(&self, row: &Row) -> Result<Example, String> {
+        let at = row.location();
+        let text = |field: &str, required: bool| -> Result<Option<String>, String> {
+            match row.fields.get(field) {
+                Some(Value::String(s)) => Ok(Some(s.clone())),
+                None | Some(Value::Null) if !required => Ok(None),
+                None => Err(format!("{at}: missing field '{field}'")),
+                Some(v) => Err(format!(
+                    "{at}: field '{field}' must be a string, found {}",
+                    kind(v)
+                )),
+            }
+        };
+        match self {
+            Format::Chat { messages } => {
+                let list = match row.fields.get(messages) {
+                    Some(Value::Array(a)) => a,
+                    None => return Err(format!("{at}: missing field '{messages}'")),
+                    Some(v) => {
+                        return Err(format!(
+                            "{at}: field '{messages}' must be an array, found {}",
+                            kind(v)
+                        ))
+                    }
+                };
+                let mut out = Vec::with_capacity(list.len());
+                for (i, m) in list.iter().enumerate() {
+                    let get = |k: &str| match m.get(k) {
+                        Some(Value::String(s)) => Ok(s.clone()),
+                        Some(v) => Err(format!(
+                            "{at}: {messages}[{i}].{k} must be a string, found {}",
+                            kind(v)
+                        )),
+                        None => Err(format!("{at}: {messages}[{i}] has no '{k}'")),
+                    };
+                    let (role, content) = (get("role")?, get("content")?);
+                    if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
+                        return Err(format!("{at}: {messages}[{i}].role '{role}' is not system, user, assistant or tool"));
+                    }
+                    if role == "assistant" && content.trim().is_empty() {
+                        return Err(format!("{at}: {messages}[{i}] is an empty assistant turn"));
+                    }
+                    out.push(Message::new(role, content));
+                }
+                if !out.iter().any(|m| m.role == "assistant") {
+                    return Err(format!(
+                        "{at}: '{messages}' has no assistant turn to learn from"
+                    ));
+                }
+                Ok(Example::Conversation(out))
+            }
+            Format::Alpaca {
+                instruction,
+                input,
+                output,
+            } => {
+                let ins = text(instruction, true)?.unwrap_or_default();
+                let out = text(output, true)?.unwrap_or_default();
+                if out.trim().is_empty() {
+                    return Err(format!("{at}: field '{output}' is empty"));
+                }
+                let user = match text(input, false)? {
+                    Some(inp) if !inp.trim().is_empty() => format!("{ins}\n\n{inp}"),
+                    _ => ins,
+                };
+                Ok(Example::Conversation(vec![
+                    Message::new("user", user),
+                    Message::new("assistant", out),
+                ]))
+            }
+            Format::Completion { prompt, completion } => {
+                let p = text(prompt, true)?.unwrap_or_default();
+                let c = text(completion, true)?.unwrap_or_default();
+                if c.is_empty() {
+                    return Err(format!("{at}: field '{completion}' is empty"));
+                }
+                Ok(Example::Segments(vec![(p, false), (c, true)]))
+            }
+            Format::Text { text: field } => {
+                let t = text(field, true)?.unwrap_or_default();
+                if t.trim().is_empty() {
+                    return Err(format!("{at}: field '{field}' is empty"));
+                }
+                Ok(Example::Segments(vec![(t, true)]))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(json: &str) -> Row {
+        let Value::Object(fields) = serde_json::from_str(json).expect("json") else {
+            panic!("object")
+        };
+        Row {
+            file: "d.jsonl".into(),
+            line: 7,
+            fields,
+        }
+    }
+
+    #[test]
+    fn detection_and_conversion() {
+        let r = row(r#"{"instruction": "Add", "input": "2+2", "output": "4"}"#);
+        let f = Format::detect(&r).expect("alpaca");
+        assert_eq!(f.name(), "alpaca");
+        assert_eq!(
+            f.example(&r).expect("valid"),
+            Example::Conversation(vec![
+                Message::new("user", "Add\n\n2+2"),
+                Message::new("assistant", "4")
+            ])
+        );
+        let ambiguous = row(r#"{"text": "a", "prompt": "b", "completion": "c"}"#);
+        let e = Format::detect(&ambiguous).unwrap_err();
+        assert!(e.contains("d.jsonl:7") && e.contains("all fit"), "{e}");
+    }
+
+    #[test]
+    fn bad_rows_name_the_line_and_field() {
+        let f = Format::named("chat").expect("known");
+        let e = f
+            .example(&row(r#"{"messages": [{"role": "user", "content": 3}]}"#))
+            .unwrap_err();
+        assert!(
+            e.contains("d.jsonl:7") && e.contains("messages[0].content") && e.contains("a number"),
+            "{e}"
+        );
+        let e = f
+            .example(&row(r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}"#))
+            .unwrap_err();
+        assert!(e.contains("empty assistant turn"), "{e}");
+        let e = Format::named("completion")
+            .expect("known")
+            .example(&row(r#"{"prompt": "x"}"#))
+            .unwrap_err();
+        assert!(e.contains("missing field 'completion'"), "{e}");
+    }
+}

@@ -1,0 +1,427 @@
+//! `graft-train`: QLoRA fine-tuning from a TOML config.
+//!
+//! ```text
+//! graft-train <config.toml> [--set lora.r=32 ...]   train (one run per [sweep] combination)
+//! graft-train data <config.toml> [--set ...]        what the data becomes: counts and examples
+//! graft-train resume <run dir>                      continue a run from its last checkpoint
+//! ```
+
+mod config;
+mod optim;
+mod run;
+mod trainer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use graft_core::backend::GraftBackend;
+use graft_core::burn::backend::{Autodiff, Flex};
+use graft_core::burn::tensor::backend::AutodiffBackend;
+use graft_core::chat::ChatTemplate;
+use graft_core::device::DeviceSpec;
+use graft_core::load::{load, LoadOptions, ModelSource};
+use graft_datasets::prepare::{prepare, DataSpec, Prepared};
+use graft_datasets::tokenize::Tokenizer;
+use serde_json::json;
+
+use config::TrainConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "graft-train",
+    version,
+    about = "QLoRA fine-tuning from a config file",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// The training config (TOML).
+    config: Option<PathBuf>,
+    /// Override a config value: section.key=value (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what the data becomes: row and token counts, trained fraction, rendered examples.
+    Data {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Examples to print.
+        #[arg(long, default_value_t = 2)]
+        examples: usize,
+    },
+    /// Continue a run from its newest checkpoint.
+    Resume { run_dir: PathBuf },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Data {
+            config,
+            set,
+            examples,
+        }) => data_cmd(&config, &set, examples),
+        Some(Command::Resume { run_dir }) => resume_cmd(&run_dir),
+        None => match cli.config {
+            Some(config) => train_cmd(&config, &cli.set),
+            None => Err(anyhow::anyhow!(
+                "no config given: graft-train <config.toml> (see graft-train --help)"
+            )),
+        },
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Reads and checks every run of a config before any work starts.
+fn configs(path: &Path, set: &[String]) -> Result<Vec<TrainConfig>> {
+    let (text, raws) = config::read(path, set)?;
+    raws.into_iter()
+        .map(|raw| TrainConfig::from_raw(path, &text, raw).map_err(Into::into))
+        .collect()
+}
+
+struct Loaded<B: GraftBackend> {
+    model: graft_core::load::LoadedModel<B>,
+    template: Option<ChatTemplate>,
+}
+
+fn load_model<B: GraftBackend>(cfg: &TrainConfig, device: &B::Device) -> Result<Loaded<B>> {
+    let mut source =
+        ModelSource::parse(&cfg.base).with_context(|| format!("model.base = {:?}", cfg.base))?;
+    if let (ModelSource::Hub { revision, .. }, Some(r)) = (&mut source, &cfg.revision) {
+        *revision = Some(r.clone());
+    }
+    let model = load::<B>(
+        &source,
+        LoadOptions {
+            quantize: cfg.quantization,
+        },
+        device,
+    )
+    .with_context(|| format!("loading model.base = {:?}", cfg.base))?;
+    let tok = model
+        .tokenizer
+        .as_ref()
+        .with_context(|| format!("{}: the model has no tokenizer", cfg.base))?;
+    let source = cfg
+        .chat_template
+        .as_deref()
+        .or(tok.chat_template.as_deref());
+    let template = match source {
+        Some(s) => Some(
+            ChatTemplate::new(s, tok.bos_token.as_deref(), tok.eos_token.as_deref())
+                .with_context(|| format!("{}: data.chat_template", cfg.path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Loaded { model, template })
+}
+
+fn prepare_data<B: GraftBackend>(cfg: &TrainConfig, loaded: &Loaded<B>) -> Result<Prepared> {
+    let tok = loaded
+        .model
+        .tokenizer
+        .as_ref()
+        .expect("checked by load_model");
+    let tokenizer = Tokenizer {
+        tokenizer: tok,
+        template: loaded.template.as_ref(),
+        train_on: cfg.train_on,
+        max_seq_len: cfg.max_seq_len,
+        truncation: cfg.truncation,
+    };
+    let spec = DataSpec {
+        train_files: cfg.train_files.clone(),
+        eval_files: cfg.eval_files.clone(),
+        format: cfg.format.clone(),
+        eval_fraction: cfg.eval_fraction,
+        seed: cfg.data_seed,
+        max_bad_rows: cfg.max_bad_rows,
+    };
+    let data =
+        prepare(&spec, &tokenizer).with_context(|| format!("{}: [data]", cfg.path.display()))?;
+    for bad in &data.stats.bad_rows {
+        eprintln!("skipped bad row: {bad}");
+    }
+    Ok(data)
+}
+
+fn data_cmd(path: &Path, set: &[String], n_examples: usize) -> Result<()> {
+    let cfg = configs(path, set)?
+        .into_iter()
+        .next()
+        .expect("at least one run");
+    let loaded = load_model::<Flex>(&cfg, &Default::default())?;
+    let data = prepare_data(&cfg, &loaded)?;
+    let s = &data.stats;
+    println!("format: {}", data.format.name());
+    println!(
+        "rows: {} ({} bad, {} too long, {} truncated)",
+        s.rows,
+        s.bad_rows.len(),
+        s.too_long,
+        s.truncated
+    );
+    println!(
+        "examples: {} train, {} eval",
+        data.train.len(),
+        data.eval.len()
+    );
+    println!(
+        "tokens: {} ({} trained, {:.1}%)",
+        s.tokens,
+        s.trained_tokens,
+        100.0 * s.trained_tokens as f64 / s.tokens.max(1) as f64
+    );
+    let tok = loaded
+        .model
+        .tokenizer
+        .as_ref()
+        .expect("checked by load_model");
+    for (ex, row) in data.train.iter().zip(&data.train_rows).take(n_examples) {
+        println!(
+            "\n--- {} ({} tokens, {} trained; trained text in [[ ]])",
+            row.location(),
+            ex.ids.len(),
+            ex.n_trained()
+        );
+        println!("{}", marked(tok, ex));
+    }
+    Ok(())
+}
+
+/// The example's text with trained runs wrapped in `[[ ]]`.
+fn marked(
+    tok: &graft_core::tokenizer::TokenizerBundle,
+    ex: &graft_datasets::tokenize::Tokenized,
+) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < ex.ids.len() {
+        let t = ex.trained[i] && i > 0;
+        let mut j = i;
+        while j < ex.ids.len() && (ex.trained[j] && j > 0) == t {
+            j += 1;
+        }
+        let text = tok.decode(&ex.ids[i..j], false).unwrap_or_default();
+        if t {
+            out.push_str(&format!("[[{text}]]"));
+        } else {
+            out.push_str(&text);
+        }
+        i = j;
+    }
+    out
+}
+
+fn train_cmd(path: &Path, set: &[String]) -> Result<()> {
+    let cfgs = configs(path, set)?;
+    let sweep = cfgs.len() > 1;
+    for (i, cfg) in cfgs.iter().enumerate() {
+        if sweep {
+            eprintln!("sweep run {}/{}", i + 1, cfgs.len());
+        }
+        let run_dir = new_run_dir(cfg, sweep.then_some(i))?;
+        std::fs::write(run_dir.join(run::CONFIG_FILE), resolved(cfg, &run_dir))
+            .with_context(|| format!("writing {}", run_dir.display()))?;
+        train_on_device(cfg, &run_dir, None)?;
+    }
+    Ok(())
+}
+
+fn resume_cmd(run_dir: &Path) -> Result<()> {
+    let cfg_path = run_dir.join(run::CONFIG_FILE);
+    let cfg = configs(&cfg_path, &[])?
+        .into_iter()
+        .next()
+        .expect("at least one run");
+    let last = run::checkpoints(run_dir)
+        .pop()
+        .with_context(|| format!("{}: no checkpoint to resume from", run_dir.display()))?;
+    let ckpt = run::load_checkpoint(&last).map_err(anyhow::Error::msg)?;
+    eprintln!("resuming {} from {}", run_dir.display(), last.display());
+    // Steps after the checkpoint will run again: drop what they logged the first time.
+    for log in ["metrics.jsonl", "samples.jsonl"] {
+        run::truncate_after_step(&run_dir.join(log), ckpt.state.step)
+            .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
+    }
+    train_on_device(&cfg, run_dir, Some(ckpt))
+}
+
+fn train_on_device(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    resume: Option<run::Checkpoint>,
+) -> Result<()> {
+    cfg.device.check_available().map_err(anyhow::Error::msg)?;
+    match cfg.device {
+        DeviceSpec::Cpu => train::<Autodiff<Flex>>(cfg, run_dir, resume, &Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => train::<Autodiff<graft_core::device::Cuda>>(
+            cfg,
+            run_dir,
+            resume,
+            &graft_core::device::cuda_device(i),
+        ),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("check_available rejects cuda in builds without it"),
+    }
+}
+
+fn train<B: AutodiffBackend + GraftBackend>(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    resume: Option<run::Checkpoint>,
+    device: &B::Device,
+) -> Result<()> {
+    let loaded = load_model::<B>(cfg, device)?;
+    let data = prepare_data(cfg, &loaded)?;
+    let tok = loaded
+        .model
+        .tokenizer
+        .as_ref()
+        .expect("checked by load_model");
+    let stop = Arc::new(AtomicBool::new(false));
+    install_sigint(stop.clone());
+    let trainer = trainer::Trainer::new(
+        cfg,
+        &loaded.model.model,
+        tok,
+        &data,
+        run_dir.to_path_buf(),
+        cfg.base.clone(),
+        &stop,
+    );
+    eprintln!(
+        "run {}: {} train / {} eval examples, {} trained tokens, adapter r={} on {} modules ({} parameters), base {} ({:.1} MiB)",
+        run_dir.display(),
+        data.train.len(),
+        data.eval.len(),
+        data.stats.trained_tokens,
+        cfg.lora.r,
+        trainer.param_names().len() / 2,
+        trainer.initial_params().iter().map(Vec::len).sum::<usize>(),
+        loaded.model.name,
+        loaded.model.model.base_bytes() as f64 / 1048576.0,
+    );
+    let outcome = trainer
+        .run(resume)
+        .with_context(|| format!("writing run {}", run_dir.display()))?;
+    let summary = json!({
+        "run": run_dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "steps": outcome.state.step,
+        "total_steps": outcome.state.total_steps,
+        "final_loss": outcome.final_loss,
+        "final_eval_loss": outcome.final_eval_loss,
+        "best_eval_loss": outcome.state.best_eval_loss,
+        "tokens_trained": outcome.state.tokens_trained,
+        "wall_secs": outcome.state.elapsed_secs,
+        "peak_rss_mib": run::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        "base_weights_mib": loaded.model.model.base_bytes() as f64 / 1048576.0,
+        "interrupted": outcome.interrupted,
+        "adapter": (!outcome.interrupted).then(|| run_dir.join("adapter")),
+    });
+    run::write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    eprintln!("{}", serde_json::to_string_pretty(&summary)?);
+    if outcome.interrupted {
+        eprintln!("resume with: graft-train resume {}", run_dir.display());
+    }
+    Ok(())
+}
+
+/// Sets `stop` on the first SIGINT; a second SIGINT ends the process as usual.
+fn install_sigint(stop: Arc<AtomicBool>) {
+    let _ = ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nSIGINT: finishing this step and saving a checkpoint (press again to abort)");
+    });
+}
+
+/// A fresh directory under `runs_dir` named after the config (or `output.name`) and the time.
+fn new_run_dir(cfg: &TrainConfig, sweep_index: Option<usize>) -> Result<PathBuf> {
+    let stem = cfg
+        .path
+        .file_stem()
+        .map_or("run".into(), |s| s.to_string_lossy().into_owned());
+    let mut name = cfg
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{stem}-{}", timestamp()));
+    if let Some(i) = sweep_index {
+        name.push_str(&format!("-sweep{i}"));
+    }
+    std::fs::create_dir_all(&cfg.runs_dir)
+        .with_context(|| format!("creating {}", cfg.runs_dir.display()))?;
+    for n in 0.. {
+        let candidate = if n == 0 {
+            cfg.runs_dir.join(&name)
+        } else {
+            cfg.runs_dir.join(format!("{name}-{n}"))
+        };
+        match std::fs::create_dir(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => bail!("creating {}: {e}", candidate.display()),
+        }
+    }
+    unreachable!("the loop returns or fails")
+}
+
+/// The resolved config with absolute data paths, so `resume` works from the run directory.
+fn resolved(cfg: &TrainConfig, run_dir: &Path) -> String {
+    let mut c = cfg.clone();
+    let abs = |p: &PathBuf| {
+        toml::Value::String(
+            std::path::absolute(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
+        )
+    };
+    c.raw.data.train = Some(toml::Value::Array(
+        cfg.train_files.iter().map(abs).collect(),
+    ));
+    c.raw.data.eval = (!cfg.eval_files.is_empty())
+        .then(|| toml::Value::Array(cfg.eval_files.iter().map(abs).collect()));
+    let runs = run_dir.parent().map(Path::to_path_buf).unwrap_or_default();
+    c.raw.output.runs_dir = Some(
+        std::path::absolute(&runs)
+            .unwrap_or(runs)
+            .display()
+            .to_string(),
+    );
+    c.raw.output.name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    if Path::new(&cfg.base).exists() {
+        c.raw.model.base =
+            std::path::absolute(&cfg.base).map_or(cfg.base.clone(), |p| p.display().to_string());
+    }
+    format!(
+        "# resolved by graft-train {}\n{}",
+        env!("CARGO_PKG_VERSION"),
+        c.resolved_toml()
+    )
+}
+
+/// UTC `YYYYMMDD-HHMMSS`.
+fn timestamp() -> String {
+    let (y, m, d, h, mi, s) = graft_core::clock::utc_now();
+    format!("{y:04}{m:02}{d:02}-{h:02}{mi:02}{s:02}")
+}

@@ -1,0 +1,269 @@
+//! A run directory and everything written into it:
+//!
+//! ```text
+//! runs/<name>/config.toml          the resolved config (absolute paths, every default)
+//!            metrics.jsonl         one JSON object per logged step and per evaluation
+//!            samples.jsonl         greedy answers to eval prompts at each evaluation
+//!            checkpoints/step-N/   adapter (PEFT files) + trainer_state.json + optimizer.safetensors
+//!            adapter/              the final adapter in PEFT format
+//!            summary.json          final/best eval loss, tokens, wall time, peak memory
+//! ```
+//!
+//! Every file that matters is written to a temporary name and renamed into place, and a
+//! checkpoint directory appears only when complete, so a crash never leaves a half-written one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::AdamW;
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Writes `bytes` to `path` atomically (temporary sibling + rename).
+///
+/// # Errors
+/// Any I/O failure; `path` then keeps its old content.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map_or("file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Appends one JSON line to `path`.
+///
+/// # Errors
+/// Any I/O failure.
+pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{value}")
+}
+
+/// Drops the JSON lines of `path` whose `step` is after `step` (a missing file is fine).
+///
+/// # Errors
+/// Any I/O failure.
+pub fn truncate_after_step(path: &Path, step: usize) -> std::io::Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_none_or(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write_atomic(path, kept.as_bytes())
+}
+
+/// Where training stands: enough to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps taken.
+    pub step: usize,
+    /// Total optimizer steps of the run.
+    pub total_steps: usize,
+    /// Epoch of the next micro-batch (0-based).
+    pub epoch: usize,
+    /// Index of the next micro-batch within that epoch.
+    pub batch_in_epoch: usize,
+    /// Trained (loss-carrying) tokens seen so far.
+    pub tokens_trained: u64,
+    /// Best eval loss so far.
+    pub best_eval_loss: Option<f64>,
+    /// Seconds of training before this checkpoint (across resumes).
+    pub elapsed_secs: f64,
+    /// Parameter names, in the order of the optimizer's tensors.
+    pub param_names: Vec<String>,
+}
+
+/// A saved checkpoint's parts.
+pub struct Checkpoint {
+    pub state: TrainerState,
+    pub optimizer: AdamW,
+    /// Flat parameter values, in `state.param_names` order.
+    pub params: Vec<Vec<f32>>,
+}
+
+/// `checkpoints/step-000123`.
+pub fn checkpoint_dir(run: &Path, step: usize) -> PathBuf {
+    run.join("checkpoints").join(format!("step-{step:06}"))
+}
+
+/// Saves optimizer and trainer state into `dir` (which already holds the adapter files
+/// written by the caller into the same temporary directory).
+///
+/// # Errors
+/// Any I/O failure.
+pub fn save_state(
+    dir: &Path,
+    state: &TrainerState,
+    opt: &AdamW,
+    params: &[Vec<f32>],
+) -> std::io::Result<()> {
+    let mut tensors: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for (i, name) in state.param_names.iter().enumerate() {
+        for (kind, values) in [
+            ("param", &params[i]),
+            ("exp_avg", &opt.m[i]),
+            ("exp_avg_sq", &opt.v[i]),
+        ] {
+            tensors.push((
+                format!("{name}.{kind}"),
+                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                values.len(),
+            ));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, b, len)| {
+            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], b)
+                .expect("byte count matches the length by construction");
+            (n.clone(), v)
+        })
+        .collect();
+    let meta = serde_json::json!({"step": opt.step, "beta1": opt.beta1, "beta2": opt.beta2, "eps": opt.eps, "weight_decay": opt.weight_decay});
+    let bytes = safetensors::serialize(
+        views,
+        Some([("adamw".to_string(), meta.to_string())].into()),
+    )
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    write_atomic(&dir.join(OPTIMIZER_FILE), &bytes)?;
+    let json = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    write_atomic(&dir.join(STATE_FILE), &json)
+}
+
+/// Reads a checkpoint written by [`save_state`].
+///
+/// # Errors
+/// A message naming the file and what is wrong.
+pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint, String> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| format!("{}: {e}", state_path.display()))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", state_path.display()))?;
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&opt_path).map_err(|e| format!("{}: {e}", opt_path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("{}: {e}", opt_path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{}: {e}", opt_path.display()))?;
+    let adamw: serde_json::Value = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("adamw"))
+        .and_then(|s| serde_json::from_str(s).ok())
+        .ok_or_else(|| format!("{}: no AdamW metadata", opt_path.display()))?;
+    let num = |k: &str| {
+        adamw
+            .get(k)
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| format!("{}: AdamW metadata lacks {k}", opt_path.display()))
+    };
+    let read = |name: &str| -> Result<Vec<f32>, String> {
+        let t = st
+            .tensor(name)
+            .map_err(|e| format!("{}: tensor '{name}': {e}", opt_path.display()))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(format!(
+                "{}: tensor '{name}' is {:?}, expected F32",
+                opt_path.display(),
+                t.dtype()
+            ));
+        }
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    };
+    let mut params = Vec::new();
+    let mut m = Vec::new();
+    let mut v = Vec::new();
+    for name in &state.param_names {
+        params.push(read(&format!("{name}.param"))?);
+        m.push(read(&format!("{name}.exp_avg"))?);
+        v.push(read(&format!("{name}.exp_avg_sq"))?);
+    }
+    let optimizer = AdamW {
+        beta1: num("beta1")?,
+        beta2: num("beta2")?,
+        eps: num("eps")?,
+        weight_decay: num("weight_decay")?,
+        step: num("step")? as u64,
+        m,
+        v,
+    };
+    Ok(Checkpoint {
+        state,
+        optimizer,
+        params,
+    })
+}
+
+/// The checkpoints of a run, oldest first.
+pub fn checkpoints(run: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("step-"))
+                && p.join(STATE_FILE).is_file()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Removes all but the newest `keep` checkpoints.
+///
+/// # Errors
+/// Any I/O failure.
+pub fn prune_checkpoints(run: &Path, keep: usize) -> std::io::Result<()> {
+    let all = checkpoints(run);
+    for old in &all[..all.len().saturating_sub(keep)] {
+        std::fs::remove_dir_all(old)?;
+    }
+    Ok(())
+}
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Current resident memory in bytes (`VmRSS`), if known.
+pub fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,109 @@
+//! graft-train integration tests: the binary spawned as a user runs it, on the real SmolLM2
+//! GGUF (made by `scripts/fetch-model.sh`; tests fail, rather than skip, when it is missing).
+
+mod configs;
+mod data;
+mod resume;
+mod training;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn gguf_path() -> PathBuf {
+    let p = graft_core::cache::default_model_path();
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("train/ is in the workspace")
+        .to_path_buf()
+}
+
+pub fn graft_train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_graft-train"))
+        .args(args)
+        .output()
+        .expect("spawn graft-train")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small, fast training config in `dir` on the bundled capitals data; `extra` is appended
+/// to the `[train]` section.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let data = repo_root().join("configs/data/capitals.jsonl");
+    let text = format!(
+        r#"[model]
+base = "{gguf}"
+
+[lora]
+r = 4
+alpha = 8
+target_modules = ["q_proj", "v_proj", "down_proj"]
+
+[data]
+train = "{data}"
+max_seq_len = 128
+eval_fraction = 0.1
+
+[train]
+micro_batch_size = 2
+lr_scheduler = "linear"
+{defaults}{extra}
+
+[output]
+runs_dir = "runs"
+"#,
+        gguf = gguf_path().display(),
+        data = data.display(),
+        defaults = [
+            "learning_rate = 1e-3",
+            "eval_samples = 1",
+            "sample_max_tokens = 8"
+        ]
+        .iter()
+        .filter(|d| !extra.contains(d.split(' ').next().expect("key = value")))
+        .map(|d| format!("{d}\n"))
+        .collect::<String>(),
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// The only run directory under `dir/runs`.
+pub fn single_run(dir: &Path) -> PathBuf {
+    let runs: Vec<PathBuf> = std::fs::read_dir(dir.join("runs"))
+        .expect("runs dir")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
+}
+
+/// All f32 values of a PEFT adapter, by tensor name.
+pub fn adapter_values(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(dir.join("adapter_model.safetensors")).expect("adapter weights");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| {
+            (
+                n,
+                v.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            )
+        })
+        .collect()
+}

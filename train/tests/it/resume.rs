@@ -1,0 +1,121 @@
+//! A run interrupted by SIGINT (checkpoint on the way out) or SIGKILL (between checkpoints)
+//! and resumed ends with the same adapter as an uninterrupted run.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{adapter_values, graft_train, single_run, stderr, write_config};
+
+const STEPS: &str = "max_steps = 6\nsave_every = 2\nkeep_last_checkpoints = 5\neval_samples = 0\n";
+
+fn max_abs_diff(a: &std::path::Path, b: &std::path::Path) -> f32 {
+    let (a, b) = (adapter_values(a), adapter_values(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .flat_map(|(k, va)| va.iter().zip(&b[k]).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+fn uninterrupted() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write_config(dir.path(), STEPS);
+    let out = graft_train(&[path.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = single_run(dir.path());
+    (dir, run)
+}
+
+/// Starts a run, waits for its step-2 checkpoint, then sends `signal` to it.
+fn interrupted(
+    signal: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::process::ExitStatus,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write_config(dir.path(), STEPS);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_graft-train"))
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn graft-train");
+    let start = Instant::now();
+    let run = loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        if let Ok(mut entries) = std::fs::read_dir(dir.path().join("runs")) {
+            if let Some(Ok(e)) = entries.next() {
+                if e.path()
+                    .join("checkpoints/step-000002/trainer_state.json")
+                    .is_file()
+                {
+                    break e.path();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = child.wait().expect("wait");
+    (dir, run, exit)
+}
+
+#[test]
+fn sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run() {
+    let (_a, full) = uninterrupted();
+    let (_b, run, exit) = interrupted("-INT");
+    assert!(
+        exit.success(),
+        "SIGINT should end the run cleanly, got {exit:?}"
+    );
+    assert!(
+        !run.join("adapter").exists(),
+        "an interrupted run has no final adapter"
+    );
+    let out = graft_train(&["resume", run.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d = max_abs_diff(&full.join("adapter"), &run.join("adapter"));
+    assert!(d <= 1e-6, "resumed adapter differs by {d}");
+    let steps = |r: &std::path::Path| {
+        std::fs::read_to_string(r.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .filter(|l| l.contains("\"loss\""))
+            .count()
+    };
+    assert_eq!(steps(&run), 6, "every step logged exactly once");
+}
+
+#[test]
+fn sigkill_between_checkpoints_resumes_from_the_last_one_and_matches() {
+    let (_a, full) = uninterrupted();
+    let (_b, run, exit) = interrupted("-KILL");
+    assert!(!exit.success());
+    let out = graft_train(&["resume", run.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d = max_abs_diff(&full.join("adapter"), &run.join("adapter"));
+    assert!(d <= 1e-6, "resumed adapter differs by {d}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let steps: Vec<u64> = metrics
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["step"]
+                .as_u64()
+                .expect("step")
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        (1..=6).collect::<Vec<_>>(),
+        "steps re-run after the checkpoint are logged once"
+    );
+}
