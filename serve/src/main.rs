@@ -2,6 +2,7 @@
 //! `generate` command; the HTTP server lands next.
 
 mod generate;
+mod score;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,12 +22,15 @@ struct Cli {
 enum Command {
     /// Generate a completion for one prompt, streaming the text to stdout.
     Generate(generate::GenerateArgs),
+    /// Write the logits of every position of a prompt (for parity checks against PEFT).
+    Score(score::ScoreArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Score(args) => score::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -2,6 +2,7 @@
 
 mod bad_files;
 mod hub;
+mod peft;
 mod reference;
 mod smollm2;
 mod tiny;

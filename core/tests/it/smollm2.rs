@@ -39,7 +39,7 @@ fn hf_dir() -> PathBuf {
     p
 }
 
-fn gguf_model() -> &'static LoadedModel<B> {
+pub fn gguf_model() -> &'static LoadedModel<B> {
     static M: OnceLock<LoadedModel<B>> = OnceLock::new();
     M.get_or_init(|| {
         load_gguf::<B>(&gguf_path(), LoadOptions::default(), &Default::default()).unwrap()
