@@ -36,6 +36,9 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry biases (Qwen2).
     pub attention_bias: bool,
+    /// llama.cpp's architecture name (`llama`, `qwen2`): what GGUF files of this model and its
+    /// GGUF-LoRA adapters say in `general.architecture`.
+    pub architecture: String,
 }
 
 impl LlamaConfig {
@@ -192,6 +195,12 @@ impl TryFrom<HfConfig> for LlamaConfig {
             max_position_embeddings: c.max_position_embeddings,
             tie_word_embeddings: c.tie_word_embeddings,
             attention_bias: c.attention_bias || model_type == "qwen2",
+            architecture: if model_type == "qwen2" {
+                "qwen2"
+            } else {
+                "llama"
+            }
+            .to_string(),
         };
         cfg.validate()?;
         Ok(cfg)

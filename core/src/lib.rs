@@ -10,6 +10,8 @@ pub mod config;
 pub mod device;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_lora;
+pub mod gguf_write;
 pub mod load;
 pub mod lora;
 pub mod model;

@@ -59,6 +59,18 @@ enum Command {
     },
     /// Continue a run from its newest checkpoint.
     Resume { run_dir: PathBuf },
+    /// Convert a run's adapter (or a PEFT adapter directory) to llama.cpp's GGUF-LoRA format.
+    Export {
+        /// A run directory or a PEFT adapter directory.
+        source: PathBuf,
+        /// Output .gguf file.
+        #[arg(long)]
+        gguf: PathBuf,
+        /// The base model (default: the run's model.base, or the adapter's
+        /// base_model_name_or_path).
+        #[arg(long)]
+        model: Option<String>,
+    },
 }
 
 fn main() {
@@ -70,6 +82,11 @@ fn main() {
             examples,
         }) => data_cmd(&config, &set, examples),
         Some(Command::Resume { run_dir }) => resume_cmd(&run_dir),
+        Some(Command::Export {
+            source,
+            gguf,
+            model,
+        }) => export_cmd(&source, &gguf, model),
         None => match cli.config {
             Some(config) => train_cmd(&config, &cli.set),
             None => Err(anyhow::anyhow!(
@@ -257,6 +274,50 @@ fn resume_cmd(run_dir: &Path) -> Result<()> {
             .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
     }
     train_on_device(&cfg, run_dir, Some(ckpt))
+}
+
+fn export_cmd(source: &Path, out: &Path, model: Option<String>) -> Result<()> {
+    let (adapter_dir, run_base) = if source.join(run::CONFIG_FILE).is_file() {
+        let cfg = configs(&source.join(run::CONFIG_FILE), &[])?
+            .into_iter()
+            .next()
+            .expect("at least one run");
+        (source.join("adapter"), Some(cfg.base))
+    } else {
+        (source.to_path_buf(), None)
+    };
+    let base = match model.or(run_base) {
+        Some(b) => b,
+        None => {
+            let cfg_path = adapter_dir.join(graft_core::peft::CONFIG_FILE);
+            let text = std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("reading {}", cfg_path.display()))?;
+            let cfg: graft_core::peft::PeftConfig = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", cfg_path.display()))?;
+            cfg.base_model_name_or_path.with_context(|| {
+                format!(
+                    "{}: no base_model_name_or_path; pass --model",
+                    cfg_path.display()
+                )
+            })?
+        }
+    };
+    let loaded = load::<Flex>(
+        &ModelSource::parse(&base)?,
+        LoadOptions::default(),
+        &Default::default(),
+    )
+    .with_context(|| format!("loading the base model {base:?}"))?;
+    let (adapter, _) = graft_core::peft::load(&adapter_dir, &loaded.model)?;
+    graft_core::gguf_lora::save(out, &adapter, &loaded.model)?;
+    eprintln!(
+        "wrote {} ({} modules, architecture {}): llama-cli -m <base.gguf> --lora {}",
+        out.display(),
+        adapter.modules().count(),
+        loaded.model.config.architecture,
+        out.display()
+    );
+    Ok(())
 }
 
 fn train_on_device(

@@ -112,6 +112,7 @@ fn read_config(f: &GgufFile, arch: &str) -> Result<LlamaConfig, LoadError> {
         max_position_embeddings: usize_key("context_length")?,
         tie_word_embeddings: f.tensor_info("output.weight").is_none(),
         attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some(),
+        architecture: arch.to_string(),
     };
     config.validate().map_err(|message| LoadError::Config {
         path: f.path().into(),

@@ -190,3 +190,57 @@ fn graft_saves_what_it_loads() {
         "no temporary directories left"
     );
 }
+
+#[test]
+fn gguf_lora_export_round_trips_with_permuted_qk_rows() {
+    use graft_core::gguf::{GgufFile, GgufValue};
+    use graft_core::gguf_lora;
+    let m = &gguf_model().model;
+    let (adapter, _) = peft::load(&fixture("peft_adapter"), m).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.gguf");
+    gguf_lora::save(&path, &adapter, m).unwrap();
+
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.str("general.type").unwrap(), "adapter");
+    assert_eq!(f.str("general.architecture").unwrap(), "llama");
+    assert_eq!(f.get("adapter.lora.alpha"), Some(&GgufValue::F32(8.0)));
+    let a = f
+        .tensor_info("blk.14.ffn_down.weight.lora_a")
+        .expect("down A");
+    assert_eq!(a.torch_shape(), vec![4, 1536], "lora_a is PEFT's [r, in]");
+    let b = f.tensor_info("blk.14.attn_k.weight.lora_b").expect("k B");
+    assert_eq!(b.torch_shape(), vec![192, 4], "lora_b is PEFT's [out, r]");
+    assert!(
+        f.tensor_info("blk.2.attn_q.weight.lora_a").is_none(),
+        "only the adapted layers"
+    );
+
+    // q/k rows of B are in llama.cpp's order: row 1 of head 0 is HF row d/2 = 32.
+    let qb = f.tensor_info("blk.0.attn_q.weight.lora_b").unwrap();
+    let file_rows = f32s(f.tensor_bytes(qb));
+    let peft_rows = values(
+        adapter
+            .get(0, graft_core::lora::TargetModule::Q)
+            .unwrap()
+            .b
+            .clone(),
+    );
+    assert_eq!(&file_rows[4..8], &peft_rows[32 * 4..33 * 4]);
+    assert_ne!(file_rows, peft_rows);
+
+    let back = graft_core::gguf_lora::load(&path, m).unwrap();
+    let p = &[1u32, 504, 1235, 314, 2683];
+    let run = |ad| {
+        values(m.forward(
+            &mut [SeqInput {
+                tokens: p,
+                cache: None,
+                adapter: Some(ad),
+            }],
+            Logits::All,
+        ))
+    };
+    let d = max_abs_diff(&run(&adapter), &run(&back));
+    assert!(d <= 1e-5, "GGUF round trip changed logits by {d}");
+}

@@ -84,6 +84,28 @@ fn a_short_run_writes_a_complete_run_directory_and_learns() {
     );
     let samples = std::fs::read_to_string(run.join("samples.jsonl")).expect("samples");
     assert_eq!(samples.lines().count(), 2, "{samples}");
+
+    // Export for llama.cpp: 30 layers × 3 modules × (lora_a, lora_b), alpha from the config.
+    let gguf = dir.path().join("adapter.gguf");
+    let out = graft_train(&[
+        "export",
+        run.to_str().expect("utf-8 path"),
+        "--gguf",
+        gguf.to_str().expect("utf-8 path"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let f = graft_core::gguf::GgufFile::open(&gguf).expect("a valid GGUF file");
+    assert_eq!(f.str("general.type").expect("type"), "adapter");
+    assert_eq!(
+        f.get("adapter.lora.alpha"),
+        Some(&graft_core::gguf::GgufValue::F32(8.0))
+    );
+    assert_eq!(
+        f.tensor_info("blk.29.ffn_down.weight.lora_b")
+            .expect("down B")
+            .torch_shape(),
+        vec![576, 4]
+    );
 }
 
 #[test]

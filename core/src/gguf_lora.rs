@@ -1,0 +1,250 @@
+//! LoRA adapters in llama.cpp's GGUF-LoRA format (`convert_lora_to_gguf.py`,
+//! `llama-adapter.cpp`), written and read so that `llama-cli --lora` and `llama-server` load
+//! graft's adapters.
+//!
+//! Metadata: `general.type = "adapter"`, `general.architecture` (the base's), `adapter.type =
+//! "lora"`, `adapter.lora.alpha` (llama.cpp scales by `alpha / rank`). Tensors, f32:
+//! `blk.{i}.{attn_q|…|ffn_down}.weight.lora_a` with PEFT's `A: [r, in]` (ggml ne `[in, r]`) and
+//! `….lora_b` with `B: [out, r]` (ne `[r, out]`). llama.cpp stores Llama's q/k weights with
+//! their rows permuted for its rope (`reshape(heads, 2, d/2).swapaxes(1, 2)`), so the rows of
+//! `B` for `attn_q` / `attn_k` are permuted the same way (with the KV head count for `attn_k`).
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::backend::GraftBackend;
+use crate::gguf::{GgufFile, GgufValue};
+use crate::gguf_write::{self, F32Tensor, MetaValue};
+use crate::lora::{Adapter, TargetModule};
+use crate::model::Llama;
+use crate::peft::AdapterError;
+use crate::proj::LoraWeights;
+
+/// Whether llama.cpp permutes this architecture's q/k rows (as graft's GGUF loader undoes).
+fn permutes_qk(architecture: &str) -> bool {
+    architecture == "llama"
+}
+
+/// llama.cpp's row permutation of a `[rows, cols]` matrix with `heads` heads (HF → GGUF).
+fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize, inverse: bool) -> Vec<f32> {
+    let d = rows / heads;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for t in 0..2 {
+            for j in 0..d / 2 {
+                let hf = h * d + t * d / 2 + j;
+                let gg = h * d + 2 * j + t;
+                let (src, dst) = if inverse { (gg, hf) } else { (hf, gg) };
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn heads_for(model_cfg: &crate::config::LlamaConfig, t: TargetModule) -> Option<usize> {
+    match t {
+        TargetModule::Q => Some(model_cfg.num_heads),
+        TargetModule::K => Some(model_cfg.num_kv_heads),
+        _ => None,
+    }
+}
+
+/// Writes `adapter` (for `model`) as a GGUF-LoRA file, atomically.
+///
+/// # Errors
+/// An adapter whose modules do not share one `alpha` (llama.cpp has a single `alpha / rank`
+/// per file), or an I/O failure.
+pub fn save<B: GraftBackend>(
+    path: &Path,
+    adapter: &Adapter<B>,
+    model: &Llama<B>,
+) -> Result<(), AdapterError> {
+    let cfg = &model.config;
+    let mut alpha: Option<f32> = None;
+    let mut tensors = Vec::new();
+    for (layer, t, w) in adapter.modules() {
+        let r = w.rank();
+        let a_alpha = w.scale * r as f32;
+        match alpha {
+            None => alpha = Some(a_alpha),
+            Some(x) if (x - a_alpha).abs() <= 1e-5 * x.abs().max(1.0) => {}
+            Some(x) => {
+                return Err(AdapterError::Unsupported {
+                    path: path.into(),
+                    message: format!(
+                        "layer {layer} {t}: scale·rank = {a_alpha} differs from {x}; GGUF-LoRA holds one alpha for all modules"
+                    ),
+                })
+            }
+        }
+        let [out_f, _] = w.b.dims();
+        let a =
+            w.a.clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("converted to f32");
+        let mut b =
+            w.b.clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("converted to f32");
+        if let (true, Some(heads)) = (permutes_qk(&cfg.architecture), heads_for(cfg, t)) {
+            b = permute_rows(&b, out_f, r, heads, false);
+        }
+        let base = format!("blk.{layer}.{}.weight", t.gguf_name());
+        tensors.push(F32Tensor {
+            name: format!("{base}.lora_a"),
+            shape: w.a.dims().to_vec(),
+            data: a,
+        });
+        tensors.push(F32Tensor {
+            name: format!("{base}.lora_b"),
+            shape: w.b.dims().to_vec(),
+            data: b,
+        });
+    }
+    let alpha = alpha.ok_or_else(|| AdapterError::Unsupported {
+        path: path.into(),
+        message: "the adapter has no modules".into(),
+    })?;
+    let meta = vec![
+        (
+            "general.type".to_string(),
+            MetaValue::String("adapter".into()),
+        ),
+        (
+            "general.architecture".to_string(),
+            MetaValue::String(cfg.architecture.clone()),
+        ),
+        ("adapter.type".to_string(), MetaValue::String("lora".into())),
+        ("adapter.lora.alpha".to_string(), MetaValue::F32(alpha)),
+    ];
+    gguf_write::write(path, &meta, &tensors).map_err(|source| AdapterError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Reads a GGUF-LoRA file for `model`, checking the architecture and every tensor's shape.
+///
+/// # Errors
+/// Not a LoRA adapter, another architecture, unknown tensors, shape mismatches, non-f32 data.
+pub fn load<B: GraftBackend>(path: &Path, model: &Llama<B>) -> Result<Adapter<B>, AdapterError> {
+    let f = GgufFile::open(path).map_err(|e| AdapterError::Corrupt {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    let cfg = &model.config;
+    let unsupported = |message: String| AdapterError::Unsupported {
+        path: path.into(),
+        message,
+    };
+    let text = |k: &str| match f.get(k) {
+        Some(GgufValue::String(s)) => Ok(s.clone()),
+        other => Err(unsupported(format!(
+            "metadata {k} is {other:?}, expected a string"
+        ))),
+    };
+    if text("general.type")? != "adapter" || text("adapter.type")? != "lora" {
+        return Err(unsupported(
+            "not a LoRA adapter (general.type must be 'adapter', adapter.type 'lora')".into(),
+        ));
+    }
+    let arch = text("general.architecture")?;
+    if arch != cfg.architecture {
+        return Err(unsupported(format!(
+            "adapter architecture '{arch}' but the base model is '{}'",
+            cfg.architecture
+        )));
+    }
+    let alpha = f
+        .opt_f64("adapter.lora.alpha")
+        .map_err(|e| unsupported(e.to_string()))?
+        .unwrap_or(0.0) as f32;
+    let device = model.device();
+    let mut adapter = Adapter::empty(model.layers.len());
+    for layer in 0..model.layers.len() {
+        for t in TargetModule::ALL {
+            let base = format!("blk.{layer}.{}.weight", t.gguf_name());
+            let (ia, ib) = (
+                f.tensor_info(&format!("{base}.lora_a")),
+                f.tensor_info(&format!("{base}.lora_b")),
+            );
+            let (ia, ib) = match (ia, ib) {
+                (None, None) => continue,
+                (Some(a), Some(b)) => (a, b),
+                _ => {
+                    return Err(AdapterError::Tensor {
+                        path: path.into(),
+                        tensor: base,
+                        message: "has only one of lora_a and lora_b".into(),
+                    })
+                }
+            };
+            let proj = model.layers[layer].proj(t);
+            let read = |info: &crate::gguf::GgufTensorInfo| -> Result<(Vec<usize>, Vec<f32>), AdapterError> {
+                let shape = info.torch_shape();
+                if info.ty != crate::quant::GgmlType::F32 || shape.len() != 2 {
+                    return Err(AdapterError::Tensor {
+                        path: path.into(),
+                        tensor: info.name.clone(),
+                        message: format!("{:?} {shape:?}: graft reads f32 matrices", info.ty),
+                    });
+                }
+                let bytes = f.tensor_bytes(info);
+                Ok((shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+            };
+            let (sa, a) = read(ia)?;
+            let (sb, mut b) = read(ib)?;
+            if sa[1] != proj.in_features
+                || sb[0] != proj.out_features
+                || sa[0] != sb[1]
+                || sa[0] == 0
+            {
+                return Err(AdapterError::Tensor {
+                    path: path.into(),
+                    tensor: base,
+                    message: format!(
+                        "lora_a {sa:?} / lora_b {sb:?} do not fit the base projection [{}, {}] (expected [r, {}] and [{}, r])",
+                        proj.out_features, proj.in_features, proj.in_features, proj.out_features
+                    ),
+                });
+            }
+            let r = sa[0];
+            if let (true, Some(heads)) = (permutes_qk(&arch), heads_for(cfg, t)) {
+                b = permute_rows(&b, sb[0], r, heads, true);
+            }
+            adapter.layers[layer][t.index()] = Some(LoraWeights {
+                a: Tensor::from_data(TensorData::new(a, [r, proj.in_features]), device),
+                b: Tensor::from_data(TensorData::new(b, [proj.out_features, r]), device),
+                scale: if alpha > 0.0 { alpha / r as f32 } else { 1.0 },
+                dropout: 0.0,
+            });
+        }
+    }
+    if adapter.modules().next().is_none() {
+        return Err(unsupported(
+            "no blk.N.<tensor>.weight.lora_a / lora_b tensors".into(),
+        ));
+    }
+    Ok(adapter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_round_trips_and_matches_llama_cpp() {
+        // 2 heads of 4 rows, 1 column: HF rows [h0: 0 1 | 2 3, h1: 4 5 | 6 7] interleave halves.
+        let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let p = permute_rows(&w, 8, 1, 2, false);
+        assert_eq!(p, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+        assert_eq!(permute_rows(&p, 8, 1, 2, true), w);
+    }
+}
