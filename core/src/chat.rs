@@ -96,6 +96,22 @@ impl ChatTemplate {
     }
 }
 
+/// Templates known by name, for models without one or to override a model's own.
+///
+/// - `chatml`: `<|im_start|>{role}\n{content}<|im_end|>\n` per message (Qwen, SmolLM, …);
+/// - `alpaca`: `### Instruction:` / `### Response:` blocks, turns ended by the EOS token.
+pub fn named_template(name: &str) -> Option<&'static str> {
+    match name {
+        "chatml" => Some(
+            "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+        ),
+        "alpaca" => Some(
+            "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}",
+        ),
+        _ => None,
+    }
+}
+
 /// The few `strftime` codes chat templates use (Llama 3's date line), in UTC.
 fn strftime_now(fmt: &str) -> String {
     let (y, m, d, ..) = crate::clock::utc_now();

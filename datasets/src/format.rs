@@ -144,8 +144,17 @@ impl Format {
         };
         match self {
             Format::Chat { messages } => {
+                // A CSV cell holds the list as JSON text.
+                let parsed;
                 let list = match row.fields.get(messages) {
                     Some(Value::Array(a)) => a,
+                    Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+                        Ok(Value::Array(a)) => {
+                            parsed = a;
+                            &parsed
+                        }
+                        _ => return Err(format!("{at}: field '{messages}' must be a list of messages (a JSON array in text cells)")),
+                    },
                     None => return Err(format!("{at}: missing field '{messages}'")),
                     Some(v) => {
                         return Err(format!(

@@ -21,7 +21,7 @@ pub enum DataError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: unsupported data file extension '{extension}' (expected .jsonl or .json)")]
+    #[error("{path}: unsupported data file extension '{extension}' (expected .jsonl, .json, .csv, .parquet or .arrow)")]
     UnsupportedFile { path: PathBuf, extension: String },
     #[error("data file pattern '{pattern}' is malformed: {message}")]
     Pattern { pattern: String, message: String },

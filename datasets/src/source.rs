@@ -1,5 +1,9 @@
-//! Reading rows from data files: JSON Lines (`.jsonl`, one object per line) and JSON (`.json`,
-//! an array of objects), with glob patterns. Every row keeps the file and line it came from so
+//! Reading rows from data files, with glob patterns: JSON Lines (`.jsonl`, one object per line),
+//! JSON (`.json`, an array of objects), CSV (`.csv`, a header row; every column read as text, a
+//! cell may hold JSON such as a messages list), Parquet (`.parquet`) and Arrow IPC (`.arrow`,
+//! `.feather`, `.ipc`; file or stream format, as `datasets` writes). Columnar files are read
+//! with arrow/parquet and each record batch is turned into JSON objects, so every format feeds
+//! the same prompt formats. Every row keeps the file and line (or row number) it came from so
 //! that a bad row can be reported precisely.
 
 use std::path::{Path, PathBuf};
@@ -12,18 +16,38 @@ use crate::DataError;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
     pub file: PathBuf,
-    /// 1-based line of the row's start (for `.json`, the array element's index + 1 is not a
-    /// line; the element index is reported instead).
+    /// 1-based line of the row in a JSON Lines file; for other formats the 1-based row number
+    /// (CSV: data rows after the header; JSON: array elements).
     pub line: usize,
     pub fields: Map<String, Value>,
 }
 
 impl Row {
-    /// `file:line` for messages.
+    /// `file:line` (JSON Lines) or `file:row N`, for messages.
     pub fn location(&self) -> String {
-        format!("{}:{}", self.file.display(), self.line)
+        if is_jsonl(&self.file) {
+            format!("{}:{}", self.file.display(), self.line)
+        } else {
+            format!("{}:row {}", self.file.display(), self.line)
+        }
     }
 }
+
+fn extension(path: &Path) -> String {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+fn is_jsonl(path: &Path) -> bool {
+    matches!(extension(path).as_str(), "jsonl" | "ndjson")
+}
+
+/// File extensions [`read_file`] reads.
+pub const EXTENSIONS: [&str; 8] = [
+    "jsonl", "ndjson", "json", "csv", "parquet", "arrow", "feather", "ipc",
+];
 
 /// A row that could not be parsed; reading goes on past it.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,22 +103,125 @@ pub fn expand(patterns: &[String], base: &Path) -> Result<Vec<PathBuf>, DataErro
 /// # Errors
 /// An unreadable file, an unsupported extension, or a `.json` file that is not an array.
 pub fn read_file(path: &Path) -> Result<(Vec<Row>, Vec<BadRow>), DataError> {
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+    let ext = extension(path);
+    let io = |source| DataError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
     match ext.as_str() {
-        "jsonl" | "ndjson" => Ok(read_jsonl(path, &text)),
-        "json" => read_json_array(path, &text),
+        "jsonl" | "ndjson" => Ok(read_jsonl(
+            path,
+            &std::fs::read_to_string(path).map_err(io)?,
+        )),
+        "json" => read_json_array(path, &std::fs::read_to_string(path).map_err(io)?),
+        "csv" | "parquet" | "arrow" | "feather" | "ipc" => {
+            let batches =
+                columnar::read_batches(path, &ext).map_err(|message| DataError::Parse {
+                    path: path.to_path_buf(),
+                    message,
+                })?;
+            let mut rows = Vec::new();
+            for batch in &batches {
+                let objects =
+                    columnar::to_json_objects(batch).map_err(|message| DataError::Parse {
+                        path: path.to_path_buf(),
+                        message,
+                    })?;
+                for fields in objects {
+                    rows.push(Row {
+                        file: path.to_path_buf(),
+                        line: rows.len() + 1,
+                        fields,
+                    });
+                }
+            }
+            Ok((rows, Vec::new()))
+        }
         other => Err(DataError::UnsupportedFile {
             path: path.to_path_buf(),
             extension: other.to_string(),
         }),
+    }
+}
+
+/// Columnar formats through arrow: record batches, then JSON objects.
+mod columnar {
+    use std::fs::File;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use serde_json::{Map, Value};
+
+    pub fn read_batches(path: &Path, ext: &str) -> Result<Vec<RecordBatch>, String> {
+        let open = || File::open(path).map_err(|e| e.to_string());
+        match ext {
+            "csv" => {
+                let (inferred, _) = arrow::csv::reader::Format::default()
+                    .with_header(true)
+                    .infer_schema(open()?, Some(100))
+                    .map_err(|e| format!("reading the CSV header: {e}"))?;
+                // Every column as text: a prompt field must not turn into a number.
+                let fields: Vec<Field> = inferred
+                    .fields()
+                    .iter()
+                    .map(|f| Field::new(f.name(), DataType::Utf8, true))
+                    .collect();
+                let reader = arrow::csv::ReaderBuilder::new(Arc::new(Schema::new(fields)))
+                    .with_header(true)
+                    .build(open()?)
+                    .map_err(|e| e.to_string())?;
+                reader.map(|b| b.map_err(|e| format!("CSV: {e}"))).collect()
+            }
+            "parquet" => {
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open()?)
+                        .map_err(|e| format!("not a readable Parquet file: {e}"))?
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                reader
+                    .map(|b| b.map_err(|e| format!("Parquet: {e}")))
+                    .collect()
+            }
+            _ => match arrow::ipc::reader::FileReader::try_new(open()?, None) {
+                Ok(reader) => reader
+                    .map(|b| b.map_err(|e| format!("Arrow IPC: {e}")))
+                    .collect(),
+                Err(file_err) => {
+                    let reader =
+                        arrow::ipc::reader::StreamReader::try_new(open()?, None).map_err(|e| {
+                            format!("not an Arrow IPC file ({file_err}) or stream ({e})")
+                        })?;
+                    reader
+                        .map(|b| b.map_err(|e| format!("Arrow IPC: {e}")))
+                        .collect()
+                }
+            },
+        }
+    }
+
+    pub fn to_json_objects(batch: &RecordBatch) -> Result<Vec<Map<String, Value>>, String> {
+        let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+        writer
+            .write(batch)
+            .map_err(|e| format!("converting rows: {e}"))?;
+        writer
+            .finish()
+            .map_err(|e| format!("converting rows: {e}"))?;
+        let bytes = writer.into_inner();
+        if bytes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Value> =
+            serde_json::from_slice(&bytes).map_err(|e| format!("converting rows: {e}"))?;
+        Ok(values
+            .into_iter()
+            .map(|v| match v {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            })
+            .collect())
     }
 }
 
@@ -209,5 +336,116 @@ mod tests {
         );
         let err = expand(&["missing/*.jsonl".into()], dir.path()).unwrap_err();
         assert!(err.to_string().contains("missing/*.jsonl"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod columnar_tests {
+    use std::io::Cursor;
+    use std::sync::Arc;
+
+    use super::*;
+
+    const ROWS: &str = concat!(
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}], \"id\": 1}\n",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"2+2?\"}, {\"role\": \"assistant\", \"content\": \"4\"}], \"id\": 2}\n",
+    );
+
+    fn batch() -> arrow::record_batch::RecordBatch {
+        let (schema, _) =
+            arrow::json::reader::infer_json_schema_from_seekable(Cursor::new(ROWS), None)
+                .expect("schema");
+        let mut reader = arrow::json::ReaderBuilder::new(Arc::new(schema))
+            .build(Cursor::new(ROWS))
+            .expect("reader");
+        reader.next().expect("one batch").expect("valid rows")
+    }
+
+    fn expected() -> Vec<Map<String, Value>> {
+        ROWS.lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect()
+    }
+
+    #[test]
+    fn parquet_and_arrow_ipc_rows_equal_the_json_rows() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let b = batch();
+        let pq = dir.path().join("d.parquet");
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(&pq).expect("create"),
+            b.schema(),
+            None,
+        )
+        .expect("writer");
+        w.write(&b).expect("write");
+        w.close().expect("close");
+        let stream = dir.path().join("d.arrow");
+        let mut s = arrow::ipc::writer::StreamWriter::try_new(
+            std::fs::File::create(&stream).expect("create"),
+            &b.schema(),
+        )
+        .expect("writer");
+        s.write(&b).expect("write");
+        s.finish().expect("finish");
+        let file = dir.path().join("d.feather");
+        let mut f = arrow::ipc::writer::FileWriter::try_new(
+            std::fs::File::create(&file).expect("create"),
+            &b.schema(),
+        )
+        .expect("writer");
+        f.write(&b).expect("write");
+        f.finish().expect("finish");
+        for path in [pq, stream, file] {
+            let (rows, bad) = read_file(&path).expect("readable");
+            assert!(bad.is_empty());
+            assert_eq!(
+                rows.iter().map(|r| r.fields.clone()).collect::<Vec<_>>(),
+                expected(),
+                "{}",
+                path.display()
+            );
+            assert_eq!(rows[1].location(), format!("{}:row 2", path.display()));
+        }
+    }
+
+    #[test]
+    fn csv_columns_are_text_and_a_cell_may_hold_json() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("d.csv");
+        std::fs::write(
+            &path,
+            "instruction,input,output\nAdd,2+2,4\n\"Say \"\"hi\"\"\",,\"hi, there\"\n",
+        )
+        .expect("write");
+        let (rows, _) = read_file(&path).expect("readable");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            rows[0].fields["output"],
+            Value::String("4".into()),
+            "numbers stay text"
+        );
+        assert_eq!(
+            rows[1].fields["instruction"],
+            Value::String("Say \"hi\"".into())
+        );
+        assert_eq!(rows[1].fields["output"], Value::String("hi, there".into()));
+
+        let chat = dir.path().join("c.csv");
+        std::fs::write(&chat, "messages\n\"[{\"\"role\"\": \"\"user\"\", \"\"content\"\": \"\"hi\"\"}, {\"\"role\"\": \"\"assistant\"\", \"\"content\"\": \"\"yo\"\"}]\"\n").expect("write");
+        let (rows, _) = read_file(&chat).expect("readable");
+        let f = crate::format::Format::named("chat").expect("known");
+        assert!(
+            matches!(f.example(&rows[0]), Ok(crate::format::Example::Conversation(m)) if m.len() == 2)
+        );
+    }
+
+    #[test]
+    fn a_corrupt_parquet_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bad.parquet");
+        std::fs::write(&path, b"PAR1 not really").expect("write");
+        let e = read_file(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.parquet") && e.contains("Parquet"), "{e}");
     }
 }

@@ -91,7 +91,8 @@ pub struct RawData {
     pub format: Option<String>,
     /// Field names, e.g. `{ messages = "conversations" }`. Default: the format's own names.
     pub fields: Option<toml::Table>,
-    /// The tokenizer's own template when absent; otherwise an inline Jinja template.
+    /// `tokenizer` (the model's own, the default), a name (`chatml`, `alpaca`) or an inline
+    /// Jinja template.
     pub chat_template: Option<String>,
     /// `assistant` (loss on assistant turns and their end-of-turn token) or `all`.
     /// Default: `assistant`.
@@ -542,8 +543,16 @@ impl TrainConfig {
         };
         for f in train_files.iter().chain(&eval_files) {
             let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if !matches!(ext, "jsonl" | "ndjson" | "json") {
-                return Err(c.fail("data", "train", &f.display(), "only .jsonl and .json files are read today (CSV, Parquet and Arrow are planned)"));
+            if !graft_datasets::source::EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()) {
+                return Err(c.fail(
+                    "data",
+                    "train",
+                    &f.display(),
+                    &format!(
+                        "unsupported file type (expected one of {:?})",
+                        graft_datasets::source::EXTENSIONS
+                    ),
+                ));
             }
         }
         let mut format = match &d.format {
@@ -617,6 +626,17 @@ impl TrainConfig {
                 ))
             }
         };
+        if let Some(t) = &d.chat_template {
+            let inline = t.contains("{{") || t.contains("{%");
+            if !inline && t != "tokenizer" && graft_core::chat::named_template(t).is_none() {
+                return Err(c.fail(
+                    "data",
+                    "chat_template",
+                    &format!("\"{t}\""),
+                    "must be \"tokenizer\", a template name (chatml, alpaca) or an inline Jinja template",
+                ));
+            }
+        }
         let max_seq_len = c.count("data", "max_seq_len", d.max_seq_len, 2048, 2)?;
         let eval_fraction = c.float(
             "data",

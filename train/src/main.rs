@@ -8,6 +8,7 @@
 
 mod config;
 mod optim;
+mod report;
 mod run;
 mod trainer;
 
@@ -131,10 +132,12 @@ fn load_model<B: GraftBackend>(cfg: &TrainConfig, device: &B::Device) -> Result<
         .tokenizer
         .as_ref()
         .with_context(|| format!("{}: the model has no tokenizer", cfg.base))?;
-    let source = cfg
-        .chat_template
-        .as_deref()
-        .or(tok.chat_template.as_deref());
+    let source = match cfg.chat_template.as_deref() {
+        None | Some("tokenizer") => tok.chat_template.as_deref(),
+        Some(name_or_inline) => {
+            Some(graft_core::chat::named_template(name_or_inline).unwrap_or(name_or_inline))
+        }
+    };
     let template = match source {
         Some(s) => Some(
             ChatTemplate::new(s, tok.bos_token.as_deref(), tok.eos_token.as_deref())
@@ -397,6 +400,10 @@ fn train<B: AutodiffBackend + GraftBackend>(
         &run_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    report::write_metrics_parquet(run_dir)
+        .with_context(|| format!("writing {}/metrics.parquet", run_dir.display()))?;
+    report::write_html(run_dir, &summary)
+        .with_context(|| format!("writing {}/report.html", run_dir.display()))?;
     eprintln!("{}", serde_json::to_string_pretty(&summary)?);
     if outcome.interrupted {
         eprintln!("resume with: graft-train resume {}", run_dir.display());

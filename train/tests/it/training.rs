@@ -13,6 +13,8 @@ fn a_short_run_writes_a_complete_run_directory_and_learns() {
     for f in [
         "config.toml",
         "metrics.jsonl",
+        "metrics.parquet",
+        "report.html",
         "samples.jsonl",
         "summary.json",
         "adapter/adapter_config.json",
@@ -84,6 +86,35 @@ fn a_short_run_writes_a_complete_run_directory_and_learns() {
     );
     let samples = std::fs::read_to_string(run.join("samples.jsonl")).expect("samples");
     assert_eq!(samples.lines().count(), 2, "{samples}");
+
+    // metrics.parquet: the same rows as metrics.jsonl, with typed columns.
+    let file = std::fs::File::open(run.join("metrics.parquet")).expect("parquet");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("valid parquet")
+        .build()
+        .expect("reader");
+    let batches: Vec<_> = reader.map(|b| b.expect("batch")).collect();
+    assert_eq!(
+        batches.iter().map(|b| b.num_rows()).sum::<usize>(),
+        rows.len()
+    );
+    let schema = batches[0].schema();
+    for col in [
+        "step",
+        "loss",
+        "eval_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_sec",
+    ] {
+        assert!(schema.field_with_name(col).is_ok(), "column {col}");
+    }
+    let html = std::fs::read_to_string(run.join("report.html")).expect("report");
+    assert!(
+        html.contains("<svg") && html.contains("eval loss") && html.contains("Capital of"),
+        "report lacks curves or samples"
+    );
+    assert!(!html.contains("<script"), "self-contained, no scripts");
 
     // Export for llama.cpp: 30 layers × 3 modules × (lora_a, lora_b), alpha from the config.
     let gguf = dir.path().join("adapter.gguf");
