@@ -89,6 +89,18 @@ impl Format {
         }
     }
 
+    /// The fields every row must have.
+    pub fn required_fields(&self) -> Vec<&str> {
+        match self {
+            Format::Alpaca {
+                instruction,
+                output,
+                ..
+            } => vec![instruction, output],
+            other => other.fields(),
+        }
+    }
+
     /// The format whose default fields a row has, when exactly one fits.
     ///
     /// # Errors

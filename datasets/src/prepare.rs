@@ -61,43 +61,60 @@ pub struct Prepared {
 pub fn prepare(spec: &DataSpec, tok: &Tokenizer<'_>) -> Result<Prepared, DataError> {
     let mut stats = Stats::default();
     let mut format = spec.format.clone();
-    let mut load =
-        |files: &[PathBuf], stats: &mut Stats| -> Result<Vec<(Row, Tokenized)>, DataError> {
-            let mut out = Vec::new();
-            for f in files {
-                let (rows, bad) = read_file(f)?;
-                stats.rows += rows.len() + bad.len();
-                stats.bad_rows.extend(bad.iter().map(BadRow::to_string));
-                for row in rows {
-                    let fmt = match &format {
-                        Some(f) => f.clone(),
-                        None => {
-                            let f = Format::detect(&row).map_err(DataError::Format)?;
-                            format = Some(f.clone());
-                            f
-                        }
-                    };
-                    let example = match fmt.example(&row) {
-                        Ok(e) => e,
-                        Err(message) => {
-                            stats.bad_rows.push(message);
-                            continue;
-                        }
-                    };
-                    match tok.tokenize(&example) {
-                        Ok(t) => {
-                            stats.truncated += usize::from(t.truncated);
-                            out.push((row, t));
-                        }
-                        Err(Skip::TooLong(_)) => stats.too_long += 1,
-                        Err(Skip::Invalid(message)) => stats
-                            .bad_rows
-                            .push(format!("{}: {message}", row.location())),
+    let mut load = |files: &[PathBuf],
+                    stats: &mut Stats|
+     -> Result<Vec<(Row, Tokenized)>, DataError> {
+        let mut out = Vec::new();
+        for f in files {
+            let (rows, bad) = read_file(f)?;
+            stats.rows += rows.len() + bad.len();
+            stats.bad_rows.extend(bad.iter().map(BadRow::to_string));
+            for (i, row) in rows.into_iter().enumerate() {
+                let fmt = match &format {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = Format::detect(&row).map_err(DataError::Format)?;
+                        format = Some(f.clone());
+                        f
+                    }
+                };
+                if i == 0 {
+                    // A column the format needs but the file lacks is a config mistake
+                    // (format or field mapping), not a bad row.
+                    if let Some(missing) = fmt
+                        .required_fields()
+                        .into_iter()
+                        .find(|k| !row.fields.contains_key(*k))
+                    {
+                        let columns: Vec<&String> = row.fields.keys().collect();
+                        return Err(DataError::Format(format!(
+                                "{}: no field '{missing}' for data.format = \"{}\" (set data.fields to map it); the rows have {columns:?}",
+                                f.display(),
+                                fmt.name()
+                            )));
                     }
                 }
+                let example = match fmt.example(&row) {
+                    Ok(e) => e,
+                    Err(message) => {
+                        stats.bad_rows.push(message);
+                        continue;
+                    }
+                };
+                match tok.tokenize(&example) {
+                    Ok(t) => {
+                        stats.truncated += usize::from(t.truncated);
+                        out.push((row, t));
+                    }
+                    Err(Skip::TooLong(_)) => stats.too_long += 1,
+                    Err(Skip::Invalid(message)) => stats
+                        .bad_rows
+                        .push(format!("{}: {message}", row.location())),
+                }
             }
-            Ok(out)
-        };
+        }
+        Ok(out)
+    };
     let mut train = load(&spec.train_files, &mut stats)?;
     let mut eval = load(&spec.eval_files, &mut stats)?;
     if stats.bad_rows.len() > spec.max_bad_rows {

@@ -252,10 +252,7 @@ fn train_cmd(path: &Path, set: &[String]) -> Result<()> {
         if sweep {
             eprintln!("sweep run {}/{}", i + 1, cfgs.len());
         }
-        let run_dir = new_run_dir(cfg, sweep.then_some(i))?;
-        std::fs::write(run_dir.join(run::CONFIG_FILE), resolved(cfg, &run_dir))
-            .with_context(|| format!("writing {}", run_dir.display()))?;
-        train_on_device(cfg, &run_dir, None)?;
+        train_on_device(cfg, Target::New(sweep.then_some(i)))?;
     }
     Ok(())
 }
@@ -276,7 +273,7 @@ fn resume_cmd(run_dir: &Path) -> Result<()> {
         run::truncate_after_step(&run_dir.join(log), ckpt.state.step)
             .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
     }
-    train_on_device(&cfg, run_dir, Some(ckpt))
+    train_on_device(&cfg, Target::Resume(run_dir, ckpt))
 }
 
 fn export_cmd(source: &Path, out: &Path, model: Option<String>) -> Result<()> {
@@ -323,19 +320,22 @@ fn export_cmd(source: &Path, out: &Path, model: Option<String>) -> Result<()> {
     Ok(())
 }
 
-fn train_on_device(
-    cfg: &TrainConfig,
-    run_dir: &Path,
-    resume: Option<run::Checkpoint>,
-) -> Result<()> {
+/// Where a training run goes.
+enum Target<'a> {
+    /// A fresh run directory (created once model and data are ready), with its sweep index.
+    New(Option<usize>),
+    /// An existing run continued from a checkpoint.
+    Resume(&'a Path, run::Checkpoint),
+}
+
+fn train_on_device(cfg: &TrainConfig, target: Target<'_>) -> Result<()> {
     cfg.device.check_available().map_err(anyhow::Error::msg)?;
     match cfg.device {
-        DeviceSpec::Cpu => train::<Autodiff<Flex>>(cfg, run_dir, resume, &Default::default()),
+        DeviceSpec::Cpu => train::<Autodiff<Flex>>(cfg, target, &Default::default()),
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(i) => train::<Autodiff<graft_core::device::Cuda>>(
             cfg,
-            run_dir,
-            resume,
+            target,
             &graft_core::device::cuda_device(i),
         ),
         #[cfg(not(feature = "cuda"))]
@@ -345,12 +345,21 @@ fn train_on_device(
 
 fn train<B: AutodiffBackend + GraftBackend>(
     cfg: &TrainConfig,
-    run_dir: &Path,
-    resume: Option<run::Checkpoint>,
+    target: Target<'_>,
     device: &B::Device,
 ) -> Result<()> {
     let loaded = load_model::<B>(cfg, device)?;
     let data = prepare_data(cfg, &loaded)?;
+    let (run_dir, resume) = match target {
+        Target::Resume(dir, ckpt) => (dir.to_path_buf(), Some(ckpt)),
+        Target::New(sweep_index) => {
+            let dir = new_run_dir(cfg, sweep_index)?;
+            std::fs::write(dir.join(run::CONFIG_FILE), resolved(cfg, &dir))
+                .with_context(|| format!("writing {}", dir.display()))?;
+            (dir, None)
+        }
+    };
+    let run_dir = run_dir.as_path();
     let tok = loaded
         .model
         .tokenizer

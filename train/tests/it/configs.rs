@@ -97,3 +97,34 @@ fn rank_zero_unknown_key_unknown_module_and_missing_file_are_refused() {
     );
     assert!(!dir.path().join("runs").exists());
 }
+
+#[test]
+fn a_mapped_column_that_does_not_exist_is_refused_before_training() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = write_config(dir.path(), "max_steps = 1");
+    let p = path.to_str().expect("utf-8 path");
+    let out = graft_train(&[
+        p,
+        "--set",
+        "data.format=\"chat\"",
+        "--set",
+        "data.fields={ messages = \"conversation\" }",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(
+        e.contains("capitals.jsonl")
+            && e.contains("no field 'conversation'")
+            && e.contains("data.fields"),
+        "{e}"
+    );
+    assert!(
+        e.contains("\"messages\""),
+        "the existing columns are listed: {e}"
+    );
+    let runs = dir.path().join("runs");
+    let started = std::fs::read_dir(&runs)
+        .map(|d| d.flatten().any(|r| r.path().join("metrics.jsonl").exists()))
+        .unwrap_or(false);
+    assert!(!started, "no training step ran");
+}
