@@ -149,17 +149,17 @@ pub fn generate<B: GraftBackend>(
 /// Turns the growing decoded text into final pieces: holds back an incomplete UTF-8 character
 /// (decoded as U+FFFD) and any suffix that could still become a stop string, and cuts the text
 /// at the first stop string.
-pub struct TextStream<'a> {
-    stops: &'a [String],
+pub struct TextStream {
+    stops: Vec<String>,
     pub emitted: String,
     stopped: bool,
     pending: String,
 }
 
-impl<'a> TextStream<'a> {
-    pub fn new(stops: &'a [String]) -> Self {
+impl TextStream {
+    pub fn new(stops: &[String]) -> Self {
         TextStream {
-            stops,
+            stops: stops.to_vec(),
             emitted: String::new(),
             stopped: false,
             pending: String::new(),
@@ -188,7 +188,7 @@ impl<'a> TextStream<'a> {
                 safe = text.trim_end_matches('\u{FFFD}').len();
             }
             // Hold back the longest suffix that is a prefix of some stop string.
-            for s in self.stops {
+            for s in &self.stops {
                 for k in (1..s.len()).rev() {
                     if s.is_char_boundary(k) && text[..safe].ends_with(&s[..k]) {
                         safe = safe.min(safe - k);

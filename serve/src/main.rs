@@ -1,8 +1,12 @@
-//! `graft-serve`: serving LoRA adapters on one quantized base model. Today it has the one-shot
-//! `generate` command; the HTTP server lands next.
+//! `graft-serve`: serving LoRA adapters on one quantized base model through an
+//! OpenAI-compatible HTTP API (`graft-serve --model …`), plus one-shot `generate` and `score`.
 
+mod api;
+mod engine;
 mod generate;
+mod registry;
 mod score;
+mod server;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -13,9 +17,12 @@ use clap::{Parser, Subcommand};
     version,
     about = "Serve LoRA adapters on one quantized base model"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: server::ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -29,8 +36,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Score(args) => score::run(args),
+        Some(Command::Generate(args)) => generate::run(args),
+        Some(Command::Score(args)) => score::run(args),
+        None => server::run(cli.serve),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

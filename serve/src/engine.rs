@@ -1,0 +1,181 @@
+//! The batching engine: one thread owns the model and runs every active request together.
+//!
+//! Continuous batching at token boundaries: each iteration admits waiting requests (up to
+//! `max_batch` running), then makes ONE forward call over all of them — new requests
+//! contribute their whole prompt (prefill), running ones their last token (decode) — with each
+//! sequence's own KV cache and adapter. The model's ragged forward runs every base projection
+//! once for all rows and adds each adapter's low-rank term to its own rows, so requests for
+//! different adapters share the batch. A request whose client went away is dropped at the next
+//! iteration, freeing its slot.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use graft_core::backend::GraftBackend;
+use graft_core::generate::{FinishReason, TextStream};
+use graft_core::model::{Llama, Logits, SeqCache, SeqInput};
+use graft_core::sampling::{Sampler, SamplingParams};
+use graft_core::tokenizer::TokenizerBundle;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::registry::AdapterEntry;
+
+/// What the engine sends back for a request.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A generated token, the text it makes final (possibly empty) and its log-probability
+    /// under the model; `final_piece` marks the held-back text flushed at the end (no new token).
+    Token {
+        id: u32,
+        text: String,
+        logprob: f32,
+        final_piece: bool,
+    },
+    /// Generation ended.
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
+}
+
+/// One generation request.
+pub struct Request<B: GraftBackend> {
+    pub prompt: Vec<u32>,
+    pub adapter: Option<Arc<AdapterEntry<B>>>,
+    pub params: SamplingParams,
+    pub events: UnboundedSender<Event>,
+    /// Give up (finish_reason "length") after this long.
+    pub deadline: Instant,
+}
+
+struct Active<B: GraftBackend> {
+    req: Request<B>,
+    cache: SeqCache<B>,
+    sampler: Sampler,
+    context: Vec<u32>,
+    generated: Vec<u32>,
+    stream: TextStream,
+    /// Tokens to feed next: the prompt at first, then the last sampled token.
+    next: Vec<u32>,
+}
+
+/// Runs requests from `rx` until every sender is gone.
+pub fn run<B: GraftBackend>(
+    model: Arc<Llama<B>>,
+    tokenizer: Arc<TokenizerBundle>,
+    rx: Receiver<Request<B>>,
+    max_batch: usize,
+) {
+    let mut active: Vec<Active<B>> = Vec::new();
+    loop {
+        // Admit: block only when idle.
+        while active.len() < max_batch {
+            let next = if active.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(r) => Some(r),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                rx.try_recv().ok()
+            };
+            let Some(req) = next else { break };
+            if req.events.is_closed() {
+                continue;
+            }
+            let sampler = Sampler::new(req.params.clone());
+            let stream = TextStream::new(&req.params.stop_strings);
+            active.push(Active {
+                cache: SeqCache::new(),
+                sampler,
+                context: req.prompt.clone(),
+                generated: Vec::new(),
+                stream,
+                next: req.prompt.clone(),
+                req,
+            });
+        }
+        active.retain(|a| !a.req.events.is_closed());
+        if active.is_empty() {
+            continue;
+        }
+        let logits = {
+            let mut seqs: Vec<SeqInput<'_, B>> = active
+                .iter_mut()
+                .map(|a| SeqInput {
+                    tokens: &a.next,
+                    cache: Some(&mut a.cache),
+                    adapter: a.req.adapter.as_ref().map(|e| &e.adapter),
+                })
+                .collect();
+            model.forward(&mut seqs, Logits::Last)
+        };
+        let vocab = model.config.vocab_size;
+        let rows: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
+        let now = Instant::now();
+        let mut finished = Vec::new();
+        for (i, a) in active.iter_mut().enumerate() {
+            let mut row = rows[i * vocab..(i + 1) * vocab].to_vec();
+            let logprob_base = log_sum_exp(&row);
+            let id = a.sampler.sample(&mut row, &a.context);
+            let logprob = rows[i * vocab + id as usize] - logprob_base;
+            a.context.push(id);
+            let stop_id =
+                tokenizer.eos_ids.contains(&id) || a.req.params.stop_token_ids.contains(&id);
+            let mut finish = None;
+            if stop_id {
+                finish = Some(FinishReason::Stop);
+            } else {
+                a.generated.push(id);
+                let full = tokenizer.decode(&a.generated, true).unwrap_or_default();
+                let (piece, stopped) = a.stream.push(&full);
+                let _ = a.req.events.send(Event::Token {
+                    id,
+                    text: piece,
+                    logprob,
+                    final_piece: false,
+                });
+                if stopped {
+                    finish = Some(FinishReason::Stop);
+                } else if a.generated.len() >= a.req.params.max_new_tokens || now >= a.req.deadline
+                {
+                    finish = Some(FinishReason::Length);
+                }
+            }
+            match finish {
+                Some(reason) => {
+                    let tail = if reason == FinishReason::Length {
+                        a.stream.finish()
+                    } else {
+                        String::new()
+                    };
+                    if !tail.is_empty() {
+                        let _ = a.req.events.send(Event::Token {
+                            id,
+                            text: tail,
+                            logprob: 0.0,
+                            final_piece: true,
+                        });
+                    }
+                    let _ = a.req.events.send(Event::Done {
+                        finish_reason: reason,
+                        prompt_tokens: a.req.prompt.len(),
+                        completion_tokens: a.generated.len(),
+                    });
+                    finished.push(i);
+                }
+                None => a.next = vec![id],
+            }
+        }
+        for i in finished.into_iter().rev() {
+            active.swap_remove(i);
+        }
+    }
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
+}

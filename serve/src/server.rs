@@ -1,0 +1,220 @@
+//! `graft-serve --model …`: load the base, register adapters, start the engine thread and
+//! the HTTP server; ready when `/health` answers. SIGTERM or SIGINT stops accepting new
+//! connections and lets in-flight requests finish.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use graft_core::backend::GraftBackend;
+use graft_core::chat::ChatTemplate;
+use graft_core::device::DeviceSpec;
+use graft_core::load::{load, LoadOptions, ModelSource};
+use graft_core::quant::QuantKind;
+
+use crate::api::{router, AppState};
+use crate::registry::Registry;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Base model: an HF directory, a .gguf file, or a hub id (owner/name[@revision]).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Name the base model answers to in requests (default: the model's file or repo name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// An adapter to load at start: name=path (PEFT directory or GGUF-LoRA file); repeatable.
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    pub adapters: Vec<String>,
+    /// Load every adapter in this directory at start (subdirectories with adapter_config.json
+    /// and .gguf files, named after them); runtime loads are restricted to it when given.
+    #[arg(long)]
+    pub adapters_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer <key>` on inference endpoints.
+    #[arg(long, env = "GRAFT_API_KEY")]
+    pub api_key: Option<String>,
+    /// Require `Authorization: Bearer <key>` on adapter management endpoints.
+    #[arg(long, env = "GRAFT_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    /// Requests decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Requests waiting beyond the running batch before new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_limit: usize,
+    /// Seconds a request may run.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Base weight storage: keep, nf4 or none.
+    #[arg(long, default_value = "keep")]
+    pub quantize: QuantKind,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    args.device.check_available().map_err(|e| anyhow!(e))?;
+    match args.device {
+        DeviceSpec::Cpu => serve::<graft_core::device::Cpu>(args, Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => {
+            serve::<graft_core::device::Cuda>(args, graft_core::device::cuda_device(i))
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("check_available rejects cuda in builds without it"),
+    }
+}
+
+fn serve<B: GraftBackend>(args: ServeArgs, device: B::Device) -> Result<()>
+where
+    B::Device: Send + Sync,
+{
+    let t0 = Instant::now();
+    let Some(model_arg) = args.model.clone() else {
+        bail!("--model is required (a .gguf file, an HF model directory or a hub id)");
+    };
+    let source = ModelSource::parse(&model_arg)?;
+    let loaded = load::<B>(
+        &source,
+        LoadOptions {
+            quantize: args.quantize,
+        },
+        &device,
+    )
+    .with_context(|| format!("loading model '{model_arg}'"))?;
+    let tokenizer = loaded
+        .tokenizer
+        .ok_or_else(|| anyhow!("model '{model_arg}' has no tokenizer"))?;
+    let template = match tokenizer.chat_template.as_deref() {
+        Some(t) => Some(ChatTemplate::new(
+            t,
+            tokenizer.bos_token.as_deref(),
+            tokenizer.eos_token.as_deref(),
+        )?),
+        None => None,
+    };
+    let base_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| default_name(&model_arg));
+    let model = Arc::new(loaded.model);
+    let roots: Vec<PathBuf> = args.adapters_dir.iter().cloned().collect();
+    let registry = Registry::new(base_name.clone(), roots);
+    let mut initial: Vec<(String, PathBuf)> = Vec::new();
+    for spec in &args.adapters {
+        let (name, path) = spec
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--adapter '{spec}' is not name=path"))?;
+        initial.push((name.to_string(), PathBuf::from(path)));
+    }
+    if let Some(dir) = &args.adapters_dir {
+        for e in std::fs::read_dir(dir)
+            .with_context(|| format!("reading --adapters-dir {}", dir.display()))?
+        {
+            let p = e?.path();
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if (p.is_dir() && p.join(graft_core::peft::CONFIG_FILE).is_file())
+                || p.extension().is_some_and(|x| x == "gguf")
+            {
+                initial.push((stem, p));
+            }
+        }
+    }
+    for (name, path) in initial {
+        let e = registry
+            .load(&name, &path, &model)
+            .with_context(|| format!("adapter '{name}' from {}", path.display()))?;
+        eprintln!(
+            "adapter {name} v{}: r={} on {} modules ({} KiB) from {}",
+            e.version,
+            e.info.rank,
+            e.info.modules,
+            e.info.bytes / 1024,
+            path.display()
+        );
+    }
+
+    let (tx, rx) = std::sync::mpsc::sync_channel(args.max_queue);
+    let engine_model = model.clone();
+    let engine_tok = Arc::new(tokenizer);
+    let tok = engine_tok.clone();
+    let max_batch = args.max_batch.max(1);
+    let engine = std::thread::Builder::new()
+        .name("graft-engine".into())
+        .spawn(move || crate::engine::run(engine_model, engine_tok, rx, max_batch))?;
+    let state = Arc::new(AppState {
+        model,
+        tokenizer: tok,
+        template,
+        registry,
+        engine: tx,
+        base_name: base_name.clone(),
+        api_key: args.api_key.clone(),
+        admin_key: args.admin_key.clone(),
+        max_tokens_limit: args.max_tokens_limit,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        eprintln!(
+            "graft-serve: {base_name} ready on http://{} in {:.2}s",
+            listener.local_addr()?,
+            t0.elapsed().as_secs_f64()
+        );
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        anyhow::Ok(())
+    })?;
+    // The router (and its engine sender) is gone: the engine drains and stops.
+    let _ = engine.join();
+    Ok(())
+}
+
+/// The base model's name in requests: the .gguf file stem or the directory / repo name.
+fn default_name(model: &str) -> String {
+    let p = std::path::Path::new(model.split('@').next().unwrap_or(model));
+    p.file_stem()
+        .or_else(|| p.file_name())
+        .map_or_else(|| model.to_string(), |s| s.to_string_lossy().into_owned())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    eprintln!("graft-serve: shutting down after in-flight requests");
+}

@@ -1,0 +1,436 @@
+//! The HTTP server spawned as a user runs it, on the real SmolLM2 GGUF, driven over HTTP.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+fn gguf() -> PathBuf {
+    let p = graft_core::cache::default_model_path();
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../core/tests/fixtures")
+        .join(name)
+}
+
+/// A running `graft-serve`; killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_graft-serve"))
+        .arg("--model")
+        .arg(gguf())
+        .args(["--served-model-name", "smollm2", "--port", "0"])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn graft-serve");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("graft-serve exited before it was ready")
+            .expect("stderr line");
+        if let Some(rest) = line.split("ready on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .expect("an address")
+                .to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, url }
+}
+
+fn post(s: &Server, path: &str, body: &Value, key: Option<&str>) -> (u16, Value, Option<String>) {
+    let mut req = ureq::post(&format!("{}{path}", s.url)).timeout(Duration::from_secs(300));
+    if let Some(k) = key {
+        req = req.set("Authorization", &format!("Bearer {k}"));
+    }
+    let resp = match req
+        .set("Content-Type", "application/json")
+        .send_string(&body.to_string())
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = resp.status();
+    let tag = resp.header("x-graft-adapter").map(str::to_string);
+    let text = resp.into_string().expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        tag,
+    )
+}
+
+fn chat_body(model: &str, question: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 12})
+}
+
+fn answer(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no answer in {v}"))
+        .to_string()
+}
+
+#[test]
+fn openai_endpoints_answer_and_stream() {
+    let s = start(&[
+        "--adapter",
+        &format!("peft={}", fixture("peft_adapter").display()),
+    ]);
+    let health = ureq::get(&format!("{}/health", s.url))
+        .call()
+        .expect("health");
+    assert_eq!(health.status(), 200);
+    let models: Value = serde_json::from_str(
+        &ureq::get(&format!("{}/v1/models", s.url))
+            .call()
+            .expect("models")
+            .into_string()
+            .expect("body"),
+    )
+    .expect("json");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, vec!["smollm2", "peft"]);
+    assert_eq!(models["data"][1]["parent"], "smollm2");
+    assert_eq!(models["data"][1]["adapter"]["rank"], 4);
+
+    let (status, v, tag) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body("smollm2", "What is the capital of France?"),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(answer(&v).contains("Paris"), "{v}");
+    assert_eq!(tag.as_deref(), Some("smollm2"));
+    let usage = &v["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+
+    // Streaming: SSE chunks whose deltas add up to the same greedy answer, then [DONE].
+    let mut body = chat_body("smollm2", "What is the capital of France?");
+    body["stream"] = json!(true);
+    let resp = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_string(&body.to_string())
+        .expect("stream");
+    assert!(resp
+        .header("content-type")
+        .unwrap_or("")
+        .starts_with("text/event-stream"));
+    let mut streamed = String::new();
+    let mut last = String::new();
+    let mut finish = None;
+    for line in BufReader::new(resp.into_reader()).lines() {
+        let line = line.expect("line");
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        last = data.to_string();
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(data).expect("chunk json");
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        if let Some(t) = chunk["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(t);
+        }
+        if let Some(f) = chunk["choices"][0]["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    assert_eq!(last, "[DONE]");
+    assert_eq!(streamed, answer(&v));
+    assert!(finish.is_some());
+
+    // Completions with a stop string.
+    let (status, v, _) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "1, 2, 3, 4,", "max_tokens": 12, "temperature": 0, "stop": [" 7"]}),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().expect("text");
+    assert!(text.starts_with(" 5") && !text.contains('7'), "{text:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // logprobs: one per generated token, each ≤ 0; greedy picks have the highest probability.
+    let mut body = chat_body("smollm2", "What is the capital of France?");
+    body["logprobs"] = json!(true);
+    let (_, v, _) = post(&s, "/v1/chat/completions", &body, None);
+    let lps = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs")
+        .clone();
+    assert_eq!(
+        lps.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().expect("usage")
+    );
+    let joined: String = lps
+        .iter()
+        .map(|t| t["token"].as_str().expect("token"))
+        .collect();
+    assert_eq!(joined, answer(&v));
+    assert!(lps
+        .iter()
+        .all(|t| t["logprob"].as_f64().expect("logprob") <= 0.0));
+}
+
+/// The PEFT fixture adapter with `lora_alpha` raised so that it changes greedy answers.
+fn strong_adapter(dir: &std::path::Path) -> PathBuf {
+    let out = dir.join("strong");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    std::fs::copy(
+        fixture("peft_adapter/adapter_model.safetensors"),
+        out.join("adapter_model.safetensors"),
+    )
+    .expect("copy");
+    let mut cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("peft_adapter/adapter_config.json")).expect("config"),
+    )
+    .expect("json");
+    cfg["lora_alpha"] = json!(400);
+    std::fs::write(out.join("adapter_config.json"), cfg.to_string()).expect("write");
+    out
+}
+
+#[test]
+fn requests_for_different_adapters_in_one_batch_equal_each_alone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = start(&[
+        "--adapter",
+        &format!("peft={}", strong_adapter(dir.path()).display()),
+    ]);
+    let cases = [
+        ("smollm2", "What is the capital of France?"),
+        ("peft", "What is the capital of France?"),
+        ("peft", "Name a color."),
+        ("smollm2", "Write a haiku about rain."),
+    ];
+    let alone: Vec<String> = cases
+        .iter()
+        .map(|(m, q)| answer(&post(&s, "/v1/chat/completions", &chat_body(m, q), None).1))
+        .collect();
+    assert_ne!(alone[0], alone[1], "the adapter changes the answer");
+    let url = s.url.clone();
+    let together: Vec<String> = std::thread::scope(|sc| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(m, q)| {
+                let url = url.clone();
+                sc.spawn(move || {
+                    let r = ureq::post(&format!("{url}/v1/chat/completions"))
+                        .send_string(&chat_body(m, q).to_string())
+                        .expect("request");
+                    answer(&serde_json::from_str(&r.into_string().expect("body")).expect("json"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect()
+    });
+    assert_eq!(together, alone);
+}
+
+#[test]
+fn adapters_load_replace_and_unload_at_runtime() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gguf_lora = dir.path().join("b.gguf");
+    std::fs::copy(
+        fixture("peft_adapter/adapter_config.json"),
+        dir.path().join("adapter_config.json"),
+    )
+    .expect("copy");
+    let s = start(&["--adapters-dir", dir.path().to_str().expect("utf-8")]);
+    // A PEFT directory inside the allowed root.
+    let peft_dir = dir.path().join("p");
+    std::fs::create_dir(&peft_dir).expect("mkdir");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("peft_adapter").join(f), peft_dir.join(f)).expect("copy");
+    }
+    let (status, v, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "p", "lora_path": peft_dir}),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    let v1 = v["version"].as_u64().expect("version");
+    let (_, _, tag) = post(&s, "/v1/chat/completions", &chat_body("p", "Hi"), None);
+    assert_eq!(tag, Some(format!("p@v{v1}")));
+    let (status, v, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "p", "lora_path": peft_dir}),
+        None,
+    );
+    assert_eq!(status, 200);
+    let v2 = v["version"].as_u64().expect("version");
+    assert!(v2 > v1, "a reload is a new version");
+    let (_, _, tag) = post(&s, "/v1/chat/completions", &chat_body("p", "Hi"), None);
+    assert_eq!(tag, Some(format!("p@v{v2}")));
+
+    // Outside the adapters dir: refused. A missing path: 404.
+    let (status, v, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "x", "lora_path": fixture("peft_adapter")}),
+        None,
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outside"),
+        "{v}"
+    );
+    let (status, _, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "x", "lora_path": gguf_lora}),
+        None,
+    );
+    assert_eq!(status, 404);
+
+    let (status, _, _) = post(
+        &s,
+        "/v1/unload_lora_adapter",
+        &json!({"lora_name": "p"}),
+        None,
+    );
+    assert_eq!(status, 200);
+    let (status, v, _) = post(&s, "/v1/chat/completions", &chat_body("p", "Hi"), None);
+    assert_eq!(status, 404);
+    assert_eq!(v["error"]["code"], "model_not_found");
+}
+
+#[test]
+fn bad_requests_and_keys_get_the_right_4xx() {
+    let s = start(&["--api-key", "secret", "--admin-key", "root"]);
+    let key = Some("secret");
+    let (status, _, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body("smollm2", "Hi"),
+        None,
+    );
+    assert_eq!(status, 401);
+    let (status, _, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body("smollm2", "Hi"),
+        Some("wrong"),
+    );
+    assert_eq!(status, 401);
+    let (status, v, _) = post(&s, "/v1/chat/completions", &chat_body("nope", "Hi"), key);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{v}"
+    );
+    let (status, v, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "messages": "hi"}),
+        key,
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("invalid request body"),
+        "{v}"
+    );
+    let (status, _, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"model": "smollm2", "messages": [], "max_tokens": "x"}),
+        key,
+    );
+    assert_eq!(status, 400);
+    let (status, v, _) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "word ".repeat(9000)}),
+        key,
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("context"),
+        "{v}"
+    );
+    let resp = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .set("Authorization", "Bearer secret")
+        .send_string("{not json");
+    let Err(ureq::Error::Status(code, _)) = resp else {
+        panic!("malformed JSON accepted")
+    };
+    assert_eq!(code, 400);
+    // Management needs the admin key, not the API key.
+    let (status, _, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "a", "lora_path": fixture("peft_adapter")}),
+        key,
+    );
+    assert_eq!(status, 401);
+    let (status, v, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "../a", "lora_path": fixture("peft_adapter")}),
+        Some("root"),
+    );
+    assert_eq!(status, 400, "{v}");
+    let (status, _, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "a", "lora_path": fixture("peft_adapter")}),
+        Some("root"),
+    );
+    assert_eq!(status, 200);
+}
