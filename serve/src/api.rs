@@ -44,6 +44,7 @@ pub struct AppState<B: GraftBackend> {
     pub max_tokens_limit: usize,
     pub request_timeout: Duration,
     pub started: u64,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An API failure: HTTP status, OpenAI error type and a stable code.
@@ -123,6 +124,7 @@ where
 {
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics::<B>))
         .route("/v1/models", get(models::<B>))
         .route("/v1/completions", post(completions::<B>))
         .route("/v1/chat/completions", post(chat::<B>))
@@ -163,6 +165,11 @@ fn adapter_json<B: GraftBackend>(e: &AdapterEntry<B>) -> Value {
         "rank": e.info.rank, "target_modules": e.info.target_modules, "modules": e.info.modules,
         "bytes": e.info.bytes, "location": "memory", "requests": e.requests.load(Ordering::Relaxed),
     })
+}
+
+async fn metrics<B: GraftBackend>(State(s): State<Arc<AppState<B>>>) -> Response {
+    let body = s.metrics.render(s.registry.list().len());
+    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn models<B: GraftBackend>(
@@ -232,6 +239,7 @@ async fn unload_adapter<B: GraftBackend>(
     check_key(&headers, &s.admin_key)?;
     let b: UnloadBody = parse(&body)?;
     if s.registry.unload(&b.lora_name) {
+        s.metrics.adapter_unloads.fetch_add(1, Ordering::Relaxed);
         Ok(Json(json!({"name": b.lora_name, "unloaded": true})))
     } else {
         Err(ApiError::NotFound(format!(
@@ -433,12 +441,18 @@ async fn run<B: GraftBackend>(
         params: p.params,
         events: tx,
         deadline: Instant::now() + s.request_timeout,
+        submitted: Instant::now(),
     };
     match s.engine.try_send(req) {
         Ok(()) => {}
-        Err(TrySendError::Full(_)) => return Err(ApiError::TooManyRequests),
+        Err(TrySendError::Full(_)) => {
+            s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::TooManyRequests);
+        }
         Err(TrySendError::Disconnected(_)) => return Err(ApiError::Unavailable),
     }
+    s.metrics.request_for(&p.model_name);
+    s.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let id = format!(
         "{}-{:016x}",
         if chat { "chatcmpl" } else { "cmpl" },

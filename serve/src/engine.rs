@@ -8,6 +8,7 @@
 //! different adapters share the batch. A request whose client went away is dropped at the next
 //! iteration, freeing its slot.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use graft_core::sampling::{Sampler, SamplingParams};
 use graft_core::tokenizer::TokenizerBundle;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::metrics::Metrics;
 use crate::registry::AdapterEntry;
 
 /// What the engine sends back for a request.
@@ -48,6 +50,8 @@ pub struct Request<B: GraftBackend> {
     pub events: UnboundedSender<Event>,
     /// Give up (finish_reason "length") after this long.
     pub deadline: Instant,
+    /// When the server accepted it (for time to first token).
+    pub submitted: Instant,
 }
 
 struct Active<B: GraftBackend> {
@@ -59,6 +63,7 @@ struct Active<B: GraftBackend> {
     stream: TextStream,
     /// Tokens to feed next: the prompt at first, then the last sampled token.
     next: Vec<u32>,
+    last_token_at: Option<Instant>,
 }
 
 /// Runs requests from `rx` until every sender is gone.
@@ -67,6 +72,7 @@ pub fn run<B: GraftBackend>(
     tokenizer: Arc<TokenizerBundle>,
     rx: Receiver<Request<B>>,
     max_batch: usize,
+    metrics: Arc<Metrics>,
 ) {
     let mut active: Vec<Active<B>> = Vec::new();
     loop {
@@ -83,6 +89,7 @@ pub fn run<B: GraftBackend>(
             };
             let Some(req) = next else { break };
             if req.events.is_closed() {
+                metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
             let sampler = Sampler::new(req.params.clone());
@@ -94,13 +101,23 @@ pub fn run<B: GraftBackend>(
                 generated: Vec::new(),
                 stream,
                 next: req.prompt.clone(),
+                last_token_at: None,
                 req,
             });
         }
-        active.retain(|a| !a.req.events.is_closed());
+        active.retain(|a| {
+            let open = !a.req.events.is_closed();
+            if !open {
+                metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+            open
+        });
         if active.is_empty() {
             continue;
         }
+        metrics
+            .batch_size
+            .store(active.len() as u64, Ordering::Relaxed);
         let logits = {
             let mut seqs: Vec<SeqInput<'_, B>> = active
                 .iter_mut()
@@ -121,6 +138,13 @@ pub fn run<B: GraftBackend>(
             let logprob_base = log_sum_exp(&row);
             let id = a.sampler.sample(&mut row, &a.context);
             let logprob = rows[i * vocab + id as usize] - logprob_base;
+            match a.last_token_at {
+                None => metrics
+                    .ttft
+                    .observe(now.duration_since(a.req.submitted).as_secs_f64()),
+                Some(t) => metrics.itl.observe(now.duration_since(t).as_secs_f64()),
+            }
+            a.last_token_at = Some(now);
             a.context.push(id);
             let stop_id =
                 tokenizer.eos_ids.contains(&id) || a.req.params.stop_token_ids.contains(&id);
@@ -165,6 +189,13 @@ pub fn run<B: GraftBackend>(
                         completion_tokens: a.generated.len(),
                     });
                     finished.push(i);
+                    metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    metrics
+                        .prompt_tokens
+                        .fetch_add(a.req.prompt.len() as u64, Ordering::Relaxed);
+                    metrics
+                        .generated_tokens
+                        .fetch_add(a.generated.len() as u64, Ordering::Relaxed);
                 }
                 None => a.next = vec![id],
             }

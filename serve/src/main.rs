@@ -4,6 +4,7 @@
 mod api;
 mod engine;
 mod generate;
+mod metrics;
 mod registry;
 mod score;
 mod server;

@@ -152,9 +152,13 @@ where
     let engine_tok = Arc::new(tokenizer);
     let tok = engine_tok.clone();
     let max_batch = args.max_batch.max(1);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let engine_metrics = metrics.clone();
     let engine = std::thread::Builder::new()
         .name("graft-engine".into())
-        .spawn(move || crate::engine::run(engine_model, engine_tok, rx, max_batch))?;
+        .spawn(move || {
+            crate::engine::run(engine_model, engine_tok, rx, max_batch, engine_metrics)
+        })?;
     let state = Arc::new(AppState {
         model,
         tokenizer: tok,
@@ -166,6 +170,7 @@ where
         admin_key: args.admin_key.clone(),
         max_tokens_limit: args.max_tokens_limit,
         request_timeout: Duration::from_secs(args.request_timeout),
+        metrics,
         started: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

@@ -212,6 +212,31 @@ fn openai_endpoints_answer_and_stream() {
     assert!(lps
         .iter()
         .all(|t| t["logprob"].as_f64().expect("logprob") <= 0.0));
+
+    // Prometheus metrics count what was served.
+    let m = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("body");
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .map(|v| v.parse().expect("number"))
+            })
+            .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+    };
+    assert_eq!(value("graft_requests_total"), 4.0);
+    assert!(value("graft_generated_tokens_total") >= 4.0);
+    assert_eq!(value("graft_time_to_first_token_seconds_count"), 4.0);
+    assert!(value("graft_inter_token_latency_seconds_count") > 0.0);
+    assert_eq!(value("graft_requests_in_flight"), 0.0);
+    assert!(
+        m.contains("graft_model_requests_total{model=\"smollm2\"} 4"),
+        "{m}"
+    );
 }
 
 /// The PEFT fixture adapter with `lora_alpha` raised so that it changes greedy answers.
@@ -433,4 +458,99 @@ fn bad_requests_and_keys_get_the_right_4xx() {
         Some("root"),
     );
     assert_eq!(status, 200);
+}
+
+#[test]
+fn hot_swaps_while_8_clients_stream_fail_no_request() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strong = strong_adapter(dir.path());
+    let s = start(&[
+        "--adapter",
+        &format!("p={}", strong.display()),
+        "--max-batch",
+        "8",
+    ]);
+    let url = s.url.clone();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let completed = std::sync::atomic::AtomicUsize::new(0);
+    // Waits until the clients have finished `n` requests in all.
+    let wait_for = |n: usize| {
+        let t0 = std::time::Instant::now();
+        while completed.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(t0.elapsed() < Duration::from_secs(300), "clients stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let (tags, versions) = std::thread::scope(|sc| {
+        let clients: Vec<_> = (0..8)
+            .map(|i| {
+                let (url, stop, completed) = (url.clone(), &stop, &completed);
+                sc.spawn(move || {
+                    let mut tags = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) || tags.is_empty() {
+                        let mut body =
+                            chat_body(if i % 2 == 0 { "p" } else { "smollm2" }, "Count to five.");
+                        body["stream"] = json!(true);
+                        body["max_tokens"] = json!(6);
+                        let resp = ureq::post(&format!("{url}/v1/chat/completions"))
+                            .send_string(&body.to_string())
+                            .expect("no failed request");
+                        let tag = resp.header("x-graft-adapter").expect("tagged").to_string();
+                        let text = resp.into_string().expect("stream body");
+                        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+                        tags.push(tag);
+                        completed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    tags
+                })
+            })
+            .collect();
+        let mut versions = vec![1u64];
+        for round in 0..3 {
+            wait_for(4 * (round + 1));
+            let (status, v, _) = post(
+                &s,
+                "/v1/load_lora_adapter",
+                &json!({"lora_name": "p", "lora_path": strong}),
+                None,
+            );
+            assert_eq!(status, 200, "{v}");
+            versions.push(v["version"].as_u64().expect("version"));
+            let (status, _, _) = post(
+                &s,
+                "/v1/load_lora_adapter",
+                &json!({"lora_name": format!("q{round}"), "lora_path": strong}),
+                None,
+            );
+            assert_eq!(status, 200);
+            let (status, _, _) = post(
+                &s,
+                "/v1/unload_lora_adapter",
+                &json!({"lora_name": format!("q{round}")}),
+                None,
+            );
+            assert_eq!(status, 200);
+        }
+        wait_for(16);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let tags: Vec<String> = clients
+            .into_iter()
+            .flat_map(|c| c.join().expect("client"))
+            .collect();
+        (tags, versions)
+    });
+    let p_versions: std::collections::BTreeSet<u64> = tags
+        .iter()
+        .filter_map(|t| t.strip_prefix("p@v"))
+        .map(|v| v.parse().expect("version"))
+        .collect();
+    assert!(
+        p_versions.iter().all(|v| versions.contains(v)),
+        "{p_versions:?} vs {versions:?}"
+    );
+    assert!(
+        p_versions.len() >= 2,
+        "requests saw the replacement: {p_versions:?}"
+    );
+    assert!(tags.iter().any(|t| t == "smollm2"));
 }

@@ -1,0 +1,207 @@
+//! Prometheus metrics (`GET /metrics`, text exposition format 0.0.4): request and token
+//! counters, time-to-first-token and inter-token latency histograms, queue depth, running batch
+//! size, adapter loads and load time, and requests per adapter (at most `MAX_ADAPTER_LABELS`
+//! adapters get their own label; the rest are summed under `other`).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const MAX_ADAPTER_LABELS: usize = 50;
+
+/// Fixed-bucket histogram of seconds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, secs: f64) {
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            if secs <= *b {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.sum_micros
+            .fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{b}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let n = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {n}");
+    }
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub rejected: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    /// Requests submitted and not yet finished (running + waiting).
+    pub in_flight: AtomicU64,
+    /// Sequences in the engine's last forward call.
+    pub batch_size: AtomicU64,
+    pub adapter_loads: AtomicU64,
+    pub adapter_unloads: AtomicU64,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub adapter_load_secs: Histogram,
+    per_adapter: Mutex<Vec<(String, u64)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            generated_tokens: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            batch_size: AtomicU64::new(0),
+            adapter_loads: AtomicU64::new(0),
+            adapter_unloads: AtomicU64::new(0),
+            ttft: Histogram::new(LATENCY_BOUNDS),
+            itl: Histogram::new(LATENCY_BOUNDS),
+            adapter_load_secs: Histogram::new(LATENCY_BOUNDS),
+            per_adapter: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a request for `model` (the base or an adapter name).
+    pub fn request_for(&self, model: &str) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut per = self.per_adapter.lock().expect("metrics lock");
+        let label = if per.iter().any(|(m, _)| m == model) || per.len() < MAX_ADAPTER_LABELS - 1 {
+            model
+        } else {
+            "other"
+        };
+        match per.iter().position(|(m, _)| m == label) {
+            Some(i) => per[i].1 += 1,
+            None => per.push((label.to_string(), 1)),
+        }
+    }
+
+    pub fn render(&self, adapters_loaded: usize) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        counter(
+            &mut out,
+            "graft_requests_total",
+            "Generation requests accepted.",
+            self.requests.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_requests_rejected_total",
+            "Requests refused because the queue was full.",
+            self.rejected.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_generated_tokens_total",
+            "Tokens generated.",
+            self.generated_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_prompt_tokens_total",
+            "Prompt tokens processed.",
+            self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "graft_requests_in_flight",
+            "Requests running or waiting.",
+            self.in_flight.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "graft_batch_size",
+            "Sequences in the last forward pass.",
+            self.batch_size.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "graft_adapters_loaded",
+            "Adapters in memory.",
+            adapters_loaded as u64,
+        );
+        counter(
+            &mut out,
+            "graft_adapter_loads_total",
+            "Adapter loads (including replacements).",
+            self.adapter_loads.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_adapter_unloads_total",
+            "Adapter unloads.",
+            self.adapter_unloads.load(Ordering::Relaxed),
+        );
+        self.ttft.render(
+            "graft_time_to_first_token_seconds",
+            "Time from request to its first token.",
+            &mut out,
+        );
+        self.itl.render(
+            "graft_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            &mut out,
+        );
+        self.adapter_load_secs.render(
+            "graft_adapter_load_seconds",
+            "Time to read and validate an adapter.",
+            &mut out,
+        );
+        let _ = writeln!(out, "# HELP graft_model_requests_total Requests per model or adapter.\n# TYPE graft_model_requests_total counter");
+        for (m, n) in self.per_adapter.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "graft_model_requests_total{{model=\"{}\"}} {n}",
+                m.replace('\\', "\\\\").replace('"', "\\\"")
+            );
+        }
+        out
+    }
+}
