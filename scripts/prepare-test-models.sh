@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Prepares what the parity tests load: the SmolLM2 GGUF (scripts/fetch-model.sh) and the same
 # weights dequantized into a sharded f32 Hugging Face directory (scripts/gguf_to_hf.py).
-# The converter runs in a small venv with pinned numpy-only tools (no torch). Idempotent.
+# The converter runs in a small venv with pinned numpy-only tools (no torch), which also holds
+# the OpenAI Python client the server tests drive graft-serve with. Idempotent.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${GRAFT_CACHE:-$HOME/.cache/graft}"
 gguf=$("$here/fetch-model.sh")
 venv="$cache/venv-tools"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import gguf, numpy, safetensors' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import gguf, numpy, safetensors, openai' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0
+  "$venv/bin/pip" install --quiet gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0 openai==3.54.0
 fi
 "$venv/bin/python" "$here/gguf_to_hf.py" "$gguf" "$cache/models/SmolLM2-135M-Instruct-f32-sharded" \
   --max-shard-bytes 200000000 >/dev/null

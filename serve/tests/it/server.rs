@@ -554,3 +554,40 @@ fn hot_swaps_while_8_clients_stream_fail_no_request() {
     );
     assert!(tags.iter().any(|t| t == "smollm2"));
 }
+
+#[test]
+fn the_openai_python_client_streams_a_chat_completion_from_an_adapter() {
+    let python = graft_core::cache::cache_dir().join("venv-tools/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/prepare-test-models.sh",
+        python.display()
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = start(&[
+        "--adapter",
+        &format!("tuned={}", strong_adapter(dir.path()).display()),
+        "--api-key",
+        "k",
+    ]);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_stream.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([s.url.as_str(), "tuned", "k"])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json line");
+    assert_eq!(v["models"], json!(["smollm2", "tuned"]));
+    assert!(!v["streamed"].as_str().expect("text").is_empty());
+    assert_eq!(
+        v["streamed"], v["plain"],
+        "stream and non-stream agree for greedy decoding"
+    );
+    assert!(v["finish_reason"].is_string());
+    assert!(v["usage"].as_u64().expect("usage") > 0);
+}
