@@ -167,8 +167,33 @@ fn adapter_json<B: GraftBackend>(e: &AdapterEntry<B>) -> Value {
     })
 }
 
+/// Every known adapter, in memory or evicted to disk.
+fn catalog_json<B: GraftBackend>(s: &AppState<B>) -> Vec<Value> {
+    s.registry
+        .catalog()
+        .into_iter()
+        .map(|(name, version, source, info, requests, in_memory)| {
+            let mut v = json!({"name": name, "version": version, "source": source, "requests": requests,
+                               "location": if in_memory { "memory" } else { "disk" }});
+            if let Some(i) = info {
+                v["rank"] = json!(i.rank);
+                v["target_modules"] = json!(i.target_modules);
+                v["modules"] = json!(i.modules);
+                v["bytes"] = json!(i.bytes);
+            }
+            v
+        })
+        .collect()
+}
+
 async fn metrics<B: GraftBackend>(State(s): State<Arc<AppState<B>>>) -> Response {
-    let body = s.metrics.render(s.registry.list().len());
+    let r = &s.registry;
+    let body = s.metrics.render(
+        r.list().len(),
+        r.loaded_bytes(),
+        r.evictions.load(Ordering::Relaxed),
+        r.reloads.load(Ordering::Relaxed),
+    );
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -180,8 +205,8 @@ async fn models<B: GraftBackend>(
     let mut data = vec![
         json!({"id": s.base_name, "object": "model", "created": s.started, "owned_by": "graft", "root": s.base_name, "parent": null}),
     ];
-    for e in s.registry.list() {
-        data.push(json!({"id": e.name, "object": "model", "created": s.started, "owned_by": "graft", "root": e.source, "parent": s.base_name, "adapter": adapter_json(&e)}));
+    for a in catalog_json(&s) {
+        data.push(json!({"id": a["name"], "object": "model", "created": s.started, "owned_by": "graft", "root": a["source"], "parent": s.base_name, "adapter": a}));
     }
     Ok(Json(json!({"object": "list", "data": data})))
 }
@@ -191,9 +216,7 @@ async fn adapters<B: GraftBackend>(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     check_key(&headers, &s.admin_key.clone().or_else(|| s.api_key.clone()))?;
-    Ok(Json(
-        json!({"object": "list", "data": s.registry.list().iter().map(|e| adapter_json(e)).collect::<Vec<_>>()}),
-    ))
+    Ok(Json(json!({"object": "list", "data": catalog_json(&s)})))
 }
 
 #[derive(Deserialize)]
@@ -319,17 +342,40 @@ struct Prepared<B: GraftBackend> {
     stream: bool,
 }
 
-fn prepare<B: GraftBackend>(
-    s: &AppState<B>,
+async fn prepare<B: GraftBackend>(
+    s: &Arc<AppState<B>>,
     sp: Sampling,
     default_max: usize,
-) -> Result<Prepared<B>, ApiError> {
+) -> Result<Prepared<B>, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    use crate::registry::Lookup;
     let adapter = if sp.model == s.base_name {
         None
     } else {
-        Some(s.registry.get(&sp.model).ok_or_else(|| {
-            ApiError::NotFound(format!("the model '{}' does not exist", sp.model))
-        })?)
+        match s.registry.lookup(&sp.model) {
+            Lookup::Loaded(e) => Some(e),
+            Lookup::Unknown => {
+                return Err(ApiError::NotFound(format!(
+                    "the model '{}' does not exist",
+                    sp.model
+                )))
+            }
+            Lookup::OnDisk => {
+                // Evicted: read it again, off the async runtime, so other requests go on.
+                let (state, name) = (s.clone(), sp.model.clone());
+                let t0 = Instant::now();
+                let e =
+                    tokio::task::spawn_blocking(move || state.registry.reload(&name, &state.model))
+                        .await
+                        .map_err(|_| ApiError::Internal)??;
+                s.metrics
+                    .adapter_load_secs
+                    .observe(t0.elapsed().as_secs_f64());
+                Some(e)
+            }
+        }
     };
     if sp.n.is_some_and(|n| n != 1) {
         return Err(ApiError::BadRequest("only n = 1 is supported".into()));
@@ -375,7 +421,7 @@ async fn completions<B: GraftBackend>(
         }
         _ => return Err(ApiError::BadRequest("prompt must be a string".into())),
     };
-    let p = prepare(&s, b.sampling, 16)?;
+    let p = prepare(&s, b.sampling, 16).await?;
     let ids = s
         .tokenizer
         .encode(&prompt, true)
@@ -393,7 +439,7 @@ async fn chat<B: GraftBackend>(
     if b.messages.is_empty() {
         return Err(ApiError::BadRequest("messages must not be empty".into()));
     }
-    let p = prepare(&s, b.sampling, s.max_tokens_limit.min(1024))?;
+    let p = prepare(&s, b.sampling, s.max_tokens_limit.min(1024)).await?;
     let template = s
         .template
         .as_ref()
@@ -443,16 +489,21 @@ async fn run<B: GraftBackend>(
         deadline: Instant::now() + s.request_timeout,
         submitted: Instant::now(),
     };
+    // Counted before the engine can finish it (the engine decrements).
+    s.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
     match s.engine.try_send(req) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => {
+            s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
             s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(ApiError::TooManyRequests);
         }
-        Err(TrySendError::Disconnected(_)) => return Err(ApiError::Unavailable),
+        Err(TrySendError::Disconnected(_)) => {
+            s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::Unavailable);
+        }
     }
     s.metrics.request_for(&p.model_name);
-    s.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
     let id = format!(
         "{}-{:016x}",
         if chat { "chatcmpl" } else { "cmpl" },

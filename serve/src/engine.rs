@@ -183,19 +183,20 @@ pub fn run<B: GraftBackend>(
                             final_piece: true,
                         });
                     }
+                    // Count before answering, so a client that reads /metrics next sees it.
+                    metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    metrics
+                        .prompt_tokens
+                        .fetch_add(a.req.prompt.len() as u64, Ordering::SeqCst);
+                    metrics
+                        .generated_tokens
+                        .fetch_add(a.generated.len() as u64, Ordering::SeqCst);
                     let _ = a.req.events.send(Event::Done {
                         finish_reason: reason,
                         prompt_tokens: a.req.prompt.len(),
                         completion_tokens: a.generated.len(),
                     });
                     finished.push(i);
-                    metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    metrics
-                        .prompt_tokens
-                        .fetch_add(a.req.prompt.len() as u64, Ordering::Relaxed);
-                    metrics
-                        .generated_tokens
-                        .fetch_add(a.generated.len() as u64, Ordering::Relaxed);
                 }
                 None => a.next = vec![id],
             }

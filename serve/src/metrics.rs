@@ -114,7 +114,13 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, adapters_loaded: usize) -> String {
+    pub fn render(
+        &self,
+        adapters_loaded: usize,
+        adapter_bytes: usize,
+        evictions: u64,
+        reloads: u64,
+    ) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(
@@ -178,6 +184,24 @@ impl Metrics {
             "graft_adapter_unloads_total",
             "Adapter unloads.",
             self.adapter_unloads.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "graft_adapter_memory_bytes",
+            "Bytes of adapters in memory.",
+            adapter_bytes as u64,
+        );
+        counter(
+            &mut out,
+            "graft_adapter_evictions_total",
+            "Adapters evicted from memory by the budget.",
+            evictions,
+        );
+        counter(
+            &mut out,
+            "graft_adapter_reloads_total",
+            "Evicted adapters read again on demand.",
+            reloads,
         );
         self.ttft.render(
             "graft_time_to_first_token_seconds",

@@ -1,6 +1,10 @@
-//! The adapters a server knows, by name. Loading a name that exists replaces it with a new
-//! version; requests hold an `Arc` of the version they started with, so a replacement or an
-//! unload never disturbs them.
+//! The adapters a server knows, by name, and which of them are in memory.
+//!
+//! Loading a name that exists replaces it with a new version; requests hold an `Arc` of the
+//! version they started with, so a replacement, an unload or an eviction never disturbs them.
+//! Adapter memory is budgeted in bytes: when a load goes over the budget, the least recently
+//! used adapters that are not pinned leave memory (they stay known, with their version, and
+//! are read again from disk when a request names them).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +27,8 @@ pub struct AdapterEntry<B: GraftBackend> {
     pub adapter: Adapter<B>,
     pub info: AdapterInfo,
     pub requests: AtomicU64,
+    /// Registry clock at the last request (for LRU eviction).
+    last_used: AtomicU64,
 }
 
 /// What `/v1/adapters` and `/v1/models` say about an adapter.
@@ -32,6 +38,15 @@ pub struct AdapterInfo {
     pub target_modules: Vec<String>,
     pub modules: usize,
     pub bytes: usize,
+}
+
+/// An adapter the server knows, loaded or not.
+#[derive(Clone)]
+struct Known {
+    source: PathBuf,
+    version: u64,
+    info: Option<AdapterInfo>,
+    requests: u64,
 }
 
 /// Why an adapter name or path was refused.
@@ -51,12 +66,27 @@ pub enum RegistryError {
     Adapter(#[from] AdapterError),
 }
 
+/// Where an adapter is now.
+pub enum Lookup<B: GraftBackend> {
+    Loaded(Arc<AdapterEntry<B>>),
+    /// Known but evicted: reload with [`Registry::reload`].
+    OnDisk,
+    Unknown,
+}
+
 pub struct Registry<B: GraftBackend> {
-    entries: RwLock<BTreeMap<String, Arc<AdapterEntry<B>>>>,
+    loaded: RwLock<BTreeMap<String, Arc<AdapterEntry<B>>>>,
+    known: RwLock<BTreeMap<String, Known>>,
     next_version: AtomicU64,
+    clock: AtomicU64,
     base_name: String,
     /// Adapter paths must resolve inside one of these (empty: any path).
     roots: Vec<PathBuf>,
+    /// Bytes of adapters kept in memory (None: unlimited).
+    budget: Option<usize>,
+    pinned: Vec<String>,
+    pub evictions: AtomicU64,
+    pub reloads: AtomicU64,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -69,31 +99,49 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl<B: GraftBackend> Registry<B> {
-    pub fn new(base_name: String, roots: Vec<PathBuf>) -> Self {
+    pub fn new(
+        base_name: String,
+        roots: Vec<PathBuf>,
+        budget: Option<usize>,
+        pinned: Vec<String>,
+    ) -> Self {
         let roots = roots
             .into_iter()
             .map(|r| r.canonicalize().unwrap_or(r))
             .collect();
         Registry {
-            entries: RwLock::new(BTreeMap::new()),
+            loaded: RwLock::new(BTreeMap::new()),
+            known: RwLock::new(BTreeMap::new()),
             next_version: AtomicU64::new(1),
+            clock: AtomicU64::new(0),
             base_name,
             roots,
+            budget,
+            pinned,
+            evictions: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
         }
     }
 
-    /// The adapter called `name`, if loaded.
-    pub fn get(&self, name: &str) -> Option<Arc<AdapterEntry<B>>> {
-        self.entries
-            .read()
-            .expect("registry lock")
-            .get(name)
-            .cloned()
+    /// Where the adapter called `name` is; a loaded one counts as used now.
+    pub fn lookup(&self, name: &str) -> Lookup<B> {
+        if let Some(e) = self.loaded.read().expect("registry lock").get(name) {
+            e.last_used.store(
+                self.clock.fetch_add(1, Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            return Lookup::Loaded(e.clone());
+        }
+        if self.known.read().expect("registry lock").contains_key(name) {
+            Lookup::OnDisk
+        } else {
+            Lookup::Unknown
+        }
     }
 
-    /// Every loaded adapter, by name.
+    /// Adapters in memory, by name.
     pub fn list(&self) -> Vec<Arc<AdapterEntry<B>>> {
-        self.entries
+        self.loaded
             .read()
             .expect("registry lock")
             .values()
@@ -101,8 +149,46 @@ impl<B: GraftBackend> Registry<B> {
             .collect()
     }
 
+    /// Every known adapter as `(name, version, source, info, requests, in memory)`.
+    pub fn catalog(&self) -> Vec<(String, u64, PathBuf, Option<AdapterInfo>, u64, bool)> {
+        let loaded = self.loaded.read().expect("registry lock");
+        self.known
+            .read()
+            .expect("registry lock")
+            .iter()
+            .map(|(n, k)| match loaded.get(n) {
+                Some(e) => (
+                    n.clone(),
+                    e.version,
+                    e.source.clone(),
+                    Some(e.info.clone()),
+                    k.requests + e.requests.load(Ordering::Relaxed),
+                    true,
+                ),
+                None => (
+                    n.clone(),
+                    k.version,
+                    k.source.clone(),
+                    k.info.clone(),
+                    k.requests,
+                    false,
+                ),
+            })
+            .collect()
+    }
+
+    /// Bytes of adapters in memory.
+    pub fn loaded_bytes(&self) -> usize {
+        self.loaded
+            .read()
+            .expect("registry lock")
+            .values()
+            .map(|e| e.info.bytes)
+            .sum()
+    }
+
     /// Reads and validates the adapter at `path` for `model`, then installs it as `name`
-    /// (replacing an older version atomically). Reading happens before the lock is taken.
+    /// (replacing an older version atomically). Reading happens before any lock is taken.
     ///
     /// # Errors
     /// A bad name, a path outside the roots, a missing or invalid adapter.
@@ -118,6 +204,41 @@ impl<B: GraftBackend> Registry<B> {
         if name == self.base_name {
             return Err(RegistryError::BaseName(name.into()));
         }
+        let version = self.next_version.fetch_add(1, Ordering::SeqCst);
+        self.install(name, path, version, model)
+    }
+
+    /// Reads an evicted adapter again from its source, with its version.
+    ///
+    /// # Errors
+    /// The adapter is no longer known, or its files changed into something invalid.
+    pub fn reload(
+        &self,
+        name: &str,
+        model: &Llama<B>,
+    ) -> Result<Arc<AdapterEntry<B>>, RegistryError> {
+        if let Lookup::Loaded(e) = self.lookup(name) {
+            return Ok(e);
+        }
+        let known = self
+            .known
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RegistryError::NotFound(name.into()))?;
+        let e = self.install(name, &known.source, known.version, model)?;
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        Ok(e)
+    }
+
+    fn install(
+        &self,
+        name: &str,
+        path: &Path,
+        version: u64,
+        model: &Llama<B>,
+    ) -> Result<Arc<AdapterEntry<B>>, RegistryError> {
         let real = path
             .canonicalize()
             .map_err(|_| RegistryError::NotFound(path.display().to_string()))?;
@@ -150,26 +271,74 @@ impl<B: GraftBackend> Registry<B> {
         };
         let entry = Arc::new(AdapterEntry {
             name: name.into(),
-            version: self.next_version.fetch_add(1, Ordering::SeqCst),
-            source: real,
+            version,
+            source: real.clone(),
             format,
             adapter,
-            info,
+            info: info.clone(),
             requests: AtomicU64::new(0),
+            last_used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
         });
-        self.entries
-            .write()
-            .expect("registry lock")
-            .insert(name.into(), entry.clone());
+        {
+            let mut loaded = self.loaded.write().expect("registry lock");
+            let mut known = self.known.write().expect("registry lock");
+            let served = loaded
+                .get(name)
+                .map_or(0, |e| e.requests.load(Ordering::Relaxed));
+            let k = known.entry(name.into()).or_insert(Known {
+                source: real.clone(),
+                version,
+                info: None,
+                requests: 0,
+            });
+            k.requests += served;
+            k.source = real;
+            k.version = version;
+            k.info = Some(info);
+            loaded.insert(name.into(), entry.clone());
+            self.evict_over_budget(&mut loaded, &mut known, name);
+        }
         Ok(entry)
     }
 
-    /// Removes `name`; running requests keep their version. Returns whether it was loaded.
+    /// Drops least recently used, unpinned adapters (never `keep`) until within the budget.
+    fn evict_over_budget(
+        &self,
+        loaded: &mut BTreeMap<String, Arc<AdapterEntry<B>>>,
+        known: &mut BTreeMap<String, Known>,
+        keep: &str,
+    ) {
+        let Some(budget) = self.budget else { return };
+        while loaded.values().map(|e| e.info.bytes).sum::<usize>() > budget {
+            let victim = loaded
+                .values()
+                .filter(|e| e.name != keep && !self.pinned.contains(&e.name))
+                .min_by_key(|e| e.last_used.load(Ordering::Relaxed))
+                .map(|e| e.name.clone());
+            let Some(v) = victim else { break };
+            if let Some(e) = loaded.remove(&v) {
+                if let Some(k) = known.get_mut(&v) {
+                    k.requests += e.requests.load(Ordering::Relaxed);
+                }
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Forgets `name`; running requests keep their version. Returns whether it was known.
     pub fn unload(&self, name: &str) -> bool {
-        self.entries
+        let was_loaded = self
+            .loaded
             .write()
             .expect("registry lock")
             .remove(name)
-            .is_some()
+            .is_some();
+        let was_known = self
+            .known
+            .write()
+            .expect("registry lock")
+            .remove(name)
+            .is_some();
+        was_loaded || was_known
     }
 }

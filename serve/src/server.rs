@@ -42,6 +42,13 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <key>` on adapter management endpoints.
     #[arg(long, env = "GRAFT_ADMIN_KEY")]
     pub admin_key: Option<String>,
+    /// Memory for adapters in MiB; beyond it the least recently used unpinned adapters are
+    /// evicted (and read again from disk when requested). Default: unlimited.
+    #[arg(long)]
+    pub adapter_memory_mb: Option<f64>,
+    /// An adapter never evicted (repeatable).
+    #[arg(long)]
+    pub pin: Vec<String>,
     /// Requests decoded together.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
@@ -109,7 +116,10 @@ where
         .unwrap_or_else(|| default_name(&model_arg));
     let model = Arc::new(loaded.model);
     let roots: Vec<PathBuf> = args.adapters_dir.iter().cloned().collect();
-    let registry = Registry::new(base_name.clone(), roots);
+    let budget = args
+        .adapter_memory_mb
+        .map(|mb| (mb * 1024.0 * 1024.0) as usize);
+    let registry = Registry::new(base_name.clone(), roots, budget, args.pin.clone());
     let mut initial: Vec<(String, PathBuf)> = Vec::new();
     for spec in &args.adapters {
         let (name, path) = spec

@@ -591,3 +591,72 @@ fn the_openai_python_client_streams_a_chat_completion_from_an_adapter() {
     assert!(v["finish_reason"].is_string());
     assert!(v["usage"].as_u64().expect("usage") > 0);
 }
+
+#[test]
+fn more_adapters_than_the_memory_budget_are_evicted_and_reloaded_on_demand() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strong = strong_adapter(dir.path());
+    // Each adapter is ~0.6 MiB: a 1.5 MiB budget holds two; "a0" is pinned.
+    let mut args: Vec<String> = vec![
+        "--adapter-memory-mb".into(),
+        "1.5".into(),
+        "--pin".into(),
+        "a0".into(),
+    ];
+    for i in 0..5 {
+        args.push("--adapter".into());
+        args.push(format!("a{i}={}", strong.display()));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let s = start(&refs);
+    let expected = answer(&post(&s, "/v1/chat/completions", &chat_body("a0", "Hi"), None).1);
+    for round in 0..2 {
+        for i in 0..5 {
+            let (status, v, tag) = post(
+                &s,
+                "/v1/chat/completions",
+                &chat_body(&format!("a{i}"), "Hi"),
+                None,
+            );
+            assert_eq!(status, 200, "round {round} a{i}: {v}");
+            assert_eq!(
+                answer(&v),
+                expected,
+                "same files, same answer after a reload"
+            );
+            assert!(tag.expect("tagged").starts_with(&format!("a{i}@v")));
+        }
+    }
+    let list: Value = serde_json::from_str(
+        &ureq::get(&format!("{}/v1/adapters", s.url))
+            .call()
+            .expect("adapters")
+            .into_string()
+            .expect("body"),
+    )
+    .expect("json");
+    let list = list["data"].as_array().expect("list");
+    assert_eq!(list.len(), 5, "evicted adapters stay known");
+    let in_memory = list.iter().filter(|a| a["location"] == "memory").count();
+    assert!(in_memory <= 2, "{list:?}");
+    assert!(
+        list.iter()
+            .any(|a| a["name"] == "a0" && a["location"] == "memory"),
+        "pinned stays: {list:?}"
+    );
+    let m = ureq::get(&format!("{}/metrics", s.url))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("body");
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .expect("metric")
+            .parse()
+            .expect("number")
+    };
+    assert!(value("graft_adapter_evictions_total") >= 4.0, "{m}");
+    assert!(value("graft_adapter_reloads_total") >= 4.0, "{m}");
+    assert!(value("graft_adapter_memory_bytes") <= 1.5 * 1024.0 * 1024.0);
+}
