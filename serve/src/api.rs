@@ -42,6 +42,8 @@ pub struct AppState<B: GraftBackend> {
     pub admin_key: Option<String>,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
+    /// KV cache budget in tokens (a request needing more can never run).
+    pub kv_tokens: Option<usize>,
     pub request_timeout: Duration,
     pub started: u64,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -473,6 +475,15 @@ async fn run<B: GraftBackend>(
             p.params.max_new_tokens
         )));
     }
+    if let Some(cap) = s.kv_tokens {
+        if ids.len() + p.params.max_new_tokens > cap {
+            return Err(ApiError::BadRequest(format!(
+                "the prompt has {} tokens and max_tokens is {}: more than the KV cache budget of {cap} tokens",
+                ids.len(),
+                p.params.max_new_tokens
+            )));
+        }
+    }
     let (tx, rx) = unbounded_channel();
     let tag = match &p.adapter {
         Some(a) => {
@@ -481,6 +492,11 @@ async fn run<B: GraftBackend>(
         }
         None => s.base_name.clone(),
     };
+    let id = format!(
+        "{}-{:016x}",
+        if chat { "chatcmpl" } else { "cmpl" },
+        rand::random::<u64>()
+    );
     let req = Request {
         prompt: ids,
         adapter: p.adapter,
@@ -488,6 +504,8 @@ async fn run<B: GraftBackend>(
         events: tx,
         deadline: Instant::now() + s.request_timeout,
         submitted: Instant::now(),
+        id: id.clone(),
+        model: tag.clone(),
     };
     // Counted before the engine can finish it (the engine decrements).
     s.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -504,14 +522,10 @@ async fn run<B: GraftBackend>(
         }
     }
     s.metrics.request_for(&p.model_name);
-    let id = format!(
-        "{}-{:016x}",
-        if chat { "chatcmpl" } else { "cmpl" },
-        rand::random::<u64>()
-    );
     let created = now_secs();
     let model = p.model_name;
     let header = HeaderValue::from_str(&tag).map_err(|_| ApiError::Internal)?;
+    let request_id = HeaderValue::from_str(&id).map_err(|_| ApiError::Internal)?;
     if p.stream {
         let (id2, model2, tag2) = (id.clone(), model.clone(), tag.clone());
         let first = chat.then(|| {
@@ -545,6 +559,7 @@ async fn run<B: GraftBackend>(
             .chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
         let mut resp = Sse::new(body).into_response();
         resp.headers_mut().insert("x-graft-adapter", header);
+        resp.headers_mut().insert("x-request-id", request_id);
         return Ok(resp);
     }
     let mut rx = rx;
@@ -595,5 +610,6 @@ async fn run<B: GraftBackend>(
     };
     let mut resp = Json(body).into_response();
     resp.headers_mut().insert("x-graft-adapter", header);
+    resp.headers_mut().insert("x-request-id", request_id);
     Ok(resp)
 }

@@ -52,6 +52,10 @@ pub struct Request<B: GraftBackend> {
     pub deadline: Instant,
     /// When the server accepted it (for time to first token).
     pub submitted: Instant,
+    /// The id returned to the client (`x-request-id`, the response `id`), for logs.
+    pub id: String,
+    /// `base` or `adapter@vN`, for logs.
+    pub model: String,
 }
 
 struct Active<B: GraftBackend> {
@@ -73,12 +77,16 @@ pub fn run<B: GraftBackend>(
     rx: Receiver<Request<B>>,
     max_batch: usize,
     metrics: Arc<Metrics>,
+    kv_tokens: Option<usize>,
 ) {
     let mut active: Vec<Active<B>> = Vec::new();
+    let mut held: Option<Request<B>> = None;
     loop {
         // Admit: block only when idle.
         while active.len() < max_batch {
-            let next = if active.is_empty() {
+            let next = if let Some(r) = held.take() {
+                Some(r)
+            } else if active.is_empty() {
                 match rx.recv_timeout(Duration::from_millis(200)) {
                     Ok(r) => Some(r),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -91,6 +99,17 @@ pub fn run<B: GraftBackend>(
             if req.events.is_closed() {
                 metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
                 continue;
+            }
+            // KV cache budget: a request whose prompt and max_tokens do not fit next to the
+            // running ones waits (held here, so the channel still bounds the queue).
+            let need = req.prompt.len() + req.params.max_new_tokens;
+            let reserved: usize = active
+                .iter()
+                .map(|a| a.req.prompt.len() + a.req.params.max_new_tokens)
+                .sum();
+            if kv_tokens.is_some_and(|cap| reserved + need > cap) && !active.is_empty() {
+                held = Some(req);
+                break;
             }
             let sampler = Sampler::new(req.params.clone());
             let stream = TextStream::new(&req.params.stop_strings);
@@ -191,6 +210,7 @@ pub fn run<B: GraftBackend>(
                     metrics
                         .generated_tokens
                         .fetch_add(a.generated.len() as u64, Ordering::SeqCst);
+                    log_done(a, reason, now);
                     let _ = a.req.events.send(Event::Done {
                         finish_reason: reason,
                         prompt_tokens: a.req.prompt.len(),
@@ -205,6 +225,19 @@ pub fn run<B: GraftBackend>(
             active.swap_remove(i);
         }
     }
+}
+
+/// One structured log line (JSON on stderr) per finished request.
+fn log_done<B: GraftBackend>(a: &Active<B>, reason: FinishReason, now: Instant) {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let line = serde_json::json!({
+        "ts": ts, "level": "info", "event": "request_done", "request_id": a.req.id, "model": a.req.model,
+        "prompt_tokens": a.req.prompt.len(), "completion_tokens": a.generated.len(),
+        "finish_reason": reason.as_str(), "total_ms": now.duration_since(a.req.submitted).as_secs_f64() * 1e3,
+    });
+    eprintln!("{line}");
 }
 
 fn log_sum_exp(row: &[f32]) -> f32 {

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Requests waiting beyond the running batch before new ones get 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// KV cache budget in tokens over all running requests (each reserves its prompt plus
+    /// max_tokens); requests that do not fit wait. Default: unlimited.
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
     /// Largest max_tokens a request may ask for.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens_limit: usize,
@@ -162,12 +166,20 @@ where
     let engine_tok = Arc::new(tokenizer);
     let tok = engine_tok.clone();
     let max_batch = args.max_batch.max(1);
+    let kv_tokens = args.kv_cache_tokens;
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let engine_metrics = metrics.clone();
     let engine = std::thread::Builder::new()
         .name("graft-engine".into())
         .spawn(move || {
-            crate::engine::run(engine_model, engine_tok, rx, max_batch, engine_metrics)
+            crate::engine::run(
+                engine_model,
+                engine_tok,
+                rx,
+                max_batch,
+                engine_metrics,
+                kv_tokens,
+            )
         })?;
     let state = Arc::new(AppState {
         model,
@@ -179,6 +191,7 @@ where
         api_key: args.api_key.clone(),
         admin_key: args.admin_key.clone(),
         max_tokens_limit: args.max_tokens_limit,
+        kv_tokens: args.kv_cache_tokens,
         request_timeout: Duration::from_secs(args.request_timeout),
         metrics,
         started: std::time::SystemTime::now()

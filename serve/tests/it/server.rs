@@ -660,3 +660,116 @@ fn more_adapters_than_the_memory_budget_are_evicted_and_reloaded_on_demand() {
     assert!(value("graft_adapter_reloads_total") >= 4.0, "{m}");
     assert!(value("graft_adapter_memory_bytes") <= 1.5 * 1024.0 * 1024.0);
 }
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let s = start(&["--max-batch", "1", "--max-queue", "1"]);
+    let url = s.url.clone();
+    let results: Vec<(u16, Option<String>)> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                let url = url.clone();
+                sc.spawn(move || {
+                    let mut body = chat_body("smollm2", "Tell me a long story about a dragon.");
+                    body["max_tokens"] = json!(24);
+                    match ureq::post(&format!("{url}/v1/chat/completions"))
+                        .send_string(&body.to_string())
+                    {
+                        Ok(r) => (r.status(), None),
+                        Err(ureq::Error::Status(code, r)) => {
+                            (code, r.header("retry-after").map(str::to_string))
+                        }
+                        Err(e) => panic!("transport error: {e}"),
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let limited: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert!(ok >= 1 && !limited.is_empty(), "{results:?}");
+    assert_eq!(ok + limited.len(), 6, "{results:?}");
+    assert!(
+        limited.iter().all(|r| r.1.as_deref() == Some("1")),
+        "Retry-After on every 429: {results:?}"
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_slot_and_a_timeout_ends_a_request() {
+    let s = start(&["--max-batch", "1", "--request-timeout", "20"]);
+    let mut body = chat_body("smollm2", "Write a very long story about the sea.");
+    body["max_tokens"] = json!(3000);
+    body["stream"] = json!(true);
+    let resp = ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_string(&body.to_string())
+        .expect("stream");
+    assert!(resp
+        .header("x-request-id")
+        .is_some_and(|id| id.starts_with("chatcmpl-")));
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).expect("first chunk");
+    drop(reader); // the client goes away after the first chunk
+    let t0 = std::time::Instant::now();
+    let (status, v, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body("smollm2", "Hi"),
+        None,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "the abandoned request kept the only slot for {:?}",
+        t0.elapsed()
+    );
+
+    // Without a disconnect, the 20 s request timeout ends a 3000-token request with "length".
+    body["stream"] = json!(false);
+    let t0 = std::time::Instant::now();
+    let (status, v, _) = post(&s, "/v1/chat/completions", &body, None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert!(v["usage"]["completion_tokens"].as_u64().expect("usage") < 3000);
+    assert!(t0.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn the_kv_cache_budget_makes_requests_wait_and_refuses_what_can_never_fit() {
+    let s = start(&["--kv-cache-tokens", "120", "--max-batch", "8"]);
+    let url = s.url.clone();
+    let statuses: Vec<u16> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..3)
+            .map(|_| {
+                let url = url.clone();
+                sc.spawn(move || {
+                    let mut body = chat_body("smollm2", "Hi");
+                    body["max_tokens"] = json!(40);
+                    ureq::post(&format!("{url}/v1/chat/completions"))
+                        .send_string(&body.to_string())
+                        .map(|r| r.status())
+                        .unwrap_or(0)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    assert_eq!(
+        statuses,
+        vec![200, 200, 200],
+        "requests beyond the budget wait, then run"
+    );
+    let mut body = chat_body("smollm2", "Hi");
+    body["max_tokens"] = json!(200);
+    let (status, v, _) = post(&s, "/v1/chat/completions", &body, None);
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("KV cache budget"),
+        "{v}"
+    );
+}
