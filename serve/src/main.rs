@@ -8,6 +8,7 @@ mod metrics;
 mod registry;
 mod score;
 mod server;
+mod watch;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -32,6 +32,10 @@ pub struct ServeArgs {
     /// and .gguf files, named after them); runtime loads are restricted to it when given.
     #[arg(long)]
     pub adapters_dir: Option<PathBuf>,
+    /// Poll the adapters directory this often for new, changed and removed adapters
+    /// (milliseconds; 0 disables watching).
+    #[arg(long, default_value_t = 1000)]
+    pub watch_interval_ms: u64,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]
@@ -198,6 +202,12 @@ where
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     });
+    if let (Some(dir), true) = (args.adapters_dir.clone(), args.watch_interval_ms > 0) {
+        let (st, interval) = (state.clone(), Duration::from_millis(args.watch_interval_ms));
+        std::thread::Builder::new()
+            .name("graft-watch".into())
+            .spawn(move || crate::watch::run(st, dir, interval))?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

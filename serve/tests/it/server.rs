@@ -306,7 +306,7 @@ fn adapters_load_replace_and_unload_at_runtime() {
         dir.path().join("adapter_config.json"),
     )
     .expect("copy");
-    let s = start(&["--adapters-dir", dir.path().to_str().expect("utf-8")]);
+    let s = start(&["--adapters-dir", dir.path().to_str().expect("utf-8"), "--watch-interval-ms", "0"]);
     // A PEFT directory inside the allowed root.
     let peft_dir = dir.path().join("p");
     std::fs::create_dir(&peft_dir).expect("mkdir");
@@ -772,4 +772,77 @@ fn the_kv_cache_budget_makes_requests_wait_and_refuses_what_can_never_fit() {
             .contains("KV cache budget"),
         "{v}"
     );
+}
+
+/// Polls `/v1/adapters` until `pred` holds for the named adapter's entry (or its absence).
+fn wait_adapter(s: &Server, name: &str, pred: impl Fn(Option<&Value>) -> bool) -> Option<Value> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let list: Value = serde_json::from_str(
+            &ureq::get(&format!("{}/v1/adapters", s.url))
+                .call()
+                .expect("adapters")
+                .into_string()
+                .expect("body"),
+        )
+        .expect("json");
+        let entry = list["data"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|a| a["name"] == name)
+            .cloned();
+        if pred(entry.as_ref()) {
+            return entry;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "adapter {name} never reached the expected state: {list}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_watched_directory_loads_replaces_and_removes_adapters() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let watched = dir.path().join("adapters");
+    std::fs::create_dir(&watched).expect("mkdir");
+    let s = start(&[
+        "--adapters-dir",
+        watched.to_str().expect("utf-8"),
+        "--watch-interval-ms",
+        "200",
+    ]);
+    let staged = strong_adapter(dir.path());
+    let target = watched.join("w1");
+    std::fs::create_dir(&target).expect("mkdir");
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(staged.join(f), target.join(f)).expect("copy");
+    }
+    let v1 = wait_adapter(&s, "w1", |e| e.is_some()).expect("loaded")["version"]
+        .as_u64()
+        .expect("version");
+    let (status, _, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
+    assert_eq!((status, tag), (200, Some(format!("w1@v{v1}"))));
+
+    // Changing the config (alpha) makes a new version.
+    let mut cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(target.join("adapter_config.json")).expect("config"),
+    )
+    .expect("json");
+    cfg["lora_alpha"] = json!(100);
+    std::fs::write(target.join("adapter_config.json"), format!("{cfg}\n")).expect("write");
+    let v2 = wait_adapter(&s, "w1", |e| {
+        e.is_some_and(|e| e["version"].as_u64() != Some(v1))
+    })
+    .expect("reloaded")["version"]
+        .as_u64()
+        .expect("version");
+    assert!(v2 > v1);
+
+    std::fs::remove_dir_all(&target).expect("remove");
+    wait_adapter(&s, "w1", |e| e.is_none());
+    let (status, _, _) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
+    assert_eq!(status, 404);
 }
