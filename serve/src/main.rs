@@ -36,7 +36,17 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if cli.command.is_none() {
+        if let Err(e) = server::apply_config(&mut cli.serve, &matches) {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
     let result: Result<()> = match cli.command {
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::Score(args)) => score::run(args),

@@ -2,7 +2,7 @@
 //! the HTTP server; ready when `/health` answers. SIGTERM or SIGINT stops accepting new
 //! connections and lets in-flight requests finish.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,10 @@ use crate::registry::Registry;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file (same names as the flags, with `adapters` as a
+    /// `name = "path"` table); flags given on the command line win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Base model: an HF directory, a .gguf file, or a hub id (owner/name[@revision]).
     #[arg(long)]
     pub model: Option<String>,
@@ -75,6 +79,117 @@ pub struct ServeArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+}
+
+/// `--config` file contents: every field optional, unknown keys refused.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    model: Option<String>,
+    served_model_name: Option<String>,
+    adapters: Option<std::collections::BTreeMap<String, String>>,
+    adapters_dir: Option<PathBuf>,
+    watch_interval_ms: Option<u64>,
+    host: Option<String>,
+    port: Option<u16>,
+    api_key: Option<String>,
+    admin_key: Option<String>,
+    adapter_memory_mb: Option<f64>,
+    pin: Option<Vec<String>>,
+    max_batch: Option<usize>,
+    max_queue: Option<usize>,
+    kv_cache_tokens: Option<usize>,
+    max_tokens_limit: Option<usize>,
+    request_timeout: Option<u64>,
+    quantize: Option<String>,
+    device: Option<String>,
+}
+
+/// Fills `args` from its `--config` file where the command line did not set a value.
+///
+/// # Errors
+/// An unreadable file, TOML errors (with line and column), unknown keys, bad values.
+pub fn apply_config(args: &mut ServeArgs, matches: &clap::ArgMatches) -> Result<()> {
+    let Some(path) = args.config.clone() else {
+        return Ok(());
+    };
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let f: ServeFile = toml::from_str(&text)
+        .map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+    let cli = |id: &str| {
+        matches!(
+            matches.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        )
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+    macro_rules! take {
+        ($field:ident) => {
+            if !cli(stringify!($field)) {
+                if let Some(v) = f.$field {
+                    args.$field = v.into();
+                }
+            }
+        };
+    }
+    take!(served_model_name);
+    take!(host);
+    take!(port);
+    take!(api_key);
+    take!(admin_key);
+    take!(adapter_memory_mb);
+    take!(max_batch);
+    take!(max_queue);
+    take!(kv_cache_tokens);
+    take!(max_tokens_limit);
+    take!(request_timeout);
+    take!(watch_interval_ms);
+    if !cli("model") {
+        if let Some(m) = f.model {
+            let m = match (m.strip_prefix("~/"), std::env::var_os("HOME")) {
+                (Some(rest), Some(home)) => Path::new(&home).join(rest).display().to_string(),
+                _ => m,
+            };
+            let local = rel(PathBuf::from(&m));
+            args.model = Some(if local.exists() {
+                local.display().to_string()
+            } else {
+                m
+            });
+        }
+    }
+    if !cli("adapters_dir") {
+        if let Some(d) = f.adapters_dir {
+            args.adapters_dir = Some(rel(d));
+        }
+    }
+    if let Some(pins) = f.pin {
+        args.pin.extend(pins);
+    }
+    if let Some(adapters) = f.adapters {
+        args.adapters.extend(
+            adapters
+                .into_iter()
+                .map(|(n, p)| format!("{n}={}", rel(PathBuf::from(p)).display())),
+        );
+    }
+    if !cli("quantize") {
+        if let Some(q) = f.quantize {
+            args.quantize = q
+                .parse()
+                .map_err(|e: String| anyhow!("{}: quantize = {q:?}: {e}", path.display()))?;
+        }
+    }
+    if !cli("device") {
+        if let Some(d) = f.device {
+            args.device = d
+                .parse()
+                .map_err(|e: String| anyhow!("{}: device = {d:?}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {

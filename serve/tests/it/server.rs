@@ -306,7 +306,12 @@ fn adapters_load_replace_and_unload_at_runtime() {
         dir.path().join("adapter_config.json"),
     )
     .expect("copy");
-    let s = start(&["--adapters-dir", dir.path().to_str().expect("utf-8"), "--watch-interval-ms", "0"]);
+    let s = start(&[
+        "--adapters-dir",
+        dir.path().to_str().expect("utf-8"),
+        "--watch-interval-ms",
+        "0",
+    ]);
     // A PEFT directory inside the allowed root.
     let peft_dir = dir.path().join("p");
     std::fs::create_dir(&peft_dir).expect("mkdir");
@@ -845,4 +850,48 @@ fn the_watched_directory_loads_replaces_and_removes_adapters() {
     wait_adapter(&s, "w1", |e| e.is_none());
     let (status, _, _) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
     assert_eq!(status, 404);
+}
+
+#[test]
+fn every_serve_config_in_configs_starts_a_server() {
+    let configs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let mut n = 0;
+    for e in std::fs::read_dir(&configs).expect("configs dir") {
+        let path = e.expect("entry").path();
+        if !path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .is_some_and(|f| f.starts_with("serve") && f.ends_with(".toml"))
+        {
+            continue;
+        }
+        // The model and port come from the command line, which wins over the file.
+        let s = start(&["--config", path.to_str().expect("utf-8")]);
+        let models: Value = serde_json::from_str(
+            &ureq::get(&format!("{}/v1/models", s.url))
+                .call()
+                .expect("models")
+                .into_string()
+                .expect("body"),
+        )
+        .expect("json");
+        assert_eq!(models["data"][0]["id"], "smollm2", "{}", path.display());
+        n += 1;
+    }
+    assert!(n >= 1);
+    // Unknown keys in a config are refused with the file and line.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bad = dir.path().join("serve.toml");
+    std::fs::write(&bad, "port = 8001\nmax_batchez = 3\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_graft-serve"))
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .expect("spawn");
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("serve.toml") && e.contains("max_batchez") && e.contains("line 2"),
+        "{e}"
+    );
 }
