@@ -325,6 +325,9 @@ struct CompletionBody {
     /// alternatives; graft returns the sampled token's only).
     #[serde(default)]
     logprobs: Option<u32>,
+    /// Return the prompt before the completion (with `logprobs`: scored token by token).
+    #[serde(default)]
+    echo: bool,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +337,8 @@ struct ChatBody {
     messages: Vec<Message>,
     #[serde(default)]
     logprobs: bool,
+    #[serde(default)]
+    top_logprobs: Option<u32>,
 }
 
 /// A validated request ready for the engine.
@@ -423,12 +428,66 @@ async fn completions<B: GraftBackend>(
         }
         _ => return Err(ApiError::BadRequest("prompt must be a string".into())),
     };
-    let p = prepare(&s, b.sampling, 16).await?;
+    let top = b.logprobs.unwrap_or(0) as usize;
+    if top > 20 {
+        return Err(ApiError::BadRequest(format!(
+            "logprobs = {top} must be at most 20"
+        )));
+    }
+    let scoring_only = b.echo && b.sampling.max_tokens == Some(0);
+    let mut sampling = b.sampling;
+    if scoring_only {
+        sampling.max_tokens = Some(1); // validated like any request; nothing is generated
+    }
+    if b.echo && sampling.stream {
+        return Err(ApiError::BadRequest(
+            "echo is not supported with stream".into(),
+        ));
+    }
+    let mut p = prepare(&s, sampling, 16).await?;
     let ids = s
         .tokenizer
         .encode(&prompt, true)
         .map_err(|e| ApiError::BadRequest(format!("cannot tokenize the prompt: {e}")))?;
-    run(s, p, ids, false, b.logprobs.is_some()).await
+    let mut report = Report {
+        logprobs: b.logprobs.is_some(),
+        top,
+        echo: None,
+    };
+    if b.echo {
+        let scores = if report.logprobs {
+            let (state, adapter, ids2) = (s.clone(), p.adapter.clone(), ids.clone());
+            let raw = tokio::task::spawn_blocking(move || {
+                crate::scoring::score_prompt(
+                    &state.model,
+                    adapter.as_ref().map(|e| &e.adapter),
+                    &ids2,
+                    top,
+                )
+            })
+            .await
+            .map_err(|_| ApiError::Internal)?;
+            let name = |id: u32| s.tokenizer.decode(&[id], false).unwrap_or_default();
+            ids.iter()
+                .zip(raw)
+                .map(|(&id, (lp, alts))| {
+                    (
+                        name(id),
+                        lp,
+                        alts.into_iter().map(|(a, l)| (name(a), l)).collect(),
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        report.echo = Some((prompt.clone(), scores));
+    }
+    if scoring_only {
+        return Ok(echo_only(&s, p.model_name, ids.len(), report));
+    }
+    p.params.max_new_tokens = p.params.max_new_tokens.max(1);
+    run(s, p, ids, false, report).await
 }
 
 async fn chat<B: GraftBackend>(
@@ -453,7 +512,73 @@ async fn chat<B: GraftBackend>(
         .tokenizer
         .encode(&text, false)
         .map_err(|e| ApiError::BadRequest(format!("cannot tokenize the messages: {e}")))?;
-    run(s, p, ids, true, b.logprobs).await
+    let top = b.top_logprobs.unwrap_or(0) as usize;
+    if top > 20 || (top > 0 && !b.logprobs) {
+        return Err(ApiError::BadRequest(
+            "top_logprobs must be at most 20 and needs logprobs = true".into(),
+        ));
+    }
+    run(
+        s,
+        p,
+        ids,
+        true,
+        Report {
+            logprobs: b.logprobs,
+            top,
+            echo: None,
+        },
+    )
+    .await
+}
+
+/// OpenAI's legacy completions `logprobs` object.
+fn completion_logprobs(rows: &[(String, Option<f32>, Vec<(String, f32)>)], top: usize) -> Value {
+    let mut offset = 0;
+    let mut offsets = Vec::new();
+    for (t, _, _) in rows {
+        offsets.push(offset);
+        offset += t.len();
+    }
+    json!({
+        "tokens": rows.iter().map(|r| &r.0).collect::<Vec<_>>(),
+        "token_logprobs": rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+        "top_logprobs": if top == 0 { Value::Null } else {
+            Value::Array(rows.iter().map(|r| if r.1.is_none() { Value::Null } else {
+                Value::Object(r.2.iter().map(|(a, l)| (a.clone(), json!(l))).collect())
+            }).collect())
+        },
+        "text_offset": offsets,
+    })
+}
+
+/// A completions answer that only scores the prompt (`echo`, `max_tokens = 0`).
+fn echo_only<B: GraftBackend>(
+    s: &AppState<B>,
+    model: String,
+    prompt_tokens: usize,
+    report: Report,
+) -> Response {
+    let (text, rows) = report.echo.unwrap_or_default();
+    let lp = if report.logprobs {
+        completion_logprobs(&rows, report.top)
+    } else {
+        Value::Null
+    };
+    Json(json!({"id": format!("cmpl-{:016x}", rand::random::<u64>()), "object": "text_completion", "created": now_secs(), "model": model,
+                "system_fingerprint": s.base_name, "choices": [{"index": 0, "text": text, "finish_reason": "length", "logprobs": lp}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}))
+    .into_response()
+}
+
+/// What a response reports besides the text.
+#[derive(Default)]
+struct Report {
+    logprobs: bool,
+    /// Alternatives per token.
+    top: usize,
+    /// Completions `echo`: the prompt text and, with logprobs, its scores.
+    echo: Option<(String, Vec<(String, Option<f32>, Vec<(String, f32)>)>)>,
 }
 
 /// Submits to the engine and answers, streaming or not.
@@ -462,8 +587,9 @@ async fn run<B: GraftBackend>(
     p: Prepared<B>,
     ids: Vec<u32>,
     chat: bool,
-    logprobs: bool,
+    report: Report,
 ) -> Result<Response, ApiError> {
+    let logprobs = report.logprobs;
     let context = s.model.config.max_position_embeddings;
     if ids.is_empty() {
         return Err(ApiError::BadRequest("the prompt has no tokens".into()));
@@ -506,6 +632,7 @@ async fn run<B: GraftBackend>(
         submitted: Instant::now(),
         id: id.clone(),
         model: tag.clone(),
+        top_logprobs: report.top,
     };
     // Counted before the engine can finish it (the engine decrements).
     s.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -565,20 +692,24 @@ async fn run<B: GraftBackend>(
     let mut rx = rx;
     let mut text = String::new();
     let mut done = None;
-    let mut token_logprobs: Vec<(String, f32)> = Vec::new();
+    let report = report;
+    let mut token_logprobs: Vec<(String, f32, Vec<(String, f32)>)> = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::Token {
                 text: t,
                 id,
                 logprob,
+                top,
                 final_piece,
             } => {
                 text.push_str(&t);
                 if logprobs && !final_piece {
+                    let name = |id: u32| s.tokenizer.decode(&[id], false).unwrap_or_default();
                     token_logprobs.push((
-                        s.tokenizer.decode(&[id], false).unwrap_or_default(),
+                        name(id),
                         logprob,
+                        top.into_iter().map(|(a, l)| (name(a), l)).collect(),
                     ));
                 }
             }
@@ -597,10 +728,24 @@ async fn run<B: GraftBackend>(
     let lp = if !logprobs {
         Value::Null
     } else if chat {
-        json!({"content": token_logprobs.iter().map(|(t, l)| json!({"token": t, "logprob": l, "bytes": t.as_bytes(), "top_logprobs": []})).collect::<Vec<_>>()})
+        json!({"content": token_logprobs.iter().map(|(t, l, alts)| json!({"token": t, "logprob": l, "bytes": t.as_bytes(),
+            "top_logprobs": alts.iter().map(|(a, al)| json!({"token": a, "logprob": al, "bytes": a.as_bytes()})).collect::<Vec<_>>()})).collect::<Vec<_>>()})
     } else {
-        json!({"tokens": token_logprobs.iter().map(|(t, _)| t).collect::<Vec<_>>(), "token_logprobs": token_logprobs.iter().map(|(_, l)| l).collect::<Vec<_>>(), "top_logprobs": null, "text_offset": null})
+        let mut rows: Vec<(String, Option<f32>, Vec<(String, f32)>)> = report
+            .echo
+            .as_ref()
+            .map(|e| e.1.clone())
+            .unwrap_or_default();
+        rows.extend(
+            token_logprobs
+                .iter()
+                .map(|(t, l, alts)| (t.clone(), Some(*l), alts.clone())),
+        );
+        completion_logprobs(&rows, report.top)
     };
+    if let Some((prompt_text, _)) = &report.echo {
+        text = format!("{prompt_text}{text}");
+    }
     let body = if chat {
         json!({"id": id, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": tag,
                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_str(), "logprobs": lp}], "usage": usage})

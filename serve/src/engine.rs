@@ -32,6 +32,8 @@ pub enum Event {
         id: u32,
         text: String,
         logprob: f32,
+        /// The most likely tokens at this step (as many as the request asked for).
+        top: Vec<(u32, f32)>,
         final_piece: bool,
     },
     /// Generation ended.
@@ -56,6 +58,8 @@ pub struct Request<B: GraftBackend> {
     pub id: String,
     /// `base` or `adapter@vN`, for logs.
     pub model: String,
+    /// Alternatives reported with each sampled token's log-probability.
+    pub top_logprobs: usize,
 }
 
 struct Active<B: GraftBackend> {
@@ -154,7 +158,8 @@ pub fn run<B: GraftBackend>(
         let mut finished = Vec::new();
         for (i, a) in active.iter_mut().enumerate() {
             let mut row = rows[i * vocab..(i + 1) * vocab].to_vec();
-            let logprob_base = log_sum_exp(&row);
+            let logprob_base = crate::scoring::log_sum_exp(&row);
+            let top = crate::scoring::top_k(&row, a.req.top_logprobs, logprob_base);
             let id = a.sampler.sample(&mut row, &a.context);
             let logprob = rows[i * vocab + id as usize] - logprob_base;
             match a.last_token_at {
@@ -178,6 +183,7 @@ pub fn run<B: GraftBackend>(
                     id,
                     text: piece,
                     logprob,
+                    top,
                     final_piece: false,
                 });
                 if stopped {
@@ -199,6 +205,7 @@ pub fn run<B: GraftBackend>(
                             id,
                             text: tail,
                             logprob: 0.0,
+                            top: Vec::new(),
                             final_piece: true,
                         });
                     }
@@ -238,9 +245,4 @@ fn log_done<B: GraftBackend>(a: &Active<B>, reason: FinishReason, now: Instant) 
         "finish_reason": reason.as_str(), "total_ms": now.duration_since(a.req.submitted).as_secs_f64() * 1e3,
     });
     eprintln!("{line}");
-}
-
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    m + row.iter().map(|&x| (x - m).exp()).sum::<f32>().ln()
 }

@@ -7,6 +7,7 @@ mod generate;
 mod metrics;
 mod registry;
 mod score;
+mod scoring;
 mod server;
 mod watch;
 

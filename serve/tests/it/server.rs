@@ -895,3 +895,84 @@ fn every_serve_config_in_configs_starts_a_server() {
         "{e}"
     );
 }
+
+#[test]
+fn echo_scores_prompts_consistently_with_generation_logprobs() {
+    let s = start(&[]);
+    // Greedy generation with logprobs and 3 alternatives per token.
+    let (status, gen, _) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0, "logprobs": 3}),
+        None,
+    );
+    assert_eq!(status, 200, "{gen}");
+    let g = &gen["choices"][0]["logprobs"];
+    let gen_tokens: Vec<String> = g["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_str().expect("token").to_string())
+        .collect();
+    let gen_lps: Vec<f64> = g["token_logprobs"]
+        .as_array()
+        .expect("lps")
+        .iter()
+        .map(|v| v.as_f64().expect("lp"))
+        .collect();
+    assert_eq!(
+        gen_tokens.concat(),
+        gen["choices"][0]["text"].as_str().expect("text")
+    );
+    for (i, alts) in g["top_logprobs"]
+        .as_array()
+        .expect("top")
+        .iter()
+        .enumerate()
+    {
+        let alts = alts.as_object().expect("map");
+        assert_eq!(alts.len(), 3);
+        let best = alts
+            .values()
+            .map(|v| v.as_f64().expect("lp"))
+            .fold(f64::MIN, f64::max);
+        assert!(
+            (best - gen_lps[i]).abs() < 1e-5,
+            "greedy picks the most likely token"
+        );
+    }
+
+    // Scoring prompt + completion with echo (no generation) gives the same log-probabilities
+    // for the completion's tokens: a full forward against incremental KV-cache decoding.
+    let full = format!("The capital of France is{}", gen_tokens.concat());
+    let (status, echo, _) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": "smollm2", "prompt": full, "max_tokens": 0, "echo": true, "logprobs": 1}),
+        None,
+    );
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(echo["choices"][0]["text"], full);
+    assert_eq!(echo["usage"]["completion_tokens"], 0);
+    let e = &echo["choices"][0]["logprobs"];
+    let tokens = e["tokens"].as_array().expect("tokens");
+    let lps = e["token_logprobs"].as_array().expect("lps");
+    assert!(lps[0].is_null(), "the first token has no context");
+    assert_eq!(
+        tokens
+            .iter()
+            .map(|t| t.as_str().expect("token"))
+            .collect::<String>(),
+        full
+    );
+    let tail: Vec<f64> = lps[lps.len() - gen_lps.len()..]
+        .iter()
+        .map(|v| v.as_f64().expect("lp"))
+        .collect();
+    for (a, b) in tail.iter().zip(&gen_lps) {
+        assert!(
+            (a - b).abs() < 1e-3,
+            "echo {tail:?} vs generation {gen_lps:?}"
+        );
+    }
+}
