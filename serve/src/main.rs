@@ -2,6 +2,7 @@
 //! OpenAI-compatible HTTP API (`graft-serve --model …`), plus one-shot `generate` and `score`.
 
 mod api;
+mod bench;
 mod engine;
 mod generate;
 mod metrics;
@@ -34,6 +35,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Write the logits of every position of a prompt (for parity checks against PEFT).
     Score(score::ScoreArgs),
+    /// Drive a running server with concurrent clients and print latency and throughput.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -51,6 +54,7 @@ fn main() {
     let result: Result<()> = match cli.command {
         Some(Command::Generate(args)) => generate::run(args),
         Some(Command::Score(args)) => score::run(args),
+        Some(Command::Bench(args)) => bench::run(args),
         None => server::run(cli.serve),
     };
     if let Err(e) = result {

@@ -976,3 +976,40 @@ fn echo_scores_prompts_consistently_with_generation_logprobs() {
         );
     }
 }
+
+#[test]
+fn the_bench_command_drives_a_server_and_prints_figures() {
+    let s = start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_graft-serve"))
+        .args([
+            "bench",
+            "--url",
+            &s.url,
+            "--clients",
+            "2",
+            "--requests",
+            "3",
+            "--max-tokens",
+            "3",
+        ])
+        .arg("--load-adapter")
+        .arg(fixture("peft_adapter"))
+        .args(["--load-count", "2"])
+        .output()
+        .expect("spawn bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("requests: 3 ok, 0 failed"), "{stdout}");
+    for what in [
+        "throughput:",
+        "time to first token: p50",
+        "inter-token latency: p50",
+        "adapter load",
+    ] {
+        assert!(stdout.contains(what), "{what} missing: {stdout}");
+    }
+}
