@@ -250,26 +250,7 @@ where
             .ok_or_else(|| anyhow!("--adapter '{spec}' is not name=path"))?;
         initial.push((name.to_string(), PathBuf::from(path)));
     }
-    if let Some(dir) = &args.adapters_dir {
-        for e in std::fs::read_dir(dir)
-            .with_context(|| format!("reading --adapters-dir {}", dir.display()))?
-        {
-            let p = e?.path();
-            let stem = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if (p.is_dir() && p.join(graft_core::peft::CONFIG_FILE).is_file())
-                || p.extension().is_some_and(|x| x == "gguf")
-            {
-                initial.push((stem, p));
-            }
-        }
-    }
-    for (name, path) in initial {
-        let e = registry
-            .load(&name, &path, &model)
-            .with_context(|| format!("adapter '{name}' from {}", path.display()))?;
+    let show = |name: &str, e: &crate::registry::AdapterEntry<B>, path: &Path| {
         eprintln!(
             "adapter {name} v{}: r={} on {} modules ({} KiB) from {}",
             e.version,
@@ -278,6 +259,24 @@ where
             e.info.bytes / 1024,
             path.display()
         );
+    };
+    // Adapters named on the command line must load; those found in the directory are
+    // skipped with a message when they cannot (as the watcher does later).
+    for (name, path) in initial {
+        let e = registry
+            .load(&name, &path, &model)
+            .with_context(|| format!("adapter '{name}' from {}", path.display()))?;
+        show(&name, &e, &path);
+    }
+    if let Some(dir) = &args.adapters_dir {
+        std::fs::read_dir(dir)
+            .with_context(|| format!("reading --adapters-dir {}", dir.display()))?;
+        for (name, path) in crate::watch::scan(dir) {
+            match registry.load(&name, &path, &model) {
+                Ok(e) => show(&name, &e, &path),
+                Err(e) => eprintln!("skipping adapter {name} in {}: {e}", dir.display()),
+            }
+        }
     }
 
     let (tx, rx) = std::sync::mpsc::sync_channel(args.max_queue);

@@ -1013,3 +1013,90 @@ fn the_bench_command_drives_a_server_and_prints_figures() {
         assert!(stdout.contains(what), "{what} missing: {stdout}");
     }
 }
+
+#[test]
+fn a_symlink_out_of_the_adapters_dir_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let root = dir.path().join("adapters");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::os::unix::fs::symlink(fixture("peft_adapter"), root.join("escape")).expect("symlink");
+    let s = start(&[
+        "--adapters-dir",
+        root.to_str().expect("utf-8"),
+        "--watch-interval-ms",
+        "0",
+        "--admin-key",
+        "root",
+    ]);
+    let list: Value = serde_json::from_str(
+        &ureq::get(&format!("{}/v1/adapters", s.url))
+            .set("Authorization", "Bearer root")
+            .call()
+            .expect("adapters")
+            .into_string()
+            .expect("body"),
+    )
+    .expect("json");
+    assert_eq!(
+        list["data"],
+        json!([]),
+        "the escaping link is not loaded at start either"
+    );
+    let (status, v, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "escape", "lora_path": root.join("escape")}),
+        Some("root"),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outside"),
+        "{v}"
+    );
+    let (status, _, _) = post(
+        &s,
+        "/v1/load_lora_adapter",
+        &json!({"lora_name": "dots", "lora_path": root.join("../adapters/../..")}),
+        Some("root"),
+    );
+    assert!(status == 400 || status == 404);
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish_then_exits() {
+    let mut s = start(&[]);
+    let url = s.url.clone();
+    let pid = s.child.id();
+    let client = std::thread::spawn(move || {
+        let mut body = chat_body("smollm2", "Write a poem about autumn.");
+        body["max_tokens"] = json!(24);
+        body["stream"] = json!(true);
+        let resp = ureq::post(&format!("{url}/v1/chat/completions"))
+            .send_string(&body.to_string())
+            .expect("stream");
+        resp.into_string().expect("whole stream")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let text = client.join().expect("client");
+    assert!(
+        text.trim_end().ends_with("data: [DONE]"),
+        "the in-flight stream was cut: {text}"
+    );
+    let exit = s.child.wait().expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        ureq::get(&format!("{}/health", s.url))
+            .timeout(Duration::from_secs(2))
+            .call()
+            .is_err(),
+        "no longer serving"
+    );
+}
