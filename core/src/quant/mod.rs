@@ -120,10 +120,80 @@ impl PackedWeight {
         }
     }
 
+    /// `x·Wᵀ` for `n` rows of `x` (`[n, cols]`, row-major) → `[n, rows]`, without ever
+    /// holding the f32 weight: each thread dequantizes a few weight rows at a time into a small
+    /// buffer and takes their dot products with every row of `x`. Each output is one dot
+    /// product in a fixed order, so a row's result does not depend on `n` (batch-invariant).
+    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        const TILE: usize = 16;
+        let (rows, cols) = (self.rows, self.cols);
+        debug_assert_eq!(x.len(), n * cols);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .min(rows.div_ceil(TILE))
+            .max(1);
+        let per = rows.div_ceil(threads).div_ceil(TILE) * TILE;
+        let parts: Vec<(usize, Vec<f32>)> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..rows)
+                .step_by(per.max(1))
+                .map(|start| {
+                    sc.spawn(move || {
+                        let end = (start + per).min(rows);
+                        let mut part = vec![0f32; n * (end - start)];
+                        let mut buf = vec![0f32; TILE * cols];
+                        let mut o = start;
+                        while o < end {
+                            let t = TILE.min(end - o);
+                            self.dequantize_rows(o, t, &mut buf[..t * cols]);
+                            for j in 0..t {
+                                let w = &buf[j * cols..(j + 1) * cols];
+                                for r in 0..n {
+                                    part[r * (end - start) + (o - start) + j] =
+                                        dot(&x[r * cols..(r + 1) * cols], w);
+                                }
+                            }
+                            o += t;
+                        }
+                        (start, part)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("matmul worker does not panic"))
+                .collect()
+        });
+        let mut out = vec![0f32; n * rows];
+        for (start, part) in parts {
+            let width = part.len() / n.max(1);
+            for r in 0..n {
+                out[r * rows + start..r * rows + start + width]
+                    .copy_from_slice(&part[r * width..(r + 1) * width]);
+            }
+        }
+        out
+    }
+
     /// Dequantizes the whole weight, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
         self.dequantize_rows(0, self.rows, &mut out);
         out
     }
+}
+
+/// Dot product with 8 independent accumulators (vectorizes; a fixed summation order).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for k in 0..8 {
+            acc[k] += a[i * 8 + k] * b[i * 8 + k];
+        }
+    }
+    let mut sum = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
 }
