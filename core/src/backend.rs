@@ -45,7 +45,7 @@ pub fn dequantized<B: Backend>(w: &PackedWeight, device: &B::Device) -> Tensor<B
 
 /// Rows up to which the CPU backend multiplies packed weights directly (decode steps and small
 /// batches); larger products (prefill, training) dequantize and use the dense GEMM.
-pub const FUSED_MAX_ROWS: usize = 16;
+pub const FUSED_MAX_ROWS: usize = 4;
 
 impl GraftBackend for burn::backend::Flex {
     fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
