@@ -17,6 +17,7 @@ use burn::tensor::TensorData;
 use crate::backend::GraftBackend;
 use crate::gguf::{GgufFile, GgufValue};
 use crate::gguf_write::{self, F32Tensor, MetaValue};
+use crate::load::gguf::permute_rows;
 use crate::lora::{Adapter, TargetModule};
 use crate::model::Llama;
 use crate::peft::AdapterError;
@@ -25,23 +26,6 @@ use crate::proj::LoraWeights;
 /// Whether llama.cpp permutes this architecture's q/k rows (as graft's GGUF loader undoes).
 fn permutes_qk(architecture: &str) -> bool {
     architecture == "llama"
-}
-
-/// llama.cpp's row permutation of a `[rows, cols]` matrix with `heads` heads (HF → GGUF).
-fn permute_rows(w: &[f32], rows: usize, cols: usize, heads: usize, inverse: bool) -> Vec<f32> {
-    let d = rows / heads;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..heads {
-        for t in 0..2 {
-            for j in 0..d / 2 {
-                let hf = h * d + t * d / 2 + j;
-                let gg = h * d + 2 * j + t;
-                let (src, dst) = if inverse { (gg, hf) } else { (hf, gg) };
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 fn heads_for(model_cfg: &crate::config::LlamaConfig, t: TargetModule) -> Option<usize> {
@@ -94,7 +78,7 @@ pub fn save<B: GraftBackend>(
                 .to_vec::<f32>()
                 .expect("converted to f32");
         if let (true, Some(heads)) = (permutes_qk(&cfg.architecture), heads_for(cfg, t)) {
-            b = permute_rows(&b, out_f, r, heads, false);
+            b = permute_rows(&b, out_f, heads, false);
         }
         let base = format!("blk.{layer}.{}.weight", t.gguf_name());
         tensors.push(F32Tensor {
@@ -217,7 +201,7 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Llama<B>) -> Result<Adapter<B>
             }
             let r = sa[0];
             if let (true, Some(heads)) = (permutes_qk(&arch), heads_for(cfg, t)) {
-                b = permute_rows(&b, sb[0], r, heads, true);
+                b = permute_rows(&b, sb[0], heads, true);
             }
             adapter.layers[layer][t.index()] = Some(LoraWeights {
                 a: Tensor::from_data(TensorData::new(a, [r, proj.in_features]), device),
@@ -233,18 +217,4 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Llama<B>) -> Result<Adapter<B>
         ));
     }
     Ok(adapter)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn permutation_round_trips_and_matches_llama_cpp() {
-        // 2 heads of 4 rows, 1 column: HF rows [h0: 0 1 | 2 3, h1: 4 5 | 6 7] interleave halves.
-        let w: Vec<f32> = (0..8).map(|i| i as f32).collect();
-        let p = permute_rows(&w, 8, 1, 2, false);
-        assert_eq!(p, vec![0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
-        assert_eq!(permute_rows(&p, 8, 1, 2, true), w);
-    }
 }

@@ -276,7 +276,12 @@ pub fn load<B: GraftBackend>(
                 target.hf_name()
             )));
         }
-        let values = to_f32(view.dtype(), view.data()).map_err(bad)?;
+        let values = crate::load::hf::to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            bad(format!(
+                "dtype {:?} (expected F32, F16 or BF16)",
+                view.dtype()
+            ))
+        })?;
         let t = Tensor::from_data(TensorData::new(values, [rows, cols]), device);
         let slot = pending.entry((layer, target)).or_default();
         if is_a {
@@ -388,24 +393,6 @@ fn parse_key(name: &str) -> Option<(usize, TargetModule, bool)> {
         "lora_B.weight" => Some((layer, target, false)),
         _ => None,
     }
-}
-
-fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, String> {
-    Ok(match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => return Err(format!("dtype {other:?} (expected F32, F16 or BF16)")),
-    })
 }
 
 #[cfg(test)]

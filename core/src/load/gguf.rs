@@ -185,7 +185,7 @@ impl<B: GraftBackend> Loader<'_, B> {
         let info = self.info(&format!("{name}.weight"), &[rows, cols])?;
         let bytes = self.file.tensor_bytes(info);
         let bytes: Arc<[u8]> = match heads {
-            Some(h) if self.permute_qk => unpermute_rows(bytes, rows, h).into(),
+            Some(h) if self.permute_qk => permute_rows(bytes, rows, h, true).into(),
             _ => bytes.into(),
         };
         let packed = PackedWeight::ggml(info.ty, rows, cols, bytes).map_err(|message| {
@@ -287,20 +287,26 @@ impl<B: GraftBackend> Loader<'_, B> {
     }
 }
 
-/// Reorders the rows of a q/k weight from llama.cpp's rope layout back to HF's: within each
-/// head of `d` rows, GGUF row `2j + t` holds HF row `t·d/2 + j` (`LlamaModel.permute`).
-/// Works on packed rows, so it is exact for every block type.
-pub(crate) fn unpermute_rows(bytes: &[u8], rows: usize, heads: usize) -> Vec<u8> {
-    let row_bytes = bytes.len() / rows;
+/// llama.cpp's q/k row order for its rope (`LlamaModel.permute`): within each head of `d` rows,
+/// GGUF row `2j + t` holds HF row `t·d/2 + j`. Reorders the `rows` equal-length rows of `w`
+/// from HF's order to llama.cpp's, or back with `to_hf`. Works on whole rows (packed blocks or
+/// values), so it is exact for every block type.
+pub(crate) fn permute_rows<T: Copy + Default>(
+    w: &[T],
+    rows: usize,
+    heads: usize,
+    to_hf: bool,
+) -> Vec<T> {
+    let row = w.len() / rows;
     let d = rows / heads;
-    let mut out = vec![0u8; bytes.len()];
+    let mut out = vec![T::default(); w.len()];
     for head in 0..heads {
         for t in 0..2 {
             for j in 0..d / 2 {
                 let hf = head * d + t * d / 2 + j;
                 let gg = head * d + 2 * j + t;
-                out[hf * row_bytes..(hf + 1) * row_bytes]
-                    .copy_from_slice(&bytes[gg * row_bytes..(gg + 1) * row_bytes]);
+                let (src, dst) = if to_hf { (gg, hf) } else { (hf, gg) };
+                out[dst * row..(dst + 1) * row].copy_from_slice(&w[src * row..(src + 1) * row]);
             }
         }
     }
@@ -324,6 +330,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(unpermute_rows(&gg, 8, heads), hf);
+        assert_eq!(permute_rows(&gg, 8, heads, true), hf);
+        assert_eq!(permute_rows(&hf, 8, heads, false), gg);
     }
 }

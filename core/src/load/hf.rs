@@ -164,27 +164,10 @@ impl Weights {
                 found: view.shape().to_vec(),
             });
         }
-        let b = view.data();
-        Ok(match view.dtype() {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(LoadError::Dtype {
-                    path: path.clone(),
-                    tensor: name.into(),
-                    dtype: format!("{other:?}"),
-                })
-            }
+        to_f32(view.dtype(), view.data()).ok_or_else(|| LoadError::Dtype {
+            path: path.clone(),
+            tensor: name.into(),
+            dtype: format!("{:?}", view.dtype()),
         })
     }
 }
@@ -285,4 +268,24 @@ impl<B: GraftBackend> Loader<'_, B> {
             self.device.clone(),
         ))
     }
+}
+
+/// Little-endian safetensors data of an F32, F16 or BF16 tensor as f32 values; `None` for other
+/// dtypes.
+pub(crate) fn to_f32(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }

@@ -2,8 +2,8 @@
 //! file, or a Hub id resolved through the HF cache. Only these modules know checkpoint key
 //! names; the model sees [`crate::model::Llama`] parts.
 
-mod gguf;
-mod hf;
+pub(crate) mod gguf;
+pub(crate) mod hf;
 pub mod hub;
 
 use crate::backend::GraftBackend;
