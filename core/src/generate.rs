@@ -89,16 +89,22 @@ pub fn generate<B: GraftBackend>(
             context,
         });
     }
-    let mut sampler = Sampler::new(params.clone());
+    let mut decoder = Decoder::new(prompt, params, tokenizer);
+    if params.max_new_tokens == 0 {
+        return Ok(Generation {
+            tokens: Vec::new(),
+            text: String::new(),
+            finish_reason: FinishReason::Length,
+            prompt_tokens: prompt.len(),
+            prefill_secs: 0.0,
+            decode_secs: 0.0,
+        });
+    }
     let mut cache = SeqCache::new();
-    let mut all: Vec<u32> = prompt.to_vec();
-    let mut out = Vec::new();
-    let mut stream = TextStream::new(&params.stop_strings);
     let start = Instant::now();
     let mut prefill_secs = 0.0;
     let mut next_input = prompt.to_vec();
-    let mut finish = FinishReason::Length;
-    while out.len() < params.max_new_tokens {
+    let finish = loop {
         let logits = model.forward(
             &mut [SeqInput {
                 tokens: &next_input,
@@ -108,42 +114,122 @@ pub fn generate<B: GraftBackend>(
             Logits::Last,
         );
         let mut row: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
-        if out.is_empty() {
+        if decoder.generated.is_empty() {
             prefill_secs = start.elapsed().as_secs_f64();
         }
-        let id = sampler.sample(&mut row, &all);
-        all.push(id);
-        if tokenizer.eos_ids.contains(&id) || params.stop_token_ids.contains(&id) {
-            finish = FinishReason::Stop;
-            break;
+        let step = decoder.step(&mut row, tokenizer)?;
+        if step.is_token {
+            on_token(TokenEvent {
+                id: step.id,
+                text: &step.text,
+            });
         }
-        out.push(id);
-        let text = tokenizer
-            .decode(&out, true)
-            .map_err(GenerateError::Decode)?;
-        let (piece, stopped) = stream.push(&text);
-        on_token(TokenEvent { id, text: &piece });
-        if stopped {
-            finish = FinishReason::Stop;
-            break;
+        if let Some(reason) = step.finish {
+            break reason;
         }
-        next_input = vec![id];
-    }
-    let tail = stream.finish();
+        next_input = vec![step.id];
+    };
+    let tail = decoder.tail();
     if !tail.is_empty() {
         on_token(TokenEvent {
-            id: *out.last().unwrap_or(&0),
+            id: *decoder.generated.last().unwrap_or(&0),
             text: &tail,
         });
     }
     Ok(Generation {
-        text: stream.emitted,
-        tokens: out,
+        text: decoder.stream.emitted,
+        tokens: decoder.generated,
         finish_reason: finish,
         prompt_tokens: prompt.len(),
         prefill_secs,
         decode_secs: start.elapsed().as_secs_f64() - prefill_secs,
     })
+}
+
+/// One decoding step's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The sampled token.
+    pub id: u32,
+    /// Whether it is part of the output (false for an end-of-sequence or stop token).
+    pub is_token: bool,
+    /// Text this token makes final (may be empty).
+    pub text: String,
+    /// Set when generation ends with this step.
+    pub finish: Option<FinishReason>,
+}
+
+/// The per-request state of decoding, shared by [`generate`] and the serving engine: sampling
+/// with its history, end-of-sequence and stop ids, stop strings and the token budget, one step
+/// per logits row of the request's last position.
+pub struct Decoder {
+    sampler: Sampler,
+    /// Prompt and sampled tokens (for repetition penalties).
+    context: Vec<u32>,
+    /// Output tokens so far (without a final stop token).
+    pub generated: Vec<u32>,
+    stream: TextStream,
+    stop_ids: Vec<u32>,
+    max_new: usize,
+}
+
+impl Decoder {
+    pub fn new(prompt: &[u32], params: &SamplingParams, tokenizer: &TokenizerBundle) -> Self {
+        let mut stop_ids = tokenizer.eos_ids.clone();
+        stop_ids.extend(&params.stop_token_ids);
+        Decoder {
+            sampler: Sampler::new(params.clone()),
+            context: prompt.to_vec(),
+            generated: Vec::new(),
+            stream: TextStream::new(&params.stop_strings),
+            stop_ids,
+            max_new: params.max_new_tokens,
+        }
+    }
+
+    /// Samples the next token from `row` (the sampler may modify it) and advances.
+    ///
+    /// # Errors
+    /// [`GenerateError::Decode`] when the tokenizer cannot decode the output.
+    pub fn step(
+        &mut self,
+        row: &mut [f32],
+        tokenizer: &TokenizerBundle,
+    ) -> Result<Step, GenerateError> {
+        let id = self.sampler.sample(row, &self.context);
+        self.context.push(id);
+        if self.stop_ids.contains(&id) {
+            return Ok(Step {
+                id,
+                is_token: false,
+                text: String::new(),
+                finish: Some(FinishReason::Stop),
+            });
+        }
+        self.generated.push(id);
+        let full = tokenizer
+            .decode(&self.generated, true)
+            .map_err(GenerateError::Decode)?;
+        let (text, stopped) = self.stream.push(&full);
+        let finish = if stopped {
+            Some(FinishReason::Stop)
+        } else if self.generated.len() >= self.max_new {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        Ok(Step {
+            id,
+            is_token: true,
+            text,
+            finish,
+        })
+    }
+
+    /// Text held back when generation ended other than by a stop string.
+    pub fn tail(&mut self) -> String {
+        self.stream.finish()
+    }
 }
 
 /// Turns the growing decoded text into final pieces: holds back an incomplete UTF-8 character

@@ -2,7 +2,6 @@
 //! adapters). Layout as in llama.cpp's `gguf.h`: header, metadata, tensor infos (dims in ggml
 //! order, innermost first), then the data, every tensor at a 32-byte aligned offset.
 
-use std::io::Write;
 use std::path::Path;
 
 const ALIGNMENT: usize = 32;
@@ -81,17 +80,7 @@ pub fn write(
     meta: &[(String, MetaValue)],
     tensors: &[F32Tensor],
 ) -> std::io::Result<()> {
-    let bytes = to_bytes(meta, tensors);
-    let name = path
-        .file_name()
-        .map_or("out.gguf".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    crate::atomic::write_atomic(path, &to_bytes(meta, tensors))
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! checkpoint loaders (GGUF, HF safetensors, Hub), tokenizer and chat templates, sampling and
 //! generation. `graft-train` and `graft-serve` are built on this crate's public API.
 
+pub mod atomic;
 pub mod backend;
 pub mod cache;
 pub mod chat;
@@ -16,6 +17,7 @@ pub mod load;
 pub mod lora;
 pub mod model;
 pub mod peft;
+pub mod process;
 pub mod proj;
 pub mod quant;
 pub mod rope;

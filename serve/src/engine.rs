@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft_core::backend::GraftBackend;
-use graft_core::generate::{FinishReason, TextStream};
+use graft_core::generate::{Decoder, FinishReason, Step};
 use graft_core::model::{Llama, Logits, SeqCache, SeqInput};
-use graft_core::sampling::{Sampler, SamplingParams};
+use graft_core::sampling::SamplingParams;
 use graft_core::tokenizer::TokenizerBundle;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -65,10 +65,7 @@ pub struct Request<B: GraftBackend> {
 struct Active<B: GraftBackend> {
     req: Request<B>,
     cache: SeqCache<B>,
-    sampler: Sampler,
-    context: Vec<u32>,
-    generated: Vec<u32>,
-    stream: TextStream,
+    decoder: Decoder,
     /// Tokens to feed next: the prompt at first, then the last sampled token.
     next: Vec<u32>,
     last_token_at: Option<Instant>,
@@ -115,14 +112,10 @@ pub fn run<B: GraftBackend>(
                 held = Some(req);
                 break;
             }
-            let sampler = Sampler::new(req.params.clone());
-            let stream = TextStream::new(&req.params.stop_strings);
+            let decoder = Decoder::new(&req.prompt, &req.params, &tokenizer);
             active.push(Active {
                 cache: SeqCache::new(),
-                sampler,
-                context: req.prompt.clone(),
-                generated: Vec::new(),
-                stream,
+                decoder,
                 next: req.prompt.clone(),
                 last_token_at: None,
                 req,
@@ -160,8 +153,17 @@ pub fn run<B: GraftBackend>(
             let mut row = rows[i * vocab..(i + 1) * vocab].to_vec();
             let logprob_base = crate::scoring::log_sum_exp(&row);
             let top = crate::scoring::top_k(&row, a.req.top_logprobs, logprob_base);
-            let id = a.sampler.sample(&mut row, &a.context);
-            let logprob = rows[i * vocab + id as usize] - logprob_base;
+            let step = match a.decoder.step(&mut row, &tokenizer) {
+                Ok(step) => step,
+                // Undecodable output ends the request rather than the server.
+                Err(_) => Step {
+                    id: 0,
+                    is_token: false,
+                    text: String::new(),
+                    finish: Some(FinishReason::Stop),
+                },
+            };
+            let logprob = rows[i * vocab + step.id as usize] - logprob_base;
             match a.last_token_at {
                 None => metrics
                     .ttft
@@ -169,37 +171,22 @@ pub fn run<B: GraftBackend>(
                 Some(t) => metrics.itl.observe(now.duration_since(t).as_secs_f64()),
             }
             a.last_token_at = Some(now);
-            a.context.push(id);
-            let stop_id =
-                tokenizer.eos_ids.contains(&id) || a.req.params.stop_token_ids.contains(&id);
-            let mut finish = None;
-            if stop_id {
-                finish = Some(FinishReason::Stop);
-            } else {
-                a.generated.push(id);
-                let full = tokenizer.decode(&a.generated, true).unwrap_or_default();
-                let (piece, stopped) = a.stream.push(&full);
+            if step.is_token {
                 let _ = a.req.events.send(Event::Token {
-                    id,
-                    text: piece,
+                    id: step.id,
+                    text: step.text,
                     logprob,
                     top,
                     final_piece: false,
                 });
-                if stopped {
-                    finish = Some(FinishReason::Stop);
-                } else if a.generated.len() >= a.req.params.max_new_tokens || now >= a.req.deadline
-                {
-                    finish = Some(FinishReason::Length);
-                }
             }
+            let finish = step
+                .finish
+                .or((now >= a.req.deadline).then_some(FinishReason::Length));
+            let id = step.id;
             match finish {
                 Some(reason) => {
-                    let tail = if reason == FinishReason::Length {
-                        a.stream.finish()
-                    } else {
-                        String::new()
-                    };
+                    let tail = a.decoder.tail();
                     if !tail.is_empty() {
                         let _ = a.req.events.send(Event::Token {
                             id,
@@ -216,12 +203,12 @@ pub fn run<B: GraftBackend>(
                         .fetch_add(a.req.prompt.len() as u64, Ordering::SeqCst);
                     metrics
                         .generated_tokens
-                        .fetch_add(a.generated.len() as u64, Ordering::SeqCst);
+                        .fetch_add(a.decoder.generated.len() as u64, Ordering::SeqCst);
                     log_done(a, reason, now);
                     let _ = a.req.events.send(Event::Done {
                         finish_reason: reason,
                         prompt_tokens: a.req.prompt.len(),
-                        completion_tokens: a.generated.len(),
+                        completion_tokens: a.decoder.generated.len(),
                     });
                     finished.push(i);
                 }
@@ -241,7 +228,7 @@ fn log_done<B: GraftBackend>(a: &Active<B>, reason: FinishReason, now: Instant) 
         .map_or(0.0, |d| d.as_secs_f64());
     let line = serde_json::json!({
         "ts": ts, "level": "info", "event": "request_done", "request_id": a.req.id, "model": a.req.model,
-        "prompt_tokens": a.req.prompt.len(), "completion_tokens": a.generated.len(),
+        "prompt_tokens": a.req.prompt.len(), "completion_tokens": a.decoder.generated.len(),
         "finish_reason": reason.as_str(), "total_ms": now.duration_since(a.req.submitted).as_secs_f64() * 1e3,
     });
     eprintln!("{line}");

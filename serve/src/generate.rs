@@ -157,14 +157,8 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         out.decode_secs,
         decoded.saturating_sub(1) as f64 / out.decode_secs.max(1e-9),
         out.finish_reason.as_str(),
-        peak_rss().map_or("n/a".into(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0)),
+        graft_core::process::peak_rss_bytes()
+            .map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
     );
     Ok(())
-}
-
-/// Peak resident set size in KiB (Linux `VmHWM`).
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }

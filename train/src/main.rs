@@ -384,7 +384,7 @@ fn train<B: AutodiffBackend + GraftBackend>(
         data.stats.trained_tokens,
         cfg.lora.r,
         trainer.param_names().len() / 2,
-        trainer.initial_params().iter().map(Vec::len).sum::<usize>(),
+        trainer.n_params(),
         loaded.model.name,
         loaded.model.model.base_bytes() as f64 / 1048576.0,
     );
@@ -400,7 +400,7 @@ fn train<B: AutodiffBackend + GraftBackend>(
         "best_eval_loss": outcome.state.best_eval_loss,
         "tokens_trained": outcome.state.tokens_trained,
         "wall_secs": outcome.state.elapsed_secs,
-        "peak_rss_mib": run::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        "peak_rss_mib": graft_core::process::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
         "base_weights_mib": loaded.model.model.base_bytes() as f64 / 1048576.0,
         "interrupted": outcome.interrupted,
         "adapter": (!outcome.interrupted).then(|| run_dir.join("adapter")),

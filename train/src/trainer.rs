@@ -78,14 +78,26 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         base_name: String,
         stop: &'a AtomicBool,
     ) -> Self {
-        let init = Adapter::<B>::init_peft(model, &cfg.lora, cfg.lora_seed);
-        let modules = init
-            .modules()
-            .map(|(layer, target, w)| Module {
-                layer,
-                target,
-                a: w.a.dims(),
-                b: w.b.dims(),
+        // The adapted projections in the order Adapter::modules yields them (layer, then
+        // target); A is [r, in] and B is [out, r].
+        let mut targets = cfg.lora.target_modules.clone();
+        targets.sort();
+        targets.dedup();
+        let r = cfg.lora.r;
+        let modules = model
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(layer, l)| {
+                targets.iter().map(move |&target| {
+                    let p = l.proj(target);
+                    Module {
+                        layer,
+                        target,
+                        a: [r, p.in_features],
+                        b: [p.out_features, r],
+                    }
+                })
             })
             .collect();
         Trainer {
@@ -109,6 +121,14 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                     .map(|w| format!("layers.{}.{}.{w}", m.layer, m.target.hf_name()))
             })
             .collect()
+    }
+
+    /// Number of trained values (all A and B matrices).
+    pub fn n_params(&self) -> usize {
+        self.modules
+            .iter()
+            .map(|m| m.a[0] * m.a[1] + m.b[0] * m.b[1])
+            .sum()
     }
 
     /// The initial adapter values (PEFT init), flat, in optimizer order.
@@ -401,7 +421,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                     "step": state.step, "epoch": state.epoch as f64 + state.batch_in_epoch as f64 / batches.len().max(1) as f64,
                     "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": all_tokens as f64 / secs,
                     "trained_tokens": state.tokens_trained, "step_secs": secs,
-                    "rss_mib": run::rss_bytes().map(|b| b as f64 / 1048576.0),
+                    "rss_mib": graft_core::process::rss_bytes().map(|b| b as f64 / 1048576.0),
                 });
                 append_jsonl(&metrics, &rec)?;
                 if bar.is_hidden() {
