@@ -1,18 +1,9 @@
 //! `graft-serve generate` end to end on the real SmolLM2 GGUF (made by `scripts/fetch-model.sh`;
 //! the test fails, rather than skips, when it is missing).
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn gguf_path() -> PathBuf {
-    let p = graft_core::cache::default_model_path();
-    assert!(
-        p.is_file(),
-        "{} is missing: run scripts/fetch-model.sh",
-        p.display()
-    );
-    p
-}
+use crate::gguf as gguf_path;
 
 fn graft_serve() -> Command {
     Command::new(env!("CARGO_BIN_EXE_graft-serve"))

@@ -2,3 +2,14 @@
 
 mod generate_cli;
 mod server;
+
+/// The SmolLM2 GGUF from `scripts/fetch-model.sh`; the tests fail, rather than skip, without it.
+pub fn gguf() -> std::path::PathBuf {
+    let p = graft_core::cache::default_model_path();
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}

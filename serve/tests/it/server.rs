@@ -66,6 +66,27 @@ fn start(extra: &[&str]) -> Server {
     Server { child, url }
 }
 
+fn get_text(s: &Server, path: &str) -> String {
+    ureq::get(&format!("{}{path}", s.url))
+        .call()
+        .expect("GET")
+        .into_string()
+        .expect("body")
+}
+
+fn get_json(s: &Server, path: &str) -> Value {
+    serde_json::from_str(&get_text(s, path)).expect("json")
+}
+
+/// The value of an unlabelled Prometheus sample `name` in `text`.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+        .parse()
+        .expect("number")
+}
+
 fn post(s: &Server, path: &str, body: &Value, key: Option<&str>) -> (u16, Value, Option<String>) {
     let mut req = ureq::post(&format!("{}{path}", s.url)).timeout(Duration::from_secs(300));
     if let Some(k) = key {
@@ -110,14 +131,7 @@ fn openai_endpoints_answer_and_stream() {
         .call()
         .expect("health");
     assert_eq!(health.status(), 200);
-    let models: Value = serde_json::from_str(
-        &ureq::get(&format!("{}/v1/models", s.url))
-            .call()
-            .expect("models")
-            .into_string()
-            .expect("body"),
-    )
-    .expect("json");
+    let models: Value = get_json(&s, "/v1/models");
     let ids: Vec<&str> = models["data"]
         .as_array()
         .expect("list")
@@ -214,20 +228,8 @@ fn openai_endpoints_answer_and_stream() {
         .all(|t| t["logprob"].as_f64().expect("logprob") <= 0.0));
 
     // Prometheus metrics count what was served.
-    let m = ureq::get(&format!("{}/metrics", s.url))
-        .call()
-        .expect("metrics")
-        .into_string()
-        .expect("body");
-    let value = |name: &str| -> f64 {
-        m.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|r| r.strip_prefix(' '))
-                    .map(|v| v.parse().expect("number"))
-            })
-            .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
-    };
+    let m = get_text(&s, "/metrics");
+    let value = |name: &str| metric(&m, name);
     assert_eq!(value("graft_requests_total"), 4.0);
     assert!(value("graft_generated_tokens_total") >= 4.0);
     assert_eq!(value("graft_time_to_first_token_seconds_count"), 4.0);
@@ -632,14 +634,7 @@ fn more_adapters_than_the_memory_budget_are_evicted_and_reloaded_on_demand() {
             assert!(tag.expect("tagged").starts_with(&format!("a{i}@v")));
         }
     }
-    let list: Value = serde_json::from_str(
-        &ureq::get(&format!("{}/v1/adapters", s.url))
-            .call()
-            .expect("adapters")
-            .into_string()
-            .expect("body"),
-    )
-    .expect("json");
+    let list: Value = get_json(&s, "/v1/adapters");
     let list = list["data"].as_array().expect("list");
     assert_eq!(list.len(), 5, "evicted adapters stay known");
     let in_memory = list.iter().filter(|a| a["location"] == "memory").count();
@@ -649,18 +644,8 @@ fn more_adapters_than_the_memory_budget_are_evicted_and_reloaded_on_demand() {
             .any(|a| a["name"] == "a0" && a["location"] == "memory"),
         "pinned stays: {list:?}"
     );
-    let m = ureq::get(&format!("{}/metrics", s.url))
-        .call()
-        .expect("metrics")
-        .into_string()
-        .expect("body");
-    let value = |name: &str| -> f64 {
-        m.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-            .expect("metric")
-            .parse()
-            .expect("number")
-    };
+    let m = get_text(&s, "/metrics");
+    let value = |name: &str| metric(&m, name);
     assert!(value("graft_adapter_evictions_total") >= 4.0, "{m}");
     assert!(value("graft_adapter_reloads_total") >= 4.0, "{m}");
     assert!(value("graft_adapter_memory_bytes") <= 1.5 * 1024.0 * 1024.0);
@@ -783,14 +768,7 @@ fn the_kv_cache_budget_makes_requests_wait_and_refuses_what_can_never_fit() {
 fn wait_adapter(s: &Server, name: &str, pred: impl Fn(Option<&Value>) -> bool) -> Option<Value> {
     let t0 = std::time::Instant::now();
     loop {
-        let list: Value = serde_json::from_str(
-            &ureq::get(&format!("{}/v1/adapters", s.url))
-                .call()
-                .expect("adapters")
-                .into_string()
-                .expect("body"),
-        )
-        .expect("json");
+        let list: Value = get_json(&s, "/v1/adapters");
         let entry = list["data"]
             .as_array()
             .expect("list")
@@ -867,14 +845,7 @@ fn every_serve_config_in_configs_starts_a_server() {
         }
         // The model and port come from the command line, which wins over the file.
         let s = start(&["--config", path.to_str().expect("utf-8")]);
-        let models: Value = serde_json::from_str(
-            &ureq::get(&format!("{}/v1/models", s.url))
-                .call()
-                .expect("models")
-                .into_string()
-                .expect("body"),
-        )
-        .expect("json");
+        let models: Value = get_json(&s, "/v1/models");
         assert_eq!(models["data"][0]["id"], "smollm2", "{}", path.display());
         n += 1;
     }
