@@ -7,7 +7,7 @@ use graft_core::peft::{self, AdapterError};
 use serde::Deserialize;
 
 use crate::reference::{f32s, fixture, read_fixture};
-use crate::smollm2::gguf_model;
+use crate::smollm2::{gguf_model, reference_diffs};
 use crate::{max_abs_diff, values};
 
 const TOLERANCE: f32 = 1e-3;
@@ -58,12 +58,7 @@ fn peft_made_adapter_reproduces_peftmodel_logits() {
         let logits = run(true);
         let n = p.input_ids.len();
         let last_ref = f32s(&t[&format!("p{i}.last_logits")]);
-        let d_last = max_abs_diff(&logits[(n - 1) * vocab..], &last_ref);
-        let probe: Vec<f32> = (0..n)
-            .flat_map(|pos| p.vocab_probe_ids.iter().map(move |&v| (pos, v)))
-            .map(|(pos, v)| logits[pos * vocab + v])
-            .collect();
-        let d_probe = max_abs_diff(&probe, &f32s(&t[&format!("p{i}.probe_logits")]));
+        let (d_last, d_probe) = reference_diffs(&logits, vocab, &p.vocab_probe_ids, &t, i);
         let d_base = max_abs_diff(&run(false)[(n - 1) * vocab..], &last_ref);
         eprintln!("PEFT adapter, prompt {i}: max |Δ| last {d_last:.2e}, probes {d_probe:.2e}; without the adapter {d_base:.2e}");
         assert!(

@@ -79,14 +79,7 @@ fn check_logits(model: &Llama<B>, label: &str) {
             Logits::All,
         ));
         let n = p.input_ids.len();
-        let last = &logits[(n - 1) * vocab..];
-        let d_last = max_abs_diff(last, &f32s(&t[&format!("p{i}.last_logits")]));
-        let probe_ref = f32s(&t[&format!("p{i}.probe_logits")]);
-        let probe: Vec<f32> = (0..n)
-            .flat_map(|pos| p.vocab_probe_ids.iter().map(move |&v| (pos, v)))
-            .map(|(pos, v)| logits[pos * vocab + v])
-            .collect();
-        let d_probe = max_abs_diff(&probe, &probe_ref);
+        let (d_last, d_probe) = reference_diffs(&logits, vocab, &p.vocab_probe_ids, &t, i);
         eprintln!("{label} prompt {i}: max |Δ| last position {d_last:.2e}, probe ids at all {n} positions {d_probe:.2e}");
         assert!(
             d_last <= TOLERANCE && d_probe <= TOLERANCE,
@@ -94,6 +87,30 @@ fn check_logits(model: &Llama<B>, label: &str) {
             p.text
         );
     }
+}
+
+/// Max |Δ| between `logits` (`[positions, vocab]`) and a reference fixture's prompt `i`: over
+/// the last position's whole vocabulary (`p{i}.last_logits`) and over the probe ids at every
+/// position (`p{i}.probe_logits`).
+pub fn reference_diffs(
+    logits: &[f32],
+    vocab: usize,
+    probe_ids: &[usize],
+    t: &std::collections::BTreeMap<String, Vec<u8>>,
+    i: usize,
+) -> (f32, f32) {
+    let n = logits.len() / vocab;
+    let d_last = max_abs_diff(
+        &logits[(n - 1) * vocab..],
+        &f32s(&t[&format!("p{i}.last_logits")]),
+    );
+    let probe: Vec<f32> = (0..n)
+        .flat_map(|pos| probe_ids.iter().map(move |&v| logits[pos * vocab + v]))
+        .collect();
+    (
+        d_last,
+        max_abs_diff(&probe, &f32s(&t[&format!("p{i}.probe_logits")])),
+    )
 }
 
 #[test]
