@@ -15,6 +15,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{TensorData, TensorPrimitive};
 
+use crate::proj::RowAdapters;
 use crate::quant::PackedWeight;
 
 /// A burn backend graft's model runs on.
@@ -36,6 +37,47 @@ pub trait GraftBackend: Backend {
         let wd = dequantized(w, &g.device());
         g.matmul(wd)
     }
+
+    /// `y` plus each row run's adapter term `scale·(x·Aᵀ)·Bᵀ` (rows of a serving batch may
+    /// each have their own adapter; PEFT groups rows by adapter the same way). The default
+    /// runs one pair of matrix products per run of rows; the CPU backend overrides it with one
+    /// gathered pass over the rows.
+    ///
+    /// # Shapes
+    /// `y: [n, out]`, `x: [n, in]` → `[n, out]`
+    fn lora_rows(
+        y: Tensor<Self, 2>,
+        x: Tensor<Self, 2>,
+        runs: &RowAdapters<'_, Self>,
+    ) -> Tensor<Self, 2> {
+        lora_rows_by_run(y, x, runs)
+    }
+}
+
+/// [`GraftBackend::lora_rows`] with one pair of matrix products per run of rows (any backend,
+/// and the one that records gradients).
+pub fn lora_rows_by_run<B: Backend>(
+    y: Tensor<B, 2>,
+    x: Tensor<B, 2>,
+    runs: &RowAdapters<'_, B>,
+) -> Tensor<B, 2> {
+    match runs {
+        [] | [(_, None)] => y,
+        [(_, Some(lora))] => y + lora.delta(x),
+        runs => {
+            let parts = runs
+                .iter()
+                .map(|(range, lora)| {
+                    let ys = y.clone().slice(range.clone());
+                    match lora {
+                        Some(l) => ys + l.delta(x.clone().slice(range.clone())),
+                        None => ys,
+                    }
+                })
+                .collect();
+            Tensor::cat(parts, 0)
+        }
+    }
 }
 
 /// The f32 weight `[out, in]` on `device`.
@@ -45,7 +87,7 @@ pub fn dequantized<B: Backend>(w: &PackedWeight, device: &B::Device) -> Tensor<B
 
 /// Rows up to which the CPU backend multiplies packed weights directly (decode steps and small
 /// batches); larger products (prefill, training) dequantize and use the dense GEMM.
-pub const FUSED_MAX_ROWS: usize = 4;
+pub const FUSED_MAX_ROWS: usize = 8;
 
 impl GraftBackend for burn::backend::Flex {
     fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
@@ -61,6 +103,83 @@ impl GraftBackend for burn::backend::Flex {
             .to_vec::<f32>()
             .expect("converted to f32");
         Tensor::from_data(TensorData::new(w.matmul_t(&xs, n), [n, w.rows]), &device)
+    }
+
+    /// One gathered pass (the CPU counterpart of punica's BGMV): each row takes its own
+    /// adapter's `A` and `B` straight from their storage, `t = scale·A·xᵢ` (r values), then
+    /// `yᵢ += B·t`, rows in parallel. No per-run slicing, concatenation or small-matrix calls,
+    /// which cost more than the arithmetic at decode sizes; each row's result depends only on
+    /// that row (batch-invariant).
+    fn lora_rows(
+        y: Tensor<Self, 2>,
+        x: Tensor<Self, 2>,
+        runs: &RowAdapters<'_, Self>,
+    ) -> Tensor<Self, 2> {
+        use rayon::prelude::*;
+        if runs.iter().all(|(_, l)| l.is_none()) {
+            return y;
+        }
+        let ([n, d_in], [_, d_out]) = (x.dims(), y.dims());
+        let host = |t: &Tensor<Self, 2>| t.clone().into_primitive().tensor();
+        let xt = host(&x);
+        let weights: Option<Vec<_>> = runs
+            .iter()
+            .filter_map(|(_, l)| *l)
+            .map(|l| {
+                let (a, b) = (host(&l.a), host(&l.b));
+                let ok = a.layout().contiguous_offsets().is_some()
+                    && b.layout().contiguous_offsets().is_some();
+                ok.then_some((a, b, l.scale, l.rank()))
+            })
+            .collect();
+        let (Some(weights), Some((x0, x1))) = (weights, xt.layout().contiguous_offsets()) else {
+            // Strided operands (never made by graft's loaders): the generic path.
+            return lora_rows_by_run(y, x, runs);
+        };
+        let xs = &xt.storage::<f32>()[x0..x1];
+        // Which adapter (index into `weights`) each row uses.
+        let mut row_adapter = vec![usize::MAX; n];
+        let mut k = 0;
+        for (range, l) in runs {
+            if l.is_some() {
+                row_adapter[range.clone()].fill(k);
+                k += 1;
+            }
+        }
+        let slices: Vec<(&[f32], &[f32], f32, usize)> = weights
+            .iter()
+            .map(|(a, b, scale, r)| {
+                let (a0, a1) = a.layout().contiguous_offsets().expect("checked contiguous");
+                let (b0, b1) = b.layout().contiguous_offsets().expect("checked contiguous");
+                (
+                    &a.storage::<f32>()[a0..a1],
+                    &b.storage::<f32>()[b0..b1],
+                    *scale,
+                    *r,
+                )
+            })
+            .collect();
+        let device = y.device();
+        let mut out = y.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
+        let row = |(i, yi): (usize, &mut [f32])| {
+            let Some(&(a, b, scale, r)) = slices.get(row_adapter[i]) else {
+                return;
+            };
+            let xi = &xs[i * d_in..(i + 1) * d_in];
+            let t: Vec<f32> = a
+                .chunks_exact(d_in)
+                .map(|ak| scale * crate::quant::dot(ak, xi))
+                .collect();
+            for (yo, bo) in yi.iter_mut().zip(b.chunks_exact(r)) {
+                *yo += crate::quant::dot(bo, &t);
+            }
+        };
+        if n > 1 {
+            out.par_chunks_mut(d_out).enumerate().for_each(row);
+        } else {
+            out.chunks_mut(d_out).enumerate().for_each(row);
+        }
+        Tensor::from_data(TensorData::new(out, [n, d_out]), &device)
     }
 }
 

@@ -175,7 +175,11 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(prompt: &[u32], params: &SamplingParams, tokenizer: &TokenizerBundle) -> Self {
-        let mut stop_ids = tokenizer.eos_ids.clone();
+        let mut stop_ids = if params.ignore_eos {
+            Vec::new()
+        } else {
+            tokenizer.eos_ids.clone()
+        };
         stop_ids.extend(&params.stop_token_ids);
         Decoder {
             sampler: Sampler::new(params.clone()),

@@ -162,6 +162,9 @@ impl<B: GraftBackend> Llama<B> {
     /// If a sequence has no new tokens (callers check), or positions would exceed the tensor
     /// sizes the backend supports.
     pub fn forward(&self, seqs: &mut [SeqInput<'_, B>], which: Logits) -> Tensor<B, 2> {
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward(seqs, which));
+        }
         let hidden = self.final_hidden(seqs);
         let hidden = match which {
             Logits::All => hidden,
@@ -184,6 +187,12 @@ impl<B: GraftBackend> Llama<B> {
 
     /// Hidden states after the final norm, `[total_new_tokens, hidden]`.
     pub fn final_hidden(&self, seqs: &mut [SeqInput<'_, B>]) -> Tensor<B, 2> {
+        // On the CPU the packed products split their rows over rayon's pool; running the whole
+        // pass on a pool thread lets that thread take part in each split instead of handing
+        // every product to the pool and sleeping until it is done (≈ 200 hand-offs a token).
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.final_hidden(seqs));
+        }
         assert!(
             seqs.iter().all(|s| !s.tokens.is_empty()),
             "every sequence needs a new token"
@@ -199,8 +208,15 @@ impl<B: GraftBackend> Llama<B> {
             spans.push((start..start + s.tokens.len(), past));
             start += s.tokens.len();
         }
-        let (cos, sin) = self.rope.tables::<B>(&positions, &self.device);
+        let (cos_q, sin_q) = self.rope.tables::<B>(&positions, c.num_heads, &self.device);
+        let (cos_k, sin_k) = self
+            .rope
+            .tables::<B>(&positions, c.num_kv_heads, &self.device);
         let adapters: Vec<Option<&Adapter<B>>> = seqs.iter().map(|s| s.adapter).collect();
+        let masks: Vec<Option<Tensor<B, 3>>> = spans
+            .iter()
+            .map(|(span, past)| self.causal_mask(span.len(), *past))
+            .collect();
         let mut x = self.embed_tokens.rows(&tokens, &self.device);
         for (li, layer) in self.layers.iter().enumerate() {
             let runs = |t: TargetModule| row_runs(&spans, &adapters, li, t);
@@ -217,15 +233,16 @@ impl<B: GraftBackend> Llama<B> {
                 .forward(h, &runs(TargetModule::V));
             let q = self
                 .rope
-                .apply(q.reshape([n, c.num_heads, c.head_dim]), &cos, &sin);
+                .apply(q.reshape([n, c.num_heads, c.head_dim]), &cos_q, &sin_q);
             let k = self
                 .rope
-                .apply(k.reshape([n, c.num_kv_heads, c.head_dim]), &cos, &sin);
+                .apply(k.reshape([n, c.num_kv_heads, c.head_dim]), &cos_k, &sin_k);
             let v = v.reshape([n, c.num_kv_heads, c.head_dim]);
             let mut outs = Vec::with_capacity(seqs.len());
-            for (si, (span, past)) in spans.iter().enumerate() {
+            for (si, (span, _)) in spans.iter().enumerate() {
                 let cache = seqs[si].cache.as_deref_mut();
-                outs.push(self.attend(li, span.clone(), *past, &q, &k, &v, cache));
+                let mask = masks[si].as_ref();
+                outs.push(self.attend(li, span.clone(), &q, &k, &v, cache, mask));
             }
             let attn = if outs.len() == 1 {
                 outs.pop().unwrap_or_else(|| unreachable!())
@@ -254,6 +271,27 @@ impl<B: GraftBackend> Llama<B> {
         self.norm.forward(x)
     }
 
+    /// The additive causal mask of `n` new rows after `past` cached ones, in the full shape of
+    /// the scores (`[kv_heads, groups·n, past + n]`, row `g·n + i` for query `i` of group `g`):
+    /// built once per forward and shared by every layer, and as large as the scores so that
+    /// adding it is a contiguous element-wise op. `None` for one row (it sees everything).
+    fn causal_mask(&self, n: usize, past: usize) -> Option<Tensor<B, 3>> {
+        if n <= 1 {
+            return None;
+        }
+        let c = &self.config;
+        let (kvh, groups, total) = (c.num_kv_heads, c.num_heads / c.num_kv_heads, past + n);
+        let mut mask = vec![0f32; kvh * groups * n * total];
+        for (r, row) in mask.chunks_exact_mut(total).enumerate() {
+            let i = r % n;
+            row[past + i + 1..].fill(f32::NEG_INFINITY);
+        }
+        Some(Tensor::from_data(
+            TensorData::new(mask, [kvh, groups * n, total]),
+            &self.device,
+        ))
+    }
+
     /// Causal attention of one sequence's new rows against its cached and new keys.
     ///
     /// # Shapes
@@ -263,11 +301,11 @@ impl<B: GraftBackend> Llama<B> {
         &self,
         layer: usize,
         span: Range<usize>,
-        past: usize,
         q: &Tensor<B, 3>,
         k: &Tensor<B, 3>,
         v: &Tensor<B, 3>,
         cache: Option<&mut SeqCache<B>>,
+        mask: Option<&Tensor<B, 3>>,
     ) -> Tensor<B, 2> {
         let c = &self.config;
         let (n, hd, kvh) = (span.len(), c.head_dim, c.num_kv_heads);
@@ -292,7 +330,6 @@ impl<B: GraftBackend> Llama<B> {
             }
             None => (k_new, v_new),
         };
-        let total = past + n;
         // Query head h uses key head h / groups (transformers' repeat_kv): group the query rows
         // by key head instead of repeating keys: [n, heads, hd] -> [kv, groups·n, hd].
         let q = q
@@ -303,21 +340,9 @@ impl<B: GraftBackend> Llama<B> {
         let scores = q
             .matmul(k_all.swap_dims(1, 2))
             .mul_scalar(1.0 / (hd as f64).sqrt());
-        let scores = if n > 1 {
-            let mut mask = vec![0f32; groups * n * total];
-            for r in 0..groups * n {
-                let i = r % n;
-                for j in past + i + 1..total {
-                    mask[r * total + j] = f32::NEG_INFINITY;
-                }
-            }
-            let mask = Tensor::<B, 3>::from_data(
-                TensorData::new(mask, [1, groups * n, total]),
-                &self.device,
-            );
-            scores + mask
-        } else {
-            scores
+        let scores = match mask {
+            Some(m) => scores + m.clone(),
+            None => scores,
         };
         let out = softmax(scores, 2).matmul(v_all); // [kv, groups·n, hd]
         out.reshape([c.num_heads, n, hd])

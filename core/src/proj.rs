@@ -145,22 +145,6 @@ impl<B: GraftBackend> Proj<B> {
         if let Some(b) = &self.bias {
             y = y + b.clone().unsqueeze::<2>();
         }
-        match adapters {
-            [] | [(_, None)] => y,
-            [(_, Some(lora))] => y + lora.delta(x),
-            runs => {
-                let parts = runs
-                    .iter()
-                    .map(|(range, lora)| {
-                        let ys = y.clone().slice(range.clone());
-                        match lora {
-                            Some(l) => ys + l.delta(x.clone().slice(range.clone())),
-                            None => ys,
-                        }
-                    })
-                    .collect();
-                Tensor::cat(parts, 0)
-            }
-        }
+        B::lora_rows(y, x, adapters)
     }
 }

@@ -62,20 +62,24 @@ impl Rope {
         }
     }
 
-    /// `cos` and `sin` tables for the given positions.
+    /// `cos` and `sin` tables for the given positions, repeated for each of `heads` heads so
+    /// that applying them is a contiguous element-wise product (a broadcast over the middle
+    /// dimension takes the CPU backend's slow strided path).
     ///
     /// # Shapes
-    /// → two `[positions.len(), 1, head_dim]` tensors (broadcast over heads).
+    /// → two `[positions.len() · heads, head_dim]` tensors.
     pub fn tables<B: Backend>(
         &self,
         positions: &[usize],
+        heads: usize,
         device: &B::Device,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let d = self.head_dim;
-        let mut cos = Vec::with_capacity(positions.len() * d);
-        let mut sin = Vec::with_capacity(positions.len() * d);
+        let mut cos = Vec::with_capacity(positions.len() * heads * d);
+        let mut sin = Vec::with_capacity(positions.len() * heads * d);
         for &p in positions {
             let p = p as f32 / self.position_divisor;
+            let start = cos.len();
             for _ in 0..2 {
                 for f in &self.inv_freq {
                     let a = p * f;
@@ -83,8 +87,12 @@ impl Rope {
                     sin.push(a.sin());
                 }
             }
+            for _ in 1..heads {
+                cos.extend_from_within(start..start + d);
+                sin.extend_from_within(start..start + d);
+            }
         }
-        let shape = [positions.len(), 1, d];
+        let shape = [positions.len() * heads, d];
         (
             Tensor::from_data(TensorData::new(cos, shape), device),
             Tensor::from_data(TensorData::new(sin, shape), device),
@@ -94,17 +102,18 @@ impl Rope {
     /// `x·cos + rotate_half(x)·sin`.
     ///
     /// # Shapes
-    /// `x: [n, heads, head_dim]`, tables `[n, 1, head_dim]` → `[n, heads, head_dim]`
+    /// `x: [n, heads, head_dim]`, tables `[n · heads, head_dim]` → `[n, heads, head_dim]`
     pub fn apply<B: Backend>(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 3>,
-        sin: &Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
     ) -> Tensor<B, 3> {
         let [n, h, d] = x.dims();
-        let x1 = x.clone().slice([0..n, 0..h, 0..d / 2]);
-        let x2 = x.clone().slice([0..n, 0..h, d / 2..d]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
-        x * cos.clone() + rotated * sin.clone()
+        let x = x.reshape([n * h, d]);
+        let x1 = x.clone().slice([0..n * h, 0..d / 2]);
+        let x2 = x.clone().slice([0..n * h, d / 2..d]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 1);
+        (x * cos.clone() + rotated * sin.clone()).reshape([n, h, d])
     }
 }

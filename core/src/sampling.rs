@@ -25,6 +25,8 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Generation ends when the text contains one of these; it is not part of the output.
     pub stop_strings: Vec<String>,
+    /// Keep generating past the model's EOS tokens (vLLM's `ignore_eos`; for benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -39,6 +41,7 @@ impl Default for SamplingParams {
             max_new_tokens: 256,
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
+            ignore_eos: false,
         }
     }
 }

@@ -314,6 +314,9 @@ struct Sampling {
     stream: bool,
     #[serde(default)]
     n: Option<usize>,
+    /// vLLM's extension: generate `max_tokens` tokens even past EOS (benchmarks).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +406,7 @@ where
         seed: sp.seed,
         max_new_tokens: max_tokens,
         stop_strings: sp.stop.into_vec(),
+        ignore_eos: sp.ignore_eos,
         ..SamplingParams::default()
     };
     params.validate().map_err(ApiError::BadRequest)?;

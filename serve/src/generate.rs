@@ -47,6 +47,9 @@ pub struct GenerateArgs {
     /// Stop when the text contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Keep generating past the model's end-of-sequence token (for timing decode).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Base weight storage: keep (as shipped) or nf4 (quantize dense weights on load).
     #[arg(long, default_value = "keep")]
     quantize: QuantKind,
@@ -138,6 +141,7 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         max_new_tokens: args.max_tokens,
         stop_token_ids: Vec::new(),
         stop_strings: args.stop.clone(),
+        ignore_eos: args.ignore_eos,
     };
     let mut stdout = std::io::stdout().lock();
     let out = generate(&loaded.model, tok, adapter.as_ref(), &ids, &params, |ev| {
@@ -148,14 +152,17 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
     })?;
     let _ = writeln!(stdout);
     let decoded = out.tokens.len();
+    let decode_rate = decoded.saturating_sub(1) as f64 / out.decode_secs.max(1e-9);
     eprintln!(
-        "prompt: {} tokens in {:.2}s ({:.1} tokens/s); decode: {} tokens in {:.2}s ({:.1} tokens/s); finish: {}; peak RSS {}",
+        "prompt: {} tokens in {:.2}s ({:.1} tokens/s); decode: {} tokens in {:.2}s ({:.1} tokens/s, {:.1} GB/s of base weights); finish: {}; peak RSS {}",
         out.prompt_tokens,
         out.prefill_secs,
         out.prompt_tokens as f64 / out.prefill_secs.max(1e-9),
         decoded,
         out.decode_secs,
-        decoded.saturating_sub(1) as f64 / out.decode_secs.max(1e-9),
+        decode_rate,
+        // Every decode step reads every base weight once.
+        decode_rate * loaded.model.base_bytes() as f64 / 1e9,
         out.finish_reason.as_str(),
         graft_core::process::peak_rss_bytes()
             .map_or("n/a".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),

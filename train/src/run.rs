@@ -61,7 +61,7 @@ pub fn truncate_after_step(path: &Path, step: usize) -> std::io::Result<()> {
 }
 
 /// Where training stands: enough to continue exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Optimizer steps taken.
     pub step: usize,

@@ -348,8 +348,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         let bar = progress_bar(total_steps as u64, state.step as u64);
         let started = Instant::now();
         let elapsed_before = state.elapsed_secs;
-        let mut order = epoch_order(lens.len(), cfg.data_seed, state.epoch);
-        let mut batches = micro_batches(&order, &lens, cfg.micro_batch_size, packing);
+        let mut schedule = Schedule::new(self, &state);
         let mut last_loss = None;
         let mut last_eval = None;
         let mut interrupted = false;
@@ -358,18 +357,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         while state.step < total_steps {
             let t0 = Instant::now();
             B::seed(&device, cfg.seed.wrapping_add(state.step as u64));
-            // The micro-batches of this step (crossing into the next epoch when needed).
-            let mut step_batches = Vec::with_capacity(cfg.grad_accum);
-            for _ in 0..cfg.grad_accum {
-                if state.batch_in_epoch >= batches.len() {
-                    state.epoch += 1;
-                    state.batch_in_epoch = 0;
-                    order = epoch_order(lens.len(), cfg.data_seed, state.epoch);
-                    batches = micro_batches(&order, &lens, cfg.micro_batch_size, packing);
-                }
-                step_batches.push(batches[state.batch_in_epoch].clone());
-                state.batch_in_epoch += 1;
-            }
+            let step_batches = schedule.next_step(&mut state);
             let n_tokens: usize = step_batches
                 .iter()
                 .flatten()
@@ -377,13 +365,20 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 .sum();
             let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
             let mut loss_total = 0.0;
+            // Seconds in the forward pass, the backward pass (with gradient read-back) and the
+            // optimizer. The CPU backend runs eagerly, so a clock around each call measures it;
+            // reading the loss scalar ends the forward on asynchronous devices.
+            let (mut fwd, mut bwd) = (0.0, 0.0);
             for mb in &step_batches {
+                let t = Instant::now();
                 let adapter = self.adapter(&params, true);
                 let examples: Vec<&Tokenized> = mb.iter().map(|&i| &self.data.train[i]).collect();
                 let (sum, _) = self.loss_sum(&adapter, &examples);
                 let loss = sum.div_scalar(n_tokens.max(1) as f32);
+                loss_total += f64::from(loss.clone().into_scalar().elem::<f32>());
+                fwd += t.elapsed().as_secs_f64();
+                let t = Instant::now();
                 let g = loss.backward();
-                loss_total += f64::from(loss.into_scalar().elem::<f32>());
                 for (i, (_, _, w)) in adapter.modules().enumerate() {
                     for (k, t) in [(2 * i, &w.a), (2 * i + 1, &w.b)] {
                         if let Some(gt) = t.grad(&g) {
@@ -392,7 +387,9 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                         }
                     }
                 }
+                bwd += t.elapsed().as_secs_f64();
             }
+            let t = Instant::now();
             let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
             let lr = learning_rate(
                 cfg.learning_rate,
@@ -402,6 +399,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 state.step,
             );
             opt.update(&mut params, &grads, lr);
+            let opt_secs = t.elapsed().as_secs_f64();
             state.step += 1;
             state.tokens_trained += n_tokens as u64;
             let all_tokens: usize = step_batches
@@ -418,9 +416,10 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             ));
             if state.step % cfg.logging_every == 0 || state.step == total_steps {
                 let rec = json!({
-                    "step": state.step, "epoch": state.epoch as f64 + state.batch_in_epoch as f64 / batches.len().max(1) as f64,
+                    "step": state.step, "epoch": state.epoch as f64 + state.batch_in_epoch as f64 / schedule.epoch_len().max(1) as f64,
                     "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": all_tokens as f64 / secs,
                     "trained_tokens": state.tokens_trained, "step_secs": secs,
+                    "forward_secs": fwd, "backward_secs": bwd, "optimizer_secs": opt_secs, "tokens": all_tokens,
                     "rss_mib": graft_core::process::rss_bytes().map(|b| b as f64 / 1048576.0),
                 });
                 append_jsonl(&metrics, &rec)?;
@@ -463,6 +462,62 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             final_eval_loss: last_eval,
             interrupted,
         })
+    }
+}
+
+/// The order of micro-batches: an epoch's shuffled order cut into micro-batches, the next
+/// epoch's once it is used up. A step takes `gradient_accumulation_steps` micro-batches.
+pub struct Schedule {
+    lens: Vec<usize>,
+    micro_batch: usize,
+    packing: Option<usize>,
+    seed: u64,
+    grad_accum: usize,
+    batches: Vec<Vec<usize>>,
+}
+
+impl Schedule {
+    /// The schedule positioned where `state` left it.
+    pub fn new<B: AutodiffBackend + GraftBackend>(
+        t: &Trainer<'_, B>,
+        state: &TrainerState,
+    ) -> Self {
+        let cfg = t.cfg;
+        let mut s = Schedule {
+            lens: t.data.train.iter().map(|e| e.ids.len()).collect(),
+            micro_batch: cfg.micro_batch_size,
+            packing: cfg.packing.then_some(cfg.max_seq_len),
+            seed: cfg.data_seed,
+            grad_accum: cfg.grad_accum,
+            batches: Vec::new(),
+        };
+        s.batches = s.epoch(state.epoch);
+        s
+    }
+
+    fn epoch(&self, epoch: usize) -> Vec<Vec<usize>> {
+        let order = epoch_order(self.lens.len(), self.seed, epoch);
+        micro_batches(&order, &self.lens, self.micro_batch, self.packing)
+    }
+
+    /// Micro-batches in the current epoch.
+    pub fn epoch_len(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// The micro-batches (example indices) of the next step, advancing `state`'s position.
+    pub fn next_step(&mut self, state: &mut TrainerState) -> Vec<Vec<usize>> {
+        let mut step = Vec::with_capacity(self.grad_accum);
+        for _ in 0..self.grad_accum {
+            if state.batch_in_epoch >= self.batches.len() {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+                self.batches = self.epoch(state.epoch);
+            }
+            step.push(self.batches[state.batch_in_epoch].clone());
+            state.batch_in_epoch += 1;
+        }
+        step
     }
 }
 

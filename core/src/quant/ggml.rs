@@ -143,7 +143,7 @@ fn q8_0(b: &[u8], y: &mut [f32]) {
 }
 
 /// Six-bit scale and min `j` of a K-quant block (`get_scale_min_k4`).
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -3,11 +3,13 @@
 //! graft sees a [`PackedWeight`] that can dequantize itself, whole or by rows.
 
 mod ggml;
+mod kernels;
 pub mod nf4;
 
 use std::sync::Arc;
 
 pub use ggml::GgmlType;
+pub use kernels::kernel_name;
 pub use nf4::Nf4Tensor;
 
 /// How a base weight is stored, as named on the command line and in configs.
@@ -121,54 +123,40 @@ impl PackedWeight {
     }
 
     /// `x·Wᵀ` for `n` rows of `x` (`[n, cols]`, row-major) → `[n, rows]`, without ever
-    /// holding the f32 weight: each thread dequantizes a few weight rows at a time into a small
-    /// buffer and takes their dot products with every row of `x`. Each output is one dot
-    /// product in a fixed order, so a row's result does not depend on `n` (batch-invariant).
+    /// holding the f32 weight. Uses the SIMD kernels of `kernels.rs` where the CPU and block
+    /// type have one; otherwise each task dequantizes a few weight rows at a time into a small
+    /// buffer and takes their dot products with every row of `x`. Either way each output is one
+    /// dot product in a fixed order, so a row's result does not depend on `n` (batch-invariant).
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        debug_assert_eq!(x.len(), n * self.cols);
+        kernels::matmul_t(self, x, n).unwrap_or_else(|| self.matmul_t_portable(x, n))
+    }
+
+    /// The portable path of [`Self::matmul_t`] (also the reference its SIMD kernels are
+    /// tested against).
+    pub fn matmul_t_portable(&self, x: &[f32], n: usize) -> Vec<f32> {
+        use rayon::prelude::*;
         const TILE: usize = 16;
         let (rows, cols) = (self.rows, self.cols);
-        debug_assert_eq!(x.len(), n * cols);
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |t| t.get())
-            .min(rows.div_ceil(TILE))
-            .max(1);
-        let per = rows.div_ceil(threads).div_ceil(TILE) * TILE;
-        let parts: Vec<(usize, Vec<f32>)> = std::thread::scope(|sc| {
-            let handles: Vec<_> = (0..rows)
-                .step_by(per.max(1))
-                .map(|start| {
-                    sc.spawn(move || {
-                        let end = (start + per).min(rows);
-                        let mut part = vec![0f32; n * (end - start)];
-                        let mut buf = vec![0f32; TILE * cols];
-                        let mut o = start;
-                        while o < end {
-                            let t = TILE.min(end - o);
-                            self.dequantize_rows(o, t, &mut buf[..t * cols]);
-                            for j in 0..t {
-                                let w = &buf[j * cols..(j + 1) * cols];
-                                for r in 0..n {
-                                    part[r * (end - start) + (o - start) + j] =
-                                        dot(&x[r * cols..(r + 1) * cols], w);
-                                }
-                            }
-                            o += t;
-                        }
-                        (start, part)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("matmul worker does not panic"))
-                .collect()
-        });
+        // Outputs by weight row (`[rows, n]`) so each task owns a contiguous slice.
+        let mut by_row = vec![0f32; rows * n];
+        by_row
+            .par_chunks_mut(TILE * n.max(1))
+            .enumerate()
+            .for_each(|(c, part)| {
+                let (o, t) = (c * TILE, part.len() / n.max(1));
+                let mut buf = vec![0f32; t * cols];
+                self.dequantize_rows(o, t, &mut buf);
+                for (j, w) in buf.chunks_exact(cols).enumerate() {
+                    for r in 0..n {
+                        part[j * n + r] = dot(&x[r * cols..(r + 1) * cols], w);
+                    }
+                }
+            });
         let mut out = vec![0f32; n * rows];
-        for (start, part) in parts {
-            let width = part.len() / n.max(1);
+        for o in 0..rows {
             for r in 0..n {
-                out[r * rows + start..r * rows + start + width]
-                    .copy_from_slice(&part[r * width..(r + 1) * width]);
+                out[r * rows + o] = by_row[o * n + r];
             }
         }
         out
@@ -183,7 +171,7 @@ impl PackedWeight {
 }
 
 /// Dot product with 8 independent accumulators (vectorizes; a fixed summation order).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
     for i in 0..chunks {

@@ -37,6 +37,36 @@ fn chat_answers_the_capital_of_france_and_reports_speed() {
     );
 }
 
+/// `--ignore-eos` decodes exactly `--max-tokens` tokens where the answer would stop at EOS.
+#[test]
+fn ignore_eos_decodes_every_requested_token() {
+    let run = |extra: &[&str]| {
+        let out = graft_serve()
+            .arg("generate")
+            .arg("--model")
+            .arg(gguf_path())
+            .args(["--chat", "--prompt", "What is the capital of France?"])
+            .args(["--max-tokens", "30", "--temperature", "0"])
+            .args(extra)
+            .output()
+            .expect("spawn graft-serve");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let normal = run(&[]);
+    assert!(normal.contains("finish: stop"), "{normal}");
+    let forced = run(&["--ignore-eos"]);
+    assert!(
+        forced.contains("decode: 30 tokens") && forced.contains("finish: length"),
+        "{forced}"
+    );
+    assert!(forced.contains("GB/s of base weights"), "{forced}");
+}
+
 #[test]
 fn same_seed_gives_same_sampled_text() {
     let run = || {

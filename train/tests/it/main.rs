@@ -1,6 +1,7 @@
 //! graft-train integration tests: the binary spawned as a user runs it, on the real SmolLM2
 //! GGUF (made by `scripts/fetch-model.sh`; tests fail, rather than skip, when it is missing).
 
+mod bench;
 mod configs;
 mod data;
 mod resume;

@@ -1,0 +1,586 @@
+//! Fused dequantize-and-dot kernels: `y[r, o] = Σ_k W[o, k]·x[r, k]` computed straight from the
+//! packed blocks, never writing an f32 weight anywhere (the weight is read once from memory per
+//! call, which is what bounds decode speed).
+//!
+//! Activations stay f32 (llama.cpp instead rounds them to Q8 for integer dot products; graft keeps
+//! the f32 reference numerics its parity tests hold it to). The block formats are the ones in
+//! `ggml.rs` and `nf4.rs`; each kernel factors the block scale out of its sum the way the format
+//! defines it, e.g. Q4_1 `Σ (q·d + m)·x = d·Σ q·x + m·Σ x` with `Σ x` per 32-block computed once
+//! per call and shared by every weight row.
+//!
+//! x86-64 with AVX2, FMA and F16C (detected at run time) gets SIMD kernels for Q4_0, Q4_1, Q8_0, Q4_K,
+//! Q6_K and NF4; other CPUs and block types use the portable path in `mod.rs`. Work is split over
+//! output rows on rayon's pool (the one burn's CPU backend uses). Each output is computed by one
+//! kernel call in a fixed order, so a row's result does not depend on the batch it is in.
+
+use rayon::prelude::*;
+
+use super::{GgmlType, PackedData, PackedWeight};
+
+/// A SIMD kernel: the dot products of one packed weight row with `out.len()` (at most
+/// [`MAX_ROWS`]) activation rows, each block unpacked once for all of them. `xs` holds the rows
+/// one after another (for NF4, de-interleaved); `scales` is the weight row's NF4 absmaxes (empty
+/// for GGML types); `aux` holds each activation row's per-32 sums (Q4_0, Q4_1, Q4_K). Every
+/// row's sum runs in the same order whatever the number of rows, so results are
+/// batch-invariant.
+type RowKernel = unsafe fn(row: &[u8], scales: &[f32], xs: &[f32], aux: &[f32], out: &mut [f32]);
+
+/// Activation rows one kernel call takes.
+const MAX_ROWS: usize = 8;
+
+/// What a kernel needs from the activations besides `x` itself.
+#[derive(Clone, Copy, PartialEq)]
+enum Aux {
+    None,
+    Sums32,
+    Nf4Deinterleave,
+}
+
+/// The SIMD kernel for `w`, if this CPU and `w`'s layout have one.
+fn select(w: &PackedWeight) -> Option<(RowKernel, Aux)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        let ok = *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        });
+        if !ok || std::env::var_os("GRAFT_NO_SIMD").is_some() {
+            return None;
+        }
+        return match &w.data {
+            PackedData::Ggml { ty, .. } => match ty {
+                GgmlType::Q4_0 => Some((avx2::q4_0 as RowKernel, Aux::Sums32)),
+                GgmlType::Q4_1 => Some((avx2::q4_1 as RowKernel, Aux::Sums32)),
+                GgmlType::Q8_0 => Some((avx2::q8_0 as RowKernel, Aux::None)),
+                GgmlType::Q4_K => Some((avx2::q4_k as RowKernel, Aux::Sums32)),
+                GgmlType::Q6_K => Some((avx2::q6_k as RowKernel, Aux::None)),
+                _ => None,
+            },
+            // NF4 blocks run over the flattened weight: rows must start on a block.
+            PackedData::Nf4 { .. } if w.cols % super::nf4::BLOCK == 0 => {
+                Some((avx2::nf4 as RowKernel, Aux::Nf4Deinterleave))
+            }
+            PackedData::Nf4 { .. } => None,
+        };
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = w;
+        None
+    }
+}
+
+/// Names the fused kernel used for `w` (for benchmarks and logs): `"avx2"` or `"portable"`.
+pub fn kernel_name(w: &PackedWeight) -> &'static str {
+    if select(w).is_some() {
+        "avx2"
+    } else {
+        "portable"
+    }
+}
+
+/// Products smaller than this (weight values × rows of `x`) run on the calling thread.
+const PAR_MIN_VALUES: usize = 1 << 16;
+
+/// `x·Wᵀ` (`x: [n, cols]` → `[n, rows]`) with the SIMD kernel, or `None` when there is none
+/// for this CPU or block type.
+pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>> {
+    let (kernel, aux_kind) = select(w)?;
+    let (rows, cols) = (w.rows, w.cols);
+    let aux_len = match aux_kind {
+        Aux::None => 0,
+        Aux::Sums32 => cols / 32,
+        Aux::Nf4Deinterleave => cols,
+    };
+    let mut aux = vec![0f32; n * aux_len];
+    for r in (0..n).filter(|_| aux_len > 0) {
+        let (xr, ar) = (
+            &x[r * cols..(r + 1) * cols],
+            &mut aux[r * aux_len..(r + 1) * aux_len],
+        );
+        match aux_kind {
+            Aux::None => {}
+            Aux::Sums32 => {
+                for (s, xb) in ar.iter_mut().zip(xr.chunks_exact(32)) {
+                    *s = xb.iter().sum();
+                }
+            }
+            Aux::Nf4Deinterleave => {
+                for (a, xb) in ar.chunks_exact_mut(64).zip(xr.chunks_exact(64)) {
+                    for j in 0..32 {
+                        a[j] = xb[2 * j];
+                        a[32 + j] = xb[2 * j + 1];
+                    }
+                }
+            }
+        }
+    }
+    let (bytes, row_bytes, absmax): (&[u8], usize, &[f32]) = match &w.data {
+        PackedData::Ggml { ty, bytes } => {
+            (bytes, ty.bytes_for(cols as u64).unwrap_or(0) as usize, &[])
+        }
+        PackedData::Nf4 { q, absmax } => (&q.packed, cols / 2, absmax),
+    };
+    let row_scales = |o: usize| -> &[f32] {
+        if absmax.is_empty() {
+            &[]
+        } else {
+            let per = cols / super::nf4::BLOCK;
+            &absmax[o * per..(o + 1) * per]
+        }
+    };
+    // Outputs by weight row (`[rows, n]`), so that each rayon task owns a contiguous slice.
+    let mut by_row = vec![0f32; rows * n];
+    let threads = rayon::current_num_threads().max(1);
+    let chunk_rows = rows.div_ceil(threads * 4).clamp(8, 256);
+    let (xs, xs_len): (&[f32], usize) = match aux_kind {
+        Aux::Nf4Deinterleave => (&aux, cols),
+        _ => (x, cols),
+    };
+    let sums: &[f32] = if aux_kind == Aux::Sums32 { &aux } else { &[] };
+    let work = |(c, part): (usize, &mut [f32])| {
+        let first = c * chunk_rows;
+        for (i, ys) in part.chunks_exact_mut(n).enumerate() {
+            let o = first + i;
+            let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
+            let sc = row_scales(o);
+            for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
+                let r0 = g * MAX_ROWS;
+                let r1 = r0 + out.len();
+                let x_rows = &xs[r0 * xs_len..r1 * xs_len];
+                let s_rows = if sums.is_empty() {
+                    sums
+                } else {
+                    &sums[r0 * aux_len..r1 * aux_len]
+                };
+                // SAFETY: `select` returned this kernel only after detecting its CPU features,
+                // and the slices have the lengths the block layout implies (checked when the
+                // `PackedWeight` was built).
+                unsafe { kernel(row, sc, x_rows, s_rows, out) };
+            }
+        }
+    };
+    // Waking the pool costs more than it saves on small products.
+    if rows * cols * n < PAR_MIN_VALUES {
+        by_row.chunks_mut(chunk_rows * n).enumerate().for_each(work);
+    } else {
+        by_row
+            .par_chunks_mut(chunk_rows * n)
+            .enumerate()
+            .for_each(work);
+    }
+    if n == 1 {
+        return Some(by_row);
+    }
+    let mut out = vec![0f32; n * rows];
+    for o in 0..rows {
+        for r in 0..n {
+            out[r * rows + o] = by_row[o * n + r];
+        }
+    }
+    Some(out)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! AVX2 + FMA (+ F16C for block scales) row kernels. Each reads its blocks with unaligned
+    //! loads (GGUF data is only byte-aligned), widens codes to i32 lanes, converts them to f32
+    //! once per block, and multiplies-adds them with every activation row.
+
+    use std::arch::x86_64::*;
+
+    use super::super::ggml::scale_min_k4;
+    use super::super::nf4::NF4_CODE;
+    use super::MAX_ROWS;
+
+    /// Bytes ahead of the block being read that the kernels ask the cache for.
+    const PREFETCH: usize = 1024;
+
+    /// The little-endian f16 at `p`, widened with F16C (inlined: a call inside the block loops
+    /// would spill the vector registers).
+    #[inline(always)]
+    unsafe fn half_at(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    }
+
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
+    }
+
+    /// 8 bytes → 8 i32 lanes (zero-extended).
+    #[inline(always)]
+    unsafe fn u8x8(p: *const u8) -> __m256i {
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i))
+    }
+
+    /// 8 bytes → 8 f32 lanes (sign-extended).
+    #[inline(always)]
+    unsafe fn i8x8(p: *const u8) -> __m256 {
+        f(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+
+    #[inline(always)]
+    unsafe fn f(v: __m256i) -> __m256 {
+        _mm256_cvtepi32_ps(v)
+    }
+
+    #[inline(always)]
+    unsafe fn ld(x: *const f32) -> __m256 {
+        _mm256_loadu_ps(x)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// `Σ w·x` over 32 values held as four 8-lane vectors.
+    #[inline(always)]
+    unsafe fn dot32(w: &[__m256; 4], x: *const f32) -> __m256 {
+        let mut s = _mm256_mul_ps(w[0], ld(x));
+        s = _mm256_fmadd_ps(w[1], ld(x.add(8)), s);
+        s = _mm256_fmadd_ps(w[2], ld(x.add(16)), s);
+        _mm256_fmadd_ps(w[3], ld(x.add(24)), s)
+    }
+
+    /// The 32 codes of a block stored as 16 bytes of nibbles, as f32 in `x` order: element `j`
+    /// in the low nibble of byte `j`, element `j + 16` in its high nibble (Q4_0, Q4_1).
+    #[inline(always)]
+    unsafe fn nibbles32(q: *const u8) -> [__m256; 4] {
+        let m = _mm256_set1_epi32(0xF);
+        let (a, b) = (u8x8(q), u8x8(q.add(8)));
+        [
+            f(_mm256_and_si256(a, m)),
+            f(_mm256_and_si256(b, m)),
+            f(_mm256_srli_epi32(a, 4)),
+            f(_mm256_srli_epi32(b, 4)),
+        ]
+    }
+
+    /// Row accumulators: a vector sum and a scalar offset per activation row.
+    struct Acc {
+        v: [__m256; MAX_ROWS],
+        off: [f32; MAX_ROWS],
+    }
+
+    impl Acc {
+        #[inline(always)]
+        unsafe fn new() -> Self {
+            Acc {
+                v: [_mm256_setzero_ps(); MAX_ROWS],
+                off: [0.0; MAX_ROWS],
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn store(&self, out: &mut [f32]) {
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = hsum(self.v[r]) + self.off[r];
+            }
+        }
+    }
+
+    /// Q4_0: `d·Σ (q − 8)·x = d·Σ q·x − 8d·Σ x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_0(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+        let (n, cols) = (out.len(), xs.len() / out.len());
+        let nb = cols / 32;
+        let mut acc = Acc::new();
+        for (b, blk) in row.chunks_exact(18).enumerate() {
+            prefetch(blk.as_ptr());
+            let d = half_at(blk.as_ptr());
+            let w = nibbles32(blk.as_ptr().add(2));
+            for r in 0..n {
+                let s = dot32(&w, xs.as_ptr().add(r * cols + 32 * b));
+                acc.v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc.v[r]);
+                acc.off[r] -= 8.0 * d * sums[r * nb + b];
+            }
+        }
+        acc.store(out);
+    }
+
+    /// Q4_1: `Σ (q·d + m)·x = d·Σ q·x + m·Σ x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+        let (n, cols) = (out.len(), xs.len() / out.len());
+        let nb = cols / 32;
+        let mut acc = Acc::new();
+        for (b, blk) in row.chunks_exact(20).enumerate() {
+            prefetch(blk.as_ptr());
+            let (d, m) = (half_at(blk.as_ptr()), half_at(blk.as_ptr().add(2)));
+            let w = nibbles32(blk.as_ptr().add(4));
+            for r in 0..n {
+                let s = dot32(&w, xs.as_ptr().add(r * cols + 32 * b));
+                acc.v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc.v[r]);
+                acc.off[r] += m * sums[r * nb + b];
+            }
+        }
+        acc.store(out);
+    }
+
+    /// Q8_0: `d·Σ q·x` with signed bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0(row: &[u8], _: &[f32], xs: &[f32], _: &[f32], out: &mut [f32]) {
+        let (n, cols) = (out.len(), xs.len() / out.len());
+        let mut acc = Acc::new();
+        for (b, blk) in row.chunks_exact(34).enumerate() {
+            prefetch(blk.as_ptr());
+            let d = half_at(blk.as_ptr());
+            let q = blk.as_ptr().add(2);
+            let w = [i8x8(q), i8x8(q.add(8)), i8x8(q.add(16)), i8x8(q.add(24))];
+            for r in 0..n {
+                let s = dot32(&w, xs.as_ptr().add(r * cols + 32 * b));
+                acc.v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc.v[r]);
+            }
+        }
+        acc.store(out);
+    }
+
+    /// Q4_K: per 32-value sub-block `d·sc·Σ q·x − dmin·m·Σ x`; chunk `c` of 64 values keeps its
+    /// first 32 in the low nibbles of 32 bytes and the next 32 in the high nibbles.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_k(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+        let (n, cols) = (out.len(), xs.len() / out.len());
+        let nb = cols / 32;
+        let m = _mm256_set1_epi32(0xF);
+        let mut acc = Acc::new();
+        for (b, blk) in row.chunks_exact(144).enumerate() {
+            prefetch(blk.as_ptr());
+            let (d, dmin) = (half_at(blk.as_ptr()), half_at(blk.as_ptr().add(2)));
+            let scales = &blk[4..16];
+            for c in 0..4 {
+                let (sc1, m1) = scale_min_k4(2 * c, scales);
+                let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
+                let q = blk.as_ptr().add(16 + 32 * c);
+                let v = [u8x8(q), u8x8(q.add(8)), u8x8(q.add(16)), u8x8(q.add(24))];
+                let lo = v.map(|v| f(_mm256_and_si256(v, m)));
+                let hi = v.map(|v| f(_mm256_srli_epi32(v, 4)));
+                let (d1, d2) = (
+                    _mm256_set1_ps(d * sc1 as f32),
+                    _mm256_set1_ps(d * sc2 as f32),
+                );
+                let (dm1, dm2) = (dmin * m1 as f32, dmin * m2 as f32);
+                for r in 0..n {
+                    let xb = xs.as_ptr().add(r * cols + 256 * b + 64 * c);
+                    let s1 = dot32(&lo, xb);
+                    let s2 = dot32(&hi, xb.add(32));
+                    acc.v[r] = _mm256_fmadd_ps(d1, s1, acc.v[r]);
+                    acc.v[r] = _mm256_fmadd_ps(d2, s2, acc.v[r]);
+                    let sb = r * nb + 8 * b + 2 * c;
+                    acc.off[r] -= dm1 * sums[sb] + dm2 * sums[sb + 1];
+                }
+            }
+        }
+        acc.store(out);
+    }
+
+    /// Six-bit Q6_K codes minus 32: `low | ((hb >> shift) & 3) << 4`.
+    #[inline(always)]
+    unsafe fn six_bit(low: __m256i, hb: __m256i, shift: __m128i) -> __m256 {
+        let high = _mm256_and_si256(_mm256_srl_epi32(hb, shift), _mm256_set1_epi32(3));
+        f(_mm256_sub_epi32(
+            _mm256_or_si256(low, _mm256_slli_epi32(high, 4)),
+            _mm256_set1_epi32(32),
+        ))
+    }
+
+    /// Q6_K: six-bit codes (low four bits in `ql`, high two in `qh`) minus 32, times a signed
+    /// eight-bit scale per 16 values, times `d`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6_k(row: &[u8], _: &[f32], xs: &[f32], _: &[f32], out: &mut [f32]) {
+        let (n, cols) = (out.len(), xs.len() / out.len());
+        let m4 = _mm256_set1_epi32(0xF);
+        let mut acc = Acc::new();
+        for (b, blk) in row.chunks_exact(210).enumerate() {
+            prefetch(blk.as_ptr());
+            let d = half_at(blk.as_ptr().add(208));
+            for h in 0..2 {
+                let ql = blk.as_ptr().add(64 * h);
+                let qh = blk.as_ptr().add(128 + 32 * h);
+                let sc = &blk[192 + 8 * h..200 + 8 * h];
+                for g in 0..4 {
+                    let l = 8 * g;
+                    let is = l / 16;
+                    let (a, c, hb) = (u8x8(ql.add(l)), u8x8(ql.add(l + 32)), u8x8(qh.add(l)));
+                    let parts = [
+                        (
+                            six_bit(_mm256_and_si256(a, m4), hb, _mm_set_epi64x(0, 0)),
+                            0,
+                            is,
+                        ),
+                        (
+                            six_bit(_mm256_and_si256(c, m4), hb, _mm_set_epi64x(0, 2)),
+                            32,
+                            is + 2,
+                        ),
+                        (
+                            six_bit(_mm256_srli_epi32(a, 4), hb, _mm_set_epi64x(0, 4)),
+                            64,
+                            is + 4,
+                        ),
+                        (
+                            six_bit(_mm256_srli_epi32(c, 4), hb, _mm_set_epi64x(0, 6)),
+                            96,
+                            is + 6,
+                        ),
+                    ];
+                    for r in 0..n {
+                        let xh = xs.as_ptr().add(r * cols + 256 * b + 128 * h);
+                        for &(q, xo, s) in &parts {
+                            let t = _mm256_mul_ps(q, ld(xh.add(l + xo)));
+                            let scale = _mm256_set1_ps(d * (sc[s] as i8) as f32);
+                            acc.v[r] = _mm256_fmadd_ps(scale, t, acc.v[r]);
+                        }
+                    }
+                }
+            }
+        }
+        acc.store(out);
+    }
+
+    /// `table[i]` for 16-entry `table = t_lo ++ t_hi`: two 8-lane permutes blended on bit 3.
+    #[inline(always)]
+    unsafe fn lookup16(t_lo: __m256, t_hi: __m256, i: __m256i) -> __m256 {
+        let sel = _mm256_castsi256_ps(_mm256_slli_epi32(i, 28));
+        _mm256_blendv_ps(
+            _mm256_permutevar8x32_ps(t_lo, i),
+            _mm256_permutevar8x32_ps(t_hi, i),
+            sel,
+        )
+    }
+
+    /// NF4: `absmax·Σ code[q]·x` per 64-value block. Byte `k` holds element `2k` in its high
+    /// nibble and `2k + 1` in its low one; `x` arrives de-interleaved (even elements of the block,
+    /// then odd), so both nibbles of 8 bytes meet 8 contiguous activations.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn nf4(row: &[u8], absmax: &[f32], xs: &[f32], _: &[f32], out: &mut [f32]) {
+        let (n, cols) = (out.len(), xs.len() / out.len());
+        let (t_lo, t_hi) = (ld(NF4_CODE.as_ptr()), ld(NF4_CODE.as_ptr().add(8)));
+        let m = _mm256_set1_epi32(0xF);
+        let mut acc = Acc::new();
+        for (b, blk) in row.chunks_exact(32).enumerate() {
+            prefetch(blk.as_ptr());
+            let v = [0, 1, 2, 3].map(|g| u8x8(blk.as_ptr().add(8 * g)));
+            let even = v.map(|v| lookup16(t_lo, t_hi, _mm256_srli_epi32(v, 4)));
+            let odd = v.map(|v| lookup16(t_lo, t_hi, _mm256_and_si256(v, m)));
+            let a = _mm256_set1_ps(absmax[b]);
+            for r in 0..n {
+                let xb = xs.as_ptr().add(r * cols + 64 * b);
+                let mut s = _mm256_setzero_ps();
+                for g in 0..4 {
+                    s = _mm256_fmadd_ps(even[g], ld(xb.add(8 * g)), s);
+                    s = _mm256_fmadd_ps(odd[g], ld(xb.add(32 + 8 * g)), s);
+                }
+                acc.v[r] = _mm256_fmadd_ps(a, s, acc.v[r]);
+            }
+        }
+        acc.store(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use half::f16;
+
+    use super::*;
+
+    /// A deterministic pseudo-random byte stream.
+    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// Random GGML blocks whose f16 scale fields hold small finite values.
+    fn ggml_weight(ty: GgmlType, rows: usize, cols: usize) -> PackedWeight {
+        let row_bytes = ty.bytes_for(cols as u64).expect("whole blocks") as usize;
+        let mut b = bytes(rows * row_bytes, ty.id() as u64);
+        let halves: &[usize] = match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
+            _ => unreachable!("only kernel types are tested"),
+        };
+        for (i, blk) in b.chunks_exact_mut(ty.type_size()).enumerate() {
+            for (k, &at) in halves.iter().enumerate() {
+                let v = 0.01 + ((i * 7 + k * 3) % 11) as f32 * 0.003;
+                blk[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+        }
+        PackedWeight::ggml(ty, rows, cols, Arc::from(b)).expect("consistent sizes")
+    }
+
+    fn activations(n: usize, cols: usize) -> Vec<f32> {
+        bytes(n * cols, 99)
+            .into_iter()
+            .map(|v| (v as f32 - 127.5) / 64.0)
+            .collect()
+    }
+
+    /// Every SIMD kernel agrees with dequantize-then-dot (in f64) to f32 rounding of the
+    /// products, and a row's output is the same alone and in a batch.
+    #[test]
+    fn simd_kernels_match_dequantize_then_dot() {
+        let (rows, cols) = (150, 512); // above PAR_MIN_VALUES: the pool path
+        let mut weights: Vec<PackedWeight> = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ]
+        .into_iter()
+        .map(|ty| ggml_weight(ty, rows, cols))
+        .collect();
+        let dense: Vec<f32> = activations(rows, cols).iter().map(|v| v / 3.0).collect();
+        weights.push(PackedWeight::nf4(rows, cols, &dense));
+        for w in &weights {
+            let name = w.kind_name();
+            if kernel_name(w) == "portable" {
+                eprintln!("{name}: no SIMD kernel on this CPU; the portable path is tested");
+            }
+            let wd = w.dequantize();
+            for n in [1, 3, 9] {
+                let x = activations(n, cols);
+                let y = w.matmul_t(&x, n);
+                for r in 0..n {
+                    for o in 0..rows {
+                        let (xr, wr) =
+                            (&x[r * cols..(r + 1) * cols], &wd[o * cols..(o + 1) * cols]);
+                        let exact: f64 =
+                            xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let scale: f64 = xr
+                            .iter()
+                            .zip(wr)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
+                        let got = y[r * rows + o] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1e-5 * scale + 1e-6,
+                            "{name} n={n} row {r} out {o}: {got} vs {exact}"
+                        );
+                    }
+                }
+                let alone = w.matmul_t(&x[(n - 1) * cols..], 1);
+                assert_eq!(&alone[..], &y[(n - 1) * rows..], "{name}: batch-invariant");
+            }
+        }
+    }
+}

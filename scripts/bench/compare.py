@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""graft against its anchors on this machine, side by side, alternating runs.
+
+The anchors are installed outside the repository and found through the environment; nothing of
+theirs is part of graft:
+
+  LLAMA_CPP_BIN   a directory with llama.cpp's `llama-bench` and `llama-server` (built from source)
+  PEFT_PYTHON     a Python with torch, transformers and peft (scripts/reference/requirements.txt)
+
+Sections (all by default; pick with --only):
+  decode    single-stream decode tokens/s: `graft-serve generate --ignore-eos` vs `llama-bench -p 0`
+  serve     8 concurrent streams on 8 different adapters: `graft-serve bench` against graft-serve
+            and against llama-server (same client; llama-server gets its adapters as --lora files
+            and requests name them by id)
+  adapters  1000 adapters on disk, a memory budget for ~50, Zipf popularity, vs one adapter; and
+            load-to-first-token of freshly loaded adapters
+  startup   process start to answering /health, for both servers
+  train     `graft-train bench configs/bench.toml` (QLoRA on Q4_1, NF4, LoRA on f32) vs PEFT LoRA
+            on the f32 base on the same steps, data and initial adapter
+
+Every figure is a median over --rounds alternating runs with the range; ratios are graft/anchor.
+Results are printed and written as JSON to --out (default runs/bench/compare-<time>.json).
+Uses the release binaries in target/release (build them first: cargo build --release).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "target" / "release"
+CACHE = Path(os.environ.get("GRAFT_CACHE", Path.home() / ".cache" / "graft"))
+MODEL = CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+HF_F32 = CACHE / "models" / "SmolLM2-135M-Instruct-f32-sharded"
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    log("$", " ".join(str(c) for c in cmd))
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
+    return r.stdout + r.stderr
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else None
+
+
+def ratio(a, b):
+    return a["median"] / b["median"] if a and b and b["median"] else None
+
+
+def anchor(name):
+    d = os.environ.get("LLAMA_CPP_BIN")
+    if not d or not (Path(d) / name).exists():
+        return None
+    return Path(d) / name
+
+
+def wait_ready(url, proc, timeout=900):
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return time.perf_counter() - t0
+        except Exception:
+            time.sleep(0.01)
+    raise SystemExit(f"{url} not ready after {timeout}s")
+
+
+class Server:
+    """A server process on a port, stopped on exit."""
+
+    def __init__(self, cmd, port):
+        self.url = f"http://127.0.0.1:{port}"
+        log("$", " ".join(map(str, cmd)))
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ready_secs = wait_ready(self.url, self.proc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def bench(url, models, args, extra=()):
+    cmd = [BIN / "graft-serve", "bench", "--url", url, "--clients", args.clients, "--requests", args.requests,
+           "--max-tokens", args.max_tokens, "--ignore-eos", *extra]
+    if models:
+        cmd += ["--models", ",".join(models)]
+    out = run(cmd)
+    m = re.search(r"throughput: ([\d.]+) generated tokens/s", out)
+    ok = re.search(r"requests: (\d+) ok, (\d+) failed", out)
+    if not m or not ok or int(ok.group(2)) > 0:
+        raise SystemExit(f"bench failed:\n{out}")
+    ttft = re.search(r"time to first token: p50 ([\d.]+) ms", out)
+    return float(m.group(1)), float(ttft.group(1)) if ttft else None, out
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+def decode(args, res):
+    tokens = 128
+    g, l = [], []
+    lb = anchor("llama-bench")
+    for _ in range(args.rounds):
+        out = run([BIN / "graft-serve", "generate", "--model", MODEL, "--prompt", "Once upon a time",
+                   "--max-tokens", tokens + 1, "--temperature", 0, "--ignore-eos"])
+        m = re.search(r"decode: \d+ tokens in [\d.]+s \(([\d.]+) tokens/s", out)
+        g.append(float(m.group(1)))
+        if lb:
+            out = run([lb, "-m", MODEL, "-t", args.threads, "-p", 0, "-n", tokens, "-r", 1, "-o", "json"])
+            l.append(json.loads(out[out.index("["):])[0]["avg_ts"])
+    bw = run([BIN / "graft-serve", "bench", "--bandwidth"])
+    gbs = float(re.search(r"([\d.]+) GB/s", bw).group(1))
+    weights = MODEL.stat().st_size
+    res["decode"] = {
+        "settings": f"greedy, {tokens} tokens after a 4-token prompt, {args.threads} threads, SmolLM2-135M Q4_1",
+        "graft_tokens_per_s": med(g), "llama_cpp_tokens_per_s": med(l), "ratio": ratio(med(g), med(l)),
+        "machine_read_bandwidth_gbs": gbs,
+        "graft_weight_traffic_gbs": med(g)["median"] * weights / 1e9,
+        "llama_cpp_weight_traffic_gbs": med(l)["median"] * weights / 1e9 if l else None,
+    }
+
+
+def ensure_adapter(args, work):
+    """A trained r=16 all-linear adapter (PEFT dir) and its GGUF-LoRA export."""
+    peft = work / "adapter"
+    gguf = work / "adapter.gguf"
+    if not peft.exists():
+        out = run([BIN / "graft-train", "bench", ROOT / "configs" / "bench.toml", "--steps", 1,
+                   "--set", f"output.runs_dir={work}"])
+        run_dir = Path(re.search(r"^run: (.+)$", out, re.M).group(1))
+        shutil.copytree(run_dir / "adapter", peft)
+    if not gguf.exists():
+        run([BIN / "graft-train", "export", peft, "--gguf", gguf, "--model", MODEL])
+    return peft, gguf
+
+
+def serve(args, res):
+    work = args.work
+    peft, gguf = ensure_adapter(args, work)
+    names = [f"a{i}" for i in range(8)]
+    graft_cmd = [BIN / "graft-serve", "--model", MODEL, "--port", 8101, "--max-batch", 8]
+    for n in names:
+        graft_cmd += ["--adapter", f"{n}={peft}"]
+    ls = anchor("llama-server")
+    llama_cmd = None
+    if ls:
+        llama_cmd = [ls, "-m", MODEL, "--port", 8102, "-t", args.threads, "-np", 8, "-c", 8 * 1024,
+                     "--lora-init-without-apply", "--no-webui"]
+        for _ in names:
+            llama_cmd += ["--lora", gguf]
+    g, l, gt, lt = [], [], [], []
+    for _ in range(args.rounds):
+        with Server(graft_cmd, 8101) as s:
+            tps, ttft, _ = bench(s.url, names, args)
+            g.append(tps)
+            gt.append(ttft)
+        if llama_cmd:
+            with Server(llama_cmd, 8102) as s:
+                tps, ttft, _ = bench(s.url, [f"lora:{i}" for i in range(8)], args)
+                l.append(tps)
+                lt.append(ttft)
+    res["serve_8_adapters"] = {
+        "settings": f"{args.clients} clients, {args.requests} requests round robin over 8 adapters (r=16, all linear), "
+                    f"{args.max_tokens} greedy tokens each (ignore_eos), {args.threads} threads",
+        "graft_tokens_per_s": med(g), "llama_server_tokens_per_s": med(l), "ratio": ratio(med(g), med(l)),
+        "graft_ttft_p50_ms": med(gt), "llama_server_ttft_p50_ms": med(lt),
+    }
+
+
+def adapters(args, res):
+    work = args.work
+    peft, _ = ensure_adapter(args, work)
+    pool = work / "adapters-1000"
+    if not pool.exists():
+        pool.mkdir()
+        shutil.copytree(peft, pool / "z0000")
+        for i in range(1, 1000):
+            os.symlink("z0000", pool / f"z{i:04d}")
+    per = sum(f.stat().st_size for f in peft.iterdir())
+    budget_mb = int(per * 50 * 1.05 / 1048576) + 1
+    cmd = [BIN / "graft-serve", "--model", MODEL, "--port", 8103, "--adapters-dir", pool,
+           "--adapter-memory-mb", budget_mb, "--watch-interval-ms", 0]
+    zipf, single = [], []
+    with Server(cmd, 8103) as s:
+        start = s.ready_secs
+        for _ in range(args.rounds):
+            tps, _, zout = bench(s.url, None, args, ["--all-adapters", "--zipf", "1.0", "--seed", len(zipf)])
+            zipf.append(tps)
+            tps, _, _ = bench(s.url, ["z0000"], args)
+            single.append(tps)
+        out = run([BIN / "graft-serve", "bench", "--url", s.url, "--load-adapter", pool / "z0000", "--cold", 20,
+                   "--clients", 1, "--requests", 1, "--max-tokens", 1, "--models", "z0000",
+                   "--prompt", "Hi"])
+    grab = lambda name: float(re.search(re.escape(name) + r": p50 ([\d.]+) ms", out).group(1))
+    res["adapters_1000_zipf"] = {
+        "settings": f"1000 r=16 all-linear adapters on disk, memory budget {budget_mb} MiB (~50 adapters), Zipf s=1.0, "
+                    f"{args.clients} clients, {args.requests} requests, {args.max_tokens} tokens; baseline: the same on one adapter",
+        "zipf_tokens_per_s": med(zipf), "single_adapter_tokens_per_s": med(single),
+        "ratio": ratio(med(zipf), med(single)),
+        "server_lines": [l for l in zout.splitlines() if l.startswith("server:")],
+        "start_to_ready_with_1000_adapters_s": start,
+        "cold_load_p50_ms": grab("cold adapter: load request"),
+        "cold_load_to_first_token_p50_ms": grab("cold adapter: load start → first token"),
+        "warm_first_token_p50_ms": grab("same adapter in memory: first token"),
+    }
+
+
+def startup(args, res):
+    g, l = [], []
+    ls = anchor("llama-server")
+    for _ in range(args.rounds):
+        with Server([BIN / "graft-serve", "--model", MODEL, "--port", 8104], 8104) as s:
+            g.append(s.ready_secs)
+        if ls:
+            with Server([ls, "-m", MODEL, "--port", 8105, "-t", args.threads, "--no-webui"], 8105) as s:
+                l.append(s.ready_secs)
+    res["startup"] = {"settings": "process start to HTTP 200 from /health, SmolLM2-135M Q4_1 GGUF",
+                      "graft_s": med(g), "llama_server_s": med(l)}
+
+
+def train(args, res):
+    work = args.work
+    out = {}
+    runs = {}
+    for q in ["none", "keep", "nf4"]:
+        steps = args.train_steps if q == "none" else max(3, args.train_steps // 2)
+        o = run([BIN / "graft-train", "bench", ROOT / "configs" / "bench.toml", "--steps", steps,
+                 "--set", f"model.quantization={q}", "--set", f"output.runs_dir={work / 'train'}"])
+        runs[q] = Path(re.search(r"^run: (.+)$", o, re.M).group(1))
+        out[q] = {
+            "tokens_per_s": float(re.search(r"throughput: ([\d.]+) tokens/s", o).group(1)),
+            "split": re.search(r"seconds/step \(median\): (.+)", o).group(1),
+            "peak_rss_mib": float(re.search(r"peak RSS: ([\d.]+) MiB", o).group(1)),
+            "losses": [float(x) for x in re.search(r"loss by step: (.+)", o).group(1).split()],
+        }
+    py = os.environ.get("PEFT_PYTHON")
+    if py:
+        o = run([py, ROOT / "scripts" / "bench" / "peft_train.py", "--run", runs["none"], "--model", HF_F32,
+                 "--threads", args.threads])
+        peft = json.loads(o.strip().splitlines()[-1])
+        out["peft_f32_lora"] = peft
+        g = out["none"]["losses"][:10]
+        p = peft["losses"][:10]
+        out["loss_max_rel_diff_first_10"] = max(abs(a - b) / abs(b) for a, b in zip(g, p))
+        out["lora_speed_ratio"] = out["none"]["tokens_per_s"] / peft["tokens_per_sec"]
+        out["qlora_memory_ratio"] = out["keep"]["peak_rss_mib"] / peft["peak_rss_mib"]
+        out["nf4_memory_ratio"] = out["nf4"]["peak_rss_mib"] / peft["peak_rss_mib"]
+    out["settings"] = "configs/bench.toml: r=16 alpha=32 all linear, micro-batch 4 x 256 tokens, AdamW lr 2e-4 constant, f32 compute, CPU"
+    res["train"] = out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="decode,serve,adapters,startup,train")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--train-steps", type=int, default=10)
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "compare-work")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.work = args.work.resolve()
+    if not MODEL.exists():
+        raise SystemExit(f"{MODEL} is missing: run scripts/fetch-model.sh")
+    for name in ["LLAMA_CPP_BIN", "PEFT_PYTHON"]:
+        if not os.environ.get(name):
+            log(f"note: {name} is not set; the anchor's side of the comparison is skipped")
+    res = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    sections = {"decode": decode, "serve": serve, "adapters": adapters, "startup": startup, "train": train}
+    for name in args.only.split(","):
+        sections[name](args, res)
+        print(json.dumps({name: res.get(name) or res.get({"serve": "serve_8_adapters", "adapters": "adapters_1000_zipf"}.get(name, name))}, indent=1), flush=True)
+    out = args.out or ROOT / "runs" / "bench" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

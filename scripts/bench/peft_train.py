@@ -1,0 +1,104 @@
+"""PEFT's side of the training comparison: the workload `graft-train bench` recorded.
+
+Runs in a Python environment with torch, transformers and peft (scripts/reference/requirements.txt
+pins the versions graft is checked against). It reads the run's `bench-inputs.json` (every step's
+micro-batches as token ids and loss masks) and starts from the run's `init-adapter/`, so both
+trainers take the same steps from the same adapter: plain LoRA on the f32 base (PEFT + torch on
+the CPU), AdamW, gradient clipping, loss = summed cross-entropy over the trained tokens of a step
+divided by their count. Prints one JSON line: tokens/s, seconds per step split into forward,
+backward and optimizer, peak RSS, and the loss of every step.
+
+    python scripts/bench/peft_train.py --run runs/bench/<run> --model <HF dir> [--threads 2]
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True, help="a graft-train bench run directory")
+    ap.add_argument("--model", required=True, help="the base model as an HF directory (f32)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="default: every recorded step")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    inputs = json.load(open(f"{a.run}/bench-inputs.json"))
+    s = inputs["settings"]
+    if s["lora_dropout"] != 0.0:
+        raise SystemExit("the comparison needs lora_dropout = 0 (dropout masks cannot match)")
+    base = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, f"{a.run}/init-adapter", is_trainable=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params,
+        lr=s["learning_rate"],
+        betas=tuple(s["betas"]),
+        eps=s["epsilon"],
+        weight_decay=s["weight_decay"],
+    )
+    if s["lr_scheduler"] != "constant" or (s["warmup_steps"] or 0) != 0:
+        raise SystemExit("the comparison supports a constant learning rate without warm-up")
+    steps = inputs["steps"][: a.steps] if a.steps else inputs["steps"]
+    rec = []
+    for step in steps:
+        t_step = time.perf_counter()
+        n_trained = sum(sum(e["trained"][1:]) for mb in step for e in mb)
+        n_tokens = sum(len(e["ids"]) for mb in step for e in mb)
+        fwd = bwd = 0.0
+        loss_total = 0.0
+        opt.zero_grad(set_to_none=True)
+        for mb in step:
+            lens = {len(e["ids"]) for e in mb}
+            if len(lens) != 1:
+                raise SystemExit("the comparison needs equal-length examples (packing off, truncated)")
+            ids = torch.tensor([e["ids"] for e in mb])
+            trained = torch.tensor([e["trained"] for e in mb], dtype=torch.bool)
+            t = time.perf_counter()
+            logits = model(input_ids=ids).logits
+            target = ids[:, 1:].masked_fill(~trained[:, 1:], -100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                target.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            ) / max(n_trained, 1)
+            fwd += time.perf_counter() - t
+            t = time.perf_counter()
+            loss.backward()
+            bwd += time.perf_counter() - t
+            loss_total += loss.item()
+        t = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
+        opt.step()
+        opt_secs = time.perf_counter() - t
+        secs = time.perf_counter() - t_step
+        rec.append(dict(loss=loss_total, secs=secs, fwd=fwd, bwd=bwd, opt=opt_secs, tps=n_tokens / secs))
+    timed = rec[1:] if len(rec) > 1 else rec
+    med = lambda k: statistics.median(r[k] for r in timed)
+    print(json.dumps({
+        "tokens_per_sec": med("tps"),
+        "tokens_per_sec_range": [min(r["tps"] for r in timed), max(r["tps"] for r in timed)],
+        "step_secs": med("secs"), "forward_secs": med("fwd"), "backward_secs": med("bwd"),
+        "optimizer_secs": med("opt"),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "losses": [r["loss"] for r in rec],
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "peft": __import__("peft").__version__,
+                     "transformers": __import__("transformers").__version__},
+    }))
+
+
+if __name__ == "__main__":
+    main()
