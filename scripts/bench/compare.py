@@ -47,12 +47,13 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def run(cmd, **kw):
+def run(cmd, stdout_only=False, **kw):
+    """Runs `cmd` and returns its stdout and stderr (or stdout alone)."""
     log("$", " ".join(str(c) for c in cmd))
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(map(str, cmd))}\n{r.stderr[-3000:]}")
-    return r.stdout + r.stderr
+    return r.stdout if stdout_only else r.stdout + r.stderr
 
 
 def med(xs):
@@ -262,7 +263,7 @@ def train(args, res):
     py = os.environ.get("PEFT_PYTHON")
     if py:
         o = run([py, ROOT / "scripts" / "bench" / "peft_train.py", "--run", runs["none"], "--model", HF_F32,
-                 "--threads", args.threads])
+                 "--threads", args.threads], stdout_only=True)
         peft = json.loads(o.strip().splitlines()[-1])
         out["peft_f32_lora"] = peft
         g = out["none"]["losses"][:10]
@@ -273,6 +274,35 @@ def train(args, res):
         out["nf4_memory_ratio"] = out["nf4"]["peak_rss_mib"] / peft["peak_rss_mib"]
     out["settings"] = "configs/bench.toml: r=16 alpha=32 all linear, micro-batch 4 x 256 tokens, AdamW lr 2e-4 constant, f32 compute, CPU"
     res["train"] = out
+
+
+def summary(res):
+    """One line per target of the performance issue: measured value and target."""
+    rows = []
+
+    def at(*path):
+        d = res
+        for k in path:
+            if not isinstance(d, dict) or k not in d or d[k] is None:
+                return None
+            d = d[k]
+        return d
+
+    def add(name, value, target, fmt="{:.2f}"):
+        rows.append(f"{name:<58} {fmt.format(value) if value is not None else 'n/a':>10}   target {target}")
+
+    add("decode tokens/s, graft / llama.cpp (llama-bench)", at("decode", "ratio"), ">= 1.0")
+    add("8 streams on 8 adapters, graft / llama-server", at("serve_8_adapters", "ratio"), ">= 3.0")
+    add("1000 adapters Zipf / one adapter (graft)", at("adapters_1000_zipf", "ratio"), ">= 0.9")
+    add("cold adapter load request p50 (ms)", at("adapters_1000_zipf", "cold_load_p50_ms"), "", "{:.1f}")
+    cold, warm = at("adapters_1000_zipf", "cold_load_to_first_token_p50_ms"), at("adapters_1000_zipf", "warm_first_token_p50_ms")
+    add("load-to-first-token p50 (ms)", cold, "<= 25 (see README)", "{:.1f}")
+    add("  of which the load (cold minus warm first token, ms)", cold - warm if cold and warm else None, "", "{:.1f}")
+    add("start-up to ready, graft (s)", at("startup", "graft_s", "median"), "<= 1.0")
+    add("LoRA training tokens/s, graft / PEFT (CPU, f32)", at("train", "lora_speed_ratio"), ">= 2.0")
+    add("QLoRA (Q4_1) peak RSS / PEFT f32 LoRA peak RSS", at("train", "qlora_memory_ratio"), "<= 0.35")
+    add("loss, first 10 steps, max relative difference to PEFT", at("train", "loss_max_rel_diff_first_10"), "<= 0.01", "{:.2e}")
+    print("\n".join(rows))
 
 
 def main():
@@ -296,12 +326,13 @@ def main():
             log(f"note: {name} is not set; the anchor's side of the comparison is skipped")
     res = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     sections = {"decode": decode, "serve": serve, "adapters": adapters, "startup": startup, "train": train}
-    for name in args.only.split(","):
-        sections[name](args, res)
-        print(json.dumps({name: res.get(name) or res.get({"serve": "serve_8_adapters", "adapters": "adapters_1000_zipf"}.get(name, name))}, indent=1), flush=True)
     out = args.out or ROOT / "runs" / "bench" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
+    for name in args.only.split(","):
+        sections[name](args, res)
+        out.write_text(json.dumps(res, indent=1))  # what is measured so far survives a failure
+        print(json.dumps({name: res.get(name) or res.get({"serve": "serve_8_adapters", "adapters": "adapters_1000_zipf"}.get(name, name))}, indent=1), flush=True)
+    summary(res)
     log(f"wrote {out}")
 
 
