@@ -9,16 +9,22 @@ fn graft_serve() -> Command {
     Command::new(env!("CARGO_BIN_EXE_graft-serve"))
 }
 
-#[test]
-fn chat_answers_the_capital_of_france_and_reports_speed() {
-    let out = graft_serve()
+/// `graft-serve generate --chat` on "What is the capital of France?", greedy, with `extra`.
+fn ask_france(max_tokens: &str, extra: &[&str]) -> std::process::Output {
+    graft_serve()
         .arg("generate")
         .arg("--model")
         .arg(gguf_path())
         .args(["--chat", "--prompt", "What is the capital of France?"])
-        .args(["--max-tokens", "24", "--temperature", "0"])
+        .args(["--max-tokens", max_tokens, "--temperature", "0"])
+        .args(extra)
         .output()
-        .expect("spawn graft-serve");
+        .expect("spawn graft-serve")
+}
+
+#[test]
+fn chat_answers_the_capital_of_france_and_reports_speed() {
+    let out = ask_france("24", &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -41,15 +47,7 @@ fn chat_answers_the_capital_of_france_and_reports_speed() {
 #[test]
 fn ignore_eos_decodes_every_requested_token() {
     let run = |extra: &[&str]| {
-        let out = graft_serve()
-            .arg("generate")
-            .arg("--model")
-            .arg(gguf_path())
-            .args(["--chat", "--prompt", "What is the capital of France?"])
-            .args(["--max-tokens", "30", "--temperature", "0"])
-            .args(extra)
-            .output()
-            .expect("spawn graft-serve");
+        let out = ask_france("30", extra);
         assert!(
             out.status.success(),
             "{}",
