@@ -122,14 +122,18 @@ impl GraftBackend for burn::backend::Flex {
         let ([n, d_in], [_, d_out]) = (x.dims(), y.dims());
         let host = |t: &Tensor<Self, 2>| t.clone().into_primitive().tensor();
         let xt = host(&x);
+        // The flat storage of each adapter's A and B in run order (the tensors kept alive
+        // beside their element ranges); `None` if any is strided.
         let weights: Option<Vec<_>> = runs
             .iter()
             .filter_map(|(_, l)| *l)
             .map(|l| {
                 let (a, b) = (host(&l.a), host(&l.b));
-                let ok = a.layout().contiguous_offsets().is_some()
-                    && b.layout().contiguous_offsets().is_some();
-                ok.then_some((a, b, l.scale, l.rank()))
+                let (ar, br) = (
+                    a.layout().contiguous_offsets()?,
+                    b.layout().contiguous_offsets()?,
+                );
+                Some((a, ar, b, br, l.scale, l.rank()))
             })
             .collect();
         let (Some(weights), Some((x0, x1))) = (weights, xt.layout().contiguous_offsets()) else {
@@ -148,12 +152,10 @@ impl GraftBackend for burn::backend::Flex {
         }
         let slices: Vec<(&[f32], &[f32], f32, usize)> = weights
             .iter()
-            .map(|(a, b, scale, r)| {
-                let (a0, a1) = a.layout().contiguous_offsets().expect("checked contiguous");
-                let (b0, b1) = b.layout().contiguous_offsets().expect("checked contiguous");
+            .map(|(a, (a0, a1), b, (b0, b1), scale, r)| {
                 (
-                    &a.storage::<f32>()[a0..a1],
-                    &b.storage::<f32>()[b0..b1],
+                    &a.storage::<f32>()[*a0..*a1],
+                    &b.storage::<f32>()[*b0..*b1],
                     *scale,
                     *r,
                 )

@@ -162,10 +162,11 @@ impl<B: GraftBackend> Llama<B> {
     /// If a sequence has no new tokens (callers check), or positions would exceed the tensor
     /// sizes the backend supports.
     pub fn forward(&self, seqs: &mut [SeqInput<'_, B>], which: Logits) -> Tensor<B, 2> {
-        if rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.forward(seqs, which));
-        }
-        let hidden = self.final_hidden(seqs);
+        on_pool(|| self.forward_on_pool(seqs, which))
+    }
+
+    fn forward_on_pool(&self, seqs: &mut [SeqInput<'_, B>], which: Logits) -> Tensor<B, 2> {
+        let hidden = self.final_hidden_on_pool(seqs);
         let hidden = match which {
             Logits::All => hidden,
             Logits::Last => {
@@ -187,12 +188,10 @@ impl<B: GraftBackend> Llama<B> {
 
     /// Hidden states after the final norm, `[total_new_tokens, hidden]`.
     pub fn final_hidden(&self, seqs: &mut [SeqInput<'_, B>]) -> Tensor<B, 2> {
-        // On the CPU the packed products split their rows over rayon's pool; running the whole
-        // pass on a pool thread lets that thread take part in each split instead of handing
-        // every product to the pool and sleeping until it is done (≈ 200 hand-offs a token).
-        if rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.final_hidden(seqs));
-        }
+        on_pool(|| self.final_hidden_on_pool(seqs))
+    }
+
+    fn final_hidden_on_pool(&self, seqs: &mut [SeqInput<'_, B>]) -> Tensor<B, 2> {
         assert!(
             seqs.iter().all(|s| !s.tokens.is_empty()),
             "every sequence needs a new token"
@@ -348,6 +347,18 @@ impl<B: GraftBackend> Llama<B> {
         out.reshape([c.num_heads, n, hd])
             .swap_dims(0, 1)
             .reshape([n, c.num_heads * hd])
+    }
+}
+
+/// Runs `f` on a rayon pool thread (at once if already on one). On the CPU the packed products
+/// split their rows over rayon's pool; running the whole pass on a pool thread lets that thread
+/// take part in each split instead of handing every product to the pool and sleeping until it
+/// is done (≈ 200 hand-offs a token).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
     }
 }
 

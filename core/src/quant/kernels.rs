@@ -73,8 +73,9 @@ fn select(w: &PackedWeight) -> Option<(RowKernel, Aux)> {
     }
 }
 
-/// Names the fused kernel used for `w` (for benchmarks and logs): `"avx2"` or `"portable"`.
-pub fn kernel_name(w: &PackedWeight) -> &'static str {
+/// Names the path used for `w`: `"avx2"` or `"portable"`.
+#[cfg(test)]
+fn kernel_name(w: &PackedWeight) -> &'static str {
     if select(w).is_some() {
         "avx2"
     } else {
@@ -95,12 +96,12 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
         Aux::Sums32 => cols / 32,
         Aux::Nf4Deinterleave => cols,
     };
+    // Per activation row: the per-32 sums (Q4_0, Q4_1, Q4_K) or the NF4 de-interleaving.
     let mut aux = vec![0f32; n * aux_len];
-    for r in (0..n).filter(|_| aux_len > 0) {
-        let (xr, ar) = (
-            &x[r * cols..(r + 1) * cols],
-            &mut aux[r * aux_len..(r + 1) * aux_len],
-        );
+    for (xr, ar) in x
+        .chunks_exact(cols)
+        .zip(aux.chunks_exact_mut(aux_len.max(1)))
+    {
         match aux_kind {
             Aux::None => {}
             Aux::Sums32 => {
@@ -136,9 +137,10 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
     let mut by_row = vec![0f32; rows * n];
     let threads = rayon::current_num_threads().max(1);
     let chunk_rows = rows.div_ceil(threads * 4).clamp(8, 256);
-    let (xs, xs_len): (&[f32], usize) = match aux_kind {
-        Aux::Nf4Deinterleave => (&aux, cols),
-        _ => (x, cols),
+    let xs: &[f32] = if aux_kind == Aux::Nf4Deinterleave {
+        &aux
+    } else {
+        x
     };
     let sums: &[f32] = if aux_kind == Aux::Sums32 { &aux } else { &[] };
     let work = |(c, part): (usize, &mut [f32])| {
@@ -150,7 +152,7 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
             for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
                 let r0 = g * MAX_ROWS;
                 let r1 = r0 + out.len();
-                let x_rows = &xs[r0 * xs_len..r1 * xs_len];
+                let x_rows = &xs[r0 * cols..r1 * cols];
                 let s_rows = if sums.is_empty() {
                     sums
                 } else {
@@ -172,16 +174,7 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
             .enumerate()
             .for_each(work);
     }
-    if n == 1 {
-        return Some(by_row);
-    }
-    let mut out = vec![0f32; n * rows];
-    for o in 0..rows {
-        for r in 0..n {
-            out[r * rows + o] = by_row[o * n + r];
-        }
-    }
-    Some(out)
+    Some(super::outputs_by_x_row(by_row, rows, n))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -287,35 +280,24 @@ mod avx2 {
         }
     }
 
-    /// Q4_0: `d·Σ (q − 8)·x = d·Σ q·x − 8d·Σ x`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_0(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+    /// Q4_0 and Q4_1 blocks of `block_bytes` bytes (the 16 bytes of codes last):
+    /// `Σ (q·d + m)·x = d·Σ q·x + m·Σ x`, with `(d, m)` read by `scales` from the block start.
+    #[inline(always)]
+    unsafe fn q4_rows(
+        row: &[u8],
+        xs: &[f32],
+        sums: &[f32],
+        out: &mut [f32],
+        block_bytes: usize,
+        scales: impl Fn(*const u8) -> (f32, f32),
+    ) {
         let (n, cols) = (out.len(), xs.len() / out.len());
         let nb = cols / 32;
         let mut acc = Acc::new();
-        for (b, blk) in row.chunks_exact(18).enumerate() {
+        for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
             prefetch(blk.as_ptr());
-            let d = half_at(blk.as_ptr());
-            let w = nibbles32(blk.as_ptr().add(2));
-            for r in 0..n {
-                let s = dot32(&w, xs.as_ptr().add(r * cols + 32 * b));
-                acc.v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc.v[r]);
-                acc.off[r] -= 8.0 * d * sums[r * nb + b];
-            }
-        }
-        acc.store(out);
-    }
-
-    /// Q4_1: `Σ (q·d + m)·x = d·Σ q·x + m·Σ x`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_1(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
-        let (n, cols) = (out.len(), xs.len() / out.len());
-        let nb = cols / 32;
-        let mut acc = Acc::new();
-        for (b, blk) in row.chunks_exact(20).enumerate() {
-            prefetch(blk.as_ptr());
-            let (d, m) = (half_at(blk.as_ptr()), half_at(blk.as_ptr().add(2)));
-            let w = nibbles32(blk.as_ptr().add(4));
+            let (d, m) = scales(blk.as_ptr());
+            let w = nibbles32(blk.as_ptr().add(block_bytes - 16));
             for r in 0..n {
                 let s = dot32(&w, xs.as_ptr().add(r * cols + 32 * b));
                 acc.v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc.v[r]);
@@ -323,6 +305,21 @@ mod avx2 {
             }
         }
         acc.store(out);
+    }
+
+    /// Q4_0: codes offset by 8, so `m = −8d`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_0(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+        q4_rows(row, xs, sums, out, 18, |p| {
+            let d = half_at(p);
+            (d, -8.0 * d)
+        });
+    }
+
+    /// Q4_1: `d` and `m` stored as two f16.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+        q4_rows(row, xs, sums, out, 20, |p| (half_at(p), half_at(p.add(2))));
     }
 
     /// Q8_0: `d·Σ q·x` with signed bytes.

@@ -9,7 +9,6 @@ pub mod nf4;
 use std::sync::Arc;
 
 pub use ggml::GgmlType;
-pub use kernels::kernel_name;
 pub use nf4::Nf4Tensor;
 
 /// How a base weight is stored, as named on the command line and in configs.
@@ -129,6 +128,9 @@ impl PackedWeight {
     /// dot product in a fixed order, so a row's result does not depend on `n` (batch-invariant).
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), n * self.cols);
+        if n == 0 {
+            return Vec::new();
+        }
         kernels::matmul_t(self, x, n).unwrap_or_else(|| self.matmul_t_portable(x, n))
     }
 
@@ -153,13 +155,7 @@ impl PackedWeight {
                     }
                 }
             });
-        let mut out = vec![0f32; n * rows];
-        for o in 0..rows {
-            for r in 0..n {
-                out[r * rows + o] = by_row[o * n + r];
-            }
-        }
-        out
+        outputs_by_x_row(by_row, rows, n)
     }
 
     /// Dequantizes the whole weight, row-major.
@@ -168,6 +164,21 @@ impl PackedWeight {
         self.dequantize_rows(0, self.rows, &mut out);
         out
     }
+}
+
+/// Products computed by weight row (`[rows, n]`, so that each task owns a contiguous slice)
+/// rearranged as `[n, rows]`.
+fn outputs_by_x_row(by_row: Vec<f32>, rows: usize, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return by_row;
+    }
+    let mut out = vec![0f32; n * rows];
+    for (o, ys) in by_row.chunks_exact(n).enumerate() {
+        for (r, y) in ys.iter().enumerate() {
+            out[r * rows + o] = *y;
+        }
+    }
+    out
 }
 
 /// Dot product with 8 independent accumulators (vectorizes; a fixed summation order).
