@@ -99,7 +99,8 @@ extern "C" {
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
 }
 
-/// `mi_option_purge_delay` in mimalloc v2's `mi_option_t` (libmimalloc-sys numbers it 15).
+/// `mi_option_purge_delay` in `mi_option_t` (15 in both mimalloc v2 and the v3 that
+/// libmimalloc-sys builds; its `extended.rs` numbers the neighbours 14 and 16).
 const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 
 fn main() {
@@ -401,18 +402,16 @@ fn train<B: AutodiffBackend + GraftBackend>(
     let loaded = load_model::<B>(cfg, device)?;
     let data = prepare_data(cfg, &loaded)?;
     let bench = matches!(target, Target::Bench);
+    let fresh = |sweep_index| -> Result<PathBuf> {
+        let dir = new_run_dir(cfg, sweep_index)?;
+        std::fs::write(dir.join(run::CONFIG_FILE), resolved(cfg, &dir))
+            .with_context(|| format!("writing {}", dir.display()))?;
+        Ok(dir)
+    };
     let (run_dir, resume) = match target {
         Target::Resume(dir, ckpt) => (dir.to_path_buf(), Some(ckpt)),
-        Target::New(_) | Target::Bench => {
-            let sweep_index = match target {
-                Target::New(i) => i,
-                _ => None,
-            };
-            let dir = new_run_dir(cfg, sweep_index)?;
-            std::fs::write(dir.join(run::CONFIG_FILE), resolved(cfg, &dir))
-                .with_context(|| format!("writing {}", dir.display()))?;
-            (dir, None)
-        }
+        Target::New(sweep_index) => (fresh(sweep_index)?, None),
+        Target::Bench => (fresh(None)?, None),
     };
     let run_dir = run_dir.as_path();
     let tok = loaded

@@ -299,15 +299,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
     /// I/O failures writing the run directory.
     pub fn run(&self, resume: Option<Checkpoint>) -> std::io::Result<Outcome> {
         let cfg = self.cfg;
-        let lens: Vec<usize> = self.data.train.iter().map(|t| t.ids.len()).collect();
-        let packing = cfg.packing.then_some(cfg.max_seq_len);
-        let per_epoch = micro_batches(
-            &epoch_order(lens.len(), cfg.data_seed, 0),
-            &lens,
-            cfg.micro_batch_size,
-            packing,
-        )
-        .len();
+        let per_epoch = Schedule::new(self, &TrainerState::default()).epoch_len();
         let steps_per_epoch = per_epoch.div_ceil(cfg.grad_accum);
         let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
         let warmup = cfg
