@@ -143,12 +143,19 @@ fn body(args: &BenchArgs, model: &str, max_tokens: usize) -> Value {
     body
 }
 
-fn post(args: &BenchArgs, path: &str) -> ureq::Request {
-    let mut req = ureq::post(&format!("{}{path}", args.url)).timeout(Duration::from_secs(600));
-    if let Some(k) = &args.api_key {
-        req = req.set("Authorization", &format!("Bearer {k}"));
+/// `req` with the bench's bearer key, if any.
+fn authed(args: &BenchArgs, req: ureq::Request) -> ureq::Request {
+    match &args.api_key {
+        Some(k) => req.set("Authorization", &format!("Bearer {k}")),
+        None => req,
     }
-    req
+}
+
+fn post(args: &BenchArgs, path: &str) -> ureq::Request {
+    authed(
+        args,
+        ureq::post(&format!("{}{path}", args.url)).timeout(Duration::from_secs(600)),
+    )
 }
 
 fn request(args: &BenchArgs, model: &str) -> Result<One> {
@@ -230,10 +237,7 @@ impl Zipf {
 }
 
 fn get_json(args: &BenchArgs, path: &str) -> Result<Value> {
-    let mut req = ureq::get(&format!("{}{path}", args.url));
-    if let Some(k) = &args.api_key {
-        req = req.set("Authorization", &format!("Bearer {k}"));
-    }
+    let req = authed(args, ureq::get(&format!("{}{path}", args.url)));
     Ok(serde_json::from_str(&req.call()?.into_string()?)?)
 }
 
@@ -261,6 +265,9 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         let (gbs, threads) = read_bandwidth();
         println!("memory read bandwidth: {gbs:.1} GB/s ({threads} threads, 1 GiB, best of 5)");
         return Ok(());
+    }
+    if (args.cold > 0 || args.load_count > 0) && args.load_adapter.is_none() {
+        bail!("--cold and --load-count need --load-adapter <adapter path>");
     }
     let mut load_times = Vec::new();
     let mut cold = None;
