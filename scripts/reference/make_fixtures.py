@@ -8,11 +8,17 @@ scripts/fetch-model.sh):
     /tmp/refenv/bin/python scripts/reference/make_fixtures.py \
         ~/.cache/graft/models/SmolLM2-135M-Instruct.Q4_1.gguf core/tests/fixtures
 
+`--only ggml_blocks OUT_DIR` writes just ggml_blocks.safetensors and needs only gguf, numpy and
+safetensors (no torch, no model):
+
+    python3 scripts/reference/make_fixtures.py --only ggml_blocks core/tests/fixtures
+
 Everything is seeded, so a rerun with the same versions rewrites identical files. Writes:
 
   ggml_blocks.safetensors  `<TYPE>.bytes` (u8, 8 packed llama.cpp blocks of random bytes with finite,
                            moderate f16 scales) and `<TYPE>.values` (f32, gguf-py's dequantization)
-                           for Q4_0 Q4_1 Q8_0 Q4_K Q5_K Q6_K, plus 64 F16 and BF16 values
+                           for Q4_0 Q4_1 Q8_0 Q4_K Q5_K Q6_K Q5_0 Q5_1 Q2_K Q3_K IQ4_NL IQ4_XS,
+                           plus 64 F16 and BF16 values
   nf4.safetensors          bitsandbytes NF4 of a [33, 70] f32 matrix (a tail block of 6), blocksize
                            64, with double quantization (`packed`, `absmax` u8 codes,
                            `nested_absmax`, `nested_quant_map`, `nested_offset`, `quant_map`,
@@ -37,12 +43,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
-
-torch.set_num_threads(1)  # deterministic reductions, and light on a shared machine
 
 # ---------------------------------------------------------------------------------------------
 # GGML blocks
@@ -52,6 +55,11 @@ torch.set_num_threads(1)  # deterministic reductions, and light on a shared mach
 #   Q4_0  f16 d, 16 qs                    Q4_K  f16 d, f16 dmin, 12 scales, 128 qs
 #   Q4_1  f16 d, f16 m, 16 qs             Q5_K  f16 d, f16 dmin, 12 scales, 32 qh, 128 qs
 #   Q8_0  f16 d, 32 i8                    Q6_K  128 ql, 64 qh, 16 i8 scales, f16 d
+#   Q5_0  f16 d, 4 qh, 16 qs              Q2_K  16 scales, 64 qs, f16 d, f16 dmin
+#   Q5_1  f16 d, f16 m, 4 qh, 16 qs       Q3_K  32 hmask, 64 qs, 12 scales, f16 d
+#   IQ4_NL f16 d, 16 qs                   IQ4_XS f16 d, u16 scales_h, 4 scales_l, 128 qs
+# The types after Q6_K were added later: they are drawn after the F16/BF16 values, so that the
+# earlier tensors stay byte-identical.
 BLOCKS = {
     "Q4_0": (18, [0]),
     "Q4_1": (20, [0, 2]),
@@ -59,7 +67,18 @@ BLOCKS = {
     "Q4_K": (144, [0, 2]),
     "Q5_K": (176, [0, 2]),
     "Q6_K": (210, [208]),
+    "Q5_0": (22, [0]),
+    "Q5_1": (24, [0, 2]),
+    "Q2_K": (84, [80, 82]),
+    "Q3_K": (110, [108]),
+    "IQ4_NL": (18, [0]),
+    "IQ4_XS": (136, [0]),
 }
+FIRST_BLOCKS = 6  # the types drawn before F16/BF16
+
+# Super-block scales (d, dmin) that llama.cpp's quantizers only make non-negative; the others
+# (including Q3_K's and Q6_K's d, whose sub-block scales are signed) are drawn with either sign.
+NON_NEGATIVE = {"Q4_K", "Q5_K", "Q2_K"}
 
 
 def random_blocks(rng, name, n_blocks):
@@ -68,8 +87,7 @@ def random_blocks(rng, name, n_blocks):
     b = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     for off in scale_offsets:
         mag = rng.uniform(1e-3, 1e-1, n_blocks)
-        # K-quant super-block scales are non-negative in llama.cpp's quantizers; others signed.
-        sign = 1.0 if name.endswith("_K") and name != "Q6_K" else rng.choice([-1.0, 1.0], n_blocks)
+        sign = 1.0 if name in NON_NEGATIVE else rng.choice([-1.0, 1.0], n_blocks)
         b[:, off:off + 2] = (mag * sign).astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
     return b.reshape(-1)
 
@@ -77,10 +95,15 @@ def random_blocks(rng, name, n_blocks):
 def ggml_blocks(out):
     rng = np.random.default_rng(1)
     t = {}
-    for name in BLOCKS:
-        b = random_blocks(rng, name, 8)
-        t[f"{name}.bytes"] = b
-        t[f"{name}.values"] = dequantize(b, Q[name]).astype(np.float32).reshape(-1)
+
+    def blocks(names):
+        for name in names:
+            b = random_blocks(rng, name, 8)
+            t[f"{name}.bytes"] = b
+            t[f"{name}.values"] = dequantize(b, Q[name]).astype(np.float32).reshape(-1)
+
+    names = list(BLOCKS)
+    blocks(names[:FIRST_BLOCKS])
     # 64 floats: normal values plus zeros, subnormals, the f16 maximum and bf16 rounding ties.
     special = [0.0, -0.0, 6e-8, -3e-5, 65504.0, 1.00390625, 1.01171875, -2.0078125]
     vals = np.concatenate([rng.normal(0, 2, 64 - len(special)), special]).astype(np.float32)
@@ -88,6 +111,7 @@ def ggml_blocks(out):
         b = quantize(vals, Q[name]).view(np.uint8).reshape(-1)
         t[f"{name}.bytes"] = b
         t[f"{name}.values"] = dequantize(b, Q[name]).astype(np.float32).reshape(-1)
+    blocks(names[FIRST_BLOCKS:])
     save_file(t, os.path.join(out, "ggml_blocks.safetensors"))
 
 
@@ -134,6 +158,7 @@ def nf4_reference_quantize(w, code, blocksize=64):
 
 def nf4(out):
     import bitsandbytes.functional as F
+    import torch
 
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(33, 70, generator=gen) * 0.02
@@ -193,6 +218,7 @@ def write_json(path, obj):
 
 
 def load_transformers(gguf_path):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d, f = os.path.split(os.path.abspath(gguf_path))
@@ -203,6 +229,8 @@ def load_transformers(gguf_path):
 
 def greedy(model, ids):
     """model.generate, greedy, exactly GREEDY_TOKENS new tokens: EOS is not a stop token here."""
+    import torch
+
     model.generation_config.eos_token_id = None  # a None argument would fall back to this default
     with torch.no_grad():
         g = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -219,6 +247,8 @@ def greedy(model, ids):
 
 
 def smollm2(tok, model, gguf_path, out):
+    import torch
+
     chat = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
                                    add_generation_prompt=True)
     texts = ["The capital of France is", chat, "def fibonacci(n):\n    ",
@@ -339,10 +369,18 @@ def chat_templates(tok, out):
 
 
 def main():
-    if len(sys.argv) not in (2, 3):
+    args = sys.argv[1:]
+    if len(args) == 3 and args[:2] == ["--only", "ggml_blocks"]:
+        os.makedirs(args[2], exist_ok=True)
+        ggml_blocks(args[2])
+        return
+    if len(args) not in (1, 2) or args[0].startswith("--"):
         sys.exit(__doc__)
-    gguf_path = sys.argv[1]
-    out = sys.argv[2] if len(sys.argv) == 3 else "core/tests/fixtures"
+    import torch
+
+    torch.set_num_threads(1)  # deterministic reductions, and light on a shared machine
+    gguf_path = args[0]
+    out = args[1] if len(args) == 2 else "core/tests/fixtures"
     os.makedirs(out, exist_ok=True)
     ggml_blocks(out)
     nf4(out)

@@ -2,6 +2,12 @@
 //! `ggml-quants.c::dequantize_row_*`). Dequantization reproduces gguf-py's
 //! `gguf.quants.dequantize` bit for bit: the same f16→f32 scale widening and the same order of
 //! f32 operations.
+//!
+//! gguf-py's numpy computes each operation separately, rounded to f32, never as a fused
+//! multiply-add: sub-block scales first (`d·sc`, `dmin·m`, once per sub-block), then their
+//! product with the code, then the min subtracted or added — `(d·sc)·q − dmin·m`, `d·q + m`,
+//! `(d·ls)·kvalues[q]`, not `d·(sc·q)`. The functions below keep that order (Rust does not
+//! contract `a * b + c` into an FMA); integer offsets (`q − 16`, Q3_K's `− 4`) are exact.
 
 use half::{bf16, f16};
 
@@ -17,10 +23,16 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
+    Q2_K,
+    Q3_K,
     Q4_K,
     Q5_K,
     Q6_K,
+    IQ4_NL,
+    IQ4_XS,
 }
 
 impl GgmlType {
@@ -31,10 +43,16 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            10 => GgmlType::Q2_K,
+            11 => GgmlType::Q3_K,
             12 => GgmlType::Q4_K,
             13 => GgmlType::Q5_K,
             14 => GgmlType::Q6_K,
+            20 => GgmlType::IQ4_NL,
+            23 => GgmlType::IQ4_XS,
             30 => GgmlType::BF16,
             _ => return None,
         })
@@ -46,10 +64,16 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q2_K => 10,
+            GgmlType::Q3_K => 11,
             GgmlType::Q4_K => 12,
             GgmlType::Q5_K => 13,
             GgmlType::Q6_K => 14,
+            GgmlType::IQ4_NL => 20,
+            GgmlType::IQ4_XS => 23,
             GgmlType::BF16 => 30,
         }
     }
@@ -58,8 +82,18 @@ impl GgmlType {
     pub fn block_size(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
-            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => QK_K,
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::IQ4_NL => 32,
+            GgmlType::Q2_K
+            | GgmlType::Q3_K
+            | GgmlType::Q4_K
+            | GgmlType::Q5_K
+            | GgmlType::Q6_K
+            | GgmlType::IQ4_XS => QK_K,
         }
     }
 
@@ -70,10 +104,16 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => 2,
             GgmlType::Q4_0 => 18,
             GgmlType::Q4_1 => 20,
+            GgmlType::Q5_0 => 22,
+            GgmlType::Q5_1 => 24,
             GgmlType::Q8_0 => 34,
+            GgmlType::Q2_K => 84,
+            GgmlType::Q3_K => 110,
             GgmlType::Q4_K => 144,
             GgmlType::Q5_K => 176,
             GgmlType::Q6_K => 210,
+            GgmlType::IQ4_NL => 18,
+            GgmlType::IQ4_XS => 136,
         }
     }
 
@@ -104,10 +144,16 @@ impl GgmlType {
                 GgmlType::BF16 => y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
                 GgmlType::Q4_0 => q4_0(b, y),
                 GgmlType::Q4_1 => q4_1(b, y),
+                GgmlType::Q5_0 => q5_0(b, y),
+                GgmlType::Q5_1 => q5_1(b, y),
                 GgmlType::Q8_0 => q8_0(b, y),
+                GgmlType::Q2_K => q2_k(b, y),
+                GgmlType::Q3_K => q3_k(b, y),
                 GgmlType::Q4_K => q4_k(b, y),
                 GgmlType::Q5_K => q5_k(b, y),
                 GgmlType::Q6_K => q6_k(b, y),
+                GgmlType::IQ4_NL => iq4_nl(b, y),
+                GgmlType::IQ4_XS => iq4_xs(b, y),
             }
         }
     }
@@ -135,6 +181,33 @@ fn q4_1(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The 32 five-bit codes of a Q5_0/Q5_1 block: the low four bits as in Q4_0 (element `j` in
+/// the low nibble of `qs[j]`, `j + 16` in its high nibble), the fifth is bit `j` of the
+/// little-endian u32 `qh`.
+fn q5_codes(qh: &[u8], qs: &[u8]) -> [u8; 32] {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    std::array::from_fn(|j| {
+        let low = if j < 16 { qs[j] & 0xF } else { qs[j - 16] >> 4 };
+        low | (((qh >> j) & 1) as u8) << 4
+    })
+}
+
+/// `x[j] = (q[j] - 16)·d`.
+fn q5_0(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (y, q) in y.iter_mut().zip(q5_codes(&b[2..6], &b[6..22])) {
+        *y = (q as i8 - 16) as f32 * d;
+    }
+}
+
+/// `x[j] = q[j]·d + m`.
+fn q5_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (half_at(b, 0), half_at(b, 2));
+    for (y, q) in y.iter_mut().zip(q5_codes(&b[4..8], &b[8..24])) {
+        *y = q as f32 * d + m;
+    }
+}
+
 fn q8_0(b: &[u8], y: &mut [f32]) {
     let d = half_at(b, 0);
     for (j, &q) in b[2..34].iter().enumerate() {
@@ -151,6 +224,51 @@ pub(super) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
             (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
             (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
         )
+    }
+}
+
+/// The 16 two-bit codes of sub-block `i` (of 16) in a Q2_K/Q3_K `qs[64]`: two halves of 128
+/// values, each four 32-value groups of bit pairs `2s` of the same 32 bytes.
+fn two_bit_codes(qs: &[u8], i: usize) -> impl Iterator<Item = u8> + '_ {
+    let shift = 2 * (i / 2 % 4);
+    qs[32 * (i / 8) + 16 * (i % 2)..][..16]
+        .iter()
+        .map(move |q| (q >> shift) & 3)
+}
+
+/// Q2_K: 16 sub-blocks of 16, each with a four-bit scale and min (`scales[i]` low and high
+/// nibble): `x = (d·sc)·q − dmin·m`.
+fn q2_k(b: &[u8], y: &mut [f32]) {
+    let (scales, qs) = (&b[0..16], &b[16..80]);
+    let (d, dmin) = (half_at(b, 80), half_at(b, 82));
+    for (i, (y, &sc)) in y.chunks_exact_mut(16).zip(scales).enumerate() {
+        let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+        for (y, q) in y.iter_mut().zip(two_bit_codes(qs, i)) {
+            *y = dl * q as f32 - ml;
+        }
+    }
+}
+
+/// Six-bit signed scale `i` (of 16) of a Q3_K block, packed in 12 bytes: the low four bits in
+/// the nibbles of bytes 0-7 (scales 0-7 low, 8-15 high), the high two in bit pairs of bytes 8-11.
+fn q3_k_scale(sc: &[u8], i: usize) -> i8 {
+    let low = (sc[i % 8] >> (4 * (i / 8))) & 0xF;
+    let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+    (low | high << 4) as i8 - 32
+}
+
+/// Q3_K: 16 sub-blocks of 16, `x = (d·sc)·(q − 4·(1 − h))` with a two-bit `q` and the `hmask`
+/// bit `h` (bit `e / 32` of `hmask[e % 32]`; a set bit means no offset).
+fn q3_k(b: &[u8], y: &mut [f32]) {
+    let (hmask, qs, sc) = (&b[0..32], &b[32..96], &b[96..108]);
+    let d = half_at(b, 108);
+    for (i, y) in y.chunks_exact_mut(16).enumerate() {
+        let dl = d * q3_k_scale(sc, i) as f32;
+        let hm = &hmask[16 * (i % 2)..][..16];
+        for ((y, q), &h) in y.iter_mut().zip(two_bit_codes(qs, i)).zip(hm) {
+            let offset = if (h >> (i / 2)) & 1 == 0 { 4 } else { 0 };
+            *y = dl * (q as i8 - offset) as f32;
+        }
     }
 }
 
@@ -209,6 +327,37 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The non-linear four-bit codebook of IQ4_NL and IQ4_XS (`kvalues_iq4nl`).
+const IQ4_NL_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// 32 values `d·kvalues[code]` from 16 bytes of nibbles in Q4_0 order.
+fn iq4_block(d: f32, qs: &[u8], y: &mut [f32]) {
+    for (j, &q) in qs.iter().enumerate() {
+        y[j] = d * IQ4_NL_VALUES[(q & 0xF) as usize] as f32;
+        y[j + 16] = d * IQ4_NL_VALUES[(q >> 4) as usize] as f32;
+    }
+}
+
+fn iq4_nl(b: &[u8], y: &mut [f32]) {
+    iq4_block(half_at(b, 0), &b[2..18], y);
+}
+
+/// IQ4_XS: 8 sub-blocks of 32, each with a six-bit signed scale (low four bits in the nibbles
+/// of `scales_l`, high two in bit pairs of the u16 `scales_h`), codes as in IQ4_NL.
+fn iq4_xs(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    let scales_h = u16::from_le_bytes([b[2], b[3]]);
+    let (scales_l, qs) = (&b[4..8], &b[8..136]);
+    for (ib, (y, qs)) in y.chunks_exact_mut(32).zip(qs.chunks_exact(16)).enumerate() {
+        let low = (scales_l[ib / 2] >> (4 * (ib % 2))) & 0xF;
+        let high = ((scales_h >> (2 * ib)) & 3) as u8;
+        let ls = (low | high << 4) as i8 - 32;
+        iq4_block(d * ls as f32, qs, y);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,7 +366,9 @@ mod tests {
     fn sizes_match_ggml() {
         assert_eq!(GgmlType::Q4_K.bytes_for(512), Some(288));
         assert_eq!(GgmlType::Q4_1.bytes_for(33), None);
-        for id in [0, 1, 2, 3, 8, 12, 13, 14, 30] {
+        assert_eq!(GgmlType::Q3_K.bytes_for(256), Some(110));
+        assert_eq!(GgmlType::IQ4_XS.bytes_for(100), None);
+        for id in [0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 23, 30] {
             assert_eq!(GgmlType::from_id(id).map(GgmlType::id), Some(id));
         }
         assert_eq!(GgmlType::from_id(16), None);

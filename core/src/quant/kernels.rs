@@ -8,10 +8,11 @@
 //! defines it, e.g. Q4_1 `Σ (q·d + m)·x = d·Σ q·x + m·Σ x` with `Σ x` per 32-block computed once
 //! per call and shared by every weight row.
 //!
-//! x86-64 with AVX2, FMA and F16C (detected at run time) gets SIMD kernels for Q4_0, Q4_1, Q8_0, Q4_K,
-//! Q6_K and NF4; other CPUs and block types use the portable path in `mod.rs`. Work is split over
-//! output rows on rayon's pool (the one burn's CPU backend uses). Each output is computed by one
-//! kernel call in a fixed order, so a row's result does not depend on the batch it is in.
+//! x86-64 with AVX2, FMA and F16C (detected at run time) gets SIMD kernels for Q4_0, Q4_1, Q5_0,
+//! Q8_0, Q4_K, Q5_K, Q6_K and NF4; other CPUs and block types (Q5_1, Q2_K, Q3_K, IQ4_NL, IQ4_XS)
+//! use the portable path in `mod.rs`. Work is split over output rows on rayon's pool (the one
+//! burn's CPU backend uses). Each output is computed by one kernel call in a fixed order, so a
+//! row's result does not depend on the batch it is in.
 
 use rayon::prelude::*;
 
@@ -20,9 +21,9 @@ use super::{GgmlType, PackedData, PackedWeight};
 /// A SIMD kernel: the dot products of one packed weight row with `out.len()` (at most
 /// [`MAX_ROWS`]) activation rows, each block unpacked once for all of them. `xs` holds the rows
 /// one after another (for NF4, de-interleaved); `scales` is the weight row's NF4 absmaxes (empty
-/// for GGML types); `aux` holds each activation row's per-32 sums (Q4_0, Q4_1, Q4_K). Every
-/// row's sum runs in the same order whatever the number of rows, so results are
-/// batch-invariant.
+/// for GGML types); `aux` holds each activation row's per-32 sums (the types with an offset or
+/// a min: Q4_0, Q4_1, Q5_0, Q4_K, Q5_K). Every row's sum runs in the same order whatever the
+/// number of rows, so results are batch-invariant.
 type RowKernel = unsafe fn(row: &[u8], scales: &[f32], xs: &[f32], aux: &[f32], out: &mut [f32]);
 
 /// Activation rows one kernel call takes.
@@ -54,8 +55,10 @@ fn select(w: &PackedWeight) -> Option<(RowKernel, Aux)> {
             PackedData::Ggml { ty, .. } => match ty {
                 GgmlType::Q4_0 => Some((avx2::q4_0 as RowKernel, Aux::Sums32)),
                 GgmlType::Q4_1 => Some((avx2::q4_1 as RowKernel, Aux::Sums32)),
+                GgmlType::Q5_0 => Some((avx2::q5_0 as RowKernel, Aux::Sums32)),
                 GgmlType::Q8_0 => Some((avx2::q8_0 as RowKernel, Aux::None)),
                 GgmlType::Q4_K => Some((avx2::q4_k as RowKernel, Aux::Sums32)),
+                GgmlType::Q5_K => Some((avx2::q5_k as RowKernel, Aux::Sums32)),
                 GgmlType::Q6_K => Some((avx2::q6_k as RowKernel, Aux::None)),
                 _ => None,
             },
@@ -96,7 +99,7 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
         Aux::Sums32 => cols / 32,
         Aux::Nf4Deinterleave => cols,
     };
-    // Per activation row: the per-32 sums (Q4_0, Q4_1, Q4_K) or the NF4 de-interleaving.
+    // Per activation row: the per-32 sums or the NF4 de-interleaving.
     let mut aux = vec![0f32; n * aux_len];
     for (xr, ar) in x
         .chunks_exact(cols)
@@ -243,18 +246,31 @@ mod avx2 {
         _mm256_fmadd_ps(w[3], ld(x.add(24)), s)
     }
 
-    /// The 32 codes of a block stored as 16 bytes of nibbles, as f32 in `x` order: element `j`
-    /// in the low nibble of byte `j`, element `j + 16` in its high nibble (Q4_0, Q4_1).
+    /// The low nibbles, then the high nibbles, of `G` groups of 8 bytes, as i32 lanes (for
+    /// `G = 4`, a K-quant chunk of 64 codes).
     #[inline(always)]
-    unsafe fn nibbles32(q: *const u8) -> [__m256; 4] {
+    unsafe fn nibbles<const G: usize>(q: *const u8) -> [[__m256i; G]; 2] {
         let m = _mm256_set1_epi32(0xF);
-        let (a, b) = (u8x8(q), u8x8(q.add(8)));
+        let v: [__m256i; G] = std::array::from_fn(|g| u8x8(q.add(8 * g)));
         [
-            f(_mm256_and_si256(a, m)),
-            f(_mm256_and_si256(b, m)),
-            f(_mm256_srli_epi32(a, 4)),
-            f(_mm256_srli_epi32(b, 4)),
+            v.map(|v| _mm256_and_si256(v, m)),
+            v.map(|v| _mm256_srli_epi32(v, 4)),
         ]
+    }
+
+    /// The 32 codes of a block stored as 16 bytes of nibbles, as i32 in `x` order: element `j`
+    /// in the low nibble of byte `j`, element `j + 16` in its high nibble (Q4_0, Q4_1, Q5_0).
+    #[inline(always)]
+    unsafe fn nibbles32(q: *const u8) -> [__m256i; 4] {
+        let [lo, hi] = nibbles::<2>(q);
+        [lo[0], lo[1], hi[0], hi[1]]
+    }
+
+    /// A five-bit code: `low | ((bits >> shift) & 1) << 4`, shifts per lane (Q5_0, Q5_K).
+    #[inline(always)]
+    unsafe fn with_bit4(low: __m256i, bits: __m256i, shift: __m256i) -> __m256 {
+        let bit = _mm256_and_si256(_mm256_srlv_epi32(bits, shift), _mm256_set1_epi32(1));
+        f(_mm256_or_si256(low, _mm256_slli_epi32(bit, 4)))
     }
 
     /// Row accumulators: a vector sum and a scalar offset per activation row.
@@ -280,24 +296,23 @@ mod avx2 {
         }
     }
 
-    /// Q4_0 and Q4_1 blocks of `block_bytes` bytes (the 16 bytes of codes last):
-    /// `Σ (q·d + m)·x = d·Σ q·x + m·Σ x`, with `(d, m)` read by `scales` from the block start.
+    /// 32-value blocks of `block_bytes` bytes with an offset or a min (Q4_0, Q4_1, Q5_0):
+    /// `Σ (q·d + m)·x = d·Σ q·x + m·Σ x`, with `(d, m, q)` read by `block` from the block start.
     #[inline(always)]
-    unsafe fn q4_rows(
+    unsafe fn q32_rows(
         row: &[u8],
         xs: &[f32],
         sums: &[f32],
         out: &mut [f32],
         block_bytes: usize,
-        scales: impl Fn(*const u8) -> (f32, f32),
+        block: impl Fn(*const u8) -> (f32, f32, [__m256; 4]),
     ) {
         let (n, cols) = (out.len(), xs.len() / out.len());
         let nb = cols / 32;
         let mut acc = Acc::new();
         for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
             prefetch(blk.as_ptr());
-            let (d, m) = scales(blk.as_ptr());
-            let w = nibbles32(blk.as_ptr().add(block_bytes - 16));
+            let (d, m, w) = block(blk.as_ptr());
             for r in 0..n {
                 let s = dot32(&w, xs.as_ptr().add(r * cols + 32 * b));
                 acc.v[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc.v[r]);
@@ -310,16 +325,44 @@ mod avx2 {
     /// Q4_0: codes offset by 8, so `m = −8d`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_0(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
-        q4_rows(row, xs, sums, out, 18, |p| {
+        q32_rows(row, xs, sums, out, 18, |p| {
             let d = half_at(p);
-            (d, -8.0 * d)
+            (d, -8.0 * d, nibbles32(p.add(2)).map(|q| f(q)))
         });
     }
 
     /// Q4_1: `d` and `m` stored as two f16.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_1(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
-        q4_rows(row, xs, sums, out, 20, |p| (half_at(p), half_at(p.add(2))));
+        q32_rows(row, xs, sums, out, 20, |p| {
+            (
+                half_at(p),
+                half_at(p.add(2)),
+                nibbles32(p.add(4)).map(|q| f(q)),
+            )
+        });
+    }
+
+    /// Q5_0: five-bit codes offset by 16 (`m = −16d`), the fifth bit of element `j` being bit
+    /// `j` of the u32 after `d`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q5_0(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+        q32_rows(row, xs, sums, out, 22, |p| {
+            let d = half_at(p);
+            let qh = _mm256_set1_epi32(i32::from_le_bytes([
+                *p.add(2),
+                *p.add(3),
+                *p.add(4),
+                *p.add(5),
+            ]));
+            let low = nibbles32(p.add(6));
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let w = std::array::from_fn(|g| {
+                let shift = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * g as i32));
+                with_bit4(low[g], qh, shift)
+            });
+            (d, -16.0 * d, w)
+        });
     }
 
     /// Q8_0: `d·Σ q·x` with signed bytes.
@@ -340,25 +383,29 @@ mod avx2 {
         acc.store(out);
     }
 
-    /// Q4_K: per 32-value sub-block `d·sc·Σ q·x − dmin·m·Σ x`; chunk `c` of 64 values keeps its
-    /// first 32 in the low nibbles of 32 bytes and the next 32 in the high nibbles.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_k(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+    /// Q4_K and Q5_K blocks of `block_bytes` bytes (`d`, `dmin` and the 12 bytes of six-bit
+    /// scales and mins first): per 32-value sub-block `d·sc·Σ q·x − dmin·m·Σ x`. `codes` reads
+    /// chunk `c` (of 4) of 64 codes from the block start: the first 32, then the next 32.
+    #[inline(always)]
+    unsafe fn k_rows(
+        row: &[u8],
+        xs: &[f32],
+        sums: &[f32],
+        out: &mut [f32],
+        block_bytes: usize,
+        codes: impl Fn(*const u8, usize) -> [[__m256; 4]; 2],
+    ) {
         let (n, cols) = (out.len(), xs.len() / out.len());
         let nb = cols / 32;
-        let m = _mm256_set1_epi32(0xF);
         let mut acc = Acc::new();
-        for (b, blk) in row.chunks_exact(144).enumerate() {
+        for (b, blk) in row.chunks_exact(block_bytes).enumerate() {
             prefetch(blk.as_ptr());
             let (d, dmin) = (half_at(blk.as_ptr()), half_at(blk.as_ptr().add(2)));
             let scales = &blk[4..16];
             for c in 0..4 {
                 let (sc1, m1) = scale_min_k4(2 * c, scales);
                 let (sc2, m2) = scale_min_k4(2 * c + 1, scales);
-                let q = blk.as_ptr().add(16 + 32 * c);
-                let v = [u8x8(q), u8x8(q.add(8)), u8x8(q.add(16)), u8x8(q.add(24))];
-                let lo = v.map(|v| f(_mm256_and_si256(v, m)));
-                let hi = v.map(|v| f(_mm256_srli_epi32(v, 4)));
+                let [lo, hi] = codes(blk.as_ptr(), c);
                 let (d1, d2) = (
                     _mm256_set1_ps(d * sc1 as f32),
                     _mm256_set1_ps(d * sc2 as f32),
@@ -376,6 +423,33 @@ mod avx2 {
             }
         }
         acc.store(out);
+    }
+
+    /// Q4_K: chunk `c` of 64 values keeps its first 32 in the low nibbles of 32 bytes and the
+    /// next 32 in the high nibbles.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_k(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+        k_rows(row, xs, sums, out, 144, |blk, c| {
+            nibbles::<4>(blk.add(16 + 32 * c)).map(|h| h.map(|q| f(q)))
+        });
+    }
+
+    /// Q5_K: Q4_K's nibbles (after 32 bytes of `qh`) plus a fifth bit: bit `2c` of `qh[l]` for
+    /// value `l` of chunk `c`'s first 32, bit `2c + 1` for its next 32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q5_k(row: &[u8], _: &[f32], xs: &[f32], sums: &[f32], out: &mut [f32]) {
+        k_rows(row, xs, sums, out, 176, |blk, c| {
+            let [lo, hi] = nibbles::<4>(blk.add(48 + 32 * c));
+            let qh = [0, 1, 2, 3].map(|g| u8x8(blk.add(16 + 8 * g)));
+            let (s1, s2) = (
+                _mm256_set1_epi32(2 * c as i32),
+                _mm256_set1_epi32(2 * c as i32 + 1),
+            );
+            [
+                [0, 1, 2, 3].map(|g| with_bit4(lo[g], qh[g], s1)),
+                [0, 1, 2, 3].map(|g| with_bit4(hi[g], qh[g], s2)),
+            ]
+        });
     }
 
     /// Six-bit Q6_K codes minus 32: `low | ((hb >> shift) & 3) << 4`.
@@ -510,10 +584,13 @@ mod tests {
         let row_bytes = ty.bytes_for(cols as u64).expect("whole blocks") as usize;
         let mut b = bytes(rows * row_bytes, ty.id() as u64);
         let halves: &[usize] = match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => &[0],
-            GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+            GgmlType::IQ4_NL | GgmlType::IQ4_XS => &[0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
             GgmlType::Q6_K => &[208],
-            _ => unreachable!("only kernel types are tested"),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => &[],
         };
         for (i, blk) in b.chunks_exact_mut(ty.type_size()).enumerate() {
             for (k, &at) in halves.iter().enumerate() {
@@ -531,53 +608,79 @@ mod tests {
             .collect()
     }
 
-    /// Every SIMD kernel agrees with dequantize-then-dot (in f64) to f32 rounding of the
-    /// products, and a row's output is the same alone and in a batch.
+    const ROWS: usize = 150;
+    const COLS: usize = 512; // ROWS·COLS is above PAR_MIN_VALUES: the pool path
+
+    /// `w.matmul_t` agrees with dequantize-then-dot (in f64) to f32 rounding of the products
+    /// for 1, 3 and 9 activation rows, and a row's output is the same alone and in a batch.
+    fn check_matmul_t(w: &PackedWeight) {
+        let (rows, cols) = (w.rows, w.cols);
+        let name = w.kind_name();
+        let wd = w.dequantize();
+        for n in [1, 3, 9] {
+            let x = activations(n, cols);
+            let y = w.matmul_t(&x, n);
+            for r in 0..n {
+                for o in 0..rows {
+                    let (xr, wr) = (&x[r * cols..(r + 1) * cols], &wd[o * cols..(o + 1) * cols]);
+                    let exact: f64 = xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let scale: f64 = xr
+                        .iter()
+                        .zip(wr)
+                        .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                        .sum();
+                    let got = y[r * rows + o] as f64;
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * scale + 1e-6,
+                        "{name} n={n} row {r} out {o}: {got} vs {exact}"
+                    );
+                }
+            }
+            let alone = w.matmul_t(&x[(n - 1) * cols..], 1);
+            assert_eq!(&alone[..], &y[(n - 1) * rows..], "{name}: batch-invariant");
+        }
+    }
+
     #[test]
     fn simd_kernels_match_dequantize_then_dot() {
-        let (rows, cols) = (150, 512); // above PAR_MIN_VALUES: the pool path
         let mut weights: Vec<PackedWeight> = [
             GgmlType::Q4_0,
             GgmlType::Q4_1,
+            GgmlType::Q5_0,
             GgmlType::Q8_0,
             GgmlType::Q4_K,
+            GgmlType::Q5_K,
             GgmlType::Q6_K,
         ]
         .into_iter()
-        .map(|ty| ggml_weight(ty, rows, cols))
+        .map(|ty| ggml_weight(ty, ROWS, COLS))
         .collect();
-        let dense: Vec<f32> = activations(rows, cols).iter().map(|v| v / 3.0).collect();
-        weights.push(PackedWeight::nf4(rows, cols, &dense));
+        let dense: Vec<f32> = activations(ROWS, COLS).iter().map(|v| v / 3.0).collect();
+        weights.push(PackedWeight::nf4(ROWS, COLS, &dense));
         for w in &weights {
-            let name = w.kind_name();
             if kernel_name(w) == "portable" {
-                eprintln!("{name}: no SIMD kernel on this CPU; the portable path is tested");
+                eprintln!(
+                    "{}: no SIMD kernel on this CPU; the portable path is tested",
+                    w.kind_name()
+                );
             }
-            let wd = w.dequantize();
-            for n in [1, 3, 9] {
-                let x = activations(n, cols);
-                let y = w.matmul_t(&x, n);
-                for r in 0..n {
-                    for o in 0..rows {
-                        let (xr, wr) =
-                            (&x[r * cols..(r + 1) * cols], &wd[o * cols..(o + 1) * cols]);
-                        let exact: f64 =
-                            xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        let scale: f64 = xr
-                            .iter()
-                            .zip(wr)
-                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                            .sum();
-                        let got = y[r * rows + o] as f64;
-                        assert!(
-                            (got - exact).abs() <= 1e-5 * scale + 1e-6,
-                            "{name} n={n} row {r} out {o}: {got} vs {exact}"
-                        );
-                    }
-                }
-                let alone = w.matmul_t(&x[(n - 1) * cols..], 1);
-                assert_eq!(&alone[..], &y[(n - 1) * rows..], "{name}: batch-invariant");
-            }
+            check_matmul_t(w);
+        }
+    }
+
+    /// Block types without a SIMD kernel go through the portable path of `matmul_t`.
+    #[test]
+    fn other_types_use_the_portable_path() {
+        for ty in [
+            GgmlType::Q5_1,
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::IQ4_NL,
+            GgmlType::IQ4_XS,
+        ] {
+            let w = ggml_weight(ty, ROWS, COLS);
+            assert_eq!(kernel_name(&w), "portable", "{ty:?}");
+            check_matmul_t(&w);
         }
     }
 }

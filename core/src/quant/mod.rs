@@ -62,9 +62,12 @@ impl PackedWeight {
     /// # Errors
     /// When `cols` is not a whole number of blocks or the byte count is not the one implied.
     pub fn ggml(ty: GgmlType, rows: usize, cols: usize, bytes: Arc<[u8]>) -> Result<Self, String> {
-        let row_bytes = ty
-            .bytes_for(cols as u64)
-            .ok_or_else(|| format!("{cols} columns is not a whole number of {ty:?} blocks"))?;
+        let row_bytes = ty.bytes_for(cols as u64).ok_or_else(|| {
+            format!(
+                "{cols} columns is not a whole number of {ty:?} blocks of {}",
+                ty.block_size()
+            )
+        })?;
         if row_bytes as usize * rows != bytes.len() {
             return Err(format!(
                 "{} bytes of {ty:?} do not hold a [{rows}, {cols}] weight ({} expected)",
@@ -195,4 +198,35 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         sum += a[i] * b[i];
     }
     sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every block type refuses a row that ends inside a block, and a byte count that is not
+    /// the one the shape implies.
+    #[test]
+    fn ggml_refuses_partial_blocks() {
+        for id in 0..64 {
+            let Some(ty) = GgmlType::from_id(id) else {
+                continue;
+            };
+            let bs = ty.block_size();
+            if bs == 1 {
+                continue;
+            }
+            let cols = bs + bs / 2;
+            let err = PackedWeight::ggml(ty, 2, cols, vec![0; 4 * ty.type_size()].into())
+                .expect_err("a partial block");
+            assert_eq!(
+                err,
+                format!("{cols} columns is not a whole number of {ty:?} blocks of {bs}")
+            );
+            let two = vec![0; 2 * ty.type_size()].into();
+            assert!(PackedWeight::ggml(ty, 1, 2 * bs, two).is_ok(), "{ty:?}");
+            let err = PackedWeight::ggml(ty, 2, 2 * bs, vec![0; 3].into()).expect_err("3 bytes");
+            assert!(err.contains("do not hold a [2, "), "{ty:?}: {err}");
+        }
+    }
 }

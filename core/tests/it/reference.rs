@@ -37,6 +37,12 @@ fn ggml_dequantization_equals_gguf_py_exactly() {
         ("Q4_K", GgmlType::Q4_K),
         ("Q5_K", GgmlType::Q5_K),
         ("Q6_K", GgmlType::Q6_K),
+        ("Q5_0", GgmlType::Q5_0),
+        ("Q5_1", GgmlType::Q5_1),
+        ("Q2_K", GgmlType::Q2_K),
+        ("Q3_K", GgmlType::Q3_K),
+        ("IQ4_NL", GgmlType::IQ4_NL),
+        ("IQ4_XS", GgmlType::IQ4_XS),
         ("F16", GgmlType::F16),
         ("BF16", GgmlType::BF16),
     ] {
