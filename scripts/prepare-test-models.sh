@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Prepares what the parity tests load: the SmolLM2 GGUF (scripts/fetch-model.sh) and the same
-# weights dequantized into a sharded f32 Hugging Face directory (scripts/gguf_to_hf.py).
+# Prepares what the parity tests load: the real GGUF models (scripts/fetch-model.sh: SmolLM2,
+# Gemma 3 270M, Qwen2.5-Coder-0.5B) and SmolLM2 dequantized into a sharded f32 Hugging Face
+# directory (scripts/gguf_to_hf.py).
 # The converter runs in a small venv with pinned numpy-only tools (no torch), which also holds
 # the OpenAI Python client the server tests drive graft-serve with. Idempotent.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${GRAFT_CACHE:-$HOME/.cache/graft}"
 gguf=$("$here/fetch-model.sh")
+"$here/fetch-model.sh" gemma3 >/dev/null
+"$here/fetch-model.sh" qwen2.5-coder >/dev/null
 venv="$cache/venv-tools"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import gguf, numpy, safetensors, openai' 2>/dev/null; then
   python3 -m venv "$venv"
