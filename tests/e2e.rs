@@ -108,3 +108,138 @@ fn train_then_generate_with_the_adapter() {
         );
     }
 }
+
+/// The tiny random models of every family (`core/tests/fixtures/families`, made by
+/// `scripts/reference/families.py`), as llama.cpp's converter wrote them to GGUF.
+const FAMILIES: [&str; 8] = [
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2",
+];
+
+fn family_model(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../core/tests/fixtures/families")
+        .join(family)
+        .join("model.gguf")
+}
+
+/// `graft-serve score` logits of `prompt`, with or without an adapter.
+fn score(model: &PathBuf, adapter: Option<&PathBuf>, prompt: &str, out: &PathBuf) -> Vec<f32> {
+    let mut cmd = Command::new(bin("graft-serve"));
+    cmd.arg("score").arg("--model").arg(model);
+    cmd.args(["--prompt", prompt]).arg("--out").arg(out);
+    if let Some(a) = adapter {
+        cmd.arg("--adapter").arg(a);
+    }
+    let o = cmd.output().expect("spawn graft-serve score");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = std::fs::read(out).expect("scores written");
+    // safetensors: 8-byte header length, JSON header, then data; `logits` is f32.
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors header");
+    let [start, end] = [0, 1].map(|i| {
+        header["logits"]["data_offsets"][i]
+            .as_u64()
+            .expect("offsets") as usize
+    });
+    bytes[8 + n + start..8 + n + end]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+#[test]
+fn every_family_trains_an_adapter_that_serving_applies() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("text.jsonl");
+    let rows: String = (0..24)
+        .map(|i| format!("{{\"text\": \"graft {i} counts: one two three four five six\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).expect("data");
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for family in FAMILIES {
+        let model = family_model(family);
+        let out = Command::new(bin("graft-train"))
+            .arg(repo.join("configs/quickstart.toml"))
+            .args([
+                "--set",
+                &format!("model.base={:?}", model.display().to_string()),
+            ])
+            .args([
+                "--set",
+                &format!("data.train={:?}", data.display().to_string()),
+            ])
+            .args(["--set", "data.format=\"text\""])
+            .args(["--set", "data.train_on=\"all\""])
+            .args(["--set", "data.max_seq_len=24"])
+            .args(["--set", "data.eval_fraction=0.0"])
+            .args(["--set", "lora.r=4"])
+            .args(["--set", "train.max_steps=6"])
+            .args(["--set", "train.warmup_steps=0"])
+            .args(["--set", "train.learning_rate=1e-2"])
+            .args(["--set", "train.eval_every=0"])
+            .args(["--set", "train.save_every=0"])
+            .args(["--set", "train.eval_samples=0"])
+            .args([
+                "--set",
+                &format!("output.runs_dir={:?}", dir.path().display().to_string()),
+            ])
+            .args(["--set", &format!("output.name={family:?}")])
+            .output()
+            .expect("spawn graft-train");
+        assert!(
+            out.status.success(),
+            "{family}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let run = dir.path().join(family);
+        let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+        let losses: Vec<f64> = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|r| r.get("loss").and_then(|v| v.as_f64()))
+            .collect();
+        assert_eq!(losses.len(), 6, "{family}: {metrics}");
+        assert!(
+            losses[5] < losses[0],
+            "{family}: the loss did not fall: {losses:?}"
+        );
+        // The adapter names the family's own projections (Phi-3's are fused).
+        let adapter = run.join("adapter");
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter.join("adapter_config.json")).expect("config"),
+        )
+        .expect("json");
+        let targets: Vec<&str> = cfg["target_modules"]
+            .as_array()
+            .expect("target_modules list")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        let fused = family == "phi3";
+        assert_eq!(
+            targets.contains(&"qkv_proj"),
+            fused,
+            "{family}: {targets:?}"
+        );
+        assert_eq!(targets.contains(&"q_proj"), !fused, "{family}: {targets:?}");
+        // Serving applies it: the adapter moves the logits of a prompt.
+        let prompt = "graft 3 counts: one two";
+        let base = score(&model, None, prompt, &dir.path().join("base.safetensors"));
+        let tuned = score(
+            &model,
+            Some(&adapter),
+            prompt,
+            &dir.path().join("tuned.safetensors"),
+        );
+        let moved = base
+            .iter()
+            .zip(&tuned)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            moved > 1e-3,
+            "{family}: the trained adapter changes nothing"
+        );
+    }
+}

@@ -82,12 +82,45 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
+        self.render_context(
+            Value::from(minijinja::value::Serde(messages)),
+            None,
+            add_generation_prompt,
+        )
+    }
+
+    /// Renders a conversation given as OpenAI/HF JSON messages (which may carry `tool_calls`,
+    /// `tool` roles, content parts) with an optional list of tool schemas, as
+    /// `apply_chat_template(messages, tools=…)` does.
+    ///
+    /// # Errors
+    /// [`TemplateError::Render`], including the template's own `raise_exception` messages.
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render_context(
+            Value::from(minijinja::value::Serde(messages)),
+            tools.map(|t| Value::from(minijinja::value::Serde(t))),
+            add_generation_prompt,
+        )
+    }
+
+    fn render_context(
+        &self,
+        messages: Value,
+        tools: Option<Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(TemplateError::Render)?;
         tmpl.render(minijinja::context! {
-            messages => Value::from(minijinja::value::Serde(messages)),
+            messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -109,6 +142,26 @@ pub fn named_template(name: &str) -> Option<&'static str> {
             "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}",
         ),
         _ => None,
+    }
+}
+
+/// The template source to use: `choice` (a name known to [`named_template`] or the path of a
+/// Jinja file) over the model's own; `None` when neither exists.
+///
+/// # Errors
+/// A `choice` that is neither a known name nor a readable file, naming it.
+pub fn choose_template(
+    choice: Option<&str>,
+    model_own: Option<&str>,
+) -> Result<Option<String>, String> {
+    match choice {
+        None => Ok(model_own.map(str::to_string)),
+        Some(c) => match named_template(c) {
+            Some(t) => Ok(Some(t.to_string())),
+            None => std::fs::read_to_string(c).map(Some).map_err(|e| {
+                format!("chat template '{c}' is neither chatml, alpaca nor a readable file: {e}")
+            }),
+        },
     }
 }
 

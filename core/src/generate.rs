@@ -6,7 +6,7 @@ use crate::backend::GraftBackend;
 use std::time::Instant;
 
 use crate::lora::Adapter;
-use crate::model::{Llama, Logits, SeqCache, SeqInput};
+use crate::model::{Logits, Model, SeqCache, SeqInput};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::TokenizerBundle;
 
@@ -70,7 +70,7 @@ pub enum GenerateError {
 /// # Errors
 /// See [`GenerateError`].
 pub fn generate<B: GraftBackend>(
-    model: &Llama<B>,
+    model: &Model<B>,
     tokenizer: &TokenizerBundle,
     adapter: Option<&Adapter<B>>,
     prompt: &[u32],

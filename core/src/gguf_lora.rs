@@ -18,23 +18,10 @@ use crate::backend::GraftBackend;
 use crate::gguf::{GgufFile, GgufValue};
 use crate::gguf_write::{self, F32Tensor, MetaValue};
 use crate::load::gguf::permute_rows;
-use crate::lora::{Adapter, TargetModule};
-use crate::model::Llama;
+use crate::lora::Adapter;
+use crate::model::Model;
 use crate::peft::AdapterError;
 use crate::proj::LoraWeights;
-
-/// Whether llama.cpp permutes this architecture's q/k rows (as graft's GGUF loader undoes).
-fn permutes_qk(architecture: &str) -> bool {
-    architecture == "llama"
-}
-
-fn heads_for(model_cfg: &crate::config::LlamaConfig, t: TargetModule) -> Option<usize> {
-    match t {
-        TargetModule::Q => Some(model_cfg.num_heads),
-        TargetModule::K => Some(model_cfg.num_kv_heads),
-        _ => None,
-    }
-}
 
 /// Writes `adapter` (for `model`) as a GGUF-LoRA file, atomically.
 ///
@@ -44,7 +31,7 @@ fn heads_for(model_cfg: &crate::config::LlamaConfig, t: TargetModule) -> Option<
 pub fn save<B: GraftBackend>(
     path: &Path,
     adapter: &Adapter<B>,
-    model: &Llama<B>,
+    model: &Model<B>,
 ) -> Result<(), AdapterError> {
     let cfg = &model.config;
     let mut alpha: Option<f32> = None;
@@ -77,7 +64,7 @@ pub fn save<B: GraftBackend>(
                 .convert::<f32>()
                 .to_vec::<f32>()
                 .expect("converted to f32");
-        if let (true, Some(heads)) = (permutes_qk(&cfg.architecture), heads_for(cfg, t)) {
+        if let Some(heads) = cfg.gguf_permuted_heads(t) {
             b = permute_rows(&b, out_f, heads, false);
         }
         let base = format!("blk.{layer}.{}.weight", t.gguf_name());
@@ -103,7 +90,7 @@ pub fn save<B: GraftBackend>(
         ),
         (
             "general.architecture".to_string(),
-            MetaValue::String(cfg.architecture.clone()),
+            MetaValue::String(cfg.architecture().into()),
         ),
         ("adapter.type".to_string(), MetaValue::String("lora".into())),
         ("adapter.lora.alpha".to_string(), MetaValue::F32(alpha)),
@@ -118,7 +105,7 @@ pub fn save<B: GraftBackend>(
 ///
 /// # Errors
 /// Not a LoRA adapter, another architecture, unknown tensors, shape mismatches, non-f32 data.
-pub fn load<B: GraftBackend>(path: &Path, model: &Llama<B>) -> Result<Adapter<B>, AdapterError> {
+pub fn load<B: GraftBackend>(path: &Path, model: &Model<B>) -> Result<Adapter<B>, AdapterError> {
     let f = GgufFile::open(path).map_err(|e| AdapterError::Corrupt {
         path: path.into(),
         message: e.to_string(),
@@ -140,10 +127,10 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Llama<B>) -> Result<Adapter<B>
         ));
     }
     let arch = text("general.architecture")?;
-    if arch != cfg.architecture {
+    if arch != cfg.architecture() {
         return Err(unsupported(format!(
             "adapter architecture '{arch}' but the base model is '{}'",
-            cfg.architecture
+            cfg.architecture()
         )));
     }
     let alpha = f
@@ -153,7 +140,8 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Llama<B>) -> Result<Adapter<B>
     let device = model.device();
     let mut adapter = Adapter::empty(model.layers.len());
     for layer in 0..model.layers.len() {
-        for t in TargetModule::ALL {
+        // The model's own layout: Phi-3's fused gate/up is `ffn_up` there.
+        for &t in cfg.targets() {
             let base = format!("blk.{layer}.{}.weight", t.gguf_name());
             let (ia, ib) = (
                 f.tensor_info(&format!("{base}.lora_a")),
@@ -170,7 +158,9 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Llama<B>) -> Result<Adapter<B>
                     })
                 }
             };
-            let proj = model.layers[layer].proj(t);
+            let proj = model.layers[layer]
+                .proj(t)
+                .unwrap_or_else(|| unreachable!("targets() lists the layer's projections"));
             let read = |info: &crate::gguf::GgufTensorInfo| -> Result<(Vec<usize>, Vec<f32>), AdapterError> {
                 let shape = info.torch_shape();
                 if info.ty != crate::quant::GgmlType::F32 || shape.len() != 2 {
@@ -200,7 +190,7 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Llama<B>) -> Result<Adapter<B>
                 });
             }
             let r = sa[0];
-            if let (true, Some(heads)) = (permutes_qk(&arch), heads_for(cfg, t)) {
+            if let Some(heads) = cfg.gguf_permuted_heads(t) {
                 b = permute_rows(&b, sb[0], heads, true);
             }
             adapter.layers[layer][t.index()] = Some(LoraWeights {

@@ -1,4 +1,4 @@
-//! graft-core: one Llama-family model with quantized frozen projections and LoRA adapters,
+//! graft-core: one decoder model for every supported family, with quantized frozen projections and LoRA adapters,
 //! checkpoint loaders (GGUF, HF safetensors, Hub), tokenizer and chat templates, sampling and
 //! generation. `graft-train` and `graft-serve` are built on this crate's public API.
 
@@ -7,7 +7,6 @@ pub mod backend;
 pub mod cache;
 pub mod chat;
 pub mod clock;
-pub mod config;
 pub mod device;
 pub mod generate;
 pub mod gguf;
@@ -20,7 +19,6 @@ pub mod peft;
 pub mod process;
 pub mod proj;
 pub mod quant;
-pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -1,5 +1,6 @@
 //! LoRA adapters (Hu et al. 2021) over the model's projections, in PEFT's vocabulary:
-//! target modules are named as in HF Llama (`q_proj` … `down_proj`), `lora_A: [r, in]`,
+//! target modules are named as in HF (`q_proj` … `down_proj`, Phi-3's fused `qkv_proj` and
+//! `gate_up_proj`), `lora_A: [r, in]`,
 //! `lora_B: [out, r]`, `scaling = lora_alpha / r` (rsLoRA: `lora_alpha / √r`).
 
 use std::fmt;
@@ -11,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backend::GraftBackend;
-use crate::model::Llama;
+use crate::model::Model;
 use crate::proj::LoraWeights;
 
 /// A projection of a decoder layer that an adapter can target.
@@ -24,10 +25,17 @@ pub enum TargetModule {
     Gate,
     Up,
     Down,
+    /// q, k and v as one projection (Phi-3), rows in that order.
+    Qkv,
+    /// gate and up as one projection (Phi-3), rows in that order.
+    GateUp,
 }
 
 impl TargetModule {
-    pub const ALL: [TargetModule; 7] = [
+    /// Number of kinds of target.
+    pub const COUNT: usize = 9;
+
+    pub const ALL: [TargetModule; Self::COUNT] = [
         TargetModule::Q,
         TargetModule::K,
         TargetModule::V,
@@ -35,6 +43,8 @@ impl TargetModule {
         TargetModule::Gate,
         TargetModule::Up,
         TargetModule::Down,
+        TargetModule::Qkv,
+        TargetModule::GateUp,
     ];
 
     /// HF module name (`q_proj`, …).
@@ -47,18 +57,25 @@ impl TargetModule {
             TargetModule::Gate => "gate_proj",
             TargetModule::Up => "up_proj",
             TargetModule::Down => "down_proj",
+            TargetModule::Qkv => "qkv_proj",
+            TargetModule::GateUp => "gate_up_proj",
         }
     }
 
     /// HF parent module (`self_attn` or `mlp`).
     pub fn hf_parent(self) -> &'static str {
         match self {
-            TargetModule::Q | TargetModule::K | TargetModule::V | TargetModule::O => "self_attn",
+            TargetModule::Q
+            | TargetModule::K
+            | TargetModule::V
+            | TargetModule::O
+            | TargetModule::Qkv => "self_attn",
             _ => "mlp",
         }
     }
 
-    /// llama.cpp tensor stem (`attn_q`, …, `ffn_down`).
+    /// llama.cpp tensor stem (`attn_q`, …, `ffn_down`; Phi-3's fused gate/up is `ffn_up`, so
+    /// `Up` and `GateUp` share a name: a model has one or the other).
     pub fn gguf_name(self) -> &'static str {
         match self {
             TargetModule::Q => "attn_q",
@@ -68,6 +85,8 @@ impl TargetModule {
             TargetModule::Gate => "ffn_gate",
             TargetModule::Up => "ffn_up",
             TargetModule::Down => "ffn_down",
+            TargetModule::Qkv => "attn_qkv",
+            TargetModule::GateUp => "ffn_up",
         }
     }
 
@@ -90,8 +109,8 @@ impl FromStr for TargetModule {
             .find(|t| t.hf_name() == s)
             .ok_or_else(|| {
                 format!(
-                    "unknown target module '{s}' (Llama modules: q_proj, k_proj, v_proj, o_proj, \
-                 gate_proj, up_proj, down_proj)"
+                    "unknown target module '{s}' (modules: q_proj, k_proj, v_proj, o_proj, \
+                     gate_proj, up_proj, down_proj, and Phi-3's qkv_proj, gate_up_proj)"
                 )
             })
     }
@@ -101,7 +120,7 @@ impl FromStr for TargetModule {
 #[derive(Debug, Clone)]
 pub struct Adapter<B: Backend> {
     /// `layers[i][t.index()]`
-    pub layers: Vec<[Option<LoraWeights<B>>; 7]>,
+    pub layers: Vec<[Option<LoraWeights<B>>; TargetModule::COUNT]>,
 }
 
 impl<B: Backend> Adapter<B> {
@@ -159,8 +178,9 @@ impl<B: GraftBackend> Adapter<B> {
     /// A fresh adapter initialized as PEFT does by default (`init_lora_weights=True`): `A`
     /// kaiming-uniform with `a = √5`, i.e. uniform in `±1/√in`, and `B = 0`, so the adapter
     /// starts as a no-op. The values come from a ChaCha8 stream seeded with `seed`, drawn layer
-    /// by layer in target order (they differ from torch's generator).
-    pub fn init_peft(model: &Llama<B>, config: &LoraConfig, seed: u64) -> Self {
+    /// by layer in target order (they differ from torch's generator). Targets a layer does not
+    /// have (`q_proj` on Phi-3's fused layout) are skipped.
+    pub fn init_peft(model: &Model<B>, config: &LoraConfig, seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let device = model.device();
         let mut adapter = Adapter::empty(model.layers.len());
@@ -169,7 +189,7 @@ impl<B: GraftBackend> Adapter<B> {
         targets.dedup();
         for (li, layer) in model.layers.iter().enumerate() {
             for &t in &targets {
-                let p = layer.proj(t);
+                let Some(p) = layer.proj(t) else { continue };
                 let bound = 1.0 / (p.in_features as f32).sqrt();
                 let a: Vec<f32> = (0..config.r * p.in_features)
                     .map(|_| rng.random_range(-bound..bound))

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::GraftBackend;
 use crate::lora::{Adapter, LoraConfig, TargetModule};
-use crate::model::Llama;
+use crate::model::Model;
 use crate::proj::LoraWeights;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -204,7 +204,7 @@ pub fn save<B: GraftBackend>(
 /// (DoRA, `fan_in_fan_out`, LoRA biases, `modules_to_save`), unknown tensors, shape mismatches.
 pub fn load<B: GraftBackend>(
     dir: &Path,
-    model: &Llama<B>,
+    model: &Model<B>,
 ) -> Result<(Adapter<B>, PeftConfig), AdapterError> {
     let cfg_path = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cfg_path).map_err(|source| AdapterError::Io {
@@ -246,7 +246,7 @@ pub fn load<B: GraftBackend>(
             message,
         };
         let (layer, target, is_a) = parse_key(&name).ok_or_else(|| {
-            bad("not a LoRA A/B weight of a Llama projection (expected \
+            bad("not a LoRA A/B weight of a decoder projection (expected \
                  base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_<A|B>.weight)"
                 .into())
         })?;
@@ -259,7 +259,20 @@ pub fn load<B: GraftBackend>(
                     model.layers.len()
                 ))
             })?
-            .proj(target);
+            .proj(target)
+            .ok_or_else(|| {
+                bad(format!(
+                    "the base model ({}) has no {target}; its layers have {}",
+                    model.config.family,
+                    model
+                        .config
+                        .targets()
+                        .iter()
+                        .map(|t| t.hf_name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
         let shape = view.shape().to_vec();
         let [rows, cols] = shape[..] else {
             return Err(bad(format!("expected a matrix, found shape {shape:?}")));
@@ -351,7 +364,7 @@ fn check_supported(path: &Path, c: &PeftConfig) -> Result<(), AdapterError> {
     }
     if c.fan_in_fan_out {
         return Err(unsupported(
-            "fan_in_fan_out = true is for GPT-2 Conv1D weights, not Llama".into(),
+            "fan_in_fan_out = true is for GPT-2 Conv1D weights, not these decoders".into(),
         ));
     }
     if c.bias != "none" || c.lora_bias {

@@ -218,8 +218,14 @@ impl TokenizerBundle {
                     None => vec![0.0; tokens.len()],
                 };
                 let unk = name(unk_id).unwrap_or_else(|| "<unk>".into());
+                // Gemma's SentencePiece model adds no dummy prefix (llama.cpp's key).
+                let space_prefix = f
+                    .opt_bool("tokenizer.ggml.add_space_prefix")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(true);
                 (
-                    sentencepiece_bpe(vocab, &tokens, &scores, &unk, &added),
+                    sentencepiece_bpe(vocab, &tokens, &scores, &unk, &added, space_prefix),
                     true,
                 )
             }
@@ -291,18 +297,21 @@ fn byte_level_bpe(
     })
 }
 
-/// SentencePiece BPE (Llama 1/2, Mistral): merges recovered from the vocabulary, each pair
-/// ranked by the score of the piece it forms (as transformers' `SentencePieceExtractor`).
+/// SentencePiece BPE (Llama 1/2, Mistral, Gemma): merges recovered from the vocabulary, each
+/// pair ranked by the score of the piece it forms (as transformers' `SentencePieceExtractor`).
+/// `space_prefix`: the text gets a leading `▁` (SentencePiece's dummy prefix), which decoding
+/// strips again; Gemma has none.
 fn sentencepiece_bpe(
     vocab: serde_json::Map<String, Value>,
     tokens: &[&str],
     scores: &[f32],
     unk: &str,
     added: &[Value],
+    space_prefix: bool,
 ) -> Value {
     let index: std::collections::HashMap<&str, usize> =
         tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
-    let mut merges: Vec<(f32, usize, usize, String)> = Vec::new();
+    let mut merges: Vec<(f32, usize, usize, Value)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         for (split, _) in piece.char_indices().skip(1) {
             let (l, r) = piece.split_at(split);
@@ -311,24 +320,32 @@ fn sentencepiece_bpe(
                     scores.get(id).copied().unwrap_or(0.0),
                     li,
                     ri,
-                    format!("{l} {r}"),
+                    // A pair, not "l r": Gemma's pieces may hold spaces.
+                    json!([l, r]),
                 ));
             }
         }
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let merges: Vec<String> = merges.into_iter().map(|m| m.3).collect();
+    let merges: Vec<Value> = merges.into_iter().map(|m| m.3).collect();
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let mut normalizers = vec![replace];
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if space_prefix {
+        normalizers.insert(0, json!({"type": "Prepend", "prepend": "\u{2581}"}));
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
     json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added,
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u{2581}"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}]},
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": null,
         "post_processor": null,
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}

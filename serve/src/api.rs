@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use graft_core::backend::GraftBackend;
 use graft_core::chat::{ChatTemplate, Message};
-use graft_core::model::Llama;
+use graft_core::model::Model;
 use graft_core::sampling::SamplingParams;
 use graft_core::tokenizer::TokenizerBundle;
 use serde::Deserialize;
@@ -32,7 +32,7 @@ use crate::registry::{AdapterEntry, Registry, RegistryError};
 
 /// Everything the handlers share.
 pub struct AppState<B: GraftBackend> {
-    pub model: Arc<Llama<B>>,
+    pub model: Arc<Model<B>>,
     pub tokenizer: Arc<TokenizerBundle>,
     pub template: Option<ChatTemplate>,
     pub registry: Registry<B>,
@@ -505,10 +505,13 @@ async fn chat<B: GraftBackend>(
         return Err(ApiError::BadRequest("messages must not be empty".into()));
     }
     let p = prepare(&s, b.sampling, s.max_tokens_limit.min(1024)).await?;
-    let template = s
-        .template
-        .as_ref()
-        .ok_or_else(|| ApiError::BadRequest("the model has no chat template".into()))?;
+    let template = s.template.as_ref().ok_or_else(|| {
+        ApiError::BadRequest(
+            "the model has no chat template: use /v1/completions, or start graft-serve with \
+             --chat-template"
+                .into(),
+        )
+    })?;
     let text = template
         .render(&b.messages, true)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;

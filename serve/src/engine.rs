@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use graft_core::backend::GraftBackend;
 use graft_core::generate::{Decoder, FinishReason, Step};
-use graft_core::model::{Llama, Logits, SeqCache, SeqInput};
+use graft_core::model::{Logits, Model, SeqCache, SeqInput};
 use graft_core::sampling::SamplingParams;
 use graft_core::tokenizer::TokenizerBundle;
 use tokio::sync::mpsc::UnboundedSender;
@@ -73,7 +73,7 @@ struct Active<B: GraftBackend> {
 
 /// Runs requests from `rx` until every sender is gone.
 pub fn run<B: GraftBackend>(
-    model: Arc<Llama<B>>,
+    model: Arc<Model<B>>,
     tokenizer: Arc<TokenizerBundle>,
     rx: Receiver<Request<B>>,
     max_batch: usize,

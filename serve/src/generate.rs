@@ -27,6 +27,10 @@ pub struct GenerateArgs {
     /// System message (with --chat).
     #[arg(long)]
     system: Option<String>,
+    /// Chat template for --chat instead of the model's own: a name (chatml, alpaca) or a
+    /// Jinja file. Needed for base models that ship none (e.g. Gemma 3 270M).
+    #[arg(long)]
+    chat_template: Option<String>,
     /// Maximum number of new tokens.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -112,12 +116,20 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         None => None,
     };
     let prompt_text = if args.chat {
-        let source = tok
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| anyhow!("model '{}' has no chat template", args.model))?;
+        let source = graft_core::chat::choose_template(
+            args.chat_template.as_deref(),
+            tok.chat_template.as_deref(),
+        )
+        .map_err(|e| anyhow!("--chat-template: {e}"))?
+        .ok_or_else(|| {
+            anyhow!(
+                "model '{}' has no chat template (a base model?): run without --chat, or \
+                 give one with --chat-template chatml|alpaca|FILE",
+                args.model
+            )
+        })?;
         let template =
-            ChatTemplate::new(source, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
+            ChatTemplate::new(&source, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
         let mut messages = Vec::new();
         if let Some(s) = &args.system {
             messages.push(Message::new("system", s.clone()));

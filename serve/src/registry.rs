@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use graft_core::backend::GraftBackend;
 use graft_core::lora::Adapter;
-use graft_core::model::Llama;
+use graft_core::model::Model;
 use graft_core::peft::AdapterError;
 use serde::Serialize;
 
@@ -196,7 +196,7 @@ impl<B: GraftBackend> Registry<B> {
         &self,
         name: &str,
         path: &Path,
-        model: &Llama<B>,
+        model: &Model<B>,
     ) -> Result<Arc<AdapterEntry<B>>, RegistryError> {
         if !valid_name(name) {
             return Err(RegistryError::BadName(name.into()));
@@ -215,7 +215,7 @@ impl<B: GraftBackend> Registry<B> {
     pub fn reload(
         &self,
         name: &str,
-        model: &Llama<B>,
+        model: &Model<B>,
     ) -> Result<Arc<AdapterEntry<B>>, RegistryError> {
         if let Lookup::Loaded(e) = self.lookup(name) {
             return Ok(e);
@@ -237,7 +237,7 @@ impl<B: GraftBackend> Registry<B> {
         name: &str,
         path: &Path,
         version: u64,
-        model: &Llama<B>,
+        model: &Model<B>,
     ) -> Result<Arc<AdapterEntry<B>>, RegistryError> {
         let real = path
             .canonicalize()

@@ -3,7 +3,7 @@
 
 use graft_core::backend::GraftBackend;
 use graft_core::lora::Adapter;
-use graft_core::model::{Llama, Logits, SeqInput};
+use graft_core::model::{Logits, Model, SeqInput};
 
 /// `log softmax(row)[i]` for every `i` is `row[i] - log_sum_exp(row)`.
 pub fn log_sum_exp(row: &[f32]) -> f32 {
@@ -30,7 +30,7 @@ pub fn top_k(row: &[f32], k: usize, lse: f32) -> Vec<(u32, f32)> {
 /// For each prompt token: its log-probability given the tokens before it (`None` for the
 /// first) and the `top` most likely tokens at that position.
 pub fn score_prompt<B: GraftBackend>(
-    model: &Llama<B>,
+    model: &Model<B>,
     adapter: Option<&Adapter<B>>,
     ids: &[u32],
     top: usize,

@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// Name the base model answers to in requests (default: the model's file or repo name).
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// Chat template for chat completions instead of the model's own: a name (chatml, alpaca)
+    /// or a Jinja file. Base models that ship none answer chat requests with 400 without it.
+    #[arg(long)]
+    pub chat_template: Option<String>,
     /// An adapter to load at start: name=path (PEFT directory or GGUF-LoRA file); repeatable.
     #[arg(long = "adapter", value_name = "NAME=PATH")]
     pub adapters: Vec<String>,
@@ -87,6 +91,7 @@ pub struct ServeArgs {
 struct ServeFile {
     model: Option<String>,
     served_model_name: Option<String>,
+    chat_template: Option<String>,
     adapters: Option<std::collections::BTreeMap<String, String>>,
     adapters_dir: Option<PathBuf>,
     watch_interval_ms: Option<u64>,
@@ -135,6 +140,7 @@ pub fn apply_config(args: &mut ServeArgs, matches: &clap::ArgMatches) -> Result<
         };
     }
     take!(served_model_name);
+    take!(chat_template);
     take!(host);
     take!(port);
     take!(api_key);
@@ -225,9 +231,14 @@ where
     let tokenizer = loaded
         .tokenizer
         .ok_or_else(|| anyhow!("model '{model_arg}' has no tokenizer"))?;
-    let template = match tokenizer.chat_template.as_deref() {
+    let source = graft_core::chat::choose_template(
+        args.chat_template.as_deref(),
+        tokenizer.chat_template.as_deref(),
+    )
+    .map_err(|e| anyhow!("--chat-template: {e}"))?;
+    let template = match source {
         Some(t) => Some(ChatTemplate::new(
-            t,
+            &t,
             tokenizer.bos_token.as_deref(),
             tokenizer.eos_token.as_deref(),
         )?),

@@ -363,7 +363,7 @@ fn export_cmd(source: &Path, out: &Path, model: Option<String>) -> Result<()> {
         "wrote {} ({} modules, architecture {}): llama-cli -m <base.gguf> --lora {}",
         out.display(),
         adapter.modules().count(),
-        loaded.model.config.architecture,
+        loaded.model.config.architecture(),
         out.display()
     );
     Ok(())
@@ -402,6 +402,21 @@ fn train<B: AutodiffBackend + GraftBackend>(
     let loaded = load_model::<B>(cfg, device)?;
     let data = prepare_data(cfg, &loaded)?;
     let bench = matches!(target, Target::Bench);
+    let layout = loaded.model.model.config.targets();
+    if !cfg.lora.target_modules.iter().any(|t| layout.contains(t)) {
+        let names = |ts: &[graft_core::lora::TargetModule]| {
+            ts.iter()
+                .map(|t| t.hf_name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        anyhow::bail!(
+            "lora.target_modules [{}]: none is a projection of this {} model (its layers have {})",
+            names(&cfg.lora.target_modules),
+            loaded.model.model.config.family,
+            names(layout)
+        );
+    }
     let fresh = |sweep_index| -> Result<PathBuf> {
         let dir = new_run_dir(cfg, sweep_index)?;
         std::fs::write(dir.join(run::CONFIG_FILE), resolved(cfg, &dir))

@@ -23,7 +23,7 @@ use graft_core::burn::tensor::backend::AutodiffBackend;
 use graft_core::burn::tensor::TensorData;
 use graft_core::generate::generate;
 use graft_core::lora::{Adapter, TargetModule};
-use graft_core::model::{Llama, SeqInput};
+use graft_core::model::{Model, SeqInput};
 use graft_core::peft::{self, PeftConfig};
 use graft_core::proj::LoraWeights;
 use graft_core::sampling::SamplingParams;
@@ -58,7 +58,7 @@ struct Module {
 
 pub struct Trainer<'a, B: AutodiffBackend + GraftBackend> {
     pub cfg: &'a TrainConfig,
-    pub model: &'a Llama<B>,
+    pub model: &'a Model<B>,
     pub tokenizer: &'a TokenizerBundle,
     pub data: &'a Prepared,
     pub run_dir: PathBuf,
@@ -71,7 +71,7 @@ pub struct Trainer<'a, B: AutodiffBackend + GraftBackend> {
 impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
     pub fn new(
         cfg: &'a TrainConfig,
-        model: &'a Llama<B>,
+        model: &'a Model<B>,
         tokenizer: &'a TokenizerBundle,
         data: &'a Prepared,
         run_dir: PathBuf,
@@ -79,7 +79,8 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         stop: &'a AtomicBool,
     ) -> Self {
         // The adapted projections in the order Adapter::modules yields them (layer, then
-        // target); A is [r, in] and B is [out, r].
+        // target); A is [r, in] and B is [out, r]. Targets the model's layout lacks (`q_proj`
+        // on Phi-3's fused layout, as "all-linear" lists) are skipped, as PEFT does.
         let mut targets = cfg.lora.target_modules.clone();
         targets.sort();
         targets.dedup();
@@ -89,14 +90,14 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             .iter()
             .enumerate()
             .flat_map(|(layer, l)| {
-                targets.iter().map(move |&target| {
-                    let p = l.proj(target);
-                    Module {
+                targets.iter().filter_map(move |&target| {
+                    let p = l.proj(target)?;
+                    Some(Module {
                         layer,
                         target,
                         a: [r, p.in_features],
                         b: [p.out_features, r],
-                    }
+                    })
                 })
             })
             .collect();
@@ -194,7 +195,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         let n = rows.len();
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), device);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
-        let logits = self.model.lm_head.forward(hidden.select(0, rows), &[]);
+        let logits = self.model.logits(hidden.select(0, rows));
         let picked = log_softmax(logits, 1).gather(1, targets);
         (picked.sum().neg(), n)
     }
@@ -289,7 +290,12 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
     /// Writes the adapter with values `params` as a PEFT directory.
     pub fn save_adapter(&self, dir: &Path, params: &[Vec<f32>]) -> std::io::Result<()> {
         let adapter = self.adapter(params, false);
-        let config = PeftConfig::from_lora(&self.cfg.lora, &self.base_name);
+        // Name the projections actually adapted ("all-linear" lists every kind; the model's
+        // layout has some of them).
+        let mut lora = self.cfg.lora.clone();
+        lora.target_modules
+            .retain(|t| self.modules.iter().any(|m| m.target == *t));
+        let config = PeftConfig::from_lora(&lora, &self.base_name);
         peft::save(dir, &adapter, &config).map_err(|e| std::io::Error::other(e.to_string()))
     }
 

@@ -1,9 +1,13 @@
-//! Llama-family models from GGUF files (llama.cpp's naming, `convert_hf_to_gguf.py`).
+//! Models from GGUF files (llama.cpp's naming, `convert_hf_to_gguf.py`): the architecture
+//! from `general.architecture` and `{arch}.*` metadata, with what llama.cpp hard-codes per
+//! architecture (Gemma's local rope base, layer patterns and attention scale) taken from
+//! [`Family`].
 //!
 //! Quantized projections stay in their GGML blocks. llama.cpp stores the q/k projection rows of
 //! `llama` models permuted for its adjacent-pair rope; they are put back in HF order here (a
 //! reordering of whole packed rows, exact for every block type), so the model uses HF's rope
-//! and adapters use PEFT's layout.
+//! and adapters use PEFT's layout. Norm weights are used as stored: the converter already
+//! folded Gemma's `(1 + w)` into them.
 
 use crate::backend::GraftBackend;
 use std::path::Path;
@@ -12,17 +16,14 @@ use std::sync::Arc;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use super::assemble::{assemble, Role, WeightSource};
 use super::{LoadError, LoadOptions, LoadedModel};
-use crate::config::{LlamaConfig, RopeScaling};
-use crate::gguf::{GgufFile, GgufTensorInfo};
-use crate::lora::TargetModule;
-use crate::model::{Block, Llama, RmsNorm};
+use crate::gguf::{GgufFile, GgufTensorInfo, GgufValue};
+use crate::model::family::SlidingPattern;
+use crate::model::{Family, LayerConfig, ModelConfig, NormSlot, RmsNorm, RopeConfig, RopeScaling};
 use crate::proj::{BaseWeight, Proj};
 use crate::quant::{GgmlType, PackedWeight, QuantKind};
 use crate::tokenizer::TokenizerBundle;
-
-/// Architectures read from GGUF. `llama` files have permuted q/k rows; `qwen2` files do not.
-const ARCHS: [&str; 2] = ["llama", "qwen2"];
 
 /// Loads a GGUF model file.
 ///
@@ -36,14 +37,26 @@ pub fn load_gguf<B: GraftBackend>(
 ) -> Result<LoadedModel<B>, LoadError> {
     let file = GgufFile::open(path)?;
     let arch = file.str("general.architecture")?.to_string();
-    if !ARCHS.contains(&arch.as_str()) {
+    let Some(family) = Family::from_gguf_arch(&arch) else {
         return Err(LoadError::Architecture {
             path: path.into(),
             arch,
-            supported: ARCHS.join(", "),
+            supported: Family::ALL
+                .iter()
+                .map(|f| f.gguf_arch())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", "),
         });
-    }
-    let config = read_config(&file, &arch)?;
+    };
+    let config = read_config(&file, family).map_err(|e| match e {
+        ConfigError::Gguf(e) => LoadError::Gguf(e),
+        ConfigError::Invalid(message) => LoadError::Config {
+            path: path.into(),
+            message,
+        },
+    })?;
     let tokenizer = TokenizerBundle::from_gguf(&file).map_err(|message| LoadError::Tokenizer {
         path: path.into(),
         message,
@@ -53,9 +66,8 @@ pub fn load_gguf<B: GraftBackend>(
         config: &config,
         opts,
         device,
-        permute_qk: arch == "llama",
     };
-    let model = l.model()?;
+    let model = assemble(&l, &config, device)?;
     let name = file
         .str("general.name")
         .map(str::to_string)
@@ -71,10 +83,29 @@ pub fn load_gguf<B: GraftBackend>(
     })
 }
 
-fn read_config(f: &GgufFile, arch: &str) -> Result<LlamaConfig, LoadError> {
+enum ConfigError {
+    Gguf(crate::gguf::GgufError),
+    Invalid(String),
+}
+
+impl From<crate::gguf::GgufError> for ConfigError {
+    fn from(e: crate::gguf::GgufError) -> Self {
+        ConfigError::Gguf(e)
+    }
+}
+
+impl From<String> for ConfigError {
+    fn from(e: String) -> Self {
+        ConfigError::Invalid(e)
+    }
+}
+
+fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError> {
+    let arch = family.gguf_arch();
     let key = |k: &str| format!("{arch}.{k}");
     let usize_key = |k: &str| f.u64(&key(k)).map(|v| v as usize);
     let hidden_size = usize_key("embedding_length")?;
+    let num_layers = usize_key("block_count")?;
     let num_heads = usize_key("attention.head_count")?;
     let num_kv_heads = f
         .opt_u64(&key("attention.head_count_kv"))?
@@ -87,37 +118,179 @@ fn read_config(f: &GgufFile, arch: &str) -> Result<LlamaConfig, LoadError> {
         Some(v) => v as usize,
         None => f.opt_array("tokenizer.ggml.tokens")?.map_or(0, <[_]>::len),
     };
-    let mut rope_scaling = match f.get(&key("rope.scaling.type")) {
-        Some(crate::gguf::GgufValue::String(t)) if t == "linear" => Some(RopeScaling::Linear {
-            factor: f.opt_f64(&key("rope.scaling.factor"))?.unwrap_or(1.0) as f32,
-        }),
-        _ => None,
+    let max_position_embeddings = usize_key("context_length")?;
+    let rotary_dim = f
+        .opt_u64(&key("rope.dimension_count"))?
+        .map_or(head_dim, |v| v as usize);
+    let theta = f.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0) as f32;
+    let original = f
+        .opt_u64(&key("rope.scaling.original_context_length"))?
+        .map(|v| v as usize);
+    let factor = f.opt_f64(&key("rope.scaling.factor"))?;
+    let mut scaling = match f.get(&key("rope.scaling.type")) {
+        None => None,
+        Some(GgufValue::String(t)) => match t.as_str() {
+            "none" => None,
+            "linear" => Some(RopeScaling::Linear {
+                factor: factor.unwrap_or(1.0) as f32,
+            }),
+            "yarn" => {
+                let factor = factor.unwrap_or(1.0);
+                Some(RopeScaling::Yarn {
+                    factor: factor as f32,
+                    original_max_position: original.unwrap_or(max_position_embeddings),
+                    beta_fast: f
+                        .opt_f64(&key("rope.scaling.yarn_beta_fast"))?
+                        .unwrap_or(32.0) as f32,
+                    beta_slow: f
+                        .opt_f64(&key("rope.scaling.yarn_beta_slow"))?
+                        .unwrap_or(1.0) as f32,
+                    attention_factor: if factor <= 1.0 {
+                        1.0
+                    } else {
+                        (0.1 * factor.ln() + 1.0) as f32
+                    },
+                    truncate: true,
+                })
+            }
+            other => {
+                return Err(format!(
+                    "{}: rope scaling type '{other}' is not supported (none, linear, yarn)",
+                    key("rope.scaling.type")
+                )
+                .into())
+            }
+        },
+        Some(v) => {
+            return Err(format!("{} must be a string, got {v:?}", key("rope.scaling.type")).into())
+        }
     };
     if let Some(info) = f.tensor_info("rope_freqs.weight") {
-        rope_scaling = Some(RopeScaling::Factors(dense_f32(f, info)));
+        scaling = Some(RopeScaling::Factors(dense_f32(f, info)));
     }
-    let config = LlamaConfig {
+    if let (Some(long), Some(short)) = (
+        f.tensor_info("rope_factors_long.weight"),
+        f.tensor_info("rope_factors_short.weight"),
+    ) {
+        let original = original.ok_or_else(|| {
+            format!(
+                "rope_factors_long.weight needs {}",
+                key("rope.scaling.original_context_length")
+            )
+        })?;
+        let ratio = max_position_embeddings as f64 / original as f64;
+        let attention_factor = match f.opt_f64(&key("rope.scaling.attn_factor"))? {
+            Some(a) => a,
+            None if ratio <= 1.0 => 1.0,
+            None => (1.0 + ratio.ln() / (original as f64).ln()).sqrt(),
+        };
+        scaling = Some(RopeScaling::LongRope {
+            short: dense_f32(f, short),
+            long: dense_f32(f, long),
+            original_max_position: original,
+            attention_factor: attention_factor as f32,
+        });
+    }
+    let global = RopeConfig {
+        theta,
+        scaling,
+        rotary_dim,
+    };
+    // Local (sliding) layers' own base: newer converters write it, llama.cpp's default else.
+    let local_theta = f
+        .opt_f64(&key("rope.freq_base_swa"))?
+        .map(|v| v as f32)
+        .or(family.local_rope_base());
+    let local = match local_theta {
+        Some(theta) => RopeConfig {
+            theta,
+            scaling: None,
+            rotary_dim,
+        },
+        None => global.clone(),
+    };
+    let window = f
+        .opt_u64(&key("attention.sliding_window"))?
+        .map(|v| v as usize)
+        .filter(|&w| w > 0);
+    let slides: Vec<bool> = match f.get(&key("attention.sliding_window_pattern")) {
+        None => (0..num_layers)
+            .map(|i| family.sliding_pattern().slides(i))
+            .collect(),
+        Some(GgufValue::Array(a)) if a.len() == num_layers => a
+            .iter()
+            .map(|v| matches!(v, GgufValue::Bool(true)))
+            .collect(),
+        Some(v) => match f.opt_u64(&key("attention.sliding_window_pattern")) {
+            Ok(Some(n)) if n > 0 => (0..num_layers)
+                .map(|i| SlidingPattern::AllBut(n as usize).slides(i))
+                .collect(),
+            _ => {
+                return Err(format!(
+                    "{} {v:?} is neither a layer count nor one flag per layer",
+                    key("attention.sliding_window_pattern")
+                )
+                .into())
+            }
+        },
+    };
+    let layers = slides
+        .iter()
+        .map(|&s| {
+            let window = window.filter(|_| s);
+            LayerConfig {
+                rope: if window.is_some() {
+                    local.clone()
+                } else {
+                    global.clone()
+                },
+                window,
+            }
+        })
+        .collect();
+    // llama.cpp scales Gemma's queries by 1/√head_dim, except for the 27B models, whose
+    // query_pre_attn_scalar is hidden/heads (gemma2: 46 layers, gemma3: 62 layers).
+    let big_gemma = matches!(
+        (family, num_layers),
+        (Family::Gemma2, 46) | (Family::Gemma3, 62)
+    );
+    let scale_dim = if big_gemma {
+        hidden_size / num_heads.max(1)
+    } else {
+        head_dim
+    };
+    let softcap = |k: &str| -> Result<Option<f32>, ConfigError> {
+        Ok(f.opt_f64(&key(k))?.map(|v| v as f32).filter(|v| *v > 0.0))
+    };
+    let config = ModelConfig {
+        family,
         vocab_size,
         hidden_size,
         intermediate_size: usize_key("feed_forward_length")?,
-        num_layers: usize_key("block_count")?,
+        num_layers,
         num_heads,
         num_kv_heads,
         head_dim,
         rms_norm_eps: f
             .opt_f64(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5),
-        rope_theta: f.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0) as f32,
-        rope_scaling,
-        max_position_embeddings: usize_key("context_length")?,
+        max_position_embeddings,
         tie_word_embeddings: f.tensor_info("output.weight").is_none(),
-        attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some(),
-        architecture: arch.to_string(),
+        attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some()
+            || f.tensor_info("blk.0.attn_qkv.bias").is_some(),
+        layers,
+        attention_scale: 1.0 / (scale_dim as f32).sqrt(),
+        attn_softcap: softcap("attn_logit_softcapping")?,
+        final_softcap: softcap("final_logit_softcapping")?,
+        embed_scale: family
+            .scales_embeddings()
+            .then(|| (hidden_size as f32).sqrt()),
+        norm_placement: family.norm_placement(),
+        qk_norm: family.qk_norm(),
+        activation: family.activation(),
+        fused_projections: family.fused_projections(),
     };
-    config.validate().map_err(|message| LoadError::Config {
-        path: f.path().into(),
-        message,
-    })?;
+    config.validate()?;
     Ok(config)
 }
 
@@ -130,13 +303,33 @@ fn dense_f32(f: &GgufFile, info: &GgufTensorInfo) -> Vec<f32> {
 
 struct Loader<'a, B: GraftBackend> {
     file: &'a GgufFile,
-    config: &'a LlamaConfig,
+    config: &'a ModelConfig,
     opts: LoadOptions,
     device: &'a B::Device,
-    permute_qk: bool,
 }
 
 impl<B: GraftBackend> Loader<'_, B> {
+    /// llama.cpp's tensor name (without `.weight`).
+    fn name(role: Role) -> String {
+        match role {
+            Role::Embed => "token_embd".into(),
+            Role::LmHead => "output".into(),
+            Role::FinalNorm => "output_norm".into(),
+            Role::Proj(i, t) => format!("blk.{i}.{}", t.gguf_name()),
+            Role::Norm(i, slot) => format!(
+                "blk.{i}.{}",
+                match slot {
+                    NormSlot::AttnIn => "attn_norm",
+                    NormSlot::AttnOut => "post_attention_norm",
+                    NormSlot::MlpIn => "ffn_norm",
+                    NormSlot::MlpOut => "post_ffw_norm",
+                }
+            ),
+            Role::QNorm(i) => format!("blk.{i}.attn_q_norm"),
+            Role::KNorm(i) => format!("blk.{i}.attn_k_norm"),
+        }
+    }
+
     fn info(&self, name: &str, expected: &[usize]) -> Result<&GgufTensorInfo, LoadError> {
         let path = self.file.path();
         let info = self
@@ -158,35 +351,47 @@ impl<B: GraftBackend> Loader<'_, B> {
         Ok(info)
     }
 
-    fn vector(&self, name: &str, len: usize) -> Result<Tensor<B, 1>, LoadError> {
+    fn vector(
+        &self,
+        name: &str,
+        len: usize,
+        heads: Option<usize>,
+    ) -> Result<Tensor<B, 1>, LoadError> {
         let info = self.info(name, &[len])?;
-        Ok(Tensor::from_data(
-            TensorData::new(dense_f32(self.file, info), [len]),
-            self.device,
-        ))
+        let mut v = dense_f32(self.file, info);
+        if let Some(h) = heads {
+            v = permute_rows(&v, len, h, true);
+        }
+        Ok(Tensor::from_data(TensorData::new(v, [len]), self.device))
     }
+}
 
-    fn norm(&self, name: &str) -> Result<RmsNorm<B>, LoadError> {
+impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
+    fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError> {
         Ok(RmsNorm {
-            weight: self.vector(name, self.config.hidden_size)?,
+            weight: self.vector(&format!("{}.weight", Self::name(role)), len, None)?,
             eps: self.config.rms_norm_eps,
         })
     }
 
-    /// A `[rows, cols]` weight; `heads` asks for llama.cpp's q/k row permutation to be undone.
     fn proj(
         &self,
-        name: &str,
+        role: Role,
         rows: usize,
         cols: usize,
-        heads: Option<usize>,
         quantize: bool,
     ) -> Result<Proj<B>, LoadError> {
+        let name = Self::name(role);
+        // llama.cpp's q/k row permutation is undone, whole rows at a time.
+        let heads = match role {
+            Role::Proj(_, t) => self.config.gguf_permuted_heads(t),
+            _ => None,
+        };
         let info = self.info(&format!("{name}.weight"), &[rows, cols])?;
         let bytes = self.file.tensor_bytes(info);
         let bytes: Arc<[u8]> = match heads {
-            Some(h) if self.permute_qk => permute_rows(bytes, rows, h, true).into(),
-            _ => bytes.into(),
+            Some(h) => permute_rows(bytes, rows, h, true).into(),
+            None => bytes.into(),
         };
         let packed = PackedWeight::ggml(info.ty, rows, cols, bytes).map_err(|message| {
             LoadError::Tensor {
@@ -198,92 +403,21 @@ impl<B: GraftBackend> Loader<'_, B> {
         let dense = matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
             || self.opts.quantize == QuantKind::None;
         let base = match (dense, quantize && self.opts.quantize == QuantKind::Nf4) {
-            (true, true) => BaseWeight::Packed(PackedWeight::nf4(rows, cols, &packed.dequantize())),
+            // NF4 asked for (also on GGML blocks: bitsandbytes' NF4 of the dequantized weight,
+            // so QLoRA-NF4 runs from any GGUF).
+            (_, true) => BaseWeight::Packed(PackedWeight::nf4(rows, cols, &packed.dequantize())),
             (true, false) => BaseWeight::Dense(Tensor::from_data(
                 TensorData::new(packed.dequantize(), [rows, cols]),
                 self.device,
             )),
-            // NF4 asked for on GGML blocks: requantize (bitsandbytes' NF4 of the dequantized
-            // weight), so QLoRA-NF4 runs from any GGUF.
-            (false, true) => {
-                BaseWeight::Packed(PackedWeight::nf4(rows, cols, &packed.dequantize()))
-            }
             (false, false) => BaseWeight::Packed(packed),
         };
         let bias_name = format!("{name}.bias");
         let bias = match self.file.tensor_info(&bias_name) {
-            Some(_) => Some(self.vector(&bias_name, rows)?),
+            Some(_) => Some(self.vector(&bias_name, rows, heads)?),
             None => None,
         };
         Ok(Proj::new(base, bias))
-    }
-
-    fn model(&self) -> Result<Llama<B>, LoadError> {
-        let c = self.config;
-        let (h, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let embed = self.proj("token_embd", c.vocab_size, c.hidden_size, None, false)?;
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
-            let p = |t: TargetModule| format!("blk.{i}.{}", t.gguf_name());
-            let projs = [
-                self.proj(
-                    &p(TargetModule::Q),
-                    h,
-                    c.hidden_size,
-                    Some(c.num_heads),
-                    true,
-                )?,
-                self.proj(
-                    &p(TargetModule::K),
-                    kv,
-                    c.hidden_size,
-                    Some(c.num_kv_heads),
-                    true,
-                )?,
-                self.proj(&p(TargetModule::V), kv, c.hidden_size, None, true)?,
-                self.proj(&p(TargetModule::O), c.hidden_size, h, None, true)?,
-                self.proj(
-                    &p(TargetModule::Gate),
-                    c.intermediate_size,
-                    c.hidden_size,
-                    None,
-                    true,
-                )?,
-                self.proj(
-                    &p(TargetModule::Up),
-                    c.intermediate_size,
-                    c.hidden_size,
-                    None,
-                    true,
-                )?,
-                self.proj(
-                    &p(TargetModule::Down),
-                    c.hidden_size,
-                    c.intermediate_size,
-                    None,
-                    true,
-                )?,
-            ];
-            layers.push(Block {
-                input_norm: self.norm(&format!("blk.{i}.attn_norm.weight"))?,
-                projs,
-                post_attention_norm: self.norm(&format!("blk.{i}.ffn_norm.weight"))?,
-            });
-        }
-        let lm_head = if c.tie_word_embeddings {
-            embed.clone()
-        } else {
-            self.proj("output", c.vocab_size, c.hidden_size, None, false)?
-        };
-        let norm = self.norm("output_norm.weight")?;
-        Ok(Llama::new(
-            c.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
-            self.device.clone(),
-        ))
     }
 }
 

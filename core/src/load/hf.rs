@@ -14,10 +14,10 @@ use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+use super::assemble::{assemble, Role, WeightSource};
+use super::hf_config::HfConfig;
 use super::{read_json, LoadError, LoadOptions, LoadedModel};
-use crate::config::{HfConfig, LlamaConfig};
-use crate::lora::TargetModule;
-use crate::model::{Block, Llama, RmsNorm};
+use crate::model::{Family, ModelConfig, NormPlacement, NormSlot, RmsNorm};
 use crate::proj::{BaseWeight, Proj};
 use crate::quant::{PackedWeight, QuantKind};
 use crate::tokenizer::TokenizerBundle;
@@ -35,16 +35,19 @@ pub fn load_hf_dir<B: GraftBackend>(
     let config_path = dir.join("config.json");
     let raw: HfConfig = read_json(&config_path)?;
     if let Some(arch) = raw.architectures.first() {
-        let known = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
-        if !known.contains(&arch.as_str()) {
+        if !Family::ALL.iter().any(|f| f.hf_architecture() == arch) {
             return Err(LoadError::Architecture {
                 path: config_path,
                 arch: arch.clone(),
-                supported: known.join(", "),
+                supported: Family::ALL
+                    .iter()
+                    .map(|f| f.hf_architecture())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
     }
-    let config = LlamaConfig::try_from(raw).map_err(|message| LoadError::Config {
+    let config = ModelConfig::try_from(raw).map_err(|message| LoadError::Config {
         path: config_path.clone(),
         message,
     })?;
@@ -55,7 +58,7 @@ pub fn load_hf_dir<B: GraftBackend>(
         opts,
         device,
     };
-    let model = l.model()?;
+    let model = assemble(&l, &config, device)?;
     let tokenizer = if dir.join("tokenizer.json").is_file() {
         Some(TokenizerBundle::from_hf_dir(dir)?)
     } else {
@@ -174,33 +177,70 @@ impl Weights {
 
 struct Loader<'a, B: GraftBackend> {
     weights: &'a Weights,
-    config: &'a LlamaConfig,
+    config: &'a ModelConfig,
     opts: LoadOptions,
     device: &'a B::Device,
 }
 
 impl<B: GraftBackend> Loader<'_, B> {
+    /// transformers' module path of a tensor (without `.weight`).
+    fn name(&self, role: Role) -> String {
+        let layer = |i: usize, rest: &str| format!("model.layers.{i}.{rest}");
+        match role {
+            Role::Embed => "model.embed_tokens".into(),
+            Role::LmHead => "lm_head".into(),
+            Role::FinalNorm => "model.norm".into(),
+            Role::Proj(i, t) => layer(i, &format!("{}.{}", t.hf_parent(), t.hf_name())),
+            Role::Norm(i, slot) => layer(
+                i,
+                match slot {
+                    NormSlot::AttnIn => "input_layernorm",
+                    NormSlot::AttnOut => "post_attention_layernorm",
+                    // Llama's name for the pre-MLP norm is the one others use after attention.
+                    NormSlot::MlpIn if self.config.norm_placement == NormPlacement::Pre => {
+                        "post_attention_layernorm"
+                    }
+                    NormSlot::MlpIn => "pre_feedforward_layernorm",
+                    NormSlot::MlpOut => "post_feedforward_layernorm",
+                },
+            ),
+            Role::QNorm(i) => layer(i, "self_attn.q_norm"),
+            Role::KNorm(i) => layer(i, "self_attn.k_norm"),
+        }
+    }
+
     fn vector(&self, name: &str, len: usize) -> Result<Tensor<B, 1>, LoadError> {
         Ok(Tensor::from_data(
             TensorData::new(self.weights.f32(name, &[len])?, [len]),
             self.device,
         ))
     }
+}
 
-    fn norm(&self, name: &str) -> Result<RmsNorm<B>, LoadError> {
+impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
+    fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError> {
+        let mut w = self
+            .weights
+            .f32(&format!("{}.weight", self.name(role)), &[len])?;
+        let offset = self.config.family.hf_norm_offset();
+        if offset != 0.0 {
+            // `x·(1 + w)` in transformers' Gemma RMSNorm, computed in f32 as here.
+            w.iter_mut().for_each(|v| *v += offset);
+        }
         Ok(RmsNorm {
-            weight: self.vector(name, self.config.hidden_size)?,
+            weight: Tensor::from_data(TensorData::new(w, [len]), self.device),
             eps: self.config.rms_norm_eps,
         })
     }
 
     fn proj(
         &self,
-        name: &str,
+        role: Role,
         rows: usize,
         cols: usize,
         quantize: bool,
     ) -> Result<Proj<B>, LoadError> {
+        let name = self.name(role);
         let w = self.weights.f32(&format!("{name}.weight"), &[rows, cols])?;
         let base = if quantize && self.opts.quantize == QuantKind::Nf4 {
             BaseWeight::Packed(PackedWeight::nf4(rows, cols, &w))
@@ -217,56 +257,6 @@ impl<B: GraftBackend> Loader<'_, B> {
             None
         };
         Ok(Proj::new(base, bias))
-    }
-
-    fn model(&self) -> Result<Llama<B>, LoadError> {
-        let c = self.config;
-        let (h, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let embed = self.proj("model.embed_tokens", c.vocab_size, c.hidden_size, false)?;
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
-            let p = |t: TargetModule| format!("model.layers.{i}.{}.{}", t.hf_parent(), t.hf_name());
-            let shape = |t: TargetModule| match t {
-                TargetModule::Q => (h, c.hidden_size),
-                TargetModule::K | TargetModule::V => (kv, c.hidden_size),
-                TargetModule::O => (c.hidden_size, h),
-                TargetModule::Gate | TargetModule::Up => (c.intermediate_size, c.hidden_size),
-                TargetModule::Down => (c.hidden_size, c.intermediate_size),
-            };
-            let mk = |t: TargetModule| {
-                let (r, cols) = shape(t);
-                self.proj(&p(t), r, cols, true)
-            };
-            let projs = [
-                mk(TargetModule::Q)?,
-                mk(TargetModule::K)?,
-                mk(TargetModule::V)?,
-                mk(TargetModule::O)?,
-                mk(TargetModule::Gate)?,
-                mk(TargetModule::Up)?,
-                mk(TargetModule::Down)?,
-            ];
-            layers.push(Block {
-                input_norm: self.norm(&format!("model.layers.{i}.input_layernorm.weight"))?,
-                projs,
-                post_attention_norm: self
-                    .norm(&format!("model.layers.{i}.post_attention_layernorm.weight"))?,
-            });
-        }
-        let lm_head = if c.tie_word_embeddings {
-            embed.clone()
-        } else {
-            self.proj("lm_head", c.vocab_size, c.hidden_size, false)?
-        };
-        let norm = self.norm("model.norm.weight")?;
-        Ok(Llama::new(
-            c.clone(),
-            embed,
-            layers,
-            norm,
-            lm_head,
-            self.device.clone(),
-        ))
     }
 }
 

@@ -1,16 +1,18 @@
 //! Loading a model from where people keep one: an HF model directory (safetensors), a GGUF
 //! file, or a Hub id resolved through the HF cache. Only these modules know checkpoint key
-//! names; the model sees [`crate::model::Llama`] parts.
+//! names; the model sees [`crate::model::Model`] parts.
 
+mod assemble;
 pub(crate) mod gguf;
 pub(crate) mod hf;
+pub mod hf_config;
 pub mod hub;
 
 use crate::backend::GraftBackend;
 use std::path::{Path, PathBuf};
 
 use crate::gguf::GgufError;
-use crate::model::Llama;
+use crate::model::Model;
 use crate::quant::QuantKind;
 use crate::tokenizer::TokenizerBundle;
 
@@ -57,7 +59,7 @@ pub enum LoadError {
         tensor: String,
         message: String,
     },
-    #[error("{path}: architecture '{arch}' is not supported (graft runs Llama-family models: {supported})")]
+    #[error("{path}: architecture '{arch}' is not supported (graft runs: {supported})")]
     Architecture {
         path: PathBuf,
         arch: String,
@@ -138,7 +140,7 @@ impl Default for LoadOptions {
 
 /// A loaded model with what generation needs beside it.
 pub struct LoadedModel<B: GraftBackend> {
-    pub model: Llama<B>,
+    pub model: Model<B>,
     /// Tokenizer, chat template and special tokens; `None` only for an HF directory that ships
     /// no `tokenizer.json`.
     pub tokenizer: Option<TokenizerBundle>,

@@ -128,7 +128,7 @@ fn hub_download_then_offline_cache_then_missing() {
     let b = load_hf_dir::<B>(&src, LoadOptions::default(), &dev)
         .unwrap()
         .model;
-    let run = |m: &graft_core::model::Llama<B>| {
+    let run = |m: &graft_core::model::Model<B>| {
         values(m.forward(
             &mut [SeqInput {
                 tokens: &[3, 4, 5],

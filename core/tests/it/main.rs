@@ -1,8 +1,10 @@
 //! graft-core integration tests: one binary, one module per concern.
 
 mod bad_files;
+mod families;
 mod hub;
 mod peft;
+mod real_models;
 mod reference;
 mod smollm2;
 mod tiny;

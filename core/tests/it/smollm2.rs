@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use graft_core::chat::{ChatTemplate, Message};
 use graft_core::load::{load_gguf, load_hf_dir, LoadOptions, LoadedModel};
-use graft_core::model::{Llama, Logits, SeqCache, SeqInput};
+use graft_core::model::{Logits, Model, SeqCache, SeqInput};
 use graft_core::sampling::argmax;
 use serde::Deserialize;
 
@@ -61,13 +61,27 @@ struct Prompt {
 }
 
 fn reference() -> Reference {
-    serde_json::from_str(&std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap())
-        .unwrap()
+    reference_of("smollm2")
 }
 
-fn check_logits(model: &Llama<B>, label: &str) {
-    let r = reference();
-    let t = read_fixture("smollm2_reference.safetensors");
+/// `<prefix>_reference.json`, as `scripts/reference/make_fixtures.py` (SmolLM2) and
+/// `real_models.py` (Gemma 3, Qwen2.5-Coder) write it.
+fn reference_of(prefix: &str) -> Reference {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("{prefix}_reference.json"))).unwrap(),
+    )
+    .unwrap()
+}
+
+fn check_logits(model: &Model<B>, label: &str) {
+    check_logits_of(model, "smollm2", label, TOLERANCE);
+}
+
+/// Logits of every reference prompt of fixture `prefix` against transformers (f32): the last
+/// position's whole vocabulary and the probe ids at every position, within `tolerance`.
+pub fn check_logits_of(model: &Model<B>, prefix: &str, label: &str, tolerance: f32) {
+    let r = reference_of(prefix);
+    let t = read_fixture(&format!("{prefix}_reference.safetensors"));
     let vocab = model.config.vocab_size;
     for (i, p) in r.prompts.iter().enumerate() {
         let logits = values(model.forward(
@@ -82,7 +96,7 @@ fn check_logits(model: &Llama<B>, label: &str) {
         let (d_last, d_probe) = reference_diffs(&logits, vocab, &p.vocab_probe_ids, &t, i);
         eprintln!("{label} prompt {i}: max |Δ| last position {d_last:.2e}, probe ids at all {n} positions {d_probe:.2e}");
         assert!(
-            d_last <= TOLERANCE && d_probe <= TOLERANCE,
+            d_last <= tolerance && d_probe <= tolerance,
             "{label} prompt {i} ({:?}): {d_last} / {d_probe}",
             p.text
         );
@@ -126,8 +140,13 @@ fn hf_safetensors_logits_match_transformers() {
 
 #[test]
 fn greedy_continuations_match_up_to_the_first_near_tie() {
-    let model = &gguf_model().model;
-    for p in reference().prompts {
+    check_greedy_of(&gguf_model().model, "smollm2");
+}
+
+/// Greedy continuations of fixture `prefix`'s prompts equal transformers' token for token up
+/// to the first step whose top-2 margin is below [`NEAR_TIE`].
+pub fn check_greedy_of(model: &Model<B>, prefix: &str) {
+    for p in reference_of(prefix).prompts {
         let mut cache = SeqCache::new();
         let mut input = p.input_ids.clone();
         let mut compared = 0;
@@ -144,12 +163,12 @@ fn greedy_continuations_match_up_to_the_first_near_tie() {
             if margin < NEAR_TIE {
                 break;
             }
-            assert_eq!(got, want, "prompt {:?}: step {step}", p.text);
+            assert_eq!(got, want, "{prefix} prompt {:?}: step {step}", p.text);
             compared += 1;
             input = vec![want];
         }
         eprintln!(
-            "greedy {:?}: {compared} tokens equal before a near-tie or the end",
+            "{prefix} greedy {:?}: {compared} tokens equal before a near-tie or the end",
             p.text
         );
         assert!(compared > 0 || p.greedy_margins[0] < NEAR_TIE);
@@ -173,10 +192,10 @@ struct DivergentCase {
 }
 
 #[derive(Deserialize)]
-struct TokCase {
-    text: String,
-    ids: Vec<u32>,
-    decoded: String,
+pub struct TokCase {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub decoded: String,
 }
 
 #[test]
@@ -218,10 +237,12 @@ fn tokenizer_from_gguf_matches_transformers() {
 }
 
 #[derive(Deserialize)]
-struct ChatCase {
-    messages: Vec<Message>,
-    add_generation_prompt: bool,
-    rendered: String,
+pub struct ChatCase {
+    pub messages: serde_json::Value,
+    #[serde(default)]
+    pub tools: Option<serde_json::Value>,
+    pub add_generation_prompt: bool,
+    pub rendered: String,
 }
 
 #[test]
@@ -237,8 +258,14 @@ fn chat_template_matches_transformers() {
         serde_json::from_str(&std::fs::read_to_string(fixture("chat_template.json")).unwrap())
             .unwrap();
     for c in cases {
+        let messages: Vec<Message> = serde_json::from_value(c.messages.clone()).unwrap();
         assert_eq!(
-            tmpl.render(&c.messages, c.add_generation_prompt).unwrap(),
+            tmpl.render(&messages, c.add_generation_prompt).unwrap(),
+            c.rendered
+        );
+        assert_eq!(
+            tmpl.render_json(&c.messages, None, c.add_generation_prompt)
+                .unwrap(),
             c.rendered
         );
     }

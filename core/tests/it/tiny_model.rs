@@ -6,14 +6,14 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use graft_core::load::{load_gguf, load_hf_dir, LoadOptions};
 use graft_core::lora::{Adapter, TargetModule};
-use graft_core::model::{Llama, Logits, SeqCache, SeqInput};
+use graft_core::model::{Logits, Model, SeqCache, SeqInput};
 use graft_core::proj::LoraWeights;
 use graft_core::quant::QuantKind;
 
 use crate::tiny::*;
 use crate::{max_abs_diff, values, B};
 
-fn models() -> (tempfile::TempDir, Llama<B>, Llama<B>) {
+fn models() -> (tempfile::TempDir, Model<B>, Model<B>) {
     let dir = tempfile::tempdir().unwrap();
     let w = TinyWeights::random(1);
     w.write_hf_dir(&dir.path().join("hf"), false);
@@ -29,7 +29,7 @@ fn models() -> (tempfile::TempDir, Llama<B>, Llama<B>) {
     (dir, hf, gg)
 }
 
-fn all_logits(m: &Llama<B>, tokens: &[u32], adapter: Option<&Adapter<B>>) -> Vec<f32> {
+fn all_logits(m: &Model<B>, tokens: &[u32], adapter: Option<&Adapter<B>>) -> Vec<f32> {
     values(m.forward(
         &mut [SeqInput {
             tokens,
@@ -130,13 +130,13 @@ fn ragged_batch_equals_each_sequence_alone() {
     assert!(max_abs_diff(&batch[VOCAB..], &alone_b) < 1e-4);
 }
 
-fn adapter(m: &Llama<B>, seed: u64, zero_b: bool) -> Adapter<B> {
+fn adapter(m: &Model<B>, seed: u64, zero_b: bool) -> Adapter<B> {
     let dev = m.device().clone();
     let mut a = Adapter::empty(LAYERS);
     let r = 4;
     for (li, layer) in m.layers.iter().enumerate() {
         for t in [TargetModule::Q, TargetModule::V, TargetModule::Down] {
-            let p = layer.proj(t);
+            let p = layer.proj(t).unwrap();
             let rnd = |n: usize, s: u64| -> Vec<f32> {
                 (0..n)
                     .map(|i| {
@@ -227,10 +227,10 @@ fn nf4_on_load_is_close_and_smaller() {
     )
     .unwrap()
     .model;
-    let proj_bytes = |m: &Llama<B>| {
+    let proj_bytes = |m: &Model<B>| {
         m.layers
             .iter()
-            .flat_map(|l| l.projs.iter())
+            .flat_map(|l| l.projs.iter().flatten())
             .map(|p| p.n_bytes())
             .sum::<usize>()
     };

@@ -1,0 +1,101 @@
+//! Builds a [`Model`] from any checkpoint format: which tensors a layer has and their shapes
+//! follow from the [`ModelConfig`] alone, written once here; each format only maps a
+//! [`Role`] to its own tensor name and reads it ([`WeightSource`]).
+
+use crate::backend::GraftBackend;
+use crate::lora::TargetModule;
+use crate::model::{Block, Model, ModelConfig, NormSlot, QkNorm, RmsNorm};
+use crate::proj::Proj;
+
+use super::LoadError;
+
+/// A base tensor of the model, by what it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Embed,
+    LmHead,
+    FinalNorm,
+    Proj(usize, TargetModule),
+    Norm(usize, NormSlot),
+    QNorm(usize),
+    KNorm(usize),
+}
+
+/// A checkpoint format's access to its tensors.
+pub(crate) trait WeightSource<B: GraftBackend> {
+    /// A `[rows, cols]` projection with its bias if the file has one; `quantize` says whether
+    /// the load options' NF4 applies (not to embeddings and the LM head).
+    fn proj(
+        &self,
+        role: Role,
+        rows: usize,
+        cols: usize,
+        quantize: bool,
+    ) -> Result<Proj<B>, LoadError>;
+
+    /// An RMSNorm weight of `len` values, as the multiplier the model applies.
+    fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError>;
+}
+
+/// Reads every tensor `config` implies from `src`.
+///
+/// # Errors
+/// Whatever the source reports: a missing tensor, a wrong shape or type.
+pub(crate) fn assemble<B: GraftBackend>(
+    src: &impl WeightSource<B>,
+    config: &ModelConfig,
+    device: &B::Device,
+) -> Result<Model<B>, LoadError> {
+    let c = config;
+    let embed = src.proj(Role::Embed, c.vocab_size, c.hidden_size, false)?;
+    let (q_rows, kv_rows) = c.qkv_rows();
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for i in 0..c.num_layers {
+        let mut projs: [Option<Proj<B>>; TargetModule::COUNT] = Default::default();
+        for &t in c.targets() {
+            let (rows, cols) = c
+                .proj_shape(t)
+                .unwrap_or_else(|| unreachable!("targets() lists the layout's projections"));
+            projs[t.index()] = Some(src.proj(Role::Proj(i, t), rows, cols, true)?);
+        }
+        let mut norms: [Option<RmsNorm<B>>; 4] = Default::default();
+        for slot in NormSlot::ALL {
+            if c.norm_placement.has(slot) {
+                norms[slot.index()] = Some(src.norm(Role::Norm(i, slot), c.hidden_size)?);
+            }
+        }
+        let (q_len, k_len) = match c.qk_norm {
+            QkNorm::None => (0, 0),
+            QkNorm::PerHead => (c.head_dim, c.head_dim),
+            QkNorm::Full => (q_rows, kv_rows),
+        };
+        let (q_norm, k_norm) = if q_len > 0 {
+            (
+                Some(src.norm(Role::QNorm(i), q_len)?),
+                Some(src.norm(Role::KNorm(i), k_len)?),
+            )
+        } else {
+            (None, None)
+        };
+        layers.push(Block {
+            projs,
+            norms,
+            q_norm,
+            k_norm,
+        });
+    }
+    let lm_head = if c.tie_word_embeddings {
+        embed.clone()
+    } else {
+        src.proj(Role::LmHead, c.vocab_size, c.hidden_size, false)?
+    };
+    let norm = src.norm(Role::FinalNorm, c.hidden_size)?;
+    Ok(Model::new(
+        c.clone(),
+        embed,
+        layers,
+        norm,
+        lm_head,
+        device.clone(),
+    ))
+}

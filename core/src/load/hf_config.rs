@@ -1,0 +1,476 @@
+//! `config.json` of an HF checkpoint as serde reads it ([`HfConfig`]), and its translation into
+//! the model's [`ModelConfig`] with the family's defaults. Reads both transformers 4's keys
+//! (`rope_theta`, `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern`) and
+//! transformers 5's (`rope_parameters`, per layer type for Gemma 3; `layer_types`). A key whose
+//! value graft cannot honour is refused by name, never ignored.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::model::family::{supported_model_types, Family};
+use crate::model::{Activation, LayerConfig, ModelConfig, RopeConfig, RopeScaling};
+
+/// The keys graft reads (others are ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f64>,
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+
+impl TryFrom<HfConfig> for ModelConfig {
+    type Error = String;
+
+    fn try_from(c: HfConfig) -> Result<Self, String> {
+        let model_type = c.model_type.clone().unwrap_or_else(|| "llama".into());
+        let family = Family::from_model_type(&model_type).ok_or_else(|| {
+            format!(
+                "model_type '{model_type}' is not an architecture graft supports (supported: {})",
+                supported_model_types()
+            )
+        })?;
+        let (act_key, act) = match (&c.hidden_activation, &c.hidden_act) {
+            (Some(a), _) => ("hidden_activation", a.as_str()),
+            (None, Some(a)) => ("hidden_act", a.as_str()),
+            (None, None) => ("hidden_act", family.default_hidden_act()),
+        };
+        let activation = match act {
+            "silu" | "swish" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
+            other => {
+                return Err(format!(
+                    "{act_key} '{other}' is not supported for {family} (silu, gelu_pytorch_tanh)"
+                ))
+            }
+        };
+        if c.use_bidirectional_attention == Some(true) {
+            return Err("use_bidirectional_attention = true (an embedding model) is not supported: graft runs causal decoders".into());
+        }
+        let head_dim = c
+            .head_dim
+            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        // transformers 5 keeps it in rope_parameters.
+        let partial = c.partial_rotary_factor.or_else(|| {
+            c.rope_parameters
+                .as_ref()
+                .and_then(|p| p.get("partial_rotary_factor"))
+                .and_then(Value::as_f64)
+        });
+        let rotary_dim = match partial {
+            Some(f) if !(f > 0.0 && f <= 1.0) => {
+                return Err(format!("partial_rotary_factor must be in (0, 1], got {f}"))
+            }
+            // transformers: int(head_dim * partial_rotary_factor)
+            Some(f) => (head_dim as f64 * f) as usize,
+            None => head_dim,
+        };
+        let ropes = Ropes::read(&c, family, rotary_dim)?;
+        let windows = layer_windows(&c, family)?;
+        let layers = windows
+            .into_iter()
+            .map(|window| LayerConfig {
+                rope: if window.is_some() {
+                    ropes.local.clone()
+                } else {
+                    ropes.global.clone()
+                },
+                window,
+            })
+            .collect();
+        let cfg = ModelConfig {
+            family,
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim,
+            rms_norm_eps: c.rms_norm_eps,
+            max_position_embeddings: c.max_position_embeddings,
+            tie_word_embeddings: c
+                .tie_word_embeddings
+                .unwrap_or(family.default_tied_embeddings()),
+            attention_bias: c.attention_bias.unwrap_or(family.default_attention_bias()),
+            layers,
+            attention_scale: (1.0 / c.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt())
+                as f32,
+            attn_softcap: c.attn_logit_softcapping.map(|v| v as f32),
+            final_softcap: c.final_logit_softcapping.map(|v| v as f32),
+            embed_scale: family
+                .scales_embeddings()
+                .then(|| (c.hidden_size as f32).sqrt()),
+            norm_placement: family.norm_placement(),
+            qk_norm: family.qk_norm(),
+            activation,
+            fused_projections: family.fused_projections(),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// The sliding window of each layer: `layer_types` when given, else the family's pattern
+/// (Qwen2/3: only with `use_sliding_window`, from layer `max_window_layers` on).
+fn layer_windows(c: &HfConfig, family: Family) -> Result<Vec<Option<usize>>, String> {
+    let n = c.num_hidden_layers;
+    let window = match c.use_sliding_window {
+        Some(false) => None,
+        _ => c.sliding_window,
+    };
+    if let Some(types) = &c.layer_types {
+        if types.len() != n {
+            return Err(format!(
+                "layer_types has {} entries for num_hidden_layers {n}",
+                types.len()
+            ));
+        }
+        return types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                "full_attention" => Ok(None),
+                "sliding_attention" => window.map(Some).ok_or_else(|| {
+                    format!("layer_types[{i}] is 'sliding_attention' but sliding_window is not set")
+                }),
+                other => Err(format!(
+                    "layer_types[{i}] '{other}' is not supported (full_attention, sliding_attention)"
+                )),
+            })
+            .collect();
+    }
+    let Some(w) = window else {
+        return Ok(vec![None; n]);
+    };
+    let first = match (c.use_sliding_window, c.max_window_layers) {
+        (Some(true), Some(m)) => m,
+        _ => 0,
+    };
+    let pattern = match c.sliding_window_pattern {
+        Some(0) => return Err("sliding_window_pattern must be positive, got 0".into()),
+        Some(p) => crate::model::family::SlidingPattern::AllBut(p),
+        None => family.sliding_pattern(),
+    };
+    Ok((0..n)
+        .map(|i| (i >= first && pattern.slides(i)).then_some(w))
+        .collect())
+}
+
+/// The rotary embedding of global layers and of local (sliding-window) layers.
+struct Ropes {
+    global: RopeConfig,
+    local: RopeConfig,
+}
+
+impl Ropes {
+    fn read(c: &HfConfig, family: Family, rotary_dim: usize) -> Result<Self, String> {
+        let one =
+            |params: Option<&Value>, theta: Option<f64>, key: &str| -> Result<RopeConfig, String> {
+                let theta = params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+                    .or(theta)
+                    .unwrap_or(10_000.0);
+                let scaling = match params {
+                    None | Some(Value::Null) => None,
+                    Some(p) => parse_rope_scaling(p, c, key)?,
+                };
+                Ok(RopeConfig {
+                    theta: theta as f32,
+                    scaling,
+                    rotary_dim,
+                })
+            };
+        match &c.rope_parameters {
+            // transformers 5, one dict per layer type (Gemma 3)
+            Some(p) if p.get("full_attention").is_some() => {
+                let global = one(
+                    p.get("full_attention"),
+                    None,
+                    "rope_parameters.full_attention",
+                )?;
+                let local = match p.get("sliding_attention") {
+                    Some(l) => one(Some(l), None, "rope_parameters.sliding_attention")?,
+                    None => global.clone(),
+                };
+                Ok(Ropes { global, local })
+            }
+            Some(p) => {
+                let global = one(Some(p), c.rope_theta, "rope_parameters")?;
+                Ok(Ropes {
+                    local: global.clone(),
+                    global,
+                })
+            }
+            None => {
+                let global = one(c.rope_scaling.as_ref(), c.rope_theta, "rope_scaling")?;
+                let local = match c
+                    .rope_local_base_freq
+                    .or(family.local_rope_base().map(f64::from))
+                {
+                    Some(theta) => RopeConfig {
+                        theta: theta as f32,
+                        scaling: None,
+                        rotary_dim,
+                    },
+                    None => global.clone(),
+                };
+                Ok(Ropes { global, local })
+            }
+        }
+    }
+}
+
+/// A `rope_scaling` / `rope_parameters` dict; `None` for the default rope.
+fn parse_rope_scaling(v: &Value, c: &HfConfig, key: &str) -> Result<Option<RopeScaling>, String> {
+    let kind = match v.get("rope_type").or_else(|| v.get("type")) {
+        None => return Ok(None),
+        Some(t) => t
+            .as_str()
+            .ok_or_else(|| format!("{key}.rope_type must be a string, got {t}"))?,
+    };
+    let num = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("{key}.{k} is missing or not a number in {v}"))
+    };
+    let opt_num = |k: &str| v.get(k).and_then(Value::as_f64);
+    let list = |k: &str| -> Result<Vec<f32>, String> {
+        v.get(k)
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect())
+            .ok_or_else(|| format!("{key}.{k} is missing or not a list of numbers"))
+    };
+    let original = v
+        .get("original_max_position_embeddings")
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .or(c.original_max_position_embeddings);
+    Ok(Some(match kind {
+        "default" => return Ok(None),
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")? as f32,
+        },
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")? as f32,
+            low_freq_factor: num("low_freq_factor")? as f32,
+            high_freq_factor: num("high_freq_factor")? as f32,
+            original_max_position: original.unwrap_or(c.max_position_embeddings),
+        },
+        "longrope" => {
+            let original = original
+                .ok_or_else(|| format!("{key}: longrope needs original_max_position_embeddings"))?;
+            // transformers' `_compute_longrope_parameters`
+            let factor =
+                opt_num("factor").unwrap_or(c.max_position_embeddings as f64 / original as f64);
+            let attention_factor = opt_num("attention_factor").unwrap_or(if factor <= 1.0 {
+                1.0
+            } else {
+                (1.0 + factor.ln() / (original as f64).ln()).sqrt()
+            });
+            RopeScaling::LongRope {
+                short: list("short_factor")?,
+                long: list("long_factor")?,
+                original_max_position: original,
+                attention_factor: attention_factor as f32,
+            }
+        }
+        "yarn" => {
+            let factor = num("factor")?;
+            // transformers' `_compute_yarn_parameters`: get_mscale
+            let mscale = |scale: f64, m: f64| {
+                if scale <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * scale.ln() + 1.0
+                }
+            };
+            let attention_factor = match (
+                opt_num("attention_factor"),
+                opt_num("mscale"),
+                opt_num("mscale_all_dim"),
+            ) {
+                (Some(a), _, _) => a,
+                (None, Some(m), Some(ma)) if m != 0.0 && ma != 0.0 => {
+                    mscale(factor, m) / mscale(factor, ma)
+                }
+                _ => mscale(factor, 1.0),
+            };
+            RopeScaling::Yarn {
+                factor: factor as f32,
+                original_max_position: original.unwrap_or(c.max_position_embeddings),
+                beta_fast: opt_num("beta_fast").unwrap_or(32.0) as f32,
+                beta_slow: opt_num("beta_slow").unwrap_or(1.0) as f32,
+                attention_factor: attention_factor as f32,
+                truncate: v.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+            }
+        }
+        other => {
+            return Err(format!(
+            "{key}.rope_type '{other}' is not supported (default, linear, llama3, longrope, yarn)"
+        ))
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm() -> HfConfig {
+        serde_json::from_str(
+            r#"{"architectures":["LlamaForCausalLM"],"model_type":"llama","vocab_size":49152,
+            "hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,
+            "num_attention_heads":9,"num_key_value_heads":3,"rms_norm_eps":1e-5,
+            "rope_theta":100000.0,"max_position_embeddings":8192,"tie_word_embeddings":true}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn smollm2_parameter_count_matches_transformers() {
+        let c = ModelConfig::try_from(smollm()).unwrap();
+        assert_eq!(c.head_dim, 64);
+        assert_eq!(c.n_params(), 134_515_008);
+        assert_eq!(c.layers[0].window, None);
+        assert_eq!(c.layers[0].rope.theta, 100_000.0);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = smollm();
+        c.num_key_value_heads = Some(4);
+        let e = ModelConfig::try_from(c).unwrap_err();
+        assert!(e.contains("num_key_value_heads 4"), "{e}");
+        let mut c = smollm();
+        c.model_type = Some("gpt2".into());
+        assert!(ModelConfig::try_from(c).unwrap_err().contains("'gpt2'"));
+        let mut c = smollm();
+        c.rope_scaling = Some(serde_json::json!({"rope_type": "dynamic", "factor": 2.0}));
+        let e = ModelConfig::try_from(c).unwrap_err();
+        assert!(e.contains("rope_scaling.rope_type 'dynamic'"), "{e}");
+        let mut c = smollm();
+        c.hidden_act = Some("relu".into());
+        assert!(ModelConfig::try_from(c)
+            .unwrap_err()
+            .contains("hidden_act 'relu'"));
+    }
+
+    #[test]
+    fn llama3_rope_scaling_parses() {
+        let mut c = smollm();
+        c.rope_scaling = Some(serde_json::json!({"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}));
+        let m = ModelConfig::try_from(c).unwrap();
+        assert_eq!(
+            m.layers[3].rope.scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position: 8192
+            })
+        );
+    }
+
+    #[test]
+    fn windows_follow_the_family_and_the_config() {
+        // Mistral: every layer; Qwen2 with use_sliding_window false: none.
+        let mut c = smollm();
+        c.model_type = Some("mistral".into());
+        c.sliding_window = Some(4096);
+        let m = ModelConfig::try_from(c.clone()).unwrap();
+        assert!(m.layers.iter().all(|l| l.window == Some(4096)));
+        c.model_type = Some("qwen2".into());
+        c.use_sliding_window = Some(false);
+        let m = ModelConfig::try_from(c.clone()).unwrap();
+        assert!(m.layers.iter().all(|l| l.window.is_none()));
+        assert!(m.attention_bias);
+        // Gemma 3 (transformers 4 keys): 5 local layers with their own base, then a global one.
+        let mut c = smollm();
+        c.model_type = Some("gemma3_text".into());
+        c.sliding_window = Some(512);
+        c.rope_theta = Some(1e6);
+        c.rope_local_base_freq = Some(1e4);
+        c.num_hidden_layers = 6;
+        let m = ModelConfig::try_from(c).unwrap();
+        let w: Vec<_> = m.layers.iter().map(|l| l.window).collect();
+        assert_eq!(
+            w,
+            [Some(512), Some(512), Some(512), Some(512), Some(512), None]
+        );
+        assert_eq!(m.layers[0].rope.theta, 1e4);
+        assert_eq!(m.layers[5].rope.theta, 1e6);
+        assert!(m.tie_word_embeddings);
+        assert_eq!(m.activation, Activation::GeluTanh);
+        assert_eq!(m.embed_scale, Some(24.0));
+    }
+
+    #[test]
+    fn layer_types_must_name_known_kinds() {
+        let mut c = smollm();
+        c.num_hidden_layers = 2;
+        c.layer_types = Some(vec!["full_attention".into(), "chunked_attention".into()]);
+        let e = ModelConfig::try_from(c).unwrap_err();
+        assert!(e.contains("layer_types[1] 'chunked_attention'"), "{e}");
+    }
+}

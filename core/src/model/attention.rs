@@ -1,0 +1,185 @@
+//! Causal grouped-query attention of the new rows of each sequence against its cached and new
+//! keys, with the per-layer sliding window, score scale and soft-cap of [`ModelConfig`]
+//! (transformers' `eager_attention_forward` with its causal / sliding-window masks).
+
+use std::ops::Range;
+
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use burn::tensor::TensorData;
+
+use super::config::ModelConfig;
+use super::SeqCache;
+use crate::backend::GraftBackend;
+
+/// One sequence's part of an attention call.
+pub(crate) struct AttnSeq<'b, B: GraftBackend> {
+    /// Its rows in the batch.
+    pub span: Range<usize>,
+    /// Tokens already in its cache.
+    pub past: usize,
+    pub cache: Option<&'b mut SeqCache<B>>,
+    /// Per distinct window of the model's layers: the first key position any new row sees,
+    /// and the additive mask over keys `start..past + n` (`None` when every row sees them all).
+    pub masks: Vec<(Option<usize>, usize, Option<Tensor<B, 3>>)>,
+}
+
+impl<B: GraftBackend> AttnSeq<'_, B> {
+    /// Builds the masks for each window in `windows`, once per forward, shared by every layer.
+    pub fn build_masks(&mut self, c: &ModelConfig, windows: &[Option<usize>], device: &B::Device) {
+        let (n, past) = (self.span.len(), self.past);
+        self.masks = windows
+            .iter()
+            .map(|&w| {
+                let start = w.map_or(0, |w| (past + 1).saturating_sub(w));
+                (w, start, causal_mask(c, n, past, start, w, device))
+            })
+            .collect();
+    }
+}
+
+/// The additive mask of `n` new rows after `past` cached ones over keys `start..past + n`, in
+/// the full shape of the scores (`[kv_heads, groups·n, keys]`, row `g·n + i` for query `i` of
+/// group `g`), so adding it is a contiguous element-wise op. Row `i` (position `past + i`) sees
+/// key `j` when `j ≤ past + i` and, with a window, `j > past + i − window`. `None` for one row:
+/// `start` already excludes what it cannot see.
+fn causal_mask<B: GraftBackend>(
+    c: &ModelConfig,
+    n: usize,
+    past: usize,
+    start: usize,
+    window: Option<usize>,
+    device: &B::Device,
+) -> Option<Tensor<B, 3>> {
+    if n <= 1 {
+        return None;
+    }
+    let (kvh, groups, keys) = (
+        c.num_kv_heads,
+        c.num_heads / c.num_kv_heads,
+        past + n - start,
+    );
+    let mut mask = vec![0f32; kvh * groups * n * keys];
+    for (r, row) in mask.chunks_exact_mut(keys).enumerate() {
+        let pos = past + r % n;
+        row[pos + 1 - start..].fill(f32::NEG_INFINITY);
+        if let Some(w) = window {
+            // keys at positions ≤ pos − w
+            let hidden = (pos + 1).saturating_sub(w).saturating_sub(start);
+            row[..hidden].fill(f32::NEG_INFINITY);
+        }
+    }
+    Some(Tensor::from_data(
+        TensorData::new(mask, [kvh, groups * n, keys]),
+        device,
+    ))
+}
+
+/// Attention of every sequence's new rows in layer `layer`, appending the new keys and values
+/// to each sequence's cache.
+///
+/// # Shapes
+/// `q: [tokens, heads, hd]`, `k`, `v: [tokens, kv_heads, hd]` → `[tokens, heads·hd]`
+pub(crate) fn attend<B: GraftBackend>(
+    c: &ModelConfig,
+    layer: usize,
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    seqs: &mut [AttnSeq<'_, B>],
+) -> Tensor<B, 2> {
+    let window = c.layers[layer].window;
+    let mut outs: Vec<Tensor<B, 2>> = seqs
+        .iter_mut()
+        .map(|s| {
+            let (start, mask) = s
+                .masks
+                .iter()
+                .find(|m| m.0 == window)
+                .map(|m| (m.1, m.2.clone()))
+                .unwrap_or_else(|| unreachable!("masks are built for every layer's window"));
+            attend_one(
+                c,
+                layer,
+                s.span.clone(),
+                q,
+                k,
+                v,
+                s.cache.as_deref_mut(),
+                start,
+                mask,
+            )
+        })
+        .collect();
+    if outs.len() == 1 {
+        outs.pop().unwrap_or_else(|| unreachable!())
+    } else {
+        Tensor::cat(outs, 0)
+    }
+}
+
+/// One sequence: its new rows against keys `start..` of its cache plus its new keys.
+#[allow(clippy::too_many_arguments)]
+fn attend_one<B: GraftBackend>(
+    c: &ModelConfig,
+    layer: usize,
+    span: Range<usize>,
+    q: &Tensor<B, 3>,
+    k: &Tensor<B, 3>,
+    v: &Tensor<B, 3>,
+    cache: Option<&mut SeqCache<B>>,
+    start: usize,
+    mask: Option<Tensor<B, 3>>,
+) -> Tensor<B, 2> {
+    let (n, hd, kvh) = (span.len(), c.head_dim, c.num_kv_heads);
+    let groups = c.num_heads / kvh;
+    // [n, kv, hd] -> [kv, n, hd]
+    let k_new = k.clone().slice(span.clone()).swap_dims(0, 1);
+    let v_new = v.clone().slice(span.clone()).swap_dims(0, 1);
+    let (k_all, v_all) = match cache {
+        Some(cache) => {
+            if cache.layers.len() < c.num_layers {
+                cache.layers.resize(c.num_layers, None);
+            }
+            let (k_all, v_all) = match cache.layers[layer].take() {
+                Some((kc, vc)) => (
+                    Tensor::cat(vec![kc, k_new], 1),
+                    Tensor::cat(vec![vc, v_new], 1),
+                ),
+                None => (k_new, v_new),
+            };
+            cache.layers[layer] = Some((k_all.clone(), v_all.clone()));
+            (k_all, v_all)
+        }
+        None => (k_new, v_new),
+    };
+    let (k_all, v_all) = if start > 0 {
+        let total = k_all.dims()[1];
+        (
+            k_all.slice([0..kvh, start..total, 0..hd]),
+            v_all.slice([0..kvh, start..total, 0..hd]),
+        )
+    } else {
+        (k_all, v_all)
+    };
+    // Query head h uses key head h / groups (transformers' repeat_kv): group the query rows
+    // by key head instead of repeating keys: [n, heads, hd] -> [kv, groups·n, hd].
+    let q = q
+        .clone()
+        .slice(span)
+        .swap_dims(0, 1)
+        .reshape([kvh, groups * n, hd]);
+    let mut scores = q
+        .matmul(k_all.swap_dims(1, 2))
+        .mul_scalar(c.attention_scale);
+    if let Some(cap) = c.attn_softcap {
+        scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
+    }
+    if let Some(m) = mask {
+        scores = scores + m;
+    }
+    let out = softmax(scores, 2).matmul(v_all); // [kv, groups·n, hd]
+    out.reshape([c.num_heads, n, hd])
+        .swap_dims(0, 1)
+        .reshape([n, c.num_heads * hd])
+}

@@ -1,0 +1,179 @@
+//! One decoder layer, assembled from what [`ModelConfig`] says: up to four norm slots around
+//! attention and MLP (pre, sandwich or post placement), split or fused projections, optional
+//! q/k norm, and a SiLU or GELU-tanh gated MLP. Matches transformers' `*DecoderLayer`s.
+
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+use super::attention::{attend, AttnSeq};
+use super::config::{Activation, ModelConfig, NormSlot, QkNorm};
+use super::norm::RmsNorm;
+use super::rope::Rope;
+use crate::backend::GraftBackend;
+use crate::lora::TargetModule;
+use crate::proj::{LoraWeights, Proj, RowAdapters};
+
+/// Row runs of a batch and the adapter weights that apply to each, for one projection.
+pub(crate) type Runs<'r, B> = Vec<(std::ops::Range<usize>, Option<&'r LoraWeights<B>>)>;
+
+/// One decoder layer's weights.
+#[derive(Debug, Clone)]
+pub struct Block<B: GraftBackend> {
+    /// Indexed by [`TargetModule::index`]; only the projections of the layout exist (`q_proj`…
+    /// or Phi-3's `qkv_proj`, `gate_up_proj`).
+    pub projs: [Option<Proj<B>>; TargetModule::COUNT],
+    /// Indexed by [`NormSlot::index`].
+    pub norms: [Option<RmsNorm<B>>; 4],
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+}
+
+/// What a layer's forward needs besides its input.
+pub(crate) struct LayerCtx<'a, 'b, B: GraftBackend> {
+    pub config: &'a ModelConfig,
+    pub layer: usize,
+    pub rope: &'a Rope,
+    /// `(cos, sin)` for queries and for keys.
+    pub q_tables: &'a (Tensor<B, 2>, Tensor<B, 2>),
+    pub k_tables: &'a (Tensor<B, 2>, Tensor<B, 2>),
+    pub seqs: &'a mut [AttnSeq<'b, B>],
+}
+
+impl<B: GraftBackend> Block<B> {
+    /// The projection for `t`, if this layer has it.
+    pub fn proj(&self, t: TargetModule) -> Option<&Proj<B>> {
+        self.projs[t.index()].as_ref()
+    }
+
+    /// The projections this layer has, in [`TargetModule`] order.
+    pub fn targets(&self) -> impl Iterator<Item = (TargetModule, &Proj<B>)> {
+        TargetModule::ALL
+            .into_iter()
+            .filter_map(|t| self.proj(t).map(|p| (t, p)))
+    }
+
+    pub fn norm(&self, slot: NormSlot) -> Option<&RmsNorm<B>> {
+        self.norms[slot.index()].as_ref()
+    }
+
+    fn normed(&self, slot: NormSlot, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self.norm(slot) {
+            Some(n) => n.forward(x),
+            None => x,
+        }
+    }
+
+    /// Bytes held by the base weights and norms.
+    pub fn n_bytes(&self) -> usize {
+        self.projs
+            .iter()
+            .flatten()
+            .map(Proj::n_bytes)
+            .sum::<usize>()
+            + self
+                .norms
+                .iter()
+                .chain([&self.q_norm, &self.k_norm])
+                .flatten()
+                .map(RmsNorm::n_bytes)
+                .sum::<usize>()
+    }
+
+    /// `proj(t)·x` with each row run's adapter; a layout without `t` is a loader bug.
+    fn project(&self, t: TargetModule, x: Tensor<B, 2>, runs: &RowAdapters<'_, B>) -> Tensor<B, 2> {
+        self.proj(t)
+            .unwrap_or_else(|| unreachable!("the loader gives every layer its layout's {t}"))
+            .forward(x, runs)
+    }
+
+    /// The residual stream after this layer.
+    ///
+    /// # Shapes
+    /// `x: [n, hidden]` → `[n, hidden]`
+    pub(crate) fn forward<'r>(
+        &self,
+        x: Tensor<B, 2>,
+        ctx: LayerCtx<'_, '_, B>,
+        runs: &dyn Fn(TargetModule) -> Runs<'r, B>,
+    ) -> Tensor<B, 2> {
+        let c = ctx.config;
+        let n = x.dims()[0];
+        let h = self.normed(NormSlot::AttnIn, x.clone());
+        let (qr, kvr) = c.qkv_rows();
+        let (q, k, v) = if c.fused_projections {
+            let qkv = self.project(TargetModule::Qkv, h, &runs(TargetModule::Qkv));
+            (
+                qkv.clone().slice([0..n, 0..qr]),
+                qkv.clone().slice([0..n, qr..qr + kvr]),
+                qkv.slice([0..n, qr + kvr..qr + 2 * kvr]),
+            )
+        } else {
+            (
+                self.project(TargetModule::Q, h.clone(), &runs(TargetModule::Q)),
+                self.project(TargetModule::K, h.clone(), &runs(TargetModule::K)),
+                self.project(TargetModule::V, h, &runs(TargetModule::V)),
+            )
+        };
+        let (q, k) = match c.qk_norm {
+            QkNorm::Full => (
+                self.qk_normed(&self.q_norm, q),
+                self.qk_normed(&self.k_norm, k),
+            ),
+            _ => (q, k),
+        };
+        let hd = c.head_dim;
+        let (q, k) = match c.qk_norm {
+            QkNorm::PerHead => (
+                self.qk_normed(&self.q_norm, q.reshape([n * c.num_heads, hd])),
+                self.qk_normed(&self.k_norm, k.reshape([n * c.num_kv_heads, hd])),
+            ),
+            _ => (q, k),
+        };
+        let q = ctx.rope.apply(
+            q.reshape([n, c.num_heads, hd]),
+            &ctx.q_tables.0,
+            &ctx.q_tables.1,
+        );
+        let k = ctx.rope.apply(
+            k.reshape([n, c.num_kv_heads, hd]),
+            &ctx.k_tables.0,
+            &ctx.k_tables.1,
+        );
+        let v = v.reshape([n, c.num_kv_heads, hd]);
+        let attn = attend(c, ctx.layer, &q, &k, &v, ctx.seqs);
+        let attn = self.project(TargetModule::O, attn, &runs(TargetModule::O));
+        let x = x + self.normed(NormSlot::AttnOut, attn);
+        let h = self.normed(NormSlot::MlpIn, x.clone());
+        let (gate, up) = if c.fused_projections {
+            let gu = self.project(TargetModule::GateUp, h, &runs(TargetModule::GateUp));
+            let i = c.intermediate_size;
+            (gu.clone().slice([0..n, 0..i]), gu.slice([0..n, i..2 * i]))
+        } else {
+            (
+                self.project(TargetModule::Gate, h.clone(), &runs(TargetModule::Gate)),
+                self.project(TargetModule::Up, h, &runs(TargetModule::Up)),
+            )
+        };
+        let act = match c.activation {
+            Activation::Silu => silu(gate),
+            Activation::GeluTanh => gelu_tanh(gate),
+        };
+        let mlp = self.project(TargetModule::Down, act * up, &runs(TargetModule::Down));
+        x + self.normed(NormSlot::MlpOut, mlp)
+    }
+
+    fn qk_normed(&self, norm: &Option<RmsNorm<B>>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match norm {
+            Some(n) => n.forward(x),
+            None => unreachable!("the loader gives q/k-norm layouts both norms"),
+        }
+    }
+}
+
+/// GELU with the tanh approximation, as PyTorch's `gelu(approximate="tanh")`:
+/// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+pub(crate) fn gelu_tanh<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let k = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = (x.clone() + x.clone().powi_scalar(3).mul_scalar(0.044715)).mul_scalar(k);
+    x.clone().mul_scalar(0.5) * (inner.tanh() + 1.0)
+}

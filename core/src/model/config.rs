@@ -1,0 +1,353 @@
+//! The validated description of a decoder that the model is assembled from: sizes, and every
+//! way the supported families differ, as data (norm placement, q/k norm, activation, fused
+//! projections, per-layer attention window and rope, soft-caps, embedding scale). Built from a
+//! checkpoint's `config.json` (`load::hf_config`) or GGUF metadata (`load::gguf`) with the help
+//! of [`Family`]; the model itself never asks which family it is.
+
+use super::family::Family;
+use crate::lora::TargetModule;
+
+/// Rotary-embedding frequency scaling (transformers' `rope_type`s).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1 "llama3" scaling (per-frequency interpolation).
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position: usize,
+    },
+    /// Positions divided by `factor`.
+    Linear { factor: f32 },
+    /// Per-frequency divisors given explicitly (llama.cpp's `rope_freqs.weight`).
+    Factors(Vec<f32>),
+    /// Phi-3 "longrope": per-frequency divisors, `short` while a sequence fits in
+    /// `original_max_position` tokens and `long` beyond, with cos/sin scaled by
+    /// `attention_factor`.
+    LongRope {
+        short: Vec<f32>,
+        long: Vec<f32>,
+        original_max_position: usize,
+        attention_factor: f32,
+    },
+    /// YaRN (Peng et al. 2023) as transformers' `_compute_yarn_parameters`.
+    Yarn {
+        factor: f32,
+        original_max_position: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        /// cos/sin multiplier (`0.1·ln(factor) + 1` unless given).
+        attention_factor: f32,
+        /// Round the correction range outward (transformers' `truncate`, default true).
+        truncate: bool,
+    },
+}
+
+/// The rotary embedding of one attention layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    /// Base of the inverse frequencies (`rope_theta`).
+    pub theta: f32,
+    pub scaling: Option<RopeScaling>,
+    /// Leading dimensions of each head that rotate (`head_dim · partial_rotary_factor`); the
+    /// rest pass through.
+    pub rotary_dim: usize,
+}
+
+/// The attention of one decoder layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerConfig {
+    /// Sliding window: a query at position `p` sees keys at positions `> p − window`
+    /// (transformers' and llama.cpp's convention); `None` for global attention.
+    pub window: Option<usize>,
+    pub rope: RopeConfig,
+}
+
+/// Where a decoder layer normalizes (which of the four norm slots it has).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// Before attention and before the MLP (Llama).
+    Pre,
+    /// Before and after each of attention and MLP (Gemma 2/3).
+    Sandwich,
+    /// After attention and after the MLP, before the residual sum (OLMo 2).
+    Post,
+}
+
+/// The norm slots of a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NormSlot {
+    AttnIn,
+    AttnOut,
+    MlpIn,
+    MlpOut,
+}
+
+impl NormSlot {
+    pub const ALL: [NormSlot; 4] = [
+        NormSlot::AttnIn,
+        NormSlot::AttnOut,
+        NormSlot::MlpIn,
+        NormSlot::MlpOut,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl NormPlacement {
+    /// The slots a layer with this placement has.
+    pub fn has(self, slot: NormSlot) -> bool {
+        match self {
+            NormPlacement::Pre => matches!(slot, NormSlot::AttnIn | NormSlot::MlpIn),
+            NormPlacement::Sandwich => true,
+            NormPlacement::Post => matches!(slot, NormSlot::AttnOut | NormSlot::MlpOut),
+        }
+    }
+}
+
+/// RMSNorm of queries and keys before rope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Over each head's `head_dim` values, one weight shared by all heads (Qwen3, Gemma 3).
+    PerHead,
+    /// Over the whole projection output (OLMo 2).
+    Full,
+}
+
+/// The gate activation of the MLP: `down(act(gate(x)) · up(x))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`, Gemma).
+    GeluTanh,
+}
+
+/// Validated hyper-parameters of a decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry biases (Qwen2).
+    pub attention_bias: bool,
+    /// One entry per layer.
+    pub layers: Vec<LayerConfig>,
+    /// Multiplies `q·k` before the softmax: `1/√head_dim`, or `1/√query_pre_attn_scalar`.
+    pub attention_scale: f32,
+    /// `cap·tanh(s/cap)` on attention scores (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// `cap·tanh(l/cap)` on the output logits (Gemma 2).
+    pub final_softcap: Option<f32>,
+    /// Embeddings are multiplied by this (`√hidden` for Gemma).
+    pub embed_scale: Option<f32>,
+    pub norm_placement: NormPlacement,
+    pub qk_norm: QkNorm,
+    pub activation: Activation,
+    /// q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3).
+    pub fused_projections: bool,
+}
+
+impl ModelConfig {
+    /// llama.cpp's architecture name (`general.architecture` of GGUF files of this model and of
+    /// its GGUF-LoRA adapters).
+    pub fn architecture(&self) -> &'static str {
+        self.family.gguf_arch()
+    }
+
+    /// Checks the relations the model relies on.
+    ///
+    /// # Errors
+    /// A message naming the offending field and value.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be positive, got 0"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.layers.len() != self.num_layers {
+            return Err(format!(
+                "{} layer descriptions (layer_types) for num_hidden_layers {}",
+                self.layers.len(),
+                self.num_layers
+            ));
+        }
+        for (cap, v) in [
+            ("attn_logit_softcapping", self.attn_softcap),
+            ("final_logit_softcapping", self.final_softcap),
+        ] {
+            if let Some(v) = v {
+                if !(v > 0.0) || !v.is_finite() {
+                    return Err(format!("{cap} must be positive, got {v}"));
+                }
+            }
+        }
+        if !(self.attention_scale > 0.0) || !self.attention_scale.is_finite() {
+            return Err(format!(
+                "the attention scale must be positive, got {} (query_pre_attn_scalar)",
+                self.attention_scale
+            ));
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.window == Some(0) {
+                return Err(format!("layer {i}: sliding_window must be positive, got 0"));
+            }
+            validate_rope(&l.rope, self.head_dim).map_err(|e| format!("layer {i}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Output rows of the q, k and v projections.
+    pub fn qkv_rows(&self) -> (usize, usize) {
+        (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
+    }
+
+    /// Parameter count of the base model.
+    pub fn n_params(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = self.qkv_rows();
+        let attn = h * q + 2 * h * kv + q * h;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        let norms = NormSlot::ALL
+            .iter()
+            .filter(|s| self.norm_placement.has(**s))
+            .count()
+            * h;
+        let qk_norm = match self.qk_norm {
+            QkNorm::None => 0,
+            QkNorm::PerHead => 2 * self.head_dim,
+            QkNorm::Full => q + kv,
+        };
+        let layer = attn + bias + 3 * h * i + norms + qk_norm;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
+        self.vocab_size * h + self.num_layers * layer + h + head
+    }
+}
+
+fn validate_rope(r: &RopeConfig, head_dim: usize) -> Result<(), String> {
+    if !(r.theta > 0.0) {
+        return Err(format!("rope_theta must be positive, got {}", r.theta));
+    }
+    if r.rotary_dim == 0 || r.rotary_dim % 2 != 0 || r.rotary_dim > head_dim {
+        return Err(format!(
+            "the rotary dimension {} must be even and in 2..={head_dim} (head_dim · \
+             partial_rotary_factor)",
+            r.rotary_dim
+        ));
+    }
+    let half = r.rotary_dim / 2;
+    let check = |what: &str, f: &[f32]| {
+        if f.len() != half {
+            Err(format!(
+                "rope {what} has {} entries, expected rotary_dim/2 = {half}",
+                f.len()
+            ))
+        } else if let Some(v) = f.iter().find(|v| !(**v > 0.0) || !v.is_finite()) {
+            Err(format!("rope {what} must be positive, found {v}"))
+        } else {
+            Ok(())
+        }
+    };
+    match &r.scaling {
+        Some(RopeScaling::Factors(f)) => check("frequency factors", f),
+        Some(RopeScaling::LongRope { short, long, .. }) => {
+            check("short_factor", short)?;
+            check("long_factor", long)
+        }
+        Some(RopeScaling::Linear { factor })
+        | Some(RopeScaling::Llama3 { factor, .. })
+        | Some(RopeScaling::Yarn { factor, .. })
+            if !(*factor > 0.0) =>
+        {
+            Err(format!(
+                "rope_scaling.factor must be positive, got {factor}"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl ModelConfig {
+    /// The projections of every layer: Phi-3's fused layout or the split one.
+    pub fn targets(&self) -> &'static [TargetModule] {
+        if self.fused_projections {
+            &[
+                TargetModule::Qkv,
+                TargetModule::O,
+                TargetModule::GateUp,
+                TargetModule::Down,
+            ]
+        } else {
+            &[
+                TargetModule::Q,
+                TargetModule::K,
+                TargetModule::V,
+                TargetModule::O,
+                TargetModule::Gate,
+                TargetModule::Up,
+                TargetModule::Down,
+            ]
+        }
+    }
+
+    /// `[out, in]` of projection `t`, or `None` when the layout has no `t`.
+    pub fn proj_shape(&self, t: TargetModule) -> Option<(usize, usize)> {
+        if !self.targets().contains(&t) {
+            return None;
+        }
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = self.qkv_rows();
+        Some(match t {
+            TargetModule::Q => (q, h),
+            TargetModule::K | TargetModule::V => (kv, h),
+            TargetModule::Qkv => (q + 2 * kv, h),
+            TargetModule::O => (h, q),
+            TargetModule::Gate | TargetModule::Up => (i, h),
+            TargetModule::GateUp => (2 * i, h),
+            TargetModule::Down => (h, i),
+        })
+    }
+
+    /// Heads whose rows llama.cpp permutes in a GGUF file of this family (q and k of Llama).
+    pub fn gguf_permuted_heads(&self, t: TargetModule) -> Option<usize> {
+        match t {
+            _ if !self.family.gguf_permutes_qk() => None,
+            TargetModule::Q => Some(self.num_heads),
+            TargetModule::K => Some(self.num_kv_heads),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The model families graft runs, and what sets each apart from Llama — the one place that
+//! matches on the family. Config readers (`load::hf_config`, `load::gguf`) ask a [`Family`]
+//! for its defaults and names and produce a [`super::ModelConfig`]; everything after them reads
+//! only that description. Each family is a small difference against Llama, as transformers'
+//! `modular_*.py` files and llama.cpp's graph builders describe them.
+
+use std::fmt;
+
+use super::config::{Activation, NormPlacement, QkNorm};
+
+/// A dense decoder family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// Llama 2/3, SmolLM, and anything with the Llama block.
+    Llama,
+    /// Llama with a sliding window on every layer.
+    Mistral,
+    /// Llama with q/k/v biases and an untied head.
+    Qwen2,
+    /// Llama with per-head q/k RMSNorm and no biases.
+    Qwen3,
+    /// Sandwich norms with `(1 + w)` weights, GELU-tanh, scaled embeddings, soft-capping,
+    /// alternating sliding-window and global layers.
+    Gemma2,
+    /// Gemma 2 without soft-capping, with per-head q/k norm, a 5:1 local/global pattern and a
+    /// separate rope base for local layers.
+    Gemma3,
+    /// Fused `qkv_proj` and `gate_up_proj`, partial rotary, longrope.
+    Phi3,
+    /// Norms after attention and MLP instead of before, q/k RMSNorm over the whole projection.
+    Olmo2,
+}
+
+/// Which layers use the sliding window when a config does not list them (`layer_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlidingPattern {
+    /// Every layer (Mistral).
+    All,
+    /// Layer `i` slides unless `(i + 1) % n == 0` (Gemma 2: `n = 2`, Gemma 3: `n = 6`).
+    AllBut(usize),
+}
+
+impl Family {
+    pub const ALL: [Family; 8] = [
+        Family::Llama,
+        Family::Mistral,
+        Family::Qwen2,
+        Family::Qwen3,
+        Family::Gemma2,
+        Family::Gemma3,
+        Family::Phi3,
+        Family::Olmo2,
+    ];
+
+    /// From `config.json`'s `model_type`.
+    pub fn from_model_type(t: &str) -> Option<Family> {
+        Some(match t {
+            "llama" | "smollm" => Family::Llama,
+            "mistral" => Family::Mistral,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            "gemma2" => Family::Gemma2,
+            "gemma3" | "gemma3_text" => Family::Gemma3,
+            "phi3" => Family::Phi3,
+            "olmo2" => Family::Olmo2,
+            _ => return None,
+        })
+    }
+
+    /// From GGUF's `general.architecture` (llama.cpp writes Mistral models as `llama`).
+    pub fn from_gguf_arch(a: &str) -> Option<Family> {
+        Some(match a {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            "gemma2" => Family::Gemma2,
+            "gemma3" => Family::Gemma3,
+            "phi3" => Family::Phi3,
+            "olmo2" => Family::Olmo2,
+            _ => return None,
+        })
+    }
+
+    /// `model_type` in `config.json`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3_text",
+            Family::Phi3 => "phi3",
+            Family::Olmo2 => "olmo2",
+        }
+    }
+
+    /// The transformers class in `config.json`'s `architectures`.
+    pub fn hf_architecture(self) -> &'static str {
+        match self {
+            Family::Llama => "LlamaForCausalLM",
+            Family::Mistral => "MistralForCausalLM",
+            Family::Qwen2 => "Qwen2ForCausalLM",
+            Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma2 => "Gemma2ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
+            Family::Phi3 => "Phi3ForCausalLM",
+            Family::Olmo2 => "Olmo2ForCausalLM",
+        }
+    }
+
+    /// llama.cpp's architecture name.
+    pub fn gguf_arch(self) -> &'static str {
+        match self {
+            Family::Llama | Family::Mistral => "llama",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3",
+            Family::Phi3 => "phi3",
+            Family::Olmo2 => "olmo2",
+        }
+    }
+
+    /// llama.cpp stores q/k rows permuted for its adjacent-pair rope (`LlamaModel.permute`).
+    pub fn gguf_permutes_qk(self) -> bool {
+        matches!(self, Family::Llama | Family::Mistral)
+    }
+
+    pub fn norm_placement(self) -> NormPlacement {
+        match self {
+            Family::Gemma2 | Family::Gemma3 => NormPlacement::Sandwich,
+            Family::Olmo2 => NormPlacement::Post,
+            _ => NormPlacement::Pre,
+        }
+    }
+
+    pub fn qk_norm(self) -> QkNorm {
+        match self {
+            Family::Qwen3 | Family::Gemma3 => QkNorm::PerHead,
+            Family::Olmo2 => QkNorm::Full,
+            _ => QkNorm::None,
+        }
+    }
+
+    /// HF checkpoints store RMSNorm weights as `w` in `x·(offset + w)` (Gemma: 1); llama.cpp's
+    /// converter adds the offset into the GGUF weight.
+    pub fn hf_norm_offset(self) -> f32 {
+        match self {
+            Family::Gemma2 | Family::Gemma3 => 1.0,
+            _ => 0.0,
+        }
+    }
+
+    pub fn activation(self) -> Activation {
+        match self {
+            Family::Gemma2 | Family::Gemma3 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
+    }
+
+    pub fn fused_projections(self) -> bool {
+        self == Family::Phi3
+    }
+
+    /// Embeddings are multiplied by `√hidden_size`.
+    pub fn scales_embeddings(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+
+    /// `tie_word_embeddings` when `config.json` does not say (transformers' class default).
+    pub fn default_tied_embeddings(self) -> bool {
+        matches!(self, Family::Gemma2 | Family::Gemma3)
+    }
+
+    /// `hidden_act` (or Gemma's `hidden_activation`) when `config.json` does not say.
+    pub fn default_hidden_act(self) -> &'static str {
+        match self.activation() {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        }
+    }
+
+    /// q/k/v biases when `config.json` does not say (`attention_bias`).
+    pub fn default_attention_bias(self) -> bool {
+        self == Family::Qwen2
+    }
+
+    /// The layers with a sliding window when the config gives a window but no per-layer list.
+    pub fn sliding_pattern(self) -> SlidingPattern {
+        match self {
+            Family::Gemma2 => SlidingPattern::AllBut(2),
+            Family::Gemma3 => SlidingPattern::AllBut(6),
+            _ => SlidingPattern::All,
+        }
+    }
+
+    /// Local (sliding) layers have their own rope base and no rope scaling (Gemma 3:
+    /// `rope_local_base_freq`, llama.cpp: 10 000).
+    pub fn local_rope_base(self) -> Option<f32> {
+        (self == Family::Gemma3).then_some(10_000.0)
+    }
+}
+
+impl SlidingPattern {
+    /// Whether layer `i` slides.
+    pub fn slides(self, i: usize) -> bool {
+        match self {
+            SlidingPattern::All => true,
+            SlidingPattern::AllBut(n) => (i + 1) % n != 0,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+/// The `model_type`s graft reads, for error messages.
+pub fn supported_model_types() -> String {
+    Family::ALL
+        .iter()
+        .map(|f| f.model_type())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for f in Family::ALL {
+            assert_eq!(Family::from_model_type(f.model_type()), Some(f));
+            let back = Family::from_gguf_arch(f.gguf_arch()).unwrap();
+            // Mistral files are written as llama by llama.cpp.
+            assert_eq!(back.gguf_arch(), f.gguf_arch());
+        }
+    }
+
+    #[test]
+    fn gemma_patterns_match_transformers() {
+        // transformers: Gemma 2 `layer_types[i] = sliding if (i + 1) % 2`; Gemma 3 with 6.
+        let g2: Vec<bool> = (0..4)
+            .map(|i| Family::Gemma2.sliding_pattern().slides(i))
+            .collect();
+        assert_eq!(g2, [true, false, true, false]);
+        let g3: Vec<bool> = (0..7)
+            .map(|i| Family::Gemma3.sliding_pattern().slides(i))
+            .collect();
+        assert_eq!(g3, [true, true, true, true, true, false, true]);
+    }
+}

@@ -1,0 +1,312 @@
+//! The one decoder of graft, for every supported family (Llama 2/3, SmolLM, Mistral, Qwen2/2.5,
+//! Qwen3, Gemma 2/3, Phi-3/4-mini, OLMo 2). A family is data: [`ModelConfig`] (built by the
+//! loaders with [`Family`]) says which norm slots, q/k norm, projections layout, activation,
+//! per-layer window and rope, soft-caps and embedding scale the layers have; [`Block`] and
+//! [`attention`] read it. It matches transformers' modeling files numerically (see the parity
+//! tests of each family).
+//!
+//! The forward pass is ragged, as in vLLM: the tokens of every sequence in a batch are
+//! concatenated into one `[tokens, hidden]` matrix, so projections (the heavy part) run once
+//! for the whole batch while attention runs per sequence against that sequence's own KV cache.
+//! Sequences of any lengths, prefills and single-token decode steps share one call, and rows
+//! of different sequences may carry different adapters. Packed training examples are simply
+//! separate sequences, so no attention crosses example boundaries.
+
+mod attention;
+mod block;
+pub mod config;
+pub mod family;
+mod norm;
+mod rope;
+
+use std::ops::Range;
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+use crate::backend::GraftBackend;
+use crate::lora::{Adapter, TargetModule};
+use crate::proj::{LoraWeights, Proj};
+use attention::AttnSeq;
+pub use block::Block;
+use block::{LayerCtx, Runs};
+pub use config::{
+    Activation, LayerConfig, ModelConfig, NormPlacement, NormSlot, QkNorm, RopeConfig, RopeScaling,
+};
+pub use family::Family;
+pub use norm::RmsNorm;
+use rope::Rope;
+
+/// The key/value cache of one sequence: per layer `[kv_heads, len, head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub struct SeqCache<B: GraftBackend> {
+    layers: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
+    len: usize,
+}
+
+impl<B: GraftBackend> SeqCache<B> {
+    pub fn new() -> Self {
+        SeqCache {
+            layers: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One sequence's part of a forward call.
+pub struct SeqInput<'a, B: GraftBackend> {
+    /// New tokens of the sequence (its prompt, or the last sampled token).
+    pub tokens: &'a [u32],
+    /// Its cache: positions start at `cache.len()`, and the new keys/values are appended.
+    /// `None` runs the tokens as a fresh sequence without keeping a cache (training).
+    pub cache: Option<&'a mut SeqCache<B>>,
+    /// The adapter applied to this sequence's rows, if any.
+    pub adapter: Option<&'a Adapter<B>>,
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last new token of each sequence: `[n_seqs, vocab]`.
+    Last,
+    /// Every new token: `[total_tokens, vocab]`.
+    All,
+}
+
+/// A decoder-only causal language model.
+#[derive(Debug, Clone)]
+pub struct Model<B: GraftBackend> {
+    pub config: ModelConfig,
+    pub embed_tokens: Proj<B>,
+    pub layers: Vec<Block<B>>,
+    pub norm: RmsNorm<B>,
+    /// Shares the embedding's storage when embeddings are tied. Use [`Model::logits`], which
+    /// also applies the family's final soft-cap.
+    pub lm_head: Proj<B>,
+    /// The distinct rotary embeddings and, per layer, which one it uses.
+    ropes: Vec<Rope>,
+    layer_rope: Vec<usize>,
+    /// The distinct sliding windows of the layers.
+    windows: Vec<Option<usize>>,
+    device: B::Device,
+}
+
+impl<B: GraftBackend> Model<B> {
+    pub fn new(
+        config: ModelConfig,
+        embed_tokens: Proj<B>,
+        layers: Vec<Block<B>>,
+        norm: RmsNorm<B>,
+        lm_head: Proj<B>,
+        device: B::Device,
+    ) -> Self {
+        let mut rope_configs: Vec<&RopeConfig> = Vec::new();
+        let mut layer_rope = Vec::with_capacity(config.layers.len());
+        let mut windows = Vec::new();
+        for l in &config.layers {
+            let i = match rope_configs.iter().position(|r| **r == l.rope) {
+                Some(i) => i,
+                None => {
+                    rope_configs.push(&l.rope);
+                    rope_configs.len() - 1
+                }
+            };
+            layer_rope.push(i);
+            if !windows.contains(&l.window) {
+                windows.push(l.window);
+            }
+        }
+        let ropes = rope_configs
+            .iter()
+            .map(|r| Rope::new(r, config.head_dim))
+            .collect();
+        Model {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            ropes,
+            layer_rope,
+            windows,
+            device,
+        }
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Bytes held by the base weights (packed size for quantized projections).
+    pub fn base_bytes(&self) -> usize {
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.n_bytes()
+        };
+        self.embed_tokens.n_bytes()
+            + self.layers.iter().map(Block::n_bytes).sum::<usize>()
+            + self.norm.n_bytes()
+            + head
+    }
+
+    /// Runs new tokens of several sequences through the model, appending to their caches.
+    ///
+    /// # Shapes
+    /// → `[n_seqs, vocab]` for [`Logits::Last`], `[total_new_tokens, vocab]` for [`Logits::All`]
+    ///
+    /// # Panics
+    /// If a sequence has no new tokens (callers check), or positions would exceed the tensor
+    /// sizes the backend supports.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_, B>], which: Logits) -> Tensor<B, 2> {
+        on_pool(|| self.forward_on_pool(seqs, which))
+    }
+
+    fn forward_on_pool(&self, seqs: &mut [SeqInput<'_, B>], which: Logits) -> Tensor<B, 2> {
+        let hidden = self.final_hidden_on_pool(seqs);
+        let hidden = match which {
+            Logits::All => hidden,
+            Logits::Last => {
+                let mut last = Vec::with_capacity(seqs.len());
+                let mut end = 0;
+                for s in seqs.iter() {
+                    end += s.tokens.len();
+                    last.push(end as i32 - 1);
+                }
+                let idx = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(last, [seqs.len()]),
+                    &self.device,
+                );
+                hidden.select(0, idx)
+            }
+        };
+        self.logits(hidden)
+    }
+
+    /// Logits of final hidden states: the LM head, then the family's soft-cap if it has one.
+    /// Training and generation both go through here.
+    ///
+    /// # Shapes
+    /// `hidden: [n, hidden]` → `[n, vocab]`
+    pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        let logits = self.lm_head.forward(hidden, &[]);
+        match self.config.final_softcap {
+            Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),
+            None => logits,
+        }
+    }
+
+    /// Hidden states after the final norm, `[total_new_tokens, hidden]`.
+    pub fn final_hidden(&self, seqs: &mut [SeqInput<'_, B>]) -> Tensor<B, 2> {
+        on_pool(|| self.final_hidden_on_pool(seqs))
+    }
+
+    fn final_hidden_on_pool(&self, seqs: &mut [SeqInput<'_, B>]) -> Tensor<B, 2> {
+        assert!(
+            seqs.iter().all(|s| !s.tokens.is_empty()),
+            "every sequence needs a new token"
+        );
+        let c = &self.config;
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let adapters: Vec<Option<&Adapter<B>>> = seqs.iter().map(|s| s.adapter).collect();
+        let mut attn_seqs = Vec::with_capacity(seqs.len());
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for s in seqs.iter_mut() {
+            let past = s.cache.as_ref().map_or(0, |c| c.len);
+            let span = start..start + s.tokens.len();
+            start = span.end;
+            spans.push((span.clone(), past));
+            let mut a = AttnSeq {
+                span,
+                past,
+                cache: s.cache.as_deref_mut(),
+                masks: Vec::new(),
+            };
+            a.build_masks(c, &self.windows, &self.device);
+            attn_seqs.push(a);
+        }
+        let lens: Vec<(usize, usize)> = spans.iter().map(|(s, past)| (*past, s.len())).collect();
+        let tables: Vec<_> = self
+            .ropes
+            .iter()
+            .map(|r| {
+                (
+                    r.tables::<B>(&lens, c.num_heads, &self.device),
+                    r.tables::<B>(&lens, c.num_kv_heads, &self.device),
+                )
+            })
+            .collect();
+        let mut x = self.embed_tokens.rows(&tokens, &self.device);
+        if let Some(s) = c.embed_scale {
+            x = x.mul_scalar(s);
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let ri = self.layer_rope[li];
+            let ctx = LayerCtx {
+                config: c,
+                layer: li,
+                rope: &self.ropes[ri],
+                q_tables: &tables[ri].0,
+                k_tables: &tables[ri].1,
+                seqs: &mut attn_seqs,
+            };
+            let runs = |t: TargetModule| row_runs(&spans, &adapters, li, t);
+            x = layer.forward(x, ctx, &runs);
+        }
+        drop(attn_seqs);
+        for s in seqs.iter_mut() {
+            if let Some(cache) = s.cache.as_deref_mut() {
+                cache.len += s.tokens.len();
+            }
+        }
+        self.norm.forward(x)
+    }
+}
+
+/// Runs `f` on a rayon pool thread (at once if already on one). On the CPU the packed products
+/// split their rows over rayon's pool; running the whole pass on a pool thread lets that thread
+/// take part in each split instead of handing every product to the pool and sleeping until it
+/// is done (≈ 200 hand-offs a token).
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
+/// Contiguous row ranges and the adapter weights that apply to them for one projection.
+fn row_runs<'a, B: GraftBackend>(
+    spans: &[(Range<usize>, usize)],
+    adapters: &[Option<&'a Adapter<B>>],
+    layer: usize,
+    target: TargetModule,
+) -> Runs<'a, B> {
+    let mut runs: Vec<(Range<usize>, Option<&'a LoraWeights<B>>)> = Vec::new();
+    for ((span, _), adapter) in spans.iter().zip(adapters) {
+        let lora = adapter.and_then(|a| a.get(layer, target));
+        match runs.last_mut() {
+            Some((r, prev)) if r.end == span.start && same(*prev, lora) => r.end = span.end,
+            _ => runs.push((span.clone(), lora)),
+        }
+    }
+    runs
+}
+
+fn same<T>(a: Option<&T>, b: Option<&T>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
+}

@@ -1,0 +1,375 @@
+//! Every family against transformers on tiny random models (`scripts/reference/families.py`):
+//! the HF-safetensors directory and the GGUF that llama.cpp's own converter made from it give
+//! transformers' f32 logits at every position; cached decoding and a ragged batch of all
+//! prompts give the same logits as one full forward.
+
+use graft_core::load::{load_gguf, load_hf_dir, LoadOptions, LoadedModel};
+use graft_core::model::{Logits, Model, RopeScaling, SeqCache, SeqInput};
+use serde::Deserialize;
+
+use crate::reference::{f32s, fixture, read_fixture};
+use crate::{max_abs_diff, values, B};
+
+/// The families with a tiny reference model (directory names under `fixtures/families`).
+pub const FAMILIES: [&str; 8] = [
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2",
+];
+
+const TOLERANCE: f32 = 1e-4;
+
+#[derive(Deserialize)]
+struct Reference {
+    prompts: Vec<Vec<u32>>,
+}
+
+struct Case {
+    prompts: Vec<Vec<u32>>,
+    /// Per prompt, `[len, vocab]` row-major.
+    logits: Vec<Vec<f32>>,
+    /// What the GGUF must compute where llama.cpp's converter drops a feature: Mistral's
+    /// sliding window is not written to GGUF (llama.cpp runs those files with full attention),
+    /// so the reference also has the logits without the window.
+    gguf_logits: Vec<Vec<f32>>,
+}
+
+fn case(family: &str) -> Case {
+    let dir = format!("families/{family}");
+    let r: Reference = serde_json::from_str(
+        &std::fs::read_to_string(fixture(&format!("{dir}/reference.json"))).unwrap(),
+    )
+    .unwrap();
+    let t = read_fixture(&format!("{dir}/reference.safetensors"));
+    let logits: Vec<Vec<f32>> = (0..r.prompts.len())
+        .map(|i| f32s(&t[&format!("p{i}.logits")]))
+        .collect();
+    let gguf_logits = (0..r.prompts.len())
+        .map(|i| match t.get(&format!("p{i}.logits_no_window")) {
+            Some(b) => f32s(b),
+            None => logits[i].clone(),
+        })
+        .collect();
+    Case {
+        prompts: r.prompts,
+        logits,
+        gguf_logits,
+    }
+}
+
+pub fn load_family(family: &str, gguf: bool) -> LoadedModel<B> {
+    let dir = fixture(&format!("families/{family}"));
+    let dev = Default::default();
+    if gguf {
+        load_gguf::<B>(&dir.join("model.gguf"), LoadOptions::default(), &dev)
+    } else {
+        load_hf_dir::<B>(&dir, LoadOptions::default(), &dev)
+    }
+    .unwrap_or_else(|e| panic!("{family} (gguf: {gguf}): {e}"))
+}
+
+fn forward_all(m: &Model<B>, tokens: &[u32]) -> Vec<f32> {
+    values(m.forward(
+        &mut [SeqInput {
+            tokens,
+            cache: None,
+            adapter: None,
+        }],
+        Logits::All,
+    ))
+}
+
+#[test]
+fn every_family_matches_transformers_from_safetensors_and_gguf() {
+    let mut report = Vec::new();
+    for family in FAMILIES {
+        let c = case(family);
+        for gguf in [false, true] {
+            let m = load_family(family, gguf).model;
+            let mut worst = 0f32;
+            let reference = if gguf { &c.gguf_logits } else { &c.logits };
+            for (p, want) in c.prompts.iter().zip(reference) {
+                let got = forward_all(&m, p);
+                worst = worst.max(max_abs_diff(&got, want));
+            }
+            report.push(format!(
+                "{family} {}: {worst:.2e}",
+                if gguf { "gguf" } else { "hf" }
+            ));
+            assert!(
+                worst <= TOLERANCE,
+                "{family} (gguf: {gguf}): logits differ from transformers by {worst}"
+            );
+        }
+    }
+    eprintln!("max |Δ| vs transformers: {}", report.join(", "));
+}
+
+#[test]
+fn cached_decoding_and_ragged_batches_equal_one_full_forward() {
+    for family in FAMILIES {
+        let c = case(family);
+        let m = load_family(family, false).model;
+        let vocab = m.config.vocab_size;
+        // Longest prompt: prefill a third, then one token at a time (crosses the windows).
+        // Longrope switches every position's frequencies once a sequence outgrows the original
+        // context, so a cache made before that (in transformers too) holds other keys than a
+        // full forward: stay within it there.
+        let limit = match &m.config.layers[0].rope.scaling {
+            Some(RopeScaling::LongRope {
+                original_max_position,
+                ..
+            }) => *original_max_position,
+            _ => usize::MAX,
+        };
+        let (p, want) = c
+            .prompts
+            .iter()
+            .zip(&c.logits)
+            .filter(|(p, _)| p.len() <= limit)
+            .max_by_key(|(p, _)| p.len())
+            .unwrap();
+        let mut cache = SeqCache::new();
+        let split = p.len() / 3;
+        let mut got = values(m.forward(
+            &mut [SeqInput {
+                tokens: &p[..split],
+                cache: Some(&mut cache),
+                adapter: None,
+            }],
+            Logits::All,
+        ));
+        for t in split..p.len() {
+            got.extend(values(m.forward(
+                &mut [SeqInput {
+                    tokens: &p[t..t + 1],
+                    cache: Some(&mut cache),
+                    adapter: None,
+                }],
+                Logits::All,
+            )));
+        }
+        let d = max_abs_diff(&got, want);
+        assert!(d <= TOLERANCE, "{family}: cached decoding differs by {d}");
+        // All prompts in one ragged call.
+        let mut seqs: Vec<SeqInput<'_, B>> = c
+            .prompts
+            .iter()
+            .map(|p| SeqInput {
+                tokens: p,
+                cache: None,
+                adapter: None,
+            })
+            .collect();
+        let batch = values(m.forward(&mut seqs, Logits::All));
+        let mut off = 0;
+        for (p, want) in c.prompts.iter().zip(&c.logits) {
+            let d = max_abs_diff(&batch[off..off + p.len() * vocab], want);
+            assert!(d <= TOLERANCE, "{family}: ragged batch row differs by {d}");
+            off += p.len() * vocab;
+        }
+    }
+}
+
+/// A PEFT-initialized adapter on every projection of the model's layout, with `B` drawn too so
+/// that it changes the output.
+pub fn random_adapter(m: &Model<B>, seed: u64) -> graft_core::lora::Adapter<B> {
+    use burn::prelude::*;
+    use graft_core::lora::{Adapter, LoraConfig, TargetModule};
+    let cfg = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: TargetModule::ALL.to_vec(),
+        use_rslora: false,
+    };
+    let mut a = Adapter::init_peft(m, &cfg, seed);
+    for layer in a.layers.iter_mut() {
+        for w in layer.iter_mut().flatten() {
+            let [o, r] = w.b.dims();
+            w.b = Tensor::random(
+                [o, r],
+                burn::tensor::Distribution::Uniform(-0.5, 0.5),
+                m.device(),
+            );
+        }
+    }
+    a
+}
+
+#[test]
+fn mixed_adapter_batches_equal_each_request_alone_in_every_family() {
+    <B as burn::tensor::backend::Backend>::seed(&Default::default(), 7);
+    for family in FAMILIES {
+        let c = case(family);
+        let m = load_family(family, false).model;
+        let layout = m.config.targets().len();
+        let (a1, a2) = (random_adapter(&m, 1), random_adapter(&m, 2));
+        assert_eq!(
+            a1.modules().count(),
+            layout * m.config.num_layers,
+            "{family}"
+        );
+        let adapters = [Some(&a1), None, Some(&a2)];
+        let mut seqs: Vec<SeqInput<'_, B>> = c
+            .prompts
+            .iter()
+            .zip(adapters)
+            .map(|(p, adapter)| SeqInput {
+                tokens: p,
+                cache: None,
+                adapter,
+            })
+            .collect();
+        let batch = values(m.forward(&mut seqs, Logits::Last));
+        let vocab = m.config.vocab_size;
+        for (i, (p, adapter)) in c.prompts.iter().zip(adapters).enumerate() {
+            let alone = values(m.forward(
+                &mut [SeqInput {
+                    tokens: p,
+                    cache: None,
+                    adapter,
+                }],
+                Logits::Last,
+            ));
+            let d = max_abs_diff(&batch[i * vocab..(i + 1) * vocab], &alone);
+            assert!(d < 1e-4, "{family} request {i}: {d}");
+            if adapter.is_some() {
+                let base = forward_all(&m, p);
+                let moved = max_abs_diff(&base[(p.len() - 1) * vocab..], &alone);
+                assert!(
+                    moved > 1e-2,
+                    "{family}: the adapter changes nothing ({moved})"
+                );
+            }
+        }
+    }
+}
+
+/// Tensor names and shapes of a safetensors file.
+fn tensor_shapes(path: &std::path::Path) -> std::collections::BTreeMap<String, Vec<usize>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec()))
+        .collect()
+}
+
+#[test]
+fn peft_adapters_of_every_family_load_both_ways() {
+    use graft_core::peft;
+    for family in FAMILIES {
+        let dir = fixture(&format!("families/{family}"));
+        let c = case(family);
+        let t = read_fixture(&format!("families/{family}/peft_reference.safetensors"));
+        for gguf in [false, true] {
+            // PEFT-made adapter → graft reproduces PeftModel's logits.
+            let m = load_family(family, gguf).model;
+            let (adapter, _) = peft::load(&dir.join("peft_adapter"), &m)
+                .unwrap_or_else(|e| panic!("{family}: {e}"));
+            assert_eq!(
+                adapter.modules().count(),
+                m.config.targets().len() * m.config.num_layers,
+                "{family}: all-linear covers every projection"
+            );
+            for (i, p) in c.prompts.iter().enumerate() {
+                let got = values(m.forward(
+                    &mut [SeqInput {
+                        tokens: p,
+                        cache: None,
+                        adapter: Some(&adapter),
+                    }],
+                    Logits::All,
+                ));
+                let want = f32s(&t[&format!("p{i}.logits")]);
+                // Mistral's GGUF has no window: compare the positions it does not reach.
+                let vocab = m.config.vocab_size;
+                let n = match c.logits[i]
+                    .iter()
+                    .zip(&c.gguf_logits[i])
+                    .position(|(a, b)| a != b)
+                {
+                    Some(first) if gguf => first / vocab * vocab,
+                    _ => got.len(),
+                };
+                assert!(n > 0);
+                let d = max_abs_diff(&got[..n], &want[..n]);
+                assert!(d <= TOLERANCE, "{family} (gguf {gguf}) prompt {i}: {d}");
+            }
+            // graft's adapter → the names and shapes PEFT writes for this model.
+            if !gguf {
+                let out = tempfile::tempdir().unwrap();
+                let cfg = peft::PeftConfig::from_lora(
+                    &graft_core::lora::LoraConfig {
+                        r: 4,
+                        lora_alpha: 8.0,
+                        lora_dropout: 0.0,
+                        target_modules: m.config.targets().to_vec(),
+                        use_rslora: false,
+                    },
+                    family,
+                );
+                peft::save(&out.path().join("a"), &adapter, &cfg).unwrap();
+                assert_eq!(
+                    tensor_shapes(&out.path().join("a/adapter_model.safetensors")),
+                    tensor_shapes(&dir.join("peft_adapter/adapter_model.safetensors")),
+                    "{family}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gguf_lora_export_uses_each_familys_llama_cpp_names_and_round_trips() {
+    use graft_core::gguf::GgufFile;
+    use graft_core::gguf_lora;
+    for family in FAMILIES {
+        let m = load_family(family, true).model;
+        let adapter = random_adapter(&m, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.gguf");
+        gguf_lora::save(&path, &adapter, &m).unwrap();
+        // Every lora_a/lora_b pair names a weight of the model file llama.cpp's converter wrote.
+        let lora = GgufFile::open(&path).unwrap();
+        let base = GgufFile::open(&fixture(&format!("families/{family}/model.gguf"))).unwrap();
+        assert_eq!(
+            lora.str("general.architecture").unwrap(),
+            base.str("general.architecture").unwrap()
+        );
+        let names: Vec<String> = (0..m.config.num_layers)
+            .flat_map(|i| {
+                m.config
+                    .targets()
+                    .iter()
+                    .map(move |t| format!("blk.{i}.{}.weight", t.gguf_name()))
+            })
+            .collect();
+        for n in &names {
+            assert!(
+                base.tensor_info(n).is_some(),
+                "{family}: {n} is not in the model"
+            );
+            assert!(
+                lora.tensor_info(&format!("{n}.lora_a")).is_some(),
+                "{family}: {n}.lora_a missing"
+            );
+        }
+        let back = gguf_lora::load(&path, &m).unwrap();
+        let p = &case(family).prompts[1];
+        let run = |a| {
+            values(m.forward(
+                &mut [SeqInput {
+                    tokens: p,
+                    cache: None,
+                    adapter: Some(a),
+                }],
+                Logits::All,
+            ))
+        };
+        let d = max_abs_diff(&run(&adapter), &run(&back));
+        assert!(
+            d <= 1e-5,
+            "{family}: GGUF-LoRA round trip changed logits by {d}"
+        );
+    }
+}
