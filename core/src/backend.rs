@@ -15,7 +15,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{TensorData, TensorPrimitive};
 
-use crate::proj::RowAdapters;
+use crate::adapters::lora::RowAdapters;
 use crate::quant::PackedWeight;
 
 /// A burn backend graft's model runs on.

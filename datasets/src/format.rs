@@ -8,7 +8,7 @@
 //!
 //! Field names are configurable; the format is detected from the first row when not given.
 
-use graft_core::chat::Message;
+use graft_core::text::chat::Message;
 use serde_json::Value;
 
 use crate::source::{kind, Row};

@@ -8,8 +8,8 @@
 //! end-of-turn token (what follows it, e.g. a newline, is not). A template for which these
 //! renderings are not prefixes is reported, never guessed around.
 
-use graft_core::chat::{ChatTemplate, Message};
-use graft_core::tokenizer::TokenizerBundle;
+use graft_core::text::chat::{ChatTemplate, Message};
+use graft_core::text::tokenizer::TokenizerBundle;
 
 use crate::format::Example;
 

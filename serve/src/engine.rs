@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft_core::backend::GraftBackend;
-use graft_core::generate::{Decoder, FinishReason, Step};
+use graft_core::generation::generate::{Decoder, FinishReason, Step};
+use graft_core::generation::sampling::SamplingParams;
 use graft_core::model::{Logits, Model, SeqCache, SeqInput};
-use graft_core::sampling::SamplingParams;
-use graft_core::tokenizer::TokenizerBundle;
+use graft_core::text::tokenizer::TokenizerBundle;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;

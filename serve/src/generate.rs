@@ -6,12 +6,12 @@ use std::time::Instant;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use graft_core::backend::GraftBackend;
-use graft_core::chat::{ChatTemplate, Message};
 use graft_core::device::DeviceSpec;
-use graft_core::generate::generate;
+use graft_core::generation::generate::generate;
+use graft_core::generation::sampling::SamplingParams;
 use graft_core::load::{load, LoadOptions, ModelSource};
 use graft_core::quant::QuantKind;
-use graft_core::sampling::SamplingParams;
+use graft_core::text::chat::{ChatTemplate, Message};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -104,7 +104,7 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
     );
     let adapter = match &args.adapter {
         Some(dir) => {
-            let (a, cfg) = graft_core::peft::load(dir, &loaded.model)?;
+            let (a, cfg) = graft_core::adapters::peft::load(dir, &loaded.model)?;
             eprintln!(
                 "adapter {}: r={} on {} modules",
                 dir.display(),
@@ -116,7 +116,7 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         None => None,
     };
     let prompt_text = if args.chat {
-        let source = graft_core::chat::choose_template(
+        let source = graft_core::text::chat::choose_template(
             args.chat_template.as_deref(),
             tok.chat_template.as_deref(),
         )

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use graft_core::adapters::lora::Adapter;
+use graft_core::adapters::peft::AdapterError;
 use graft_core::backend::GraftBackend;
-use graft_core::lora::Adapter;
 use graft_core::model::Model;
-use graft_core::peft::AdapterError;
 use serde::Serialize;
 
 /// One loaded version of an adapter.
@@ -246,10 +246,10 @@ impl<B: GraftBackend> Registry<B> {
             return Err(RegistryError::OutsideRoots(path.display().to_string()));
         }
         let (adapter, format) =
-            if real.is_dir() && real.join(graft_core::peft::CONFIG_FILE).is_file() {
-                (graft_core::peft::load(&real, model)?.0, "peft")
+            if real.is_dir() && real.join(graft_core::adapters::peft::CONFIG_FILE).is_file() {
+                (graft_core::adapters::peft::load(&real, model)?.0, "peft")
             } else if real.is_file() && real.extension().is_some_and(|e| e == "gguf") {
-                (graft_core::gguf_lora::load(&real, model)?, "gguf")
+                (graft_core::adapters::gguf_lora::load(&real, model)?, "gguf")
             } else {
                 return Err(RegistryError::NotFound(path.display().to_string()));
             };

@@ -46,7 +46,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         .as_ref()
         .ok_or_else(|| anyhow!("model '{}' has no tokenizer", args.model))?;
     let adapter = match &args.adapter {
-        Some(dir) => Some(graft_core::peft::load(dir, &loaded.model)?.0),
+        Some(dir) => Some(graft_core::adapters::peft::load(dir, &loaded.model)?.0),
         None => None,
     };
     let ids = tok

@@ -1,8 +1,8 @@
 //! Log-probabilities: of sampled tokens (with the most likely alternatives) and of a whole
 //! prompt (`echo` + `logprobs` on completions, how clients score text).
 
+use graft_core::adapters::lora::Adapter;
 use graft_core::backend::GraftBackend;
-use graft_core::lora::Adapter;
 use graft_core::model::{Logits, Model, SeqInput};
 
 /// `log softmax(row)[i]` for every `i` is `row[i] - log_sum_exp(row)`.

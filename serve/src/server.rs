@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use graft_core::backend::GraftBackend;
-use graft_core::chat::ChatTemplate;
 use graft_core::device::DeviceSpec;
 use graft_core::load::{load, LoadOptions, ModelSource};
 use graft_core::quant::QuantKind;
+use graft_core::text::chat::ChatTemplate;
 
 use crate::api::{router, AppState};
 use crate::registry::Registry;
@@ -231,7 +231,7 @@ where
     let tokenizer = loaded
         .tokenizer
         .ok_or_else(|| anyhow!("model '{model_arg}' has no tokenizer"))?;
-    let source = graft_core::chat::choose_template(
+    let source = graft_core::text::chat::choose_template(
         args.chat_template.as_deref(),
         tokenizer.chat_template.as_deref(),
     )

@@ -18,8 +18,8 @@ type Signature = Vec<(u64, Option<SystemTime>)>;
 fn signature(path: &Path) -> Option<Signature> {
     let files: Vec<PathBuf> = if path.is_dir() {
         [
-            graft_core::peft::CONFIG_FILE,
-            graft_core::peft::WEIGHTS_FILE,
+            graft_core::adapters::peft::CONFIG_FILE,
+            graft_core::adapters::peft::WEIGHTS_FILE,
         ]
         .iter()
         .map(|f| path.join(f))
@@ -49,7 +49,7 @@ pub fn scan(dir: &Path) -> BTreeMap<String, PathBuf> {
         if name.starts_with('.') {
             continue;
         }
-        if (p.is_dir() && p.join(graft_core::peft::CONFIG_FILE).is_file())
+        if (p.is_dir() && p.join(graft_core::adapters::peft::CONFIG_FILE).is_file())
             || p.extension().is_some_and(|x| x == "gguf")
         {
             out.insert(name, p);

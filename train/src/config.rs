@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use graft_core::lora::TargetModule;
+use graft_core::adapters::lora::TargetModule;
 use graft_core::quant::QuantKind;
 
 /// A config that cannot be used, with where and why.
@@ -185,7 +185,7 @@ pub struct TrainConfig {
     pub revision: Option<String>,
     pub quantization: QuantKind,
     pub device: graft_core::device::DeviceSpec,
-    pub lora: graft_core::lora::LoraConfig,
+    pub lora: graft_core::adapters::lora::LoraConfig,
     pub lora_seed: u64,
     pub train_files: Vec<PathBuf>,
     pub eval_files: Vec<PathBuf>,
@@ -628,7 +628,7 @@ impl TrainConfig {
         };
         if let Some(t) = &d.chat_template {
             let inline = t.contains("{{") || t.contains("{%");
-            if !inline && t != "tokenizer" && graft_core::chat::named_template(t).is_none() {
+            if !inline && t != "tokenizer" && graft_core::text::chat::named_template(t).is_none() {
                 return Err(c.fail(
                     "data",
                     "chat_template",
@@ -702,7 +702,7 @@ impl TrainConfig {
             revision: m.revision.clone(),
             quantization,
             device,
-            lora: graft_core::lora::LoraConfig {
+            lora: graft_core::adapters::lora::LoraConfig {
                 r,
                 lora_alpha: alpha as f32,
                 lora_dropout: dropout as f32,

@@ -23,9 +23,9 @@ use clap::{Parser, Subcommand};
 use graft_core::backend::GraftBackend;
 use graft_core::burn::backend::{Autodiff, Flex};
 use graft_core::burn::tensor::backend::AutodiffBackend;
-use graft_core::chat::ChatTemplate;
 use graft_core::device::DeviceSpec;
 use graft_core::load::{load, LoadOptions, ModelSource};
+use graft_core::text::chat::ChatTemplate;
 use graft_datasets::prepare::{prepare, DataSpec, Prepared};
 use graft_datasets::tokenize::Tokenizer;
 use serde_json::json;
@@ -167,7 +167,7 @@ fn load_model<B: GraftBackend>(cfg: &TrainConfig, device: &B::Device) -> Result<
     let source = match cfg.chat_template.as_deref() {
         None | Some("tokenizer") => tok.chat_template.as_deref(),
         Some(name_or_inline) => {
-            Some(graft_core::chat::named_template(name_or_inline).unwrap_or(name_or_inline))
+            Some(graft_core::text::chat::named_template(name_or_inline).unwrap_or(name_or_inline))
         }
     };
     let template = match source {
@@ -255,7 +255,7 @@ fn data_cmd(path: &Path, set: &[String], n_examples: usize) -> Result<()> {
 
 /// The example's text with trained runs wrapped in `[[ ]]`.
 fn marked(
-    tok: &graft_core::tokenizer::TokenizerBundle,
+    tok: &graft_core::text::tokenizer::TokenizerBundle,
     ex: &graft_datasets::tokenize::Tokenized,
 ) -> String {
     let mut out = String::new();
@@ -338,10 +338,10 @@ fn export_cmd(source: &Path, out: &Path, model: Option<String>) -> Result<()> {
     let base = match model.or(run_base) {
         Some(b) => b,
         None => {
-            let cfg_path = adapter_dir.join(graft_core::peft::CONFIG_FILE);
+            let cfg_path = adapter_dir.join(graft_core::adapters::peft::CONFIG_FILE);
             let text = std::fs::read_to_string(&cfg_path)
                 .with_context(|| format!("reading {}", cfg_path.display()))?;
-            let cfg: graft_core::peft::PeftConfig = serde_json::from_str(&text)
+            let cfg: graft_core::adapters::peft::PeftConfig = serde_json::from_str(&text)
                 .with_context(|| format!("parsing {}", cfg_path.display()))?;
             cfg.base_model_name_or_path.with_context(|| {
                 format!(
@@ -357,8 +357,8 @@ fn export_cmd(source: &Path, out: &Path, model: Option<String>) -> Result<()> {
         &Default::default(),
     )
     .with_context(|| format!("loading the base model {base:?}"))?;
-    let (adapter, _) = graft_core::peft::load(&adapter_dir, &loaded.model)?;
-    graft_core::gguf_lora::save(out, &adapter, &loaded.model)?;
+    let (adapter, _) = graft_core::adapters::peft::load(&adapter_dir, &loaded.model)?;
+    graft_core::adapters::gguf_lora::save(out, &adapter, &loaded.model)?;
     eprintln!(
         "wrote {} ({} modules, architecture {}): llama-cli -m <base.gguf> --lora {}",
         out.display(),
@@ -404,7 +404,7 @@ fn train<B: AutodiffBackend + GraftBackend>(
     let bench = matches!(target, Target::Bench);
     let layout = loaded.model.model.config.targets();
     if !cfg.lora.target_modules.iter().any(|t| layout.contains(t)) {
-        let names = |ts: &[graft_core::lora::TargetModule]| {
+        let names = |ts: &[graft_core::adapters::lora::TargetModule]| {
             ts.iter()
                 .map(|t| t.hf_name())
                 .collect::<Vec<_>>()

@@ -16,18 +16,18 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use graft_core::adapters::lora::LoraWeights;
+use graft_core::adapters::lora::{Adapter, TargetModule};
+use graft_core::adapters::peft::{self, PeftConfig};
 use graft_core::backend::GraftBackend;
 use graft_core::burn::prelude::*;
 use graft_core::burn::tensor::activation::log_softmax;
 use graft_core::burn::tensor::backend::AutodiffBackend;
 use graft_core::burn::tensor::TensorData;
-use graft_core::generate::generate;
-use graft_core::lora::{Adapter, TargetModule};
+use graft_core::generation::generate::generate;
+use graft_core::generation::sampling::SamplingParams;
 use graft_core::model::{Model, SeqInput};
-use graft_core::peft::{self, PeftConfig};
-use graft_core::proj::LoraWeights;
-use graft_core::sampling::SamplingParams;
-use graft_core::tokenizer::TokenizerBundle;
+use graft_core::text::tokenizer::TokenizerBundle;
 use graft_datasets::batch::{epoch_order, micro_batches};
 use graft_datasets::prepare::Prepared;
 use graft_datasets::tokenize::Tokenized;
@@ -79,26 +79,16 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         stop: &'a AtomicBool,
     ) -> Self {
         // The adapted projections in the order Adapter::modules yields them (layer, then
-        // target); A is [r, in] and B is [out, r]. Targets the model's layout lacks (`q_proj`
-        // on Phi-3's fused layout, as "all-linear" lists) are skipped, as PEFT does.
-        let mut targets = cfg.lora.target_modules.clone();
-        targets.sort();
-        targets.dedup();
+        // target); A is [r, in] and B is [out, r].
         let r = cfg.lora.r;
         let modules = model
-            .layers
-            .iter()
-            .enumerate()
-            .flat_map(|(layer, l)| {
-                targets.iter().filter_map(move |&target| {
-                    let p = l.proj(target)?;
-                    Some(Module {
-                        layer,
-                        target,
-                        a: [r, p.in_features],
-                        b: [p.out_features, r],
-                    })
-                })
+            .adapter_shapes(&cfg.lora.target_modules)
+            .into_iter()
+            .map(|(layer, target, out_f, in_f)| Module {
+                layer,
+                target,
+                a: [r, in_f],
+                b: [out_f, r],
             })
             .collect();
         Trainer {
@@ -134,7 +124,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
 
     /// The initial adapter values (PEFT init), flat, in optimizer order.
     pub fn initial_params(&self) -> Vec<Vec<f32>> {
-        let init = Adapter::<B>::init_peft(self.model, &self.cfg.lora, self.cfg.lora_seed);
+        let init = self.model.init_adapter(&self.cfg.lora, self.cfg.lora_seed);
         init.modules()
             .flat_map(|(_, _, w)| [host(&w.a), host(&w.b)])
             .collect()

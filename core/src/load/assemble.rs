@@ -2,10 +2,10 @@
 //! follow from the [`ModelConfig`] alone, written once here; each format only maps a
 //! [`Role`] to its own tensor name and reads it ([`WeightSource`]).
 
+use crate::adapters::lora::TargetModule;
 use crate::backend::GraftBackend;
-use crate::lora::TargetModule;
+use crate::model::proj::Proj;
 use crate::model::{Block, Model, ModelConfig, NormSlot, QkNorm, RmsNorm};
-use crate::proj::Proj;
 
 use super::LoadError;
 

@@ -18,12 +18,12 @@ use burn::tensor::TensorData;
 
 use super::assemble::{assemble, Role, WeightSource};
 use super::{LoadError, LoadOptions, LoadedModel};
-use crate::gguf::{GgufFile, GgufTensorInfo, GgufValue};
+use crate::formats::gguf::{GgufFile, GgufTensorInfo, GgufValue};
 use crate::model::family::SlidingPattern;
+use crate::model::proj::{BaseWeight, Proj};
 use crate::model::{Family, LayerConfig, ModelConfig, NormSlot, RmsNorm, RopeConfig, RopeScaling};
-use crate::proj::{BaseWeight, Proj};
 use crate::quant::{GgmlType, PackedWeight, QuantKind};
-use crate::tokenizer::TokenizerBundle;
+use crate::text::tokenizer::TokenizerBundle;
 
 /// Loads a GGUF model file.
 ///
@@ -84,12 +84,12 @@ pub fn load_gguf<B: GraftBackend>(
 }
 
 enum ConfigError {
-    Gguf(crate::gguf::GgufError),
+    Gguf(crate::formats::gguf::GgufError),
     Invalid(String),
 }
 
-impl From<crate::gguf::GgufError> for ConfigError {
-    fn from(e: crate::gguf::GgufError) -> Self {
+impl From<crate::formats::gguf::GgufError> for ConfigError {
+    fn from(e: crate::formats::gguf::GgufError) -> Self {
         ConfigError::Gguf(e)
     }
 }
@@ -128,7 +128,10 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
         .map(|v| v as usize);
     let factor = f.opt_f64(&key("rope.scaling.factor"))?;
     let mut scaling = match f.get(&key("rope.scaling.type")) {
-        None => None,
+        // llama.cpp reads a factor without a type as linear scaling.
+        None => factor
+            .filter(|f| *f != 1.0 && *f > 0.0)
+            .map(|f| RopeScaling::Linear { factor: f as f32 }),
         Some(GgufValue::String(t)) => match t.as_str() {
             "none" => None,
             "linear" => Some(RopeScaling::Linear {
@@ -145,11 +148,7 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
                     beta_slow: f
                         .opt_f64(&key("rope.scaling.yarn_beta_slow"))?
                         .unwrap_or(1.0) as f32,
-                    attention_factor: if factor <= 1.0 {
-                        1.0
-                    } else {
-                        (0.1 * factor.ln() + 1.0) as f32
-                    },
+                    attention_factor: RopeScaling::yarn_mscale(factor, 1.0) as f32,
                     truncate: true,
                 })
             }
@@ -180,15 +179,14 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
         })?;
         let ratio = max_position_embeddings as f64 / original as f64;
         let attention_factor = match f.opt_f64(&key("rope.scaling.attn_factor"))? {
-            Some(a) => a,
-            None if ratio <= 1.0 => 1.0,
-            None => (1.0 + ratio.ln() / (original as f64).ln()).sqrt(),
+            Some(a) => a as f32,
+            None => RopeScaling::longrope_attention_factor(ratio, original),
         };
         scaling = Some(RopeScaling::LongRope {
             short: dense_f32(f, short),
             long: dense_f32(f, long),
             original_max_position: original,
-            attention_factor: attention_factor as f32,
+            attention_factor,
         });
     }
     let global = RopeConfig {

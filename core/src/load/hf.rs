@@ -17,10 +17,10 @@ use serde::Deserialize;
 use super::assemble::{assemble, Role, WeightSource};
 use super::hf_config::HfConfig;
 use super::{read_json, LoadError, LoadOptions, LoadedModel};
+use crate::model::proj::{BaseWeight, Proj};
 use crate::model::{Family, ModelConfig, NormPlacement, NormSlot, RmsNorm};
-use crate::proj::{BaseWeight, Proj};
 use crate::quant::{PackedWeight, QuantKind};
-use crate::tokenizer::TokenizerBundle;
+use crate::text::tokenizer::TokenizerBundle;
 
 /// Loads an HF model directory.
 ///
@@ -33,8 +33,14 @@ pub fn load_hf_dir<B: GraftBackend>(
     device: &B::Device,
 ) -> Result<LoadedModel<B>, LoadError> {
     let config_path = dir.join("config.json");
-    let raw: HfConfig = read_json(&config_path)?;
-    if let Some(arch) = raw.architectures.first() {
+    // The architecture is checked before the keys, so that e.g. a multimodal Gemma 3 config
+    // (settings under text_config) is named as such rather than as a missing field.
+    let value: serde_json::Value = read_json(&config_path)?;
+    let architectures: Vec<String> = value
+        .get("architectures")
+        .and_then(|a| serde_json::from_value(a.clone()).ok())
+        .unwrap_or_default();
+    if let Some(arch) = architectures.first() {
         if !Family::ALL.iter().any(|f| f.hf_architecture() == arch) {
             return Err(LoadError::Architecture {
                 path: config_path,
@@ -47,6 +53,10 @@ pub fn load_hf_dir<B: GraftBackend>(
             });
         }
     }
+    let raw: HfConfig = serde_json::from_value(value).map_err(|source| LoadError::Json {
+        path: config_path.clone(),
+        source,
+    })?;
     let config = ModelConfig::try_from(raw).map_err(|message| LoadError::Config {
         path: config_path.clone(),
         message,
@@ -60,7 +70,12 @@ pub fn load_hf_dir<B: GraftBackend>(
     };
     let model = assemble(&l, &config, device)?;
     let tokenizer = if dir.join("tokenizer.json").is_file() {
-        Some(TokenizerBundle::from_hf_dir(dir)?)
+        Some(
+            TokenizerBundle::from_hf_dir(dir).map_err(|e| LoadError::Tokenizer {
+                path: e.path,
+                message: e.message,
+            })?,
+        )
     } else {
         None
     };

@@ -173,10 +173,11 @@ impl TryFrom<HfConfig> for ModelConfig {
 /// (Qwen2/3: only with `use_sliding_window`, from layer `max_window_layers` on).
 fn layer_windows(c: &HfConfig, family: Family) -> Result<Vec<Option<usize>>, String> {
     let n = c.num_hidden_layers;
-    let window = match c.use_sliding_window {
-        Some(false) => None,
-        _ => c.sliding_window,
-    };
+    // Qwen2/3 configs carry a window that is off unless use_sliding_window says otherwise.
+    let on = c
+        .use_sliding_window
+        .unwrap_or(family.sliding_window_by_default());
+    let window = if on { c.sliding_window } else { None };
     if let Some(types) = &c.layer_types {
         if types.len() != n {
             return Err(format!(
@@ -288,6 +289,11 @@ fn parse_rope_scaling(v: &Value, c: &HfConfig, key: &str) -> Result<Option<RopeS
             .as_str()
             .ok_or_else(|| format!("{key}.rope_type must be a string, got {t}"))?,
     };
+    // Phi-3's config renames its early "su" and "yarn" to longrope (they carry its factors).
+    let kind = match kind {
+        "su" | "yarn" if c.model_type.as_deref() == Some("phi3") => "longrope",
+        k => k,
+    };
     let num = |k: &str| {
         v.get(k)
             .and_then(Value::as_f64)
@@ -322,28 +328,20 @@ fn parse_rope_scaling(v: &Value, c: &HfConfig, key: &str) -> Result<Option<RopeS
             // transformers' `_compute_longrope_parameters`
             let factor =
                 opt_num("factor").unwrap_or(c.max_position_embeddings as f64 / original as f64);
-            let attention_factor = opt_num("attention_factor").unwrap_or(if factor <= 1.0 {
-                1.0
-            } else {
-                (1.0 + factor.ln() / (original as f64).ln()).sqrt()
-            });
+            let attention_factor = opt_num("attention_factor")
+                .map(|a| a as f32)
+                .unwrap_or_else(|| RopeScaling::longrope_attention_factor(factor, original));
             RopeScaling::LongRope {
                 short: list("short_factor")?,
                 long: list("long_factor")?,
                 original_max_position: original,
-                attention_factor: attention_factor as f32,
+                attention_factor,
             }
         }
         "yarn" => {
             let factor = num("factor")?;
             // transformers' `_compute_yarn_parameters`: get_mscale
-            let mscale = |scale: f64, m: f64| {
-                if scale <= 1.0 {
-                    1.0
-                } else {
-                    0.1 * m * scale.ln() + 1.0
-                }
-            };
+            let mscale = RopeScaling::yarn_mscale;
             let attention_factor = match (
                 opt_num("attention_factor"),
                 opt_num("mscale"),
@@ -463,6 +461,35 @@ mod tests {
         assert!(m.tie_word_embeddings);
         assert_eq!(m.activation, Activation::GeluTanh);
         assert_eq!(m.embed_scale, Some(24.0));
+    }
+
+    #[test]
+    fn phi3_su_is_longrope_and_qwen_windows_are_off_unless_asked() {
+        let mut c = smollm();
+        c.model_type = Some("phi3".into());
+        c.original_max_position_embeddings = Some(4096);
+        c.max_position_embeddings = 131072;
+        let half = vec![1.0; 32];
+        c.rope_scaling = Some(serde_json::json!({"type": "su", "short_factor": half,
+            "long_factor": half}));
+        let m = ModelConfig::try_from(c).unwrap();
+        match &m.layers[0].rope.scaling {
+            Some(RopeScaling::LongRope {
+                original_max_position,
+                attention_factor,
+                ..
+            }) => {
+                assert_eq!(*original_max_position, 4096);
+                // √(1 + ln 32 / ln 4096), Phi-3-mini-128k's factor.
+                assert!((attention_factor - 1.190_238_1).abs() < 1e-6, "{attention_factor}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut c = smollm();
+        c.model_type = Some("qwen2".into());
+        c.sliding_window = Some(32768);
+        let m = ModelConfig::try_from(c).unwrap();
+        assert!(m.layers.iter().all(|l| l.window.is_none()));
     }
 
     #[test]

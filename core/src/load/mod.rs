@@ -11,10 +11,10 @@ pub mod hub;
 use crate::backend::GraftBackend;
 use std::path::{Path, PathBuf};
 
-use crate::gguf::GgufError;
+use crate::formats::gguf::GgufError;
 use crate::model::Model;
 use crate::quant::QuantKind;
-use crate::tokenizer::TokenizerBundle;
+use crate::text::tokenizer::TokenizerBundle;
 
 pub use gguf::load_gguf;
 pub use hf::load_hf_dir;
@@ -178,8 +178,4 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError
         path: path.into(),
         source,
     })
-}
-
-pub(crate) fn read_json_value(path: &Path) -> Result<serde_json::Value, LoadError> {
-    read_json(path)
 }

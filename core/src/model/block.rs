@@ -9,9 +9,10 @@ use super::attention::{attend, AttnSeq};
 use super::config::{Activation, ModelConfig, NormSlot, QkNorm};
 use super::norm::RmsNorm;
 use super::rope::Rope;
+use crate::adapters::lora::TargetModule;
+use crate::adapters::lora::{LoraWeights, RowAdapters};
 use crate::backend::GraftBackend;
-use crate::lora::TargetModule;
-use crate::proj::{LoraWeights, Proj, RowAdapters};
+use crate::model::proj::Proj;
 
 /// Row runs of a batch and the adapter weights that apply to each, for one projection.
 pub(crate) type Runs<'r, B> = Vec<(std::ops::Range<usize>, Option<&'r LoraWeights<B>>)>;

@@ -5,7 +5,7 @@
 //! of [`Family`]; the model itself never asks which family it is.
 
 use super::family::Family;
-use crate::lora::TargetModule;
+use crate::adapters::lora::TargetModule;
 
 /// Rotary-embedding frequency scaling (transformers' `rope_type`s).
 #[derive(Debug, Clone, PartialEq)]
@@ -41,6 +41,28 @@ pub enum RopeScaling {
         /// Round the correction range outward (transformers' `truncate`, default true).
         truncate: bool,
     },
+}
+
+impl RopeScaling {
+    /// Longrope's default cos/sin multiplier for a context extended by `factor` over
+    /// `original` positions (transformers' `_compute_longrope_parameters`, llama.cpp's
+    /// converter): `√(1 + ln(factor) / ln(original))`, 1 without extension.
+    pub fn longrope_attention_factor(factor: f64, original: usize) -> f32 {
+        if factor <= 1.0 {
+            1.0
+        } else {
+            (1.0 + factor.ln() / (original as f64).ln()).sqrt() as f32
+        }
+    }
+
+    /// YaRN's `get_mscale`: `0.1·m·ln(scale) + 1`, 1 without extension.
+    pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * m * scale.ln() + 1.0
+        }
+    }
 }
 
 /// The rotary embedding of one attention layer.
@@ -191,6 +213,18 @@ impl ModelConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
+        if !(self.rms_norm_eps > 0.0) || !self.rms_norm_eps.is_finite() {
+            return Err(format!(
+                "rms_norm_eps must be positive, got {}",
+                self.rms_norm_eps
+            ));
+        }
+        if self.family.gguf_permutes_qk() && self.head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim {} must be even for {} (rotary pairs)",
+                self.head_dim, self.family
+            ));
+        }
         if self.layers.len() != self.num_layers {
             return Err(format!(
                 "{} layer descriptions (layer_types) for num_hidden_layers {}",
@@ -281,11 +315,26 @@ fn validate_rope(r: &RopeConfig, head_dim: usize) -> Result<(), String> {
             Ok(())
         }
     };
+    let positive_factor = |a: f32| {
+        if a > 0.0 && a.is_finite() {
+            Ok(())
+        } else {
+            Err(format!(
+                "rope_scaling.attention_factor must be positive, got {a}"
+            ))
+        }
+    };
     match &r.scaling {
         Some(RopeScaling::Factors(f)) => check("frequency factors", f),
-        Some(RopeScaling::LongRope { short, long, .. }) => {
+        Some(RopeScaling::LongRope {
+            short,
+            long,
+            attention_factor,
+            ..
+        }) => {
             check("short_factor", short)?;
-            check("long_factor", long)
+            check("long_factor", long)?;
+            positive_factor(*attention_factor)
         }
         Some(RopeScaling::Linear { factor })
         | Some(RopeScaling::Llama3 { factor, .. })
@@ -296,6 +345,17 @@ fn validate_rope(r: &RopeConfig, head_dim: usize) -> Result<(), String> {
                 "rope_scaling.factor must be positive, got {factor}"
             ))
         }
+        Some(RopeScaling::Llama3 {
+            low_freq_factor,
+            high_freq_factor,
+            ..
+        }) if !(high_freq_factor > low_freq_factor) => Err(format!(
+            "rope_scaling.high_freq_factor {high_freq_factor} must exceed low_freq_factor \
+             {low_freq_factor}"
+        )),
+        Some(RopeScaling::Yarn {
+            attention_factor, ..
+        }) => positive_factor(*attention_factor),
         _ => Ok(()),
     }
 }

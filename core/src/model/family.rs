@@ -186,6 +186,12 @@ impl Family {
         self == Family::Qwen2
     }
 
+    /// Whether `config.json`'s `sliding_window` applies when `use_sliding_window` is absent
+    /// (transformers' Qwen2/Qwen3 default it to off).
+    pub fn sliding_window_by_default(self) -> bool {
+        !matches!(self, Family::Qwen2 | Family::Qwen3)
+    }
+
     /// The layers with a sliding window when the config gives a window but no per-layer list.
     pub fn sliding_pattern(self) -> SlidingPattern {
         match self {

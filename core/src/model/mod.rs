@@ -17,6 +17,7 @@ mod block;
 pub mod config;
 pub mod family;
 mod norm;
+pub mod proj;
 mod rope;
 
 use std::ops::Range;
@@ -24,9 +25,9 @@ use std::ops::Range;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use crate::adapters::lora::{Adapter, LoraConfig, LoraWeights, TargetModule};
 use crate::backend::GraftBackend;
-use crate::lora::{Adapter, TargetModule};
-use crate::proj::{LoraWeights, Proj};
+use crate::model::proj::Proj;
 use attention::AttnSeq;
 pub use block::Block;
 use block::{LayerCtx, Runs};
@@ -144,6 +145,38 @@ impl<B: GraftBackend> Model<B> {
 
     pub fn device(&self) -> &B::Device {
         &self.device
+    }
+
+    /// `(layer, target, out, in)` of each projection in `targets` that the layers have, in
+    /// layer then target order: the order of adapters' modules and of the trainer's parameters.
+    /// Targets the layout lacks (`q_proj` on Phi-3's fused layout) are skipped, as PEFT does.
+    pub fn adapter_shapes(
+        &self,
+        targets: &[TargetModule],
+    ) -> Vec<(usize, TargetModule, usize, usize)> {
+        let mut targets = targets.to_vec();
+        targets.sort();
+        targets.dedup();
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(li, l)| {
+                targets
+                    .iter()
+                    .filter_map(move |&t| l.proj(t).map(|p| (li, t, p.out_features, p.in_features)))
+            })
+            .collect()
+    }
+
+    /// A fresh PEFT-initialized adapter for this model ([`Adapter::init_peft`]).
+    pub fn init_adapter(&self, config: &LoraConfig, seed: u64) -> Adapter<B> {
+        Adapter::init_peft(
+            self.layers.len(),
+            &self.adapter_shapes(&config.target_modules),
+            config,
+            seed,
+            &self.device,
+        )
     }
 
     /// Bytes held by the base weights (packed size for quantized projections).

@@ -1,7 +1,7 @@
 //! Bad checkpoints give typed errors that name the file and the tensor or key; none panics or
 //! allocates what a header merely claims.
 
-use graft_core::gguf::GgufError;
+use graft_core::formats::gguf::GgufError;
 use graft_core::load::{load_gguf, load_hf_dir, LoadError, LoadOptions};
 
 use crate::tiny::*;

@@ -171,9 +171,9 @@ fn cached_decoding_and_ragged_batches_equal_one_full_forward() {
 
 /// A PEFT-initialized adapter on every projection of the model's layout, with `B` drawn too so
 /// that it changes the output.
-pub fn random_adapter(m: &Model<B>, seed: u64) -> graft_core::lora::Adapter<B> {
+pub fn random_adapter(m: &Model<B>, seed: u64) -> graft_core::adapters::lora::Adapter<B> {
     use burn::prelude::*;
-    use graft_core::lora::{Adapter, LoraConfig, TargetModule};
+    use graft_core::adapters::lora::{LoraConfig, TargetModule};
     let cfg = LoraConfig {
         r: 4,
         lora_alpha: 8.0,
@@ -181,7 +181,7 @@ pub fn random_adapter(m: &Model<B>, seed: u64) -> graft_core::lora::Adapter<B> {
         target_modules: TargetModule::ALL.to_vec(),
         use_rslora: false,
     };
-    let mut a = Adapter::init_peft(m, &cfg, seed);
+    let mut a = m.init_adapter(&cfg, seed);
     for layer in a.layers.iter_mut() {
         for w in layer.iter_mut().flatten() {
             let [o, r] = w.b.dims();
@@ -256,7 +256,7 @@ fn tensor_shapes(path: &std::path::Path) -> std::collections::BTreeMap<String, V
 
 #[test]
 fn peft_adapters_of_every_family_load_both_ways() {
-    use graft_core::peft;
+    use graft_core::adapters::peft;
     for family in FAMILIES {
         let dir = fixture(&format!("families/{family}"));
         let c = case(family);
@@ -299,7 +299,7 @@ fn peft_adapters_of_every_family_load_both_ways() {
             if !gguf {
                 let out = tempfile::tempdir().unwrap();
                 let cfg = peft::PeftConfig::from_lora(
-                    &graft_core::lora::LoraConfig {
+                    &graft_core::adapters::lora::LoraConfig {
                         r: 4,
                         lora_alpha: 8.0,
                         lora_dropout: 0.0,
@@ -321,8 +321,8 @@ fn peft_adapters_of_every_family_load_both_ways() {
 
 #[test]
 fn gguf_lora_export_uses_each_familys_llama_cpp_names_and_round_trips() {
-    use graft_core::gguf::GgufFile;
-    use graft_core::gguf_lora;
+    use graft_core::adapters::gguf_lora;
+    use graft_core::formats::gguf::GgufFile;
     for family in FAMILIES {
         let m = load_family(family, true).model;
         let adapter = random_adapter(&m, 3);

@@ -2,8 +2,8 @@
 //! graft and gives PeftModel's logits on SmolLM2; malformed or unsupported adapters are refused
 //! with the file, tensor and shapes.
 
+use graft_core::adapters::peft::{self, AdapterError};
 use graft_core::model::{Logits, SeqInput};
-use graft_core::peft::{self, AdapterError};
 use serde::Deserialize;
 
 use crate::reference::{f32s, fixture, read_fixture};
@@ -188,8 +188,8 @@ fn graft_saves_what_it_loads() {
 
 #[test]
 fn gguf_lora_export_round_trips_with_permuted_qk_rows() {
-    use graft_core::gguf::{GgufFile, GgufValue};
-    use graft_core::gguf_lora;
+    use graft_core::adapters::gguf_lora;
+    use graft_core::formats::gguf::{GgufFile, GgufValue};
     let m = &gguf_model().model;
     let (adapter, _) = peft::load(&fixture("peft_adapter"), m).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -216,7 +216,7 @@ fn gguf_lora_export_round_trips_with_permuted_qk_rows() {
     let file_rows = f32s(f.tensor_bytes(qb));
     let peft_rows = values(
         adapter
-            .get(0, graft_core::lora::TargetModule::Q)
+            .get(0, graft_core::adapters::lora::TargetModule::Q)
             .unwrap()
             .b
             .clone(),
@@ -224,7 +224,7 @@ fn gguf_lora_export_round_trips_with_permuted_qk_rows() {
     assert_eq!(&file_rows[4..8], &peft_rows[32 * 4..33 * 4]);
     assert_ne!(file_rows, peft_rows);
 
-    let back = graft_core::gguf_lora::load(&path, m).unwrap();
+    let back = graft_core::adapters::gguf_lora::load(&path, m).unwrap();
     let p = &[1u32, 504, 1235, 314, 2683];
     let run = |ad| {
         values(m.forward(

@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use graft_core::chat::ChatTemplate;
 use graft_core::load::{load_gguf, LoadOptions, LoadedModel};
+use graft_core::text::chat::ChatTemplate;
 use serde::Deserialize;
 
 use crate::reference::fixture;

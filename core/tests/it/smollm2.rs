@@ -7,10 +7,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use graft_core::chat::{ChatTemplate, Message};
+use graft_core::generation::sampling::argmax;
 use graft_core::load::{load_gguf, load_hf_dir, LoadOptions, LoadedModel};
 use graft_core::model::{Logits, Model, SeqCache, SeqInput};
-use graft_core::sampling::argmax;
+use graft_core::text::chat::{ChatTemplate, Message};
 use serde::Deserialize;
 
 use crate::reference::{f32s, fixture, read_fixture};

@@ -4,10 +4,9 @@
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
+use graft_core::adapters::lora::{Adapter, LoraWeights, TargetModule};
 use graft_core::load::{load_gguf, load_hf_dir, LoadOptions};
-use graft_core::lora::{Adapter, TargetModule};
 use graft_core::model::{Logits, Model, SeqCache, SeqInput};
-use graft_core::proj::LoraWeights;
 use graft_core::quant::QuantKind;
 
 use crate::tiny::*;

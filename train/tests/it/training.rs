@@ -125,11 +125,11 @@ fn a_short_run_writes_a_complete_run_directory_and_learns() {
         gguf.to_str().expect("utf-8 path"),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let f = graft_core::gguf::GgufFile::open(&gguf).expect("a valid GGUF file");
+    let f = graft_core::formats::gguf::GgufFile::open(&gguf).expect("a valid GGUF file");
     assert_eq!(f.str("general.type").expect("type"), "adapter");
     assert_eq!(
         f.get("adapter.lora.alpha"),
-        Some(&graft_core::gguf::GgufValue::F32(8.0))
+        Some(&graft_core::formats::gguf::GgufValue::F32(8.0))
     );
     assert_eq!(
         f.tensor_info("blk.29.ffn_down.weight.lora_b")

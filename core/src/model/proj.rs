@@ -7,11 +7,10 @@
 //! Rows of one call may belong to different adapters (a serving batch mixes requests); the base
 //! product runs once for all rows and each adapter adds its term to its own rows.
 
-use std::ops::Range;
-
 use burn::prelude::*;
-use burn::tensor::{Distribution, TensorData};
+use burn::tensor::TensorData;
 
+use crate::adapters::lora::RowAdapters;
 use crate::backend::GraftBackend;
 use crate::quant::PackedWeight;
 
@@ -23,46 +22,6 @@ pub enum BaseWeight<B: GraftBackend> {
     /// Packed in host memory, dequantized one projection at a time during the forward.
     Packed(PackedWeight),
 }
-
-/// A low-rank adapter for one projection.
-#[derive(Debug, Clone)]
-pub struct LoraWeights<B: Backend> {
-    /// `[r, in]`
-    pub a: Tensor<B, 2>,
-    /// `[out, r]`
-    pub b: Tensor<B, 2>,
-    /// `lora_alpha / r` (or `lora_alpha / √r` with rsLoRA).
-    pub scale: f32,
-    /// Dropout probability on the adapter's input; applied only when the backend records
-    /// gradients (training).
-    pub dropout: f32,
-}
-
-impl<B: Backend> LoraWeights<B> {
-    pub fn rank(&self) -> usize {
-        self.a.dims()[0]
-    }
-
-    /// `scale·(x·Aᵀ)·Bᵀ`.
-    ///
-    /// # Shapes
-    /// `x: [n, in]` → `[n, out]`
-    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
-            let keep = 1.0 - f64::from(self.dropout);
-            let mask = x.random_like(Distribution::Bernoulli(keep));
-            x * mask.div_scalar(keep)
-        } else {
-            x
-        };
-        x.matmul(self.a.clone().transpose())
-            .matmul(self.b.clone().transpose())
-            .mul_scalar(self.scale)
-    }
-}
-
-/// Which adapter (if any) applies to each contiguous run of rows.
-pub type RowAdapters<'a, B> = [(Range<usize>, Option<&'a LoraWeights<B>>)];
 
 /// A linear projection without activation.
 #[derive(Debug, Clone)]

@@ -86,7 +86,7 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::{GgufFile, GgufValue};
+    use crate::formats::gguf::{GgufFile, GgufValue};
 
     #[test]
     fn written_files_read_back() {

@@ -8,12 +8,19 @@ use std::path::Path;
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
-use crate::gguf::{GgufFile, GgufValue};
-use crate::load::LoadError;
+use crate::formats::gguf::{GgufFile, GgufValue};
 
 /// GGUF token types (`gguf-py` `TokenType`).
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
+
+/// A tokenizer file that cannot be read or built, naming it.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct TokenizerError {
+    pub path: std::path::PathBuf,
+    pub message: String,
+}
 
 /// A tokenizer with the special tokens and chat template that come with it.
 #[derive(Clone)]
@@ -98,15 +105,24 @@ impl TokenizerBundle {
     ///
     /// # Errors
     /// Unreadable or malformed files.
-    pub fn from_hf_dir(dir: &Path) -> Result<Self, LoadError> {
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer {
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| TokenizerError {
             path: path.clone(),
             message: e.to_string(),
         })?;
+        let read_json = |path: &Path| -> Result<Value, TokenizerError> {
+            let fail = |message: String| TokenizerError {
+                path: path.to_path_buf(),
+                message,
+            };
+            let text =
+                std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+            serde_json::from_str(&text).map_err(|e| fail(format!("invalid JSON: {e}")))
+        };
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.is_file() {
-            crate::load::read_json_value(&cfg_path)?
+            read_json(&cfg_path)?
         } else {
             json!({})
         };
@@ -138,7 +154,7 @@ impl TokenizerBundle {
             .collect();
         let gen_path = dir.join("generation_config.json");
         if gen_path.is_file() {
-            let gen = crate::load::read_json_value(&gen_path)?;
+            let gen = read_json(&gen_path)?;
             match gen.get("eos_token_id") {
                 Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|v| v as u32)),
                 Some(Value::Array(a)) => {

@@ -4,16 +4,13 @@
 //! `lora_B: [out, r]`, `scaling = lora_alpha / r` (rsLoRA: `lora_alpha / √r`).
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{Distribution, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-use crate::backend::GraftBackend;
-use crate::model::Model;
-use crate::proj::LoraWeights;
 
 /// A projection of a decoder layer that an adapter can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -116,6 +113,46 @@ impl FromStr for TargetModule {
     }
 }
 
+/// A low-rank adapter for one projection.
+#[derive(Debug, Clone)]
+pub struct LoraWeights<B: Backend> {
+    /// `[r, in]`
+    pub a: Tensor<B, 2>,
+    /// `[out, r]`
+    pub b: Tensor<B, 2>,
+    /// `lora_alpha / r` (or `lora_alpha / √r` with rsLoRA).
+    pub scale: f32,
+    /// Dropout probability on the adapter's input; applied only when the backend records
+    /// gradients (training).
+    pub dropout: f32,
+}
+
+impl<B: Backend> LoraWeights<B> {
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `scale·(x·Aᵀ)·Bᵀ`.
+    ///
+    /// # Shapes
+    /// `x: [n, in]` → `[n, out]`
+    pub fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let x = if self.dropout > 0.0 && B::ad_enabled(&x.device()) {
+            let keep = 1.0 - f64::from(self.dropout);
+            let mask = x.random_like(Distribution::Bernoulli(keep));
+            x * mask.div_scalar(keep)
+        } else {
+            x
+        };
+        x.matmul(self.a.clone().transpose())
+            .matmul(self.b.clone().transpose())
+            .mul_scalar(self.scale)
+    }
+}
+
+/// Which adapter (if any) applies to each contiguous run of rows.
+pub type RowAdapters<'a, B> = [(Range<usize>, Option<&'a LoraWeights<B>>)];
+
 /// One adapter's weights for every layer and target module it covers.
 #[derive(Debug, Clone)]
 pub struct Adapter<B: Backend> {
@@ -174,33 +211,32 @@ impl LoraConfig {
     }
 }
 
-impl<B: GraftBackend> Adapter<B> {
+impl<B: Backend> Adapter<B> {
     /// A fresh adapter initialized as PEFT does by default (`init_lora_weights=True`): `A`
     /// kaiming-uniform with `a = √5`, i.e. uniform in `±1/√in`, and `B = 0`, so the adapter
-    /// starts as a no-op. The values come from a ChaCha8 stream seeded with `seed`, drawn layer
-    /// by layer in target order (they differ from torch's generator). Targets a layer does not
-    /// have (`q_proj` on Phi-3's fused layout) are skipped.
-    pub fn init_peft(model: &Model<B>, config: &LoraConfig, seed: u64) -> Self {
+    /// starts as a no-op. `shapes` lists `(layer, target, out, in)` of the projections to adapt
+    /// in layer then target order (`Model::adapter_shapes`); the values come from a ChaCha8
+    /// stream seeded with `seed`, drawn in that order (they differ from torch's generator).
+    pub fn init_peft(
+        num_layers: usize,
+        shapes: &[(usize, TargetModule, usize, usize)],
+        config: &LoraConfig,
+        seed: u64,
+        device: &B::Device,
+    ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let device = model.device();
-        let mut adapter = Adapter::empty(model.layers.len());
-        let mut targets = config.target_modules.clone();
-        targets.sort();
-        targets.dedup();
-        for (li, layer) in model.layers.iter().enumerate() {
-            for &t in &targets {
-                let Some(p) = layer.proj(t) else { continue };
-                let bound = 1.0 / (p.in_features as f32).sqrt();
-                let a: Vec<f32> = (0..config.r * p.in_features)
-                    .map(|_| rng.random_range(-bound..bound))
-                    .collect();
-                adapter.layers[li][t.index()] = Some(LoraWeights {
-                    a: Tensor::from_data(TensorData::new(a, [config.r, p.in_features]), device),
-                    b: Tensor::zeros([p.out_features, config.r], device),
-                    scale: config.scale(),
-                    dropout: config.lora_dropout,
-                });
-            }
+        let mut adapter = Adapter::empty(num_layers);
+        for &(li, t, out_features, in_features) in shapes {
+            let bound = 1.0 / (in_features as f32).sqrt();
+            let a: Vec<f32> = (0..config.r * in_features)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            adapter.layers[li][t.index()] = Some(LoraWeights {
+                a: Tensor::from_data(TensorData::new(a, [config.r, in_features]), device),
+                b: Tensor::zeros([out_features, config.r], device),
+                scale: config.scale(),
+                dropout: config.lora_dropout,
+            });
         }
         adapter
     }

@@ -12,10 +12,9 @@ use burn::tensor::TensorData;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::lora::{Adapter, LoraConfig, LoraWeights, TargetModule};
 use crate::backend::GraftBackend;
-use crate::lora::{Adapter, LoraConfig, TargetModule};
 use crate::model::Model;
-use crate::proj::LoraWeights;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";

@@ -5,10 +5,10 @@
 use crate::backend::GraftBackend;
 use std::time::Instant;
 
-use crate::lora::Adapter;
+use crate::adapters::lora::Adapter;
+use crate::generation::sampling::{Sampler, SamplingParams};
 use crate::model::{Logits, Model, SeqCache, SeqInput};
-use crate::sampling::{Sampler, SamplingParams};
-use crate::tokenizer::TokenizerBundle;
+use crate::text::tokenizer::TokenizerBundle;
 
 /// Why generation ended (OpenAI's `finish_reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,14 +14,13 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+use crate::adapters::lora::{Adapter, LoraWeights};
+use crate::adapters::peft::AdapterError;
 use crate::backend::GraftBackend;
-use crate::gguf::{GgufFile, GgufValue};
-use crate::gguf_write::{self, F32Tensor, MetaValue};
+use crate::formats::gguf::{GgufFile, GgufValue};
+use crate::formats::gguf_write::{self, F32Tensor, MetaValue};
 use crate::load::gguf::permute_rows;
-use crate::lora::Adapter;
 use crate::model::Model;
-use crate::peft::AdapterError;
-use crate::proj::LoraWeights;
 
 /// Writes `adapter` (for `model`) as a GGUF-LoRA file, atomically.
 ///
@@ -161,7 +160,7 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Model<B>) -> Result<Adapter<B>
             let proj = model.layers[layer]
                 .proj(t)
                 .unwrap_or_else(|| unreachable!("targets() lists the layer's projections"));
-            let read = |info: &crate::gguf::GgufTensorInfo| -> Result<(Vec<usize>, Vec<f32>), AdapterError> {
+            let read = |info: &crate::formats::gguf::GgufTensorInfo| -> Result<(Vec<usize>, Vec<f32>), AdapterError> {
                 let shape = info.torch_shape();
                 if info.ty != crate::quant::GgmlType::F32 || shape.len() != 2 {
                     return Err(AdapterError::Tensor {
