@@ -2,9 +2,10 @@
 # Quickstart: fetch SmolLM2-135M-Instruct (Q4_1 GGUF), build graft, fine-tune a LoRA adapter on
 # the bundled capitals dataset (configs/quickstart.toml: 30 QLoRA steps on the packed base,
 # about 2 minutes on 2 CPU cores), then ask the base model and the tuned one the same question.
+# GRAFT_MODEL=qwen2.5-coder runs the same fine-tune on Qwen2.5-Coder-0.5B-Instruct (Q4_K_M).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-gguf=$(scripts/fetch-model.sh)
+gguf=$(scripts/fetch-model.sh "${GRAFT_MODEL:-smollm2}")
 cargo build --release -p graft-train -p graft-serve
 target/release/graft-train configs/quickstart.toml --set "model.base=\"$gguf\""
 run=$(ls -td runs/quickstart-* | head -1)

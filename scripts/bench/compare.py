@@ -139,7 +139,7 @@ def decode(args, res):
     gbs = float(re.search(r"([\d.]+) GB/s", bw).group(1))
     weights = MODEL.stat().st_size
     res["decode"] = {
-        "settings": f"greedy, {tokens} tokens after a 4-token prompt, {args.threads} threads, SmolLM2-135M Q4_1",
+        "settings": f"greedy, {tokens} tokens after a 4-token prompt, {args.threads} threads, {MODEL.name}",
         "graft_tokens_per_s": med(g), "llama_cpp_tokens_per_s": med(l), "ratio": ratio(med(g), med(l)),
         "machine_read_bandwidth_gbs": gbs,
         "graft_weight_traffic_gbs": med(g)["median"] * weights / 1e9,
@@ -316,7 +316,14 @@ def main():
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench" / "compare-work")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="GGUF to measure instead of SmolLM2-135M Q4_1 (e.g. scripts/fetch-model.sh "
+                         "qwen2.5-coder or gemma3); the adapter sections need a model graft-train "
+                         "can train on")
     args = ap.parse_args()
+    global MODEL
+    if args.model:
+        MODEL = args.model.expanduser().resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     args.work = args.work.resolve()
     if not MODEL.exists():

@@ -246,17 +246,7 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
             }
         })
         .collect();
-    // llama.cpp scales Gemma's queries by 1/√head_dim, except for the 27B models, whose
-    // query_pre_attn_scalar is hidden/heads (gemma2: 46 layers, gemma3: 62 layers).
-    let big_gemma = matches!(
-        (family, num_layers),
-        (Family::Gemma2, 46) | (Family::Gemma3, 62)
-    );
-    let scale_dim = if big_gemma {
-        hidden_size / num_heads.max(1)
-    } else {
-        head_dim
-    };
+    let scale_dim = family.gguf_query_scale_dim(num_layers, hidden_size, num_heads, head_dim);
     let softcap = |k: &str| -> Result<Option<f32>, ConfigError> {
         Ok(f.opt_f64(&key(k))?.map(|v| v as f32).filter(|v| *v > 0.0))
     };

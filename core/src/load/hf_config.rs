@@ -233,7 +233,7 @@ impl Ropes {
                     .unwrap_or(10_000.0);
                 let scaling = match params {
                     None | Some(Value::Null) => None,
-                    Some(p) => parse_rope_scaling(p, c, key)?,
+                    Some(p) => parse_rope_scaling(p, c, family, key)?,
                 };
                 Ok(RopeConfig {
                     theta: theta as f32,
@@ -282,7 +282,12 @@ impl Ropes {
 }
 
 /// A `rope_scaling` / `rope_parameters` dict; `None` for the default rope.
-fn parse_rope_scaling(v: &Value, c: &HfConfig, key: &str) -> Result<Option<RopeScaling>, String> {
+fn parse_rope_scaling(
+    v: &Value,
+    c: &HfConfig,
+    family: Family,
+    key: &str,
+) -> Result<Option<RopeScaling>, String> {
     let kind = match v.get("rope_type").or_else(|| v.get("type")) {
         None => return Ok(None),
         Some(t) => t
@@ -290,9 +295,10 @@ fn parse_rope_scaling(v: &Value, c: &HfConfig, key: &str) -> Result<Option<RopeS
             .ok_or_else(|| format!("{key}.rope_type must be a string, got {t}"))?,
     };
     // Phi-3's config renames its early "su" and "yarn" to longrope (they carry its factors).
-    let kind = match kind {
-        "su" | "yarn" if c.model_type.as_deref() == Some("phi3") => "longrope",
-        k => k,
+    let kind = if family.longrope_aliases().contains(&kind) {
+        "longrope"
+    } else {
+        kind
     };
     let num = |k: &str| {
         v.get(k)
@@ -481,7 +487,10 @@ mod tests {
             }) => {
                 assert_eq!(*original_max_position, 4096);
                 // √(1 + ln 32 / ln 4096), Phi-3-mini-128k's factor.
-                assert!((attention_factor - 1.190_238_1).abs() < 1e-6, "{attention_factor}");
+                assert!(
+                    (attention_factor - 1.190_238_1).abs() < 1e-6,
+                    "{attention_factor}"
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -201,6 +201,31 @@ impl Family {
         }
     }
 
+    /// The `query_pre_attn_scalar` llama.cpp uses for a GGUF file, which has no key for it:
+    /// `head_dim`, except for the Gemma 27B models (Gemma 2: 46 layers, Gemma 3: 62), whose
+    /// scalar is `hidden / heads`.
+    pub fn gguf_query_scale_dim(
+        self,
+        num_layers: usize,
+        hidden: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> usize {
+        match (self, num_layers) {
+            (Family::Gemma2, 46) | (Family::Gemma3, 62) => hidden / heads.max(1),
+            _ => head_dim,
+        }
+    }
+
+    /// Rope types this family's `config.json` uses for its longrope (Phi-3: the early "su"
+    /// and "yarn", which transformers renames).
+    pub fn longrope_aliases(self) -> &'static [&'static str] {
+        match self {
+            Family::Phi3 => &["su", "yarn"],
+            _ => &[],
+        }
+    }
+
     /// Local (sliding) layers have their own rope base and no rope scaling (Gemma 3:
     /// `rope_local_base_freq`, llama.cpp: 10 000).
     pub fn local_rope_base(self) -> Option<f32> {

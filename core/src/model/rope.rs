@@ -191,3 +191,44 @@ impl Rope {
         (x * cos.clone() + rotated * sin.clone()).reshape([n, h, d])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::hf_config::HfConfig;
+    use crate::model::ModelConfig;
+
+    /// YaRN as transformers computes it (`scripts/reference/rope.py`): Qwen2.5's long-context
+    /// setting read from a transformers-5 `rope_parameters`.
+    #[test]
+    fn yarn_frequencies_match_transformers() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rope_yarn.json");
+        let fx: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut cfg = fx["config"].clone();
+        for (k, v) in [
+            ("vocab_size", 16),
+            ("intermediate_size", 8),
+            ("num_hidden_layers", 1),
+        ] {
+            cfg[k] = v.into();
+        }
+        let hf: HfConfig = serde_json::from_value(cfg).unwrap();
+        let c = ModelConfig::try_from(hf).unwrap();
+        let rope = Rope::new(&c.layers[0].rope, c.head_dim);
+        let want: Vec<f32> = serde_json::from_value(fx["inv_freq"].clone()).unwrap();
+        assert_eq!(rope.inv_freq.len(), want.len());
+        for (i, (g, w)) in rope.inv_freq.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                "inv_freq[{i}]: {g} vs {w}"
+            );
+        }
+        let af = fx["attention_factor"].as_f64().unwrap() as f32;
+        assert!(
+            (rope.attention_factor - af).abs() < 1e-6,
+            "{} vs {af}",
+            rope.attention_factor
+        );
+    }
+}
