@@ -246,17 +246,16 @@ def greedy(model, ids):
     return new, margins
 
 
-def smollm2(tok, model, gguf_path, out):
+def reference_prompts(tok, model, texts, add_special_tokens, label=None):
+    """The protocol of every `<model>_reference` fixture, per prompt: ids, the last position's
+    full logits (`p{i}.last_logits`), the probe ids' logits at every position
+    (`p{i}.probe_logits`) and the greedy continuation with its top-1/top-2 margins."""
     import torch
 
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
-                                   add_generation_prompt=True)
-    texts = ["The capital of France is", chat, "def fibonacci(n):\n    ",
-             "Café déjà vu — 東京 🚀 costs $3.50!"]
     vocab = model.config.vocab_size
     tensors, prompts = {}, []
     for i, text in enumerate(texts):
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = tok(text, add_special_tokens=add_special_tokens)["input_ids"]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float()
         probe = set(range(0, vocab, PROBE_STRIDE))
@@ -268,6 +267,17 @@ def smollm2(tok, model, gguf_path, out):
         greedy_ids, margins = greedy(model, ids)
         prompts.append({"text": text, "input_ids": ids, "greedy_ids": greedy_ids,
                         "greedy_margins": margins, "vocab_probe_ids": probe})
+        if label:
+            print(f"{label} prompt {i}: {len(ids)} ids, greedy {tok.decode(greedy_ids)!r}")
+    return tensors, prompts
+
+
+def smollm2(tok, model, gguf_path, out):
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    texts = ["The capital of France is", chat, "def fibonacci(n):\n    ",
+             "Café déjà vu — 東京 🚀 costs $3.50!"]
+    tensors, prompts = reference_prompts(tok, model, texts, add_special_tokens=False)
 
     default_ids = tok(texts[0])["input_ids"]  # add_special_tokens=True, transformers' default
     plain_ids = tok(texts[0], add_special_tokens=False)["input_ids"]

@@ -45,7 +45,7 @@ sys.dont_write_bytecode = True  # no __pycache__ next to make_fixtures.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from make_fixtures import (DIVERGENT_TEXTS, GREEDY_TOKENS, PROBE_STRIDE, PROBE_TOP_K,  # noqa: E402
-                           greedy, load_transformers, sha256, write_json)
+                           load_transformers, reference_prompts, sha256, write_json)
 
 import torch  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
@@ -117,22 +117,8 @@ def prompt_texts(name, tok):
 def reference(name, tok, model, gguf_path, out):
     add_special = name == "gemma3"
     texts = prompt_texts(name, tok)
-    vocab = model.config.vocab_size
-    tensors, prompts = {}, []
-    for i, text in enumerate(texts):
-        ids = tok(text, add_special_tokens=add_special)["input_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].float()
-        probe = set(range(0, vocab, PROBE_STRIDE))
-        for row in logits:
-            probe.update(torch.topk(row, PROBE_TOP_K).indices.tolist())
-        probe = sorted(probe)
-        tensors[f"p{i}.last_logits"] = logits[-1].numpy()
-        tensors[f"p{i}.probe_logits"] = logits[:, probe].contiguous().numpy()
-        greedy_ids, margins = greedy(model, ids)
-        prompts.append({"text": text, "input_ids": ids, "greedy_ids": greedy_ids,
-                        "greedy_margins": margins, "vocab_probe_ids": probe})
-        print(f"{name} prompt {i}: {len(ids)} ids, greedy {tok.decode(greedy_ids)!r}")
+    tensors, prompts = reference_prompts(tok, model, texts, add_special_tokens=add_special,
+                                         label=name)
 
     default_ids = tok(texts[-1])["input_ids"]
     plain_ids = tok(texts[-1], add_special_tokens=False)["input_ids"]
