@@ -21,6 +21,21 @@ pub(crate) enum Role {
     KNorm(usize),
 }
 
+impl Role {
+    /// The q/k/v biases the config promises (`attention_bias`, Qwen2's default): a file without
+    /// them is refused, naming the tensor, instead of running without.
+    pub(crate) fn needs_bias(self, c: &ModelConfig) -> bool {
+        c.attention_bias
+            && matches!(
+                self,
+                Role::Proj(
+                    _,
+                    TargetModule::Q | TargetModule::K | TargetModule::V | TargetModule::Qkv
+                )
+            )
+    }
+}
+
 /// A checkpoint format's access to its tensors.
 pub(crate) trait WeightSource<B: GraftBackend> {
     /// A `[rows, cols]` projection with its bias if the file has one; `quantize` says whether

@@ -401,9 +401,10 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
             (false, false) => BaseWeight::Packed(packed),
         };
         let bias_name = format!("{name}.bias");
-        let bias = match self.file.tensor_info(&bias_name) {
-            Some(_) => Some(self.vector(&bias_name, rows, heads)?),
-            None => None,
+        let bias = if self.file.tensor_info(&bias_name).is_some() || role.needs_bias(self.config) {
+            Some(self.vector(&bias_name, rows, heads)?)
+        } else {
+            None
         };
         Ok(Proj::new(base, bias))
     }

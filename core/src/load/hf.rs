@@ -266,7 +266,7 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
             ))
         };
         let bias_name = format!("{name}.bias");
-        let bias = if self.weights.has(&bias_name) {
+        let bias = if self.weights.has(&bias_name) || role.needs_bias(self.config) {
             Some(self.vector(&bias_name, rows)?)
         } else {
             None

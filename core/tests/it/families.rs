@@ -373,3 +373,28 @@ fn gguf_lora_export_uses_each_familys_llama_cpp_names_and_round_trips() {
         );
     }
 }
+
+#[test]
+fn a_config_promising_biases_the_weights_lack_is_refused_by_tensor_name() {
+    let src = fixture("families/llama");
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["attention_bias"] = true.into();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let e = load_hf_dir::<B>(dir.path(), LoadOptions::default(), &Default::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        e.contains("model.layers.0.self_attn.q_proj.bias") && e.contains("missing"),
+        "{e}"
+    );
+}
