@@ -246,6 +246,18 @@ def greedy(model, ids):
     return new, margins
 
 
+# How every `<model>_reference.json` was made, written into it beside the prompts.
+REFERENCE_PROTOCOL = {
+    "generation": {"method": "model.generate(do_sample=False), generation_config.eos_token_id = None",
+                   "max_new_tokens": GREEDY_TOKENS, "stops_at_eos": False,
+                   "greedy_margins": "top-1 minus top-2 raw logit at each generated step"},
+    "probe": {"vocab_probe_ids": f"every {PROBE_STRIDE}th vocab id and the union of the top-"
+                                 f"{PROBE_TOP_K} ids of every prompt position, sorted",
+              "probe_logits": "p{i}.probe_logits[pos, k] = logits[pos, vocab_probe_ids[k]]",
+              "last_logits": "p{i}.last_logits = logits[len(input_ids) - 1, :]"},
+}
+
+
 def reference_prompts(tok, model, texts, add_special_tokens, label=None):
     """The protocol of every `<model>_reference` fixture, per prompt: ids, the last position's
     full logits (`p{i}.last_logits`), the probe ids' logits at every position
@@ -293,13 +305,7 @@ def smollm2(tok, model, gguf_path, out):
             "bos_added": default_ids[:1] == [tok.bos_token_id] and len(default_ids) > len(plain_ids),
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
         },
-        "generation": {"method": "model.generate(do_sample=False), generation_config.eos_token_id = None",
-                       "max_new_tokens": GREEDY_TOKENS, "stops_at_eos": False,
-                       "greedy_margins": "top-1 minus top-2 raw logit at each generated step"},
-        "probe": {"vocab_probe_ids": f"every {PROBE_STRIDE}th vocab id and the union of the top-"
-                                     f"{PROBE_TOP_K} ids of every prompt position, sorted",
-                  "probe_logits": "p{i}.probe_logits[pos, k] = logits[pos, vocab_probe_ids[k]]",
-                  "last_logits": "p{i}.last_logits = logits[len(input_ids) - 1, :]"},
+        **REFERENCE_PROTOCOL,
         "prompts": prompts,
     }
     write_json(os.path.join(out, "smollm2_reference.json"), meta)

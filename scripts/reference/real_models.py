@@ -44,7 +44,7 @@ from importlib.metadata import version
 sys.dont_write_bytecode = True  # no __pycache__ next to make_fixtures.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from make_fixtures import (DIVERGENT_TEXTS, GREEDY_TOKENS, PROBE_STRIDE, PROBE_TOP_K,  # noqa: E402
+from make_fixtures import (DIVERGENT_TEXTS, REFERENCE_PROTOCOL,  # noqa: E402
                            load_transformers, reference_prompts, sha256, write_json)
 
 import torch  # noqa: E402
@@ -141,13 +141,7 @@ def reference(name, tok, model, gguf_path, out):
             "bos_added": default_ids[:1] == [tok.bos_token_id] and len(default_ids) > len(plain_ids),
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
         },
-        "generation": {"method": "model.generate(do_sample=False), generation_config.eos_token_id = None",
-                       "max_new_tokens": GREEDY_TOKENS, "stops_at_eos": False,
-                       "greedy_margins": "top-1 minus top-2 raw logit at each generated step"},
-        "probe": {"vocab_probe_ids": f"every {PROBE_STRIDE}th vocab id and the union of the top-"
-                                     f"{PROBE_TOP_K} ids of every prompt position, sorted",
-                  "probe_logits": "p{i}.probe_logits[pos, k] = logits[pos, vocab_probe_ids[k]]",
-                  "last_logits": "p{i}.last_logits = logits[len(input_ids) - 1, :]"},
+        **REFERENCE_PROTOCOL,
         "prompts": prompts,
     }
     write_json(os.path.join(out, f"{name}_reference.json"), meta)
