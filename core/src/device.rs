@@ -4,7 +4,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// A device named on the command line.
+use crate::backend::GraftBackend;
+
+/// A device named on the command line or in a config (`"cpu"`, `"cuda"`, `"cuda:N"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
     Cpu,
@@ -26,6 +28,8 @@ impl FromStr for DeviceSpec {
         }
     }
 }
+
+crate::serde_as_str!(DeviceSpec);
 
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -56,6 +60,31 @@ impl DeviceSpec {
             )),
             _ => Ok(()),
         }
+    }
+}
+
+/// Work that runs on whichever backend a [`DeviceSpec`] names: [`run_on`] picks the backend
+/// type once, so binaries never repeat the CPU/CUDA match.
+pub trait OnDevice {
+    type Output;
+    /// Runs on backend `B` (the inner backend; training wraps it in `Autodiff` itself).
+    fn run<B: GraftBackend>(self, device: B::Device) -> Self::Output
+    where
+        B::Device: Send + Sync;
+}
+
+/// Runs `job` on the backend for `spec`.
+///
+/// # Errors
+/// CUDA asked for in a build without the `cuda` feature.
+pub fn run_on<J: OnDevice>(spec: DeviceSpec, job: J) -> Result<J::Output, String> {
+    spec.check_available()?;
+    match spec {
+        DeviceSpec::Cpu => Ok(job.run::<Cpu>(Default::default())),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => Ok(job.run::<Cuda>(cuda_device(i))),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => unreachable!("check_available rejects cuda in builds without it"),
     }
 }
 

@@ -22,9 +22,11 @@ pub mod device;
 pub mod formats;
 pub mod generation;
 pub mod load;
+pub mod logging;
 pub mod model;
 pub mod process;
 pub mod quant;
+mod serde_str;
 pub mod text;
 
 /// The burn this crate is built on, for dependents that need more than the prelude.

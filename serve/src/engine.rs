@@ -1,12 +1,14 @@
 //! The batching engine: one thread owns the model and runs every active request together.
 //!
 //! Continuous batching at token boundaries: each iteration admits waiting requests (up to
-//! `max_batch` running), then makes ONE forward call over all of them — new requests
-//! contribute their whole prompt (prefill), running ones their last token (decode) — with each
-//! sequence's own KV cache and adapter. The model's ragged forward runs every base projection
-//! once for all rows and adds each adapter's low-rank term to its own rows, so requests for
-//! different adapters share the batch. A request whose client went away is dropped at the next
-//! iteration, freeing its slot.
+//! `max_batch` running, within the KV budget), then makes ONE forward call over all of them —
+//! new requests contribute their whole prompt (prefill), running ones their last token
+//! (decode) — with each sequence's own KV cache and adapter. The model's ragged forward runs
+//! every base projection once for all rows and adds each adapter's low-rank term to its own
+//! rows, so requests for different adapters share the batch. A request that asks for its
+//! prompt to be scored (`echo` with `logprobs`) gets logits for every prompt position in the
+//! same forward; one with nothing to generate ends after it. A request whose client went away
+//! is dropped at the next iteration, freeing its slot.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -22,18 +24,19 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
 use crate::registry::AdapterEntry;
+use crate::scoring::{log_sum_exp, top_k, TokenScore};
 
 /// What the engine sends back for a request.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The prompt's tokens scored (requests with [`Request::score_prompt`]), before any token.
+    PromptScores(Vec<TokenScore>),
     /// A generated token, the text it makes final (possibly empty) and its log-probability
-    /// under the model; `final_piece` marks the held-back text flushed at the end (no new token).
+    /// with the most likely alternatives; `final_piece` marks the held-back text flushed at
+    /// the end (no new token).
     Token {
-        id: u32,
+        score: TokenScore,
         text: String,
-        logprob: f32,
-        /// The most likely tokens at this step (as many as the request asked for).
-        top: Vec<(u32, f32)>,
         final_piece: bool,
     },
     /// Generation ended.
@@ -44,7 +47,7 @@ pub enum Event {
     },
 }
 
-/// One generation request.
+/// One request. `params.max_new_tokens == 0` only scores the prompt.
 pub struct Request<B: GraftBackend> {
     pub prompt: Vec<u32>,
     pub adapter: Option<Arc<AdapterEntry<B>>>,
@@ -58,8 +61,26 @@ pub struct Request<B: GraftBackend> {
     pub id: String,
     /// `base` or `adapter@vN`, for logs.
     pub model: String,
-    /// Alternatives reported with each sampled token's log-probability.
+    /// Alternatives reported with each log-probability.
     pub top_logprobs: usize,
+    /// Score every prompt token ([`Event::PromptScores`]).
+    pub score_prompt: bool,
+}
+
+impl<B: GraftBackend> Request<B> {
+    /// KV cache positions the request may fill.
+    fn kv_tokens(&self) -> usize {
+        self.prompt.len() + self.params.max_new_tokens
+    }
+}
+
+/// The engine's settings.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Requests decoded together.
+    pub max_batch: usize,
+    /// KV cache budget in tokens over all running requests (None: unlimited).
+    pub kv_tokens: Option<usize>,
 }
 
 struct Active<B: GraftBackend> {
@@ -68,6 +89,8 @@ struct Active<B: GraftBackend> {
     decoder: Decoder,
     /// Tokens to feed next: the prompt at first, then the last sampled token.
     next: Vec<u32>,
+    /// Whether this iteration feeds the prompt (prefill).
+    prefill: bool,
     last_token_at: Option<Instant>,
 }
 
@@ -76,50 +99,14 @@ pub fn run<B: GraftBackend>(
     model: Arc<Model<B>>,
     tokenizer: Arc<TokenizerBundle>,
     rx: Receiver<Request<B>>,
-    max_batch: usize,
+    config: EngineConfig,
     metrics: Arc<Metrics>,
-    kv_tokens: Option<usize>,
 ) {
     let mut active: Vec<Active<B>> = Vec::new();
     let mut held: Option<Request<B>> = None;
     loop {
-        // Admit: block only when idle.
-        while active.len() < max_batch {
-            let next = if let Some(r) = held.take() {
-                Some(r)
-            } else if active.is_empty() {
-                match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(r) => Some(r),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-            } else {
-                rx.try_recv().ok()
-            };
-            let Some(req) = next else { break };
-            if req.events.is_closed() {
-                metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-                continue;
-            }
-            // KV cache budget: a request whose prompt and max_tokens do not fit next to the
-            // running ones waits (held here, so the channel still bounds the queue).
-            let need = req.prompt.len() + req.params.max_new_tokens;
-            let reserved: usize = active
-                .iter()
-                .map(|a| a.req.prompt.len() + a.req.params.max_new_tokens)
-                .sum();
-            if kv_tokens.is_some_and(|cap| reserved + need > cap) && !active.is_empty() {
-                held = Some(req);
-                break;
-            }
-            let decoder = Decoder::new(&req.prompt, &req.params, &tokenizer);
-            active.push(Active {
-                cache: SeqCache::new(),
-                decoder,
-                next: req.prompt.clone(),
-                last_token_at: None,
-                req,
-            });
+        if !admit(&mut active, &mut held, &rx, config, &metrics, &tokenizer) {
+            return;
         }
         active.retain(|a| {
             let open = !a.req.events.is_closed();
@@ -134,102 +121,232 @@ pub fn run<B: GraftBackend>(
         metrics
             .batch_size
             .store(active.len() as u64, Ordering::Relaxed);
-        let logits = {
-            let mut seqs: Vec<SeqInput<'_, B>> = active
-                .iter_mut()
-                .map(|a| SeqInput {
-                    tokens: &a.next,
-                    cache: Some(&mut a.cache),
-                    adapter: a.req.adapter.as_ref().map(|e| &e.adapter),
-                })
-                .collect();
-            model.forward(&mut seqs, Logits::Last)
-        };
-        let vocab = model.config.vocab_size;
-        let rows: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
-        let now = Instant::now();
-        let mut finished = Vec::new();
-        for (i, a) in active.iter_mut().enumerate() {
-            let mut row = rows[i * vocab..(i + 1) * vocab].to_vec();
-            let logprob_base = crate::scoring::log_sum_exp(&row);
-            let top = crate::scoring::top_k(&row, a.req.top_logprobs, logprob_base);
-            let step = match a.decoder.step(&mut row, &tokenizer) {
-                Ok(step) => step,
-                // Undecodable output ends the request rather than the server.
-                Err(_) => Step {
-                    id: 0,
-                    is_token: false,
-                    text: String::new(),
-                    finish: Some(FinishReason::Stop),
-                },
-            };
-            let logprob = rows[i * vocab + step.id as usize] - logprob_base;
-            match a.last_token_at {
-                None => metrics
-                    .ttft
-                    .observe(now.duration_since(a.req.submitted).as_secs_f64()),
-                Some(t) => metrics.itl.observe(now.duration_since(t).as_secs_f64()),
-            }
-            a.last_token_at = Some(now);
-            if step.is_token {
-                let _ = a.req.events.send(Event::Token {
-                    id: step.id,
-                    text: step.text,
-                    logprob,
-                    top,
-                    final_piece: false,
-                });
-            }
-            let finish = step
-                .finish
-                .or((now >= a.req.deadline).then_some(FinishReason::Length));
-            let id = step.id;
-            match finish {
-                Some(reason) => {
-                    let tail = a.decoder.tail();
-                    if !tail.is_empty() {
-                        let _ = a.req.events.send(Event::Token {
-                            id,
-                            text: tail,
-                            logprob: 0.0,
-                            top: Vec::new(),
-                            final_piece: true,
-                        });
-                    }
-                    // Count before answering, so a client that reads /metrics next sees it.
-                    metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
-                    metrics
-                        .prompt_tokens
-                        .fetch_add(a.req.prompt.len() as u64, Ordering::SeqCst);
-                    metrics
-                        .generated_tokens
-                        .fetch_add(a.decoder.generated.len() as u64, Ordering::SeqCst);
-                    log_done(a, reason, now);
-                    let _ = a.req.events.send(Event::Done {
-                        finish_reason: reason,
-                        prompt_tokens: a.req.prompt.len(),
-                        completion_tokens: a.decoder.generated.len(),
-                    });
-                    finished.push(i);
-                }
-                None => a.next = vec![id],
-            }
-        }
+        let finished = step(&model, &tokenizer, &mut active, &metrics);
         for i in finished.into_iter().rev() {
             active.swap_remove(i);
         }
     }
 }
 
-/// One structured log line (JSON on stderr) per finished request.
-fn log_done<B: GraftBackend>(a: &Active<B>, reason: FinishReason, now: Instant) {
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    let line = serde_json::json!({
-        "ts": ts, "level": "info", "event": "request_done", "request_id": a.req.id, "model": a.req.model,
-        "prompt_tokens": a.req.prompt.len(), "completion_tokens": a.decoder.generated.len(),
-        "finish_reason": reason.as_str(), "total_ms": now.duration_since(a.req.submitted).as_secs_f64() * 1e3,
+/// Moves waiting requests into `active`: blocks only when idle. Returns false once every
+/// sender is gone and nothing is left.
+fn admit<B: GraftBackend>(
+    active: &mut Vec<Active<B>>,
+    held: &mut Option<Request<B>>,
+    rx: &Receiver<Request<B>>,
+    config: EngineConfig,
+    metrics: &Metrics,
+    tokenizer: &TokenizerBundle,
+) -> bool {
+    while active.len() < config.max_batch.max(1) {
+        let next = if let Some(r) = held.take() {
+            Some(r)
+        } else if active.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(r) => Some(r),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return false,
+            }
+        } else {
+            rx.try_recv().ok()
+        };
+        let Some(req) = next else { break };
+        if req.events.is_closed() {
+            metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
+        // KV cache budget: a request whose prompt and max_tokens do not fit next to the
+        // running ones waits (held here, so the channel still bounds the queue).
+        let reserved: usize = active.iter().map(|a| a.req.kv_tokens()).sum();
+        if config
+            .kv_tokens
+            .is_some_and(|cap| reserved + req.kv_tokens() > cap)
+            && !active.is_empty()
+        {
+            *held = Some(req);
+            break;
+        }
+        active.push(Active {
+            cache: SeqCache::new(),
+            decoder: Decoder::new(&req.prompt, &req.params, tokenizer),
+            next: req.prompt.clone(),
+            prefill: true,
+            last_token_at: None,
+            req,
+        });
+    }
+    true
+}
+
+/// One forward over every active request, then one token (or the prompt scores) for each.
+/// Returns the indices of the requests that finished.
+fn step<B: GraftBackend>(
+    model: &Model<B>,
+    tokenizer: &TokenizerBundle,
+    active: &mut [Active<B>],
+    metrics: &Metrics,
+) -> Vec<usize> {
+    let scoring: Vec<bool> = active
+        .iter()
+        .map(|a| a.prefill && a.req.score_prompt)
+        .collect();
+    let which = if scoring.contains(&true) {
+        Logits::Mixed(scoring.clone())
+    } else {
+        Logits::Last
+    };
+    let logits = {
+        let mut seqs: Vec<SeqInput<'_, B>> = active
+            .iter_mut()
+            .map(|a| SeqInput {
+                tokens: &a.next,
+                cache: Some(&mut a.cache),
+                adapter: a.req.adapter.as_ref().map(|e| &e.adapter),
+            })
+            .collect();
+        model.forward(&mut seqs, which)
+    };
+    let vocab = model.config.vocab_size;
+    let rows: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
+    let now = Instant::now();
+    let mut finished = Vec::new();
+    let mut at = 0; // first logits row of the current request
+    for (i, a) in active.iter_mut().enumerate() {
+        let n_rows = if scoring[i] { a.next.len() } else { 1 };
+        let mine = &rows[at * vocab..(at + n_rows) * vocab];
+        at += n_rows;
+        a.prefill = false;
+        if scoring[i] {
+            let scores = score_rows(&a.req.prompt, mine, vocab, a.req.top_logprobs);
+            let _ = a.req.events.send(Event::PromptScores(scores));
+        }
+        let finish = if a.req.params.max_new_tokens == 0 {
+            Some((FinishReason::Length, 0))
+        } else {
+            let last = &mine[(n_rows - 1) * vocab..];
+            sample(a, last, tokenizer, now, metrics)
+        };
+        if let Some((reason, id)) = finish {
+            finish_request(a, reason, id, now, metrics);
+            finished.push(i);
+        }
+    }
+    finished
+}
+
+/// Samples the next token of `a` from its last logits row and reports it. Returns the finish
+/// reason and last token id when the request is done.
+fn sample<B: GraftBackend>(
+    a: &mut Active<B>,
+    last: &[f32],
+    tokenizer: &TokenizerBundle,
+    now: Instant,
+    metrics: &Metrics,
+) -> Option<(FinishReason, u32)> {
+    let mut row = last.to_vec();
+    let lse = log_sum_exp(&row);
+    let top = top_k(&row, a.req.top_logprobs, lse);
+    let step = a.decoder.step(&mut row, tokenizer).unwrap_or(
+        // Undecodable output ends the request rather than the server.
+        Step {
+            id: 0,
+            is_token: false,
+            text: String::new(),
+            finish: Some(FinishReason::Stop),
+        },
+    );
+    match a.last_token_at {
+        None => metrics
+            .ttft
+            .observe(now.duration_since(a.req.submitted).as_secs_f64()),
+        Some(t) => metrics.itl.observe(now.duration_since(t).as_secs_f64()),
+    }
+    a.last_token_at = Some(now);
+    if step.is_token {
+        let _ = a.req.events.send(Event::Token {
+            score: TokenScore {
+                id: step.id,
+                logprob: Some(last[step.id as usize] - lse),
+                top,
+            },
+            text: step.text,
+            final_piece: false,
+        });
+    }
+    let finish = step
+        .finish
+        .or((now >= a.req.deadline).then_some(FinishReason::Length));
+    match finish {
+        Some(reason) => Some((reason, step.id)),
+        None => {
+            a.next = vec![step.id];
+            None
+        }
+    }
+}
+
+/// Flushes held-back text, counts the request and sends `Done`.
+fn finish_request<B: GraftBackend>(
+    a: &mut Active<B>,
+    reason: FinishReason,
+    last_id: u32,
+    now: Instant,
+    metrics: &Metrics,
+) {
+    let tail = a.decoder.tail();
+    if !tail.is_empty() {
+        let _ = a.req.events.send(Event::Token {
+            score: TokenScore {
+                id: last_id,
+                logprob: None,
+                top: Vec::new(),
+            },
+            text: tail,
+            final_piece: true,
+        });
+    }
+    // Count before answering, so a client that reads /metrics next sees it.
+    metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+    metrics
+        .prompt_tokens
+        .fetch_add(a.req.prompt.len() as u64, Ordering::SeqCst);
+    metrics
+        .generated_tokens
+        .fetch_add(a.decoder.generated.len() as u64, Ordering::SeqCst);
+    tracing::info!(
+        event = "request_done",
+        request_id = %a.req.id,
+        model = %a.req.model,
+        prompt_tokens = a.req.prompt.len(),
+        completion_tokens = a.decoder.generated.len(),
+        finish_reason = reason.as_str(),
+        total_ms = now.duration_since(a.req.submitted).as_secs_f64() * 1e3,
+        "request done"
+    );
+    let _ = a.req.events.send(Event::Done {
+        finish_reason: reason,
+        prompt_tokens: a.req.prompt.len(),
+        completion_tokens: a.decoder.generated.len(),
     });
-    eprintln!("{line}");
+}
+
+/// For each prompt token: its log-probability given the tokens before it (`None` for the
+/// first) and the `top` most likely tokens at that position, from the prompt's logits rows.
+fn score_rows(prompt: &[u32], rows: &[f32], vocab: usize, top: usize) -> Vec<TokenScore> {
+    let mut out = Vec::with_capacity(prompt.len());
+    out.push(TokenScore {
+        id: prompt[0],
+        logprob: None,
+        top: Vec::new(),
+    });
+    for t in 1..prompt.len() {
+        let row = &rows[(t - 1) * vocab..t * vocab];
+        let lse = log_sum_exp(row);
+        out.push(TokenScore {
+            id: prompt[t],
+            logprob: Some(row[prompt[t] as usize] - lse),
+            top: top_k(row, top, lse),
+        });
+    }
+    out
 }

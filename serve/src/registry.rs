@@ -40,6 +40,36 @@ pub struct AdapterInfo {
     pub bytes: usize,
 }
 
+/// What the registry says about one adapter it knows.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    pub name: String,
+    pub version: u64,
+    pub source: PathBuf,
+    /// `peft` or `gguf`, while in memory.
+    pub format: Option<&'static str>,
+    /// Shape facts, once a version has loaded.
+    pub info: Option<AdapterInfo>,
+    /// Requests served under this name, every version.
+    pub requests: u64,
+    pub in_memory: bool,
+}
+
+impl<B: GraftBackend> AdapterEntry<B> {
+    /// This version as a catalog entry (requests of this version only).
+    pub fn entry(&self) -> CatalogEntry {
+        CatalogEntry {
+            name: self.name.clone(),
+            version: self.version,
+            source: self.source.clone(),
+            format: Some(self.format),
+            info: Some(self.info.clone()),
+            requests: self.requests.load(Ordering::Relaxed),
+            in_memory: true,
+        }
+    }
+}
+
 /// An adapter the server knows, loaded or not.
 #[derive(Clone)]
 struct Known {
@@ -149,30 +179,32 @@ impl<B: GraftBackend> Registry<B> {
             .collect()
     }
 
-    /// Every known adapter as `(name, version, source, info, requests, in memory)`.
-    pub fn catalog(&self) -> Vec<(String, u64, PathBuf, Option<AdapterInfo>, u64, bool)> {
+    /// Every known adapter, in memory or evicted to disk, by name.
+    pub fn catalog(&self) -> Vec<CatalogEntry> {
         let loaded = self.loaded.read().expect("registry lock");
         self.known
             .read()
             .expect("registry lock")
             .iter()
             .map(|(n, k)| match loaded.get(n) {
-                Some(e) => (
-                    n.clone(),
-                    e.version,
-                    e.source.clone(),
-                    Some(e.info.clone()),
-                    k.requests + e.requests.load(Ordering::Relaxed),
-                    true,
-                ),
-                None => (
-                    n.clone(),
-                    k.version,
-                    k.source.clone(),
-                    k.info.clone(),
-                    k.requests,
-                    false,
-                ),
+                Some(e) => CatalogEntry {
+                    name: n.clone(),
+                    version: e.version,
+                    source: e.source.clone(),
+                    format: Some(e.format),
+                    info: Some(e.info.clone()),
+                    requests: k.requests + e.requests.load(Ordering::Relaxed),
+                    in_memory: true,
+                },
+                None => CatalogEntry {
+                    name: n.clone(),
+                    version: k.version,
+                    source: k.source.clone(),
+                    format: None,
+                    info: k.info.clone(),
+                    requests: k.requests,
+                    in_memory: false,
+                },
             })
             .collect()
     }

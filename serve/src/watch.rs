@@ -5,12 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use graft_core::backend::GraftBackend;
+use graft_core::model::Model;
 
-use crate::api::AppState;
+use crate::registry::Registry;
 
 /// Size and modification time of the files that make up an adapter.
 type Signature = Vec<(u64, Option<SystemTime>)>;
@@ -58,18 +59,14 @@ pub fn scan(dir: &Path) -> BTreeMap<String, PathBuf> {
     out
 }
 
-fn log(event: &str, name: &str, detail: &str) {
-    let ts = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    eprintln!(
-        "{}",
-        serde_json::json!({"ts": ts, "level": "info", "event": event, "adapter": name, "detail": detail})
-    );
-}
-
-/// Polls `dir` every `interval` until the state is dropped elsewhere (runs for the process).
-pub fn run<B: GraftBackend>(state: Arc<AppState<B>>, dir: PathBuf, interval: Duration) {
+/// Polls `dir` every `interval`, applying changes to `registry`, until the registry is
+/// dropped (the server stopped).
+pub fn run<B: GraftBackend>(
+    registry: Weak<Registry<B>>,
+    model: Arc<Model<B>>,
+    dir: PathBuf,
+    interval: Duration,
+) {
     // What is loaded from the directory, and candidates waiting to be stable.
     let mut applied: BTreeMap<String, Signature> = BTreeMap::new();
     for (name, path) in scan(&dir) {
@@ -80,9 +77,9 @@ pub fn run<B: GraftBackend>(state: Arc<AppState<B>>, dir: PathBuf, interval: Dur
     let mut candidates: BTreeMap<String, Signature> = BTreeMap::new();
     loop {
         std::thread::sleep(interval);
-        if Arc::strong_count(&state) == 1 {
+        let Some(registry) = registry.upgrade() else {
             return; // the server is gone
-        }
+        };
         let now = scan(&dir);
         for (name, path) in &now {
             let Some(sig) = signature(path) else { continue };
@@ -95,13 +92,20 @@ pub fn run<B: GraftBackend>(state: Arc<AppState<B>>, dir: PathBuf, interval: Dur
                 continue;
             }
             candidates.remove(name);
-            match state.registry.load(name, path, &state.model) {
-                Ok(e) => log(
-                    "adapter_loaded",
-                    name,
-                    &format!("version {} from {}", e.version, path.display()),
+            match registry.load(name, path, &model) {
+                Ok(e) => tracing::info!(
+                    event = "adapter_loaded",
+                    adapter = %name,
+                    version = e.version,
+                    path = %path.display(),
+                    "adapter loaded from the adapters directory"
                 ),
-                Err(err) => log("adapter_load_failed", name, &err.to_string()),
+                Err(err) => tracing::warn!(
+                    event = "adapter_load_failed",
+                    adapter = %name,
+                    error = %err,
+                    "adapter in the adapters directory not loaded"
+                ),
             }
             applied.insert(name.clone(), sig);
         }
@@ -113,11 +117,11 @@ pub fn run<B: GraftBackend>(state: Arc<AppState<B>>, dir: PathBuf, interval: Dur
         for name in gone {
             applied.remove(&name);
             candidates.remove(&name);
-            if state.registry.unload(&name) {
-                log(
-                    "adapter_unloaded",
-                    &name,
-                    "removed from the adapters directory",
+            if registry.unload(&name) {
+                tracing::info!(
+                    event = "adapter_unloaded",
+                    adapter = %name,
+                    "adapter removed from the adapters directory"
                 );
             }
         }

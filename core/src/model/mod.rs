@@ -75,12 +75,16 @@ pub struct SeqInput<'a, B: GraftBackend> {
 }
 
 /// Which positions get logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Logits {
     /// Only the last new token of each sequence: `[n_seqs, vocab]`.
     Last,
     /// Every new token: `[total_tokens, vocab]`.
     All,
+    /// Every new token of the sequences flagged `true`, the last new token of the others, in
+    /// sequence order: `[Σ (flag ? new tokens : 1), vocab]`. Lets one batched forward score a
+    /// whole prompt for one request while the others only sample.
+    Mixed(Vec<bool>),
 }
 
 /// A decoder-only causal language model.
@@ -208,21 +212,34 @@ impl<B: GraftBackend> Model<B> {
         let hidden = self.final_hidden_on_pool(seqs);
         let hidden = match which {
             Logits::All => hidden,
-            Logits::Last => {
-                let mut last = Vec::with_capacity(seqs.len());
-                let mut end = 0;
-                for s in seqs.iter() {
-                    end += s.tokens.len();
-                    last.push(end as i32 - 1);
-                }
-                let idx = Tensor::<B, 1, Int>::from_data(
-                    TensorData::new(last, [seqs.len()]),
-                    &self.device,
-                );
-                hidden.select(0, idx)
-            }
+            Logits::Last => self.select_rows(hidden, seqs, &vec![false; seqs.len()]),
+            Logits::Mixed(all) => self.select_rows(hidden, seqs, &all),
         };
         self.logits(hidden)
+    }
+
+    /// The rows of `hidden` for every token of the sequences flagged in `all` and the last
+    /// token of the others.
+    fn select_rows(
+        &self,
+        hidden: Tensor<B, 2>,
+        seqs: &[SeqInput<'_, B>],
+        all: &[bool],
+    ) -> Tensor<B, 2> {
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for (i, s) in seqs.iter().enumerate() {
+            let end = start + s.tokens.len();
+            if all.get(i).copied().unwrap_or(false) {
+                rows.extend(start as i32..end as i32);
+            } else {
+                rows.push(end as i32 - 1);
+            }
+            start = end;
+        }
+        let n = rows.len();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), &self.device);
+        hidden.select(0, idx)
     }
 
     /// Logits of final hidden states: the LM head, then the family's soft-cap if it has one.

@@ -36,6 +36,18 @@ impl std::str::FromStr for QuantKind {
     }
 }
 
+impl std::fmt::Display for QuantKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QuantKind::Keep => "keep",
+            QuantKind::Nf4 => "nf4",
+            QuantKind::None => "none",
+        })
+    }
+}
+
+crate::serde_as_str!(QuantKind);
+
 /// A frozen 2-D weight `[rows, cols]` kept packed in memory.
 #[derive(Debug, Clone)]
 pub struct PackedWeight {

@@ -1,5 +1,7 @@
-//! graft-serve integration tests: the binary spawned as a user runs it.
+//! graft-serve integration tests: the binary spawned as a user runs it, and the HTTP app
+//! driven in-process.
 
+mod app;
 mod generate_cli;
 mod server;
 

@@ -13,7 +13,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
+
+use crate::wire::{
+    AdapterCard, ChatCompletionChunk, ChatCompletionRequest, ChatFields, ChatMessage, List,
+    LoadLoraAdapterRequest, ModelCard, Role, Sampling, UnloadLoraAdapterRequest,
+};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -128,17 +134,34 @@ struct One {
 
 /// A greedy streaming chat request for `model` (`lora:K` names llama-server's adapter K).
 fn body(args: &BenchArgs, model: &str, max_tokens: usize) -> Value {
-    let mut body = json!({"messages": [{"role": "user", "content": args.prompt}], "max_tokens": max_tokens,
-                          "temperature": 0, "stream": true});
-    match model
+    let request = ChatCompletionRequest {
+        sampling: Sampling {
+            model: model.into(),
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            stream: true,
+            ignore_eos: args.ignore_eos,
+            ..Sampling::default()
+        },
+        fields: ChatFields {
+            messages: vec![ChatMessage {
+                role: Role::User,
+                content: args.prompt.clone(),
+            }],
+            logprobs: false,
+            top_logprobs: None,
+        },
+    };
+    let mut body = serde_json::to_value(&request).unwrap_or_default();
+    if let Some(id) = model
         .strip_prefix("lora:")
         .and_then(|k| k.parse::<u64>().ok())
     {
-        Some(id) => body["lora"] = json!([{"id": id, "scale": 1.0}]),
-        None => body["model"] = json!(model),
-    }
-    if args.ignore_eos {
-        body["ignore_eos"] = json!(true);
+        // llama-server's per-request adapter selection; it has no adapter names.
+        if let Some(o) = body.as_object_mut() {
+            o.remove("model");
+        }
+        body["lora"] = json!([{"id": id, "scale": 1.0}]);
     }
     body
 }
@@ -183,14 +206,16 @@ fn request_n(args: &BenchArgs, model: &str, max_tokens: usize, t0: Instant) -> R
         if data == "[DONE]" {
             break;
         }
-        let v: Value = serde_json::from_str(data)?;
-        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
-            tokens = n as usize;
+        let chunk: ChatCompletionChunk =
+            serde_json::from_str(data).with_context(|| format!("stream chunk {data}"))?;
+        if let Some(u) = chunk.usage {
+            tokens = u.completion_tokens;
         }
-        if v["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|c| !c.is_empty())
-        {
+        let content = chunk
+            .choices
+            .first()
+            .and_then(|c| c.delta.content.as_deref());
+        if content.is_some_and(|c| !c.is_empty()) {
             counted += 1;
             let now = Instant::now();
             match ttft {
@@ -236,7 +261,7 @@ impl Zipf {
     }
 }
 
-fn get_json(args: &BenchArgs, path: &str) -> Result<Value> {
+fn get_json<T: DeserializeOwned>(args: &BenchArgs, path: &str) -> Result<T> {
     let req = authed(args, ureq::get(&format!("{}{path}", args.url)));
     Ok(serde_json::from_str(&req.call()?.into_string()?)?)
 }
@@ -249,13 +274,17 @@ fn cold_starts(args: &BenchArgs, path: &str, n: usize) -> Result<(Vec<f64>, Vec<
         let name = format!("cold-{}-{i}", std::process::id());
         let t0 = Instant::now();
         post(args, "/v1/load_lora_adapter")
-            .send_string(&json!({"lora_name": name, "lora_path": path}).to_string())
+            .send_string(&serde_json::to_string(&LoadLoraAdapterRequest {
+                lora_name: name.clone(),
+                lora_path: path.into(),
+            })?)
             .with_context(|| format!("loading {name}"))?;
         loads.push(t0.elapsed().as_secs_f64());
         cold.push(request_n(args, &name, 1, t0)?.ttft);
         warm.push(request_n(args, &name, 1, Instant::now())?.ttft);
-        let _ = post(args, "/v1/unload_lora_adapter")
-            .send_string(&json!({"lora_name": name}).to_string());
+        let _ = post(args, "/v1/unload_lora_adapter").send_string(&serde_json::to_string(
+            &UnloadLoraAdapterRequest { lora_name: name },
+        )?);
     }
     Ok((loads, cold, warm))
 }
@@ -280,29 +309,28 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             let name = format!("bench-{i}");
             let t0 = Instant::now();
             post(&args, "/v1/load_lora_adapter")
-                .send_string(&json!({"lora_name": name, "lora_path": path}).to_string())
+                .send_string(&serde_json::to_string(&LoadLoraAdapterRequest {
+                    lora_name: name.clone(),
+                    lora_path: path.clone(),
+                })?)
                 .with_context(|| format!("loading {name}"))?;
             load_times.push(t0.elapsed().as_secs_f64());
             args.models.push(name);
         }
     }
     if args.all_adapters {
-        let list = get_json(&args, "/v1/adapters")?;
-        args.models.extend(
-            list["data"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| a["name"].as_str().map(String::from)),
-        );
+        let list: List<AdapterCard> = get_json(&args, "/v1/adapters")?;
+        args.models.extend(list.data.into_iter().map(|a| a.name));
     }
     if args.models.is_empty() {
-        let models = get_json(&args, "/v1/models")?;
+        let models: List<ModelCard> = get_json(&args, "/v1/models")?;
         args.models.push(
-            models["data"][0]["id"]
-                .as_str()
+            models
+                .data
+                .into_iter()
+                .next()
                 .context("no model listed")?
-                .to_string(),
+                .id,
         );
     }
     if args.clients == 0 || args.requests == 0 {

@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use graft_core::backend::GraftBackend;
-use graft_core::device::DeviceSpec;
+use graft_core::device::{run_on, DeviceSpec, OnDevice};
 use graft_core::generation::generate::generate;
 use graft_core::generation::sampling::SamplingParams;
 use graft_core::load::{load, LoadOptions, ModelSource};
@@ -67,20 +67,17 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    args.device.check_available().map_err(|e| anyhow!(e))?;
-    match args.device {
-        DeviceSpec::Cpu => run_on::<graft_core::device::Cpu>(&args, &Default::default()),
-        #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => {
-            let device = graft_core::device::cuda_device(i);
-            run_on::<graft_core::device::Cuda>(&args, &device)
-        }
-        #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => unreachable!("check_available rejects cuda in builds without it"),
+    run_on(args.device, args).map_err(anyhow::Error::msg)?
+}
+
+impl OnDevice for GenerateArgs {
+    type Output = Result<()>;
+    fn run<B: GraftBackend>(self, device: B::Device) -> Result<()> {
+        generate_on::<B>(&self, &device)
     }
 }
 
-fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
+fn generate_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()> {
     let t0 = Instant::now();
     let source = ModelSource::parse(&args.model)?;
     let loaded = load::<B>(
@@ -95,7 +92,7 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
         .tokenizer
         .as_ref()
         .ok_or_else(|| anyhow!("model '{}' ships no tokenizer.json", args.model))?;
-    eprintln!(
+    tracing::info!(
         "loaded {} in {:.2}s: {} layers, base weights {:.1} MiB",
         loaded.name,
         t0.elapsed().as_secs_f64(),
@@ -105,7 +102,7 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
     let adapter = match &args.adapter {
         Some(dir) => {
             let (a, cfg) = graft_core::adapters::peft::load(dir, &loaded.model)?;
-            eprintln!(
+            tracing::info!(
                 "adapter {}: r={} on {} modules",
                 dir.display(),
                 cfg.r,
@@ -165,7 +162,7 @@ fn run_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Result<()
     let _ = writeln!(stdout);
     let decoded = out.tokens.len();
     let decode_rate = decoded.saturating_sub(1) as f64 / out.decode_secs.max(1e-9);
-    eprintln!(
+    tracing::info!(
         "prompt: {} tokens in {:.2}s ({:.1} tokens/s); decode: {} tokens in {:.2}s ({:.1} tokens/s, {:.1} GB/s of base weights); finish: {}; peak RSS {}",
         out.prompt_tokens,
         out.prefill_secs,

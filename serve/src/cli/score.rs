@@ -89,6 +89,6 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     ];
     safetensors::serialize_to_file(views, None, &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("wrote logits of {n} positions to {}", args.out.display());
+    tracing::info!("wrote logits of {n} positions to {}", args.out.display());
     Ok(())
 }

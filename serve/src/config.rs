@@ -1,0 +1,273 @@
+//! The server's settings: one type read from the command line (clap) and from a `--config`
+//! TOML file (serde), so a new setting is one field here. The file uses the flags' names
+//! (`max_batch = 8`) with `adapters` as a `name = "path"` table; flags given on the command
+//! line (or through their environment variables) win over the file, lists from both are
+//! joined, and relative paths in the file are relative to the file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{anyhow, Context, Result};
+use clap::{parser::ValueSource, ArgMatches, Args, FromArgMatches, Parser};
+use graft_core::device::DeviceSpec;
+use graft_core::quant::QuantKind;
+use serde::{Deserialize, Serialize};
+
+#[derive(Args, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeArgs {
+    /// Read settings from this TOML file (same names as the flags, with `adapters` as a
+    /// `name = "path"` table); flags given on the command line win.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Base model: an HF directory, a .gguf file, or a hub id (owner/name[@revision]).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Name the base model answers to in requests (default: the model's file or repo name).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Chat template for chat completions instead of the model's own: a name (chatml, alpaca)
+    /// or a Jinja file. Base models that ship none answer chat requests with 400 without it.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// An adapter to load at start: name=path (PEFT directory or GGUF-LoRA file); repeatable.
+    #[arg(long = "adapter", value_name = "NAME=PATH")]
+    #[serde(deserialize_with = "adapters_table_or_list")]
+    pub adapters: Vec<AdapterSpec>,
+    /// Load every adapter in this directory at start (subdirectories with adapter_config.json
+    /// and .gguf files, named after them); runtime loads are restricted to it when given.
+    #[arg(long)]
+    pub adapters_dir: Option<PathBuf>,
+    /// Poll the adapters directory this often for new, changed and removed adapters
+    /// (milliseconds; 0 disables watching).
+    #[arg(long, default_value_t = 1000)]
+    pub watch_interval_ms: u64,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require `Authorization: Bearer <key>` on inference endpoints.
+    #[arg(long, env = "GRAFT_API_KEY")]
+    pub api_key: Option<String>,
+    /// Require `Authorization: Bearer <key>` on adapter management endpoints.
+    #[arg(long, env = "GRAFT_ADMIN_KEY")]
+    pub admin_key: Option<String>,
+    /// Memory for adapters in MiB; beyond it the least recently used unpinned adapters are
+    /// evicted (and read again from disk when requested). Default: unlimited.
+    #[arg(long)]
+    pub adapter_memory_mb: Option<f64>,
+    /// An adapter never evicted (repeatable).
+    #[arg(long)]
+    pub pin: Vec<String>,
+    /// Requests decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Requests waiting beyond the running batch before new ones get 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// KV cache budget in tokens over all running requests (each reserves its prompt plus
+    /// max_tokens); requests that do not fit wait. Default: unlimited.
+    #[arg(long)]
+    pub kv_cache_tokens: Option<usize>,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_limit: usize,
+    /// Seconds a request may run.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Base weight storage: keep, nf4 or none.
+    #[arg(long, default_value = "keep")]
+    pub quantize: QuantKind,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+impl Default for ServeArgs {
+    /// The flags' defaults (one source of truth for both the command line and the file).
+    fn default() -> Self {
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        Defaults::try_parse_from(["graft-serve"])
+            .map(|d| d.args)
+            .expect("every serve flag is optional or has a default")
+    }
+}
+
+/// `--adapter name=path`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl FromStr for AdapterSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok(AdapterSpec {
+                name: name.into(),
+                path: path.into(),
+            }),
+            _ => Err(format!("'{s}' is not name=path")),
+        }
+    }
+}
+
+impl std::fmt::Display for AdapterSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.name, self.path.display())
+    }
+}
+
+graft_core::serde_as_str!(AdapterSpec);
+
+/// `adapters = { name = "path" }` in a file, or a list of `name=path` strings.
+fn adapters_table_or_list<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<AdapterSpec>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(
+        untagged,
+        expecting = "a table of name = \"path\" or a list of \"name=path\""
+    )]
+    enum Form {
+        Table(BTreeMap<String, PathBuf>),
+        List(Vec<AdapterSpec>),
+    }
+    Ok(match Form::deserialize(d)? {
+        Form::Table(t) => t
+            .into_iter()
+            .map(|(name, path)| AdapterSpec { name, path })
+            .collect(),
+        Form::List(l) => l,
+    })
+}
+
+impl ServeArgs {
+    /// The settings from parsed flags and, when `--config` names one, its file.
+    ///
+    /// # Errors
+    /// An unreadable file, TOML errors (with the file, line and column), unknown keys, bad
+    /// values.
+    pub fn from_matches(matches: &ArgMatches) -> Result<ServeArgs> {
+        let cli = ServeArgs::from_arg_matches(matches)?;
+        let Some(path) = cli.config.clone() else {
+            return Ok(cli);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut file: ServeArgs = toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        file.resolve_paths(path.parent().unwrap_or(Path::new("")));
+        let (Ok(serde_json::Value::Object(mut merged)), Ok(serde_json::Value::Object(given))) =
+            (serde_json::to_value(&file), serde_json::to_value(&cli))
+        else {
+            unreachable!("settings serialize to a JSON object");
+        };
+        for (key, value) in given {
+            let from_cli = matches!(
+                matches.value_source(&key),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            match (merged.get_mut(&key), value) {
+                (Some(serde_json::Value::Array(a)), serde_json::Value::Array(b)) => a.extend(b),
+                (_, value) if from_cli => {
+                    merged.insert(key, value);
+                }
+                _ => {}
+            }
+        }
+        let mut args: ServeArgs = serde_json::from_value(serde_json::Value::Object(merged))
+            .context("merging the command line with the config file")?;
+        args.config = Some(path);
+        Ok(args)
+    }
+
+    /// Paths written in a file are relative to it; `~/` is the home directory. A model that is
+    /// not a local path stays as written (a hub id).
+    fn resolve_paths(&mut self, base: &Path) {
+        let rel = |p: &Path| {
+            if p.is_relative() {
+                base.join(p)
+            } else {
+                p.to_path_buf()
+            }
+        };
+        if let Some(m) = self.model.take() {
+            let m = match (m.strip_prefix("~/"), std::env::var_os("HOME")) {
+                (Some(rest), Some(home)) => Path::new(&home).join(rest).display().to_string(),
+                _ => m,
+            };
+            let local = rel(Path::new(&m));
+            self.model = Some(if local.exists() {
+                local.display().to_string()
+            } else {
+                m
+            });
+        }
+        self.adapters_dir = self.adapters_dir.as_deref().map(rel);
+        for a in &mut self.adapters {
+            a.path = rel(&a.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn settings(file: &str, argv: &[&str]) -> Result<ServeArgs> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("serve.toml");
+        std::fs::write(&path, file).expect("write");
+        let mut all = vec!["graft-serve".to_string(), "--config".into()];
+        all.push(path.display().to_string());
+        all.extend(argv.iter().map(|s| s.to_string()));
+        let matches = Cli::command().try_get_matches_from(all)?;
+        ServeArgs::from_matches(&matches).map(|mut a| {
+            a.config = None;
+            a
+        })
+    }
+
+    #[test]
+    fn the_command_line_wins_over_the_file_and_lists_join() {
+        let a = settings(
+            "port = 9000\nmax_batch = 3\npin = [\"a\"]\nadapters = { a = \"ad/a\" }\nquantize = \"nf4\"\n",
+            &["--port", "9100", "--pin", "b", "--adapter", "b=/x/b"],
+        )
+        .expect("settings");
+        assert_eq!(a.port, 9100);
+        assert_eq!(a.max_batch, 3);
+        assert_eq!(a.pin, ["a", "b"]);
+        assert_eq!(a.quantize, QuantKind::Nf4);
+        assert_eq!(a.adapters.len(), 2);
+        assert!(a.adapters[0].path.ends_with("ad/a") && a.adapters[0].path.is_absolute());
+        assert_eq!(a.adapters[1].path, PathBuf::from("/x/b"));
+        // Untouched settings keep the flags' defaults.
+        assert_eq!(a.max_queue, ServeArgs::default().max_queue);
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_line() {
+        let e = settings("port = 9000\ndevice = \"tpu\"\n", &[]).expect_err("refused");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("serve.toml") && e.contains("line 2") && e.contains("tpu"),
+            "{e}"
+        );
+    }
+}

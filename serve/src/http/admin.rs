@@ -1,0 +1,134 @@
+//! Model and adapter listing, vLLM's runtime adapter loading and unloading, and Prometheus
+//! metrics.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use graft_core::backend::GraftBackend;
+
+use super::{check_key, ApiError, AppState};
+use crate::registry::CatalogEntry;
+use crate::wire::{
+    self, AdapterCard, List, LoadLoraAdapterRequest, ModelCard, UnloadLoraAdapterRequest,
+    UnloadResponse,
+};
+
+impl From<CatalogEntry> for AdapterCard {
+    fn from(e: CatalogEntry) -> Self {
+        AdapterCard {
+            name: e.name,
+            version: e.version,
+            source: e.source,
+            format: e.format.map(str::to_string),
+            rank: e.info.as_ref().map(|i| i.rank),
+            target_modules: e.info.as_ref().map(|i| i.target_modules.clone()),
+            modules: e.info.as_ref().map(|i| i.modules),
+            bytes: e.info.as_ref().map(|i| i.bytes),
+            location: if e.in_memory { "memory" } else { "disk" }.into(),
+            requests: e.requests,
+        }
+    }
+}
+
+fn catalog<B: GraftBackend>(s: &AppState<B>) -> Vec<AdapterCard> {
+    s.registry
+        .catalog()
+        .into_iter()
+        .map(AdapterCard::from)
+        .collect()
+}
+
+pub async fn metrics<B: GraftBackend>(State(s): State<Arc<AppState<B>>>) -> Response {
+    let r = &s.registry;
+    let body = s.metrics.render(
+        r.list().len(),
+        r.loaded_bytes(),
+        r.evictions.load(Ordering::Relaxed),
+        r.reloads.load(Ordering::Relaxed),
+    );
+    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
+}
+
+pub async fn models<B: GraftBackend>(
+    State(s): State<Arc<AppState<B>>>,
+    headers: HeaderMap,
+) -> Result<Json<List<ModelCard>>, ApiError> {
+    check_key(&headers, s.api_key.as_deref())?;
+    let card = |id: String, root: String, parent: Option<String>, adapter| ModelCard {
+        id,
+        object: "model".into(),
+        created: s.started,
+        owned_by: "graft".into(),
+        root,
+        parent,
+        adapter,
+    };
+    let mut data = vec![card(s.base_name.clone(), s.base_name.clone(), None, None)];
+    for a in catalog(&s) {
+        data.push(card(
+            a.name.clone(),
+            a.source.display().to_string(),
+            Some(s.base_name.clone()),
+            Some(a),
+        ));
+    }
+    Ok(Json(List::new(data)))
+}
+
+pub async fn adapters<B: GraftBackend>(
+    State(s): State<Arc<AppState<B>>>,
+    headers: HeaderMap,
+) -> Result<Json<List<AdapterCard>>, ApiError> {
+    check_key(&headers, s.admin_key.as_deref().or(s.api_key.as_deref()))?;
+    Ok(Json(List::new(catalog(&s))))
+}
+
+pub async fn load_adapter<B: GraftBackend>(
+    State(s): State<Arc<AppState<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<AdapterCard>, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    check_key(&headers, s.admin_key.as_deref())?;
+    let b: LoadLoraAdapterRequest = wire::parse(&body)?;
+    let state = s.clone();
+    // Reading and validating the files must not stall the async runtime.
+    let entry = tokio::task::spawn_blocking(move || {
+        state.registry.load(
+            &b.lora_name,
+            std::path::Path::new(&b.lora_path),
+            &state.model,
+        )
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("adapter load task: {e}")))??;
+    Ok(Json(entry.entry().into()))
+}
+
+pub async fn unload_adapter<B: GraftBackend>(
+    State(s): State<Arc<AppState<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<UnloadResponse>, ApiError> {
+    check_key(&headers, s.admin_key.as_deref())?;
+    let b: UnloadLoraAdapterRequest = wire::parse(&body)?;
+    if s.registry.unload(&b.lora_name) {
+        s.metrics.adapter_unloads.fetch_add(1, Ordering::Relaxed);
+        Ok(Json(UnloadResponse {
+            name: b.lora_name,
+            unloaded: true,
+        }))
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no adapter named '{}'",
+            b.lora_name
+        )))
+    }
+}

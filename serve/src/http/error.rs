@@ -1,0 +1,147 @@
+//! API failures: one variant per kind, each mapped (exhaustively) to an HTTP status, OpenAI's
+//! error `type` and a stable `code`. 5xx bodies say nothing about internals; the cause goes to
+//! the log.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use graft_core::adapters::peft::AdapterError;
+
+use crate::registry::RegistryError;
+use crate::wire::{ErrorObject, ErrorResponse, WireError};
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// A request the server cannot honour as sent; `param` names the field at fault.
+    BadRequest {
+        message: String,
+        param: Option<String>,
+    },
+    /// An adapter's files are not a usable adapter for this model.
+    InvalidAdapter(String),
+    Unauthorized,
+    NotFound(String),
+    TooManyRequests,
+    Unavailable,
+    /// Logged with its cause; the client sees only that it happened.
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad(message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// A bad value in the request field `param`.
+    pub fn bad_field(param: &str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: Some(param.into()),
+        }
+    }
+}
+
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
+        ApiError::BadRequest {
+            message: e.message,
+            param: e.param,
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match &e {
+            RegistryError::BadName(_) | RegistryError::BaseName(_) => {
+                ApiError::bad_field("lora_name", e.to_string())
+            }
+            RegistryError::OutsideRoots(_) => ApiError::bad_field("lora_path", e.to_string()),
+            RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            RegistryError::Adapter(a) => match a {
+                // The server could not read files it found: its problem, not the client's.
+                AdapterError::Io { .. } => ApiError::Internal(e.to_string()),
+                AdapterError::Config { .. }
+                | AdapterError::Unsupported { .. }
+                | AdapterError::Corrupt { .. }
+                | AdapterError::Tensor { .. } => ApiError::InvalidAdapter(e.to_string()),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, code, message, param) = match self {
+            ApiError::BadRequest { message, param } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "bad_request",
+                message,
+                param,
+            ),
+            ApiError::InvalidAdapter(m) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_adapter",
+                m,
+                Some("lora_path".into()),
+            ),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "invalid_api_key",
+                "missing or wrong API key".into(),
+                None,
+            ),
+            ApiError::NotFound(m) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                m,
+                None,
+            ),
+            ApiError::TooManyRequests => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+                "the server is at capacity; retry shortly".into(),
+                None,
+            ),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "unavailable",
+                "the server is shutting down".into(),
+                None,
+            ),
+            ApiError::Internal(cause) => {
+                tracing::error!(event = "internal_error", cause = %cause, "internal error");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "internal_error",
+                    "internal error".into(),
+                    None,
+                )
+            }
+        };
+        let body = ErrorResponse {
+            error: ErrorObject {
+                message,
+                kind: kind.into(),
+                param,
+                code: code.into(),
+            },
+        };
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,211 @@
+//! `/v1/completions` and `/v1/chat/completions`: read the request, resolve the model name to
+//! the base or an adapter (reloading an evicted one), check the limits, tokenize, and hand
+//! the request to [`super::respond`].
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use graft_core::backend::GraftBackend;
+use graft_core::generation::sampling::SamplingParams;
+use graft_core::text::chat::Message;
+
+use super::respond::{respond, Answer, Prepared};
+use super::{check_key, ApiError, AppState};
+use crate::registry::Lookup;
+use crate::wire::{ChatCompletionRequest, CompletionRequest, Sampling};
+
+/// Most alternatives a request may ask for per token (OpenAI's limit).
+const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The adapter `model` names (None for the base).
+async fn resolve<B: GraftBackend>(
+    s: &Arc<AppState<B>>,
+    model: &str,
+) -> Result<Option<Arc<crate::registry::AdapterEntry<B>>>, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    if model == s.base_name {
+        return Ok(None);
+    }
+    match s.registry.lookup(model) {
+        Lookup::Loaded(e) => Ok(Some(e)),
+        Lookup::Unknown => Err(ApiError::NotFound(format!(
+            "the model '{model}' does not exist"
+        ))),
+        Lookup::OnDisk => {
+            // Evicted: read it again, off the async runtime, so other requests go on.
+            let (state, name) = (s.clone(), model.to_string());
+            let t0 = Instant::now();
+            let e = tokio::task::spawn_blocking(move || state.registry.reload(&name, &state.model))
+                .await
+                .map_err(|e| ApiError::Internal(format!("adapter reload task: {e}")))??;
+            s.metrics
+                .adapter_load_secs
+                .observe(t0.elapsed().as_secs_f64());
+            Ok(Some(e))
+        }
+    }
+}
+
+/// Checks the sampling fields and resolves the model: a request ready but for its tokens.
+async fn prepare<B: GraftBackend>(
+    s: &Arc<AppState<B>>,
+    sp: Sampling,
+    default_max: usize,
+) -> Result<Prepared<B>, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    let adapter = resolve(s, &sp.model).await?;
+    if sp.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::bad_field("n", "only n = 1 is supported"));
+    }
+    let max_tokens = sp
+        .max_completion_tokens
+        .or(sp.max_tokens)
+        .unwrap_or(default_max);
+    if max_tokens == 0 || max_tokens > s.max_tokens_limit {
+        return Err(ApiError::bad_field(
+            "max_tokens",
+            format!(
+                "max_tokens = {max_tokens} must be between 1 and {}",
+                s.max_tokens_limit
+            ),
+        ));
+    }
+    let params = SamplingParams {
+        temperature: sp.temperature.unwrap_or(1.0),
+        top_p: sp.top_p.unwrap_or(1.0),
+        top_k: sp.top_k.unwrap_or(0),
+        min_p: sp.min_p.unwrap_or(0.0),
+        repetition_penalty: sp.repetition_penalty.unwrap_or(1.0),
+        seed: sp.seed,
+        max_new_tokens: max_tokens,
+        stop_strings: sp.stop.into_vec(),
+        ignore_eos: sp.ignore_eos,
+        ..SamplingParams::default()
+    };
+    params.validate().map_err(ApiError::bad)?;
+    Ok(Prepared {
+        model_name: sp.model,
+        adapter,
+        params,
+        stream: sp.stream,
+        top_logprobs: 0,
+    })
+}
+
+pub async fn completions<B: GraftBackend>(
+    State(s): State<Arc<AppState<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    check_key(&headers, s.api_key.as_deref())?;
+    let CompletionRequest {
+        mut sampling,
+        fields: b,
+    } = CompletionRequest::parse(&body)?;
+    let prompt = b.prompt.single().ok_or_else(|| {
+        ApiError::bad_field(
+            "prompt",
+            "prompt must be a string (or a list of one string)",
+        )
+    })?;
+    let top = b.logprobs.unwrap_or(0);
+    if top > MAX_TOP_LOGPROBS {
+        return Err(ApiError::bad_field(
+            "logprobs",
+            format!("logprobs = {top} must be at most {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    if b.echo && sampling.stream {
+        return Err(ApiError::bad_field(
+            "echo",
+            "echo is not supported with stream",
+        ));
+    }
+    // `echo` with `max_tokens = 0` scores the prompt and generates nothing; the request is
+    // checked like any other first.
+    let scoring_only = b.echo && sampling.max_tokens == Some(0);
+    if scoring_only {
+        sampling.max_tokens = Some(1);
+    }
+    let mut p = prepare(&s, sampling, 16).await?;
+    if scoring_only {
+        p.params.max_new_tokens = 0;
+    }
+    p.top_logprobs = top;
+    let ids = s
+        .tokenizer
+        .encode(&prompt, true)
+        .map_err(|e| ApiError::bad_field("prompt", format!("cannot tokenize the prompt: {e}")))?;
+    let answer = Answer::Completion {
+        logprobs: b.logprobs.is_some(),
+        echo: b.echo.then_some(prompt),
+    };
+    respond(s, p, ids, answer).await
+}
+
+pub async fn chat<B: GraftBackend>(
+    State(s): State<Arc<AppState<B>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError>
+where
+    B::Device: Send + Sync,
+{
+    check_key(&headers, s.api_key.as_deref())?;
+    let ChatCompletionRequest {
+        sampling,
+        fields: b,
+    } = ChatCompletionRequest::parse(&body)?;
+    if b.messages.is_empty() {
+        return Err(ApiError::bad_field(
+            "messages",
+            "messages must not be empty",
+        ));
+    }
+    let top = b.top_logprobs.unwrap_or(0);
+    if top > MAX_TOP_LOGPROBS || (top > 0 && !b.logprobs) {
+        return Err(ApiError::bad_field(
+            "top_logprobs",
+            format!("top_logprobs must be at most {MAX_TOP_LOGPROBS} and needs logprobs = true"),
+        ));
+    }
+    let mut p = prepare(&s, sampling, s.max_tokens_limit.min(1024)).await?;
+    p.top_logprobs = top;
+    let template = s.template.as_ref().ok_or_else(|| {
+        ApiError::bad(
+            "the model has no chat template: use /v1/completions, or start graft-serve with \
+             --chat-template",
+        )
+    })?;
+    let messages: Vec<Message> = b
+        .messages
+        .into_iter()
+        .map(|m| Message::new(m.role.as_str(), m.content))
+        .collect();
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::bad_field("messages", e.to_string()))?;
+    let ids = s.tokenizer.encode(&text, false).map_err(|e| {
+        ApiError::bad_field("messages", format!("cannot tokenize the messages: {e}"))
+    })?;
+    respond(
+        s,
+        p,
+        ids,
+        Answer::Chat {
+            logprobs: b.logprobs,
+        },
+    )
+    .await
+}
