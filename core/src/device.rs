@@ -53,11 +53,9 @@ pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 impl DeviceSpec {
     /// # Errors
     /// When CUDA is asked for in a build without the `cuda` feature.
-    pub fn check_available(self) -> Result<(), String> {
+    pub fn check_available(self) -> Result<(), DeviceError> {
         match self {
-            DeviceSpec::Cuda(_) if !CUDA_BUILT => Err(format!(
-                "device '{self}' needs a build with CUDA support: rebuild with `cargo build --release --features cuda`"
-            )),
+            DeviceSpec::Cuda(_) if !CUDA_BUILT => Err(DeviceError::NotBuilt(self)),
             _ => Ok(()),
         }
     }
@@ -73,11 +71,20 @@ pub trait OnDevice {
         B::Device: Send + Sync;
 }
 
+/// A device this build cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error(
+        "device '{0}' needs a build with CUDA support: rebuild with `cargo build --release --features cuda`"
+    )]
+    NotBuilt(DeviceSpec),
+}
+
 /// Runs `job` on the backend for `spec`.
 ///
 /// # Errors
 /// CUDA asked for in a build without the `cuda` feature.
-pub fn run_on<J: OnDevice>(spec: DeviceSpec, job: J) -> Result<J::Output, String> {
+pub fn run_on<J: OnDevice>(spec: DeviceSpec, job: J) -> Result<J::Output, DeviceError> {
     spec.check_available()?;
     match spec {
         DeviceSpec::Cpu => Ok(job.run::<Cpu>(Default::default())),

@@ -33,6 +33,52 @@ pub enum Format {
     },
 }
 
+/// A format's name, as written in configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatKind {
+    Chat,
+    Alpaca,
+    Completion,
+    Text,
+}
+
+impl FormatKind {
+    /// The format with its default field names.
+    pub fn format(self) -> Format {
+        match self {
+            FormatKind::Chat => Format::Chat {
+                messages: "messages".into(),
+            },
+            FormatKind::Alpaca => Format::Alpaca {
+                instruction: "instruction".into(),
+                input: "input".into(),
+                output: "output".into(),
+            },
+            FormatKind::Completion => Format::Completion {
+                prompt: "prompt".into(),
+                completion: "completion".into(),
+            },
+            FormatKind::Text => Format::Text {
+                text: "text".into(),
+            },
+        }
+    }
+}
+
+/// A row that cannot be used: its file and line, the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RowError(pub String);
+
+/// A field mapping for a field the format does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {format} format has the fields {fields:?}")]
+pub struct UnknownField {
+    pub format: &'static str,
+    pub fields: Vec<String>,
+}
+
 /// What one row means.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Example {
@@ -46,24 +92,37 @@ impl Format {
     /// The format named `name` with default field names (`messages`; `instruction`, `input`,
     /// `output`; `prompt`, `completion`; `text`).
     pub fn named(name: &str) -> Option<Format> {
-        Some(match name {
-            "chat" => Format::Chat {
-                messages: "messages".into(),
-            },
-            "alpaca" => Format::Alpaca {
-                instruction: "instruction".into(),
-                input: "input".into(),
-                output: "output".into(),
-            },
-            "completion" => Format::Completion {
-                prompt: "prompt".into(),
-                completion: "completion".into(),
-            },
-            "text" => Format::Text {
-                text: "text".into(),
-            },
-            _ => return None,
-        })
+        use serde::de::IntoDeserializer;
+        let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+            name.into_deserializer();
+        serde::Deserialize::deserialize(de)
+            .ok()
+            .map(FormatKind::format)
+    }
+
+    /// Reads the field this format calls `field` (by its default name, e.g. `messages`) from
+    /// the column `column`.
+    ///
+    /// # Errors
+    /// A field this format does not have, naming the ones it has.
+    pub fn map_field(&mut self, field: &str, column: &str) -> Result<(), UnknownField> {
+        let slot = match (&mut *self, field) {
+            (Format::Chat { messages }, "messages") => messages,
+            (Format::Alpaca { instruction, .. }, "instruction") => instruction,
+            (Format::Alpaca { input, .. }, "input") => input,
+            (Format::Alpaca { output, .. }, "output") => output,
+            (Format::Completion { prompt, .. }, "prompt") => prompt,
+            (Format::Completion { completion, .. }, "completion") => completion,
+            (Format::Text { text }, "text") => text,
+            (f, _) => {
+                return Err(UnknownField {
+                    format: f.name(),
+                    fields: f.fields().iter().map(|s| s.to_string()).collect(),
+                })
+            }
+        };
+        *slot = column.to_string();
+        Ok(())
     }
 
     pub fn name(&self) -> &'static str {
@@ -105,7 +164,7 @@ impl Format {
     ///
     /// # Errors
     /// The row's keys, when no format or several fit.
-    pub fn detect(row: &Row) -> Result<Format, String> {
+    pub fn detect(row: &Row) -> Result<Format, RowError> {
         let has = |k: &str| row.fields.contains_key(k);
         let mut fits = Vec::new();
         if has("messages") {
@@ -124,7 +183,7 @@ impl Format {
             [one] => Ok(Format::named(one).expect("a known format name")),
             _ => {
                 let keys: Vec<&String> = row.fields.keys().collect();
-                Err(format!(
+                Err(RowError(format!(
                     "{}: cannot tell the data format from the keys {keys:?} ({}); set data.format",
                     row.location(),
                     if fits.is_empty() {
@@ -132,7 +191,7 @@ impl Format {
                     } else {
                         format!("{fits:?} all fit")
                     }
-                ))
+                )))
             }
         }
     }
@@ -141,17 +200,17 @@ impl Format {
     ///
     /// # Errors
     /// A message naming the row's file and line, the field and what is wrong with it.
-    pub fn example(&self, row: &Row) -> Result<Example, String> {
+    pub fn example(&self, row: &Row) -> Result<Example, RowError> {
         let at = row.location();
-        let text = |field: &str, required: bool| -> Result<Option<String>, String> {
+        let text = |field: &str, required: bool| -> Result<Option<String>, RowError> {
             match row.fields.get(field) {
                 Some(Value::String(s)) => Ok(Some(s.clone())),
                 None | Some(Value::Null) if !required => Ok(None),
-                None => Err(format!("{at}: missing field '{field}'")),
-                Some(v) => Err(format!(
+                None => Err(RowError(format!("{at}: missing field '{field}'"))),
+                Some(v) => Err(RowError(format!(
                     "{at}: field '{field}' must be a string, found {}",
                     kind(v)
-                )),
+                ))),
             }
         };
         match self {
@@ -165,39 +224,41 @@ impl Format {
                             parsed = a;
                             &parsed
                         }
-                        _ => return Err(format!("{at}: field '{messages}' must be a list of messages (a JSON array in text cells)")),
+                        _ => return Err(RowError(format!("{at}: field '{messages}' must be a list of messages (a JSON array in text cells)"))),
                     },
-                    None => return Err(format!("{at}: missing field '{messages}'")),
+                    None => return Err(RowError(format!("{at}: missing field '{messages}'"))),
                     Some(v) => {
-                        return Err(format!(
+                        return Err(RowError(format!(
                             "{at}: field '{messages}' must be an array, found {}",
                             kind(v)
-                        ))
+                        )))
                     }
                 };
                 let mut out = Vec::with_capacity(list.len());
                 for (i, m) in list.iter().enumerate() {
                     let get = |k: &str| match m.get(k) {
                         Some(Value::String(s)) => Ok(s.clone()),
-                        Some(v) => Err(format!(
+                        Some(v) => Err(RowError(format!(
                             "{at}: {messages}[{i}].{k} must be a string, found {}",
                             kind(v)
-                        )),
-                        None => Err(format!("{at}: {messages}[{i}] has no '{k}'")),
+                        ))),
+                        None => Err(RowError(format!("{at}: {messages}[{i}] has no '{k}'"))),
                     };
                     let (role, content) = (get("role")?, get("content")?);
                     if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
-                        return Err(format!("{at}: {messages}[{i}].role '{role}' is not system, user, assistant or tool"));
+                        return Err(RowError(format!("{at}: {messages}[{i}].role '{role}' is not system, user, assistant or tool")));
                     }
                     if role == "assistant" && content.trim().is_empty() {
-                        return Err(format!("{at}: {messages}[{i}] is an empty assistant turn"));
+                        return Err(RowError(format!(
+                            "{at}: {messages}[{i}] is an empty assistant turn"
+                        )));
                     }
                     out.push(Message::new(role, content));
                 }
                 if !out.iter().any(|m| m.role == "assistant") {
-                    return Err(format!(
+                    return Err(RowError(format!(
                         "{at}: '{messages}' has no assistant turn to learn from"
-                    ));
+                    )));
                 }
                 Ok(Example::Conversation(out))
             }
@@ -209,7 +270,7 @@ impl Format {
                 let ins = text(instruction, true)?.unwrap_or_default();
                 let out = text(output, true)?.unwrap_or_default();
                 if out.trim().is_empty() {
-                    return Err(format!("{at}: field '{output}' is empty"));
+                    return Err(RowError(format!("{at}: field '{output}' is empty")));
                 }
                 let user = match text(input, false)? {
                     Some(inp) if !inp.trim().is_empty() => format!("{ins}\n\n{inp}"),
@@ -224,14 +285,14 @@ impl Format {
                 let p = text(prompt, true)?.unwrap_or_default();
                 let c = text(completion, true)?.unwrap_or_default();
                 if c.is_empty() {
-                    return Err(format!("{at}: field '{completion}' is empty"));
+                    return Err(RowError(format!("{at}: field '{completion}' is empty")));
                 }
                 Ok(Example::Segments(vec![(p, false), (c, true)]))
             }
             Format::Text { text: field } => {
                 let t = text(field, true)?.unwrap_or_default();
                 if t.trim().is_empty() {
-                    return Err(format!("{at}: field '{field}' is empty"));
+                    return Err(RowError(format!("{at}: field '{field}' is empty")));
                 }
                 Ok(Example::Segments(vec![(t, true)]))
             }
@@ -267,7 +328,7 @@ mod tests {
             ])
         );
         let ambiguous = row(r#"{"text": "a", "prompt": "b", "completion": "c"}"#);
-        let e = Format::detect(&ambiguous).unwrap_err();
+        let e = Format::detect(&ambiguous).unwrap_err().0;
         assert!(e.contains("d.jsonl:7") && e.contains("all fit"), "{e}");
     }
 
@@ -276,19 +337,21 @@ mod tests {
         let f = Format::named("chat").expect("known");
         let e = f
             .example(&row(r#"{"messages": [{"role": "user", "content": 3}]}"#))
-            .unwrap_err();
+            .unwrap_err()
+            .0;
         assert!(
             e.contains("d.jsonl:7") && e.contains("messages[0].content") && e.contains("a number"),
             "{e}"
         );
         let e = f
             .example(&row(r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}"#))
-            .unwrap_err();
+            .unwrap_err().0;
         assert!(e.contains("empty assistant turn"), "{e}");
         let e = Format::named("completion")
             .expect("known")
             .example(&row(r#"{"prompt": "x"}"#))
-            .unwrap_err();
+            .unwrap_err()
+            .0;
         assert!(e.contains("missing field 'completion'"), "{e}");
     }
 }

@@ -73,7 +73,7 @@ pub fn prepare(spec: &DataSpec, tok: &Tokenizer<'_>) -> Result<Prepared, DataErr
                 let fmt = match &format {
                     Some(f) => f.clone(),
                     None => {
-                        let f = Format::detect(&row).map_err(DataError::Format)?;
+                        let f = Format::detect(&row).map_err(|e| DataError::Format(e.0))?;
                         format = Some(f.clone());
                         f
                     }
@@ -97,7 +97,7 @@ pub fn prepare(spec: &DataSpec, tok: &Tokenizer<'_>) -> Result<Prepared, DataErr
                 let example = match fmt.example(&row) {
                     Ok(e) => e,
                     Err(message) => {
-                        stats.bad_rows.push(message);
+                        stats.bad_rows.push(message.0);
                         continue;
                     }
                 };

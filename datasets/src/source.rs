@@ -115,18 +115,10 @@ pub fn read_file(path: &Path) -> Result<(Vec<Row>, Vec<BadRow>), DataError> {
         )),
         "json" => read_json_array(path, &std::fs::read_to_string(path).map_err(io)?),
         "csv" | "parquet" | "arrow" | "feather" | "ipc" => {
-            let batches =
-                columnar::read_batches(path, &ext).map_err(|message| DataError::Parse {
-                    path: path.to_path_buf(),
-                    message,
-                })?;
+            let batches = columnar::read_batches(path, &ext)?;
             let mut rows = Vec::new();
             for batch in &batches {
-                let objects =
-                    columnar::to_json_objects(batch).map_err(|message| DataError::Parse {
-                        path: path.to_path_buf(),
-                        message,
-                    })?;
+                let objects = columnar::to_json_objects(path, batch)?;
                 for fields in objects {
                     rows.push(Row {
                         file: path.to_path_buf(),
@@ -147,6 +139,8 @@ pub fn read_file(path: &Path) -> Result<(Vec<Row>, Vec<BadRow>), DataError> {
 /// Columnar formats through arrow: record batches, then JSON objects.
 mod columnar {
     use std::fs::File;
+
+    use crate::DataError;
     use std::path::Path;
     use std::sync::Arc;
 
@@ -154,14 +148,18 @@ mod columnar {
     use arrow::record_batch::RecordBatch;
     use serde_json::{Map, Value};
 
-    pub fn read_batches(path: &Path, ext: &str) -> Result<Vec<RecordBatch>, String> {
-        let open = || File::open(path).map_err(|e| e.to_string());
+    pub fn read_batches(path: &Path, ext: &str) -> Result<Vec<RecordBatch>, DataError> {
+        let parse = |message: String| DataError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        let open = || File::open(path).map_err(|e| parse(e.to_string()));
         match ext {
             "csv" => {
                 let (inferred, _) = arrow::csv::reader::Format::default()
                     .with_header(true)
                     .infer_schema(open()?, Some(100))
-                    .map_err(|e| format!("reading the CSV header: {e}"))?;
+                    .map_err(|e| parse(format!("reading the CSV header: {e}")))?;
                 // Every column as text: a prompt field must not turn into a number.
                 let fields: Vec<Field> = inferred
                     .fields()
@@ -171,50 +169,61 @@ mod columnar {
                 let reader = arrow::csv::ReaderBuilder::new(Arc::new(Schema::new(fields)))
                     .with_header(true)
                     .build(open()?)
-                    .map_err(|e| e.to_string())?;
-                reader.map(|b| b.map_err(|e| format!("CSV: {e}"))).collect()
+                    .map_err(|e| parse(e.to_string()))?;
+                reader
+                    .map(|b| b.map_err(|e| parse(format!("CSV: {e}"))))
+                    .collect()
             }
             "parquet" => {
                 let reader =
                     parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open()?)
-                        .map_err(|e| format!("not a readable Parquet file: {e}"))?
+                        .map_err(|e| parse(format!("not a readable Parquet file: {e}")))?
                         .build()
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| parse(e.to_string()))?;
                 reader
-                    .map(|b| b.map_err(|e| format!("Parquet: {e}")))
+                    .map(|b| b.map_err(|e| parse(format!("Parquet: {e}"))))
                     .collect()
             }
             _ => match arrow::ipc::reader::FileReader::try_new(open()?, None) {
                 Ok(reader) => reader
-                    .map(|b| b.map_err(|e| format!("Arrow IPC: {e}")))
+                    .map(|b| b.map_err(|e| parse(format!("Arrow IPC: {e}"))))
                     .collect(),
                 Err(file_err) => {
                     let reader =
                         arrow::ipc::reader::StreamReader::try_new(open()?, None).map_err(|e| {
-                            format!("not an Arrow IPC file ({file_err}) or stream ({e})")
+                            parse(format!(
+                                "not an Arrow IPC file ({file_err}) or stream ({e})"
+                            ))
                         })?;
                     reader
-                        .map(|b| b.map_err(|e| format!("Arrow IPC: {e}")))
+                        .map(|b| b.map_err(|e| parse(format!("Arrow IPC: {e}"))))
                         .collect()
                 }
             },
         }
     }
 
-    pub fn to_json_objects(batch: &RecordBatch) -> Result<Vec<Map<String, Value>>, String> {
+    pub fn to_json_objects(
+        path: &Path,
+        batch: &RecordBatch,
+    ) -> Result<Vec<Map<String, Value>>, DataError> {
+        let parse = |message: String| DataError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
         let mut writer = arrow::json::ArrayWriter::new(Vec::new());
         writer
             .write(batch)
-            .map_err(|e| format!("converting rows: {e}"))?;
+            .map_err(|e| parse(format!("converting rows: {e}")))?;
         writer
             .finish()
-            .map_err(|e| format!("converting rows: {e}"))?;
+            .map_err(|e| parse(format!("converting rows: {e}")))?;
         let bytes = writer.into_inner();
         if bytes.is_empty() {
             return Ok(Vec::new());
         }
         let values: Vec<Value> =
-            serde_json::from_slice(&bytes).map_err(|e| format!("converting rows: {e}"))?;
+            serde_json::from_slice(&bytes).map_err(|e| parse(format!("converting rows: {e}")))?;
         Ok(values
             .into_iter()
             .map(|v| match v {

@@ -13,8 +13,9 @@ use graft_core::text::tokenizer::TokenizerBundle;
 
 use crate::format::Example;
 
-/// Which tokens carry loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which tokens carry loss (`train_on` in configs: `assistant` or `all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TrainOn {
     /// Assistant turns, each with its end-of-turn token (segments marked as trained).
     Assistant,
@@ -22,8 +23,9 @@ pub enum TrainOn {
     All,
 }
 
-/// What to do with an example longer than `max_seq_len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What to do with an example longer than `max_seq_len` (`truncate` or `drop`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Truncation {
     /// Keep the first `max_seq_len` tokens (dropped if no trained token is left).
     Truncate,
@@ -66,34 +68,40 @@ pub enum Skip {
     Invalid(String),
 }
 
+/// Why an example cannot be rendered as text.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("the tokenizer has no chat template; set data.chat_template")]
+    NoTemplate,
+    #[error(transparent)]
+    Template(#[from] graft_core::text::chat::TemplateError),
+    /// The template renders a conversation's prefixes differently from the whole (say why).
+    #[error("{0}")]
+    NotPrefixStable(String),
+}
+
 impl Tokenizer<'_> {
     /// The rendered text of an example (for previews) and its byte spans that carry loss.
     ///
     /// # Errors
     /// A template failure or a template whose renderings are not prefix-stable.
-    pub fn render(&self, example: &Example) -> Result<(String, Vec<(usize, usize)>), String> {
+    pub fn render(&self, example: &Example) -> Result<(String, Vec<(usize, usize)>), RenderError> {
         match example {
             Example::Conversation(messages) => {
-                let tmpl = self
-                    .template
-                    .ok_or("the tokenizer has no chat template; set data.chat_template")?;
-                let full = tmpl.render(messages, false).map_err(|e| e.to_string())?;
+                let tmpl = self.template.ok_or(RenderError::NoTemplate)?;
+                let full = tmpl.render(messages, false)?;
                 let mut spans = Vec::new();
                 for (i, m) in messages.iter().enumerate() {
                     if m.role != "assistant" {
                         continue;
                     }
-                    let before = tmpl
-                        .render(&messages[..i], true)
-                        .map_err(|e| e.to_string())?;
-                    let through = tmpl
-                        .render(&messages[..=i], false)
-                        .map_err(|e| e.to_string())?;
+                    let before = tmpl.render(&messages[..i], true)?;
+                    let through = tmpl.render(&messages[..=i], false)?;
                     if !full.starts_with(&before)
                         || !full.starts_with(&through)
                         || through.len() < before.len()
                     {
-                        return Err(prefix_error(messages, i));
+                        return Err(RenderError::NotPrefixStable(prefix_error(messages, i)));
                     }
                     spans.push((before.len(), through.len()));
                 }
@@ -118,11 +126,13 @@ impl Tokenizer<'_> {
     /// # Errors
     /// [`Skip`] when the example gives nothing to train on.
     pub fn tokenize(&self, example: &Example) -> Result<Tokenized, Skip> {
-        let (text, spans) = self.render(example).map_err(Skip::Invalid)?;
+        let (text, spans) = self
+            .render(example)
+            .map_err(|e| Skip::Invalid(e.to_string()))?;
         let (mut ids, offsets) = self
             .tokenizer
             .encode_with_offsets(&text)
-            .map_err(Skip::Invalid)?;
+            .map_err(|e| Skip::Invalid(e.to_string()))?;
         let eos = &self.tokenizer.eos_ids;
         let mut trained = vec![false; ids.len()];
         for &(start, end) in &spans {

@@ -165,18 +165,23 @@ impl ServeArgs {
         let mut file: ServeArgs = toml::from_str(&text)
             .map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
         file.resolve_paths(path.parent().unwrap_or(Path::new("")));
-        let (Ok(serde_json::Value::Object(mut merged)), Ok(serde_json::Value::Object(given))) =
-            (serde_json::to_value(&file), serde_json::to_value(&cli))
-        else {
-            unreachable!("settings serialize to a JSON object");
+        let object = |a: &ServeArgs| match serde_json::to_value(a) {
+            Ok(serde_json::Value::Object(o)) => Ok(o),
+            // Paths that are not UTF-8 do not serialize.
+            Ok(_) | Err(_) => Err(anyhow!("settings with paths that are not UTF-8")),
         };
+        let (mut merged, given) = (object(&file)?, object(&cli)?);
         for (key, value) in given {
             let from_cli = matches!(
                 matches.value_source(&key),
                 Some(ValueSource::CommandLine | ValueSource::EnvVariable)
             );
             match (merged.get_mut(&key), value) {
-                (Some(serde_json::Value::Array(a)), serde_json::Value::Array(b)) => a.extend(b),
+                // Lists join, the command line's first (so it is loaded first, as before).
+                (Some(serde_json::Value::Array(a)), serde_json::Value::Array(mut b)) => {
+                    b.append(a);
+                    *a = b;
+                }
                 (_, value) if from_cli => {
                     merged.insert(key, value);
                 }
@@ -199,18 +204,10 @@ impl ServeArgs {
                 p.to_path_buf()
             }
         };
-        if let Some(m) = self.model.take() {
-            let m = match (m.strip_prefix("~/"), std::env::var_os("HOME")) {
-                (Some(rest), Some(home)) => Path::new(&home).join(rest).display().to_string(),
-                _ => m,
-            };
-            let local = rel(Path::new(&m));
-            self.model = Some(if local.exists() {
-                local.display().to_string()
-            } else {
-                m
-            });
-        }
+        self.model = self
+            .model
+            .as_deref()
+            .map(|m| graft_core::load::model_arg_in(base, m));
         self.adapters_dir = self.adapters_dir.as_deref().map(rel);
         for a in &mut self.adapters {
             a.path = rel(&a.path);
@@ -252,13 +249,32 @@ mod tests {
         .expect("settings");
         assert_eq!(a.port, 9100);
         assert_eq!(a.max_batch, 3);
-        assert_eq!(a.pin, ["a", "b"]);
+        assert_eq!(a.pin, ["b", "a"]);
         assert_eq!(a.quantize, QuantKind::Nf4);
         assert_eq!(a.adapters.len(), 2);
-        assert!(a.adapters[0].path.ends_with("ad/a") && a.adapters[0].path.is_absolute());
-        assert_eq!(a.adapters[1].path, PathBuf::from("/x/b"));
+        assert_eq!(a.adapters[0].path, PathBuf::from("/x/b"));
+        assert!(a.adapters[1].path.ends_with("ad/a") && a.adapters[1].path.is_absolute());
         // Untouched settings keep the flags' defaults.
         assert_eq!(a.max_queue, ServeArgs::default().max_queue);
+    }
+
+    /// The merge asks clap where each serialized key came from: every key must be an argument
+    /// id (clap panics on unknown ids in debug builds).
+    #[test]
+    fn every_file_key_is_a_flag() {
+        let cmd = Cli::command();
+        let ids: Vec<&str> = cmd.get_arguments().map(|a| a.get_id().as_str()).collect();
+        let serde_json::Value::Object(keys) =
+            serde_json::to_value(ServeArgs::default()).expect("serializes")
+        else {
+            panic!("settings serialize to an object");
+        };
+        for key in keys.keys() {
+            assert!(
+                ids.contains(&key.as_str()),
+                "{key} is not a flag id: {ids:?}"
+            );
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             serve::<B>(self.0, &device)
         }
     }
-    run_on(args.device, Serve(args)).map_err(anyhow::Error::msg)?
+    run_on(args.device, Serve(args))?
 }
 
 /// Loads the model and the adapters named in `args` and starts the engine (and, with an
@@ -128,9 +128,7 @@ where
         kv_tokens: args.kv_cache_tokens,
         request_timeout: Duration::from_secs(args.request_timeout),
         metrics,
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        started: crate::http::now_secs(),
     });
     Ok(Started { state, engine })
 }

@@ -138,43 +138,53 @@ pub fn save_state(
     write_atomic(&dir.join(STATE_FILE), &json)
 }
 
+/// A checkpoint that cannot be read back.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct CheckpointError {
+    pub path: std::path::PathBuf,
+    pub message: String,
+}
+
 /// Reads a checkpoint written by [`save_state`].
 ///
 /// # Errors
-/// A message naming the file and what is wrong.
-pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint, String> {
+/// [`CheckpointError`] naming the file and what is wrong.
+pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+    let bad = |path: &Path, message: String| CheckpointError {
+        path: path.to_path_buf(),
+        message,
+    };
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path)
-        .map_err(|e| format!("{}: {e}", state_path.display()))?;
+    let text = std::fs::read_to_string(&state_path).map_err(|e| bad(&state_path, e.to_string()))?;
     let state: TrainerState =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", state_path.display()))?;
+        serde_json::from_str(&text).map_err(|e| bad(&state_path, e.to_string()))?;
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let bytes = std::fs::read(&opt_path).map_err(|e| format!("{}: {e}", opt_path.display()))?;
+    let bytes = std::fs::read(&opt_path).map_err(|e| bad(&opt_path, e.to_string()))?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| format!("{}: {e}", opt_path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| format!("{}: {e}", opt_path.display()))?;
+        .map_err(|e| bad(&opt_path, e.to_string()))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(&opt_path, e.to_string()))?;
     let adamw: serde_json::Value = meta
         .metadata()
         .as_ref()
         .and_then(|m| m.get("adamw"))
         .and_then(|s| serde_json::from_str(s).ok())
-        .ok_or_else(|| format!("{}: no AdamW metadata", opt_path.display()))?;
+        .ok_or_else(|| bad(&opt_path, "no AdamW metadata".into()))?;
     let num = |k: &str| {
         adamw
             .get(k)
             .and_then(serde_json::Value::as_f64)
-            .ok_or_else(|| format!("{}: AdamW metadata lacks {k}", opt_path.display()))
+            .ok_or_else(|| bad(&opt_path, format!("AdamW metadata lacks {k}")))
     };
-    let read = |name: &str| -> Result<Vec<f32>, String> {
+    let read = |name: &str| -> Result<Vec<f32>, CheckpointError> {
         let t = st
             .tensor(name)
-            .map_err(|e| format!("{}: tensor '{name}': {e}", opt_path.display()))?;
+            .map_err(|e| bad(&opt_path, format!("tensor '{name}': {e}")))?;
         if t.dtype() != safetensors::Dtype::F32 {
-            return Err(format!(
-                "{}: tensor '{name}' is {:?}, expected F32",
-                opt_path.display(),
-                t.dtype()
+            return Err(bad(
+                &opt_path,
+                format!("tensor '{name}' is {:?}, expected F32", t.dtype()),
             ));
         }
         Ok(t.data()

@@ -197,7 +197,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         }
         let adapter = self.adapter(params, false);
         let (mut sum, mut n) = (0.0, 0);
-        for chunk in self.data.eval.chunks(self.cfg.micro_batch_size) {
+        for chunk in self.data.eval.chunks(self.cfg.train.micro_batch_size) {
             let refs: Vec<&Tokenized> = chunk.iter().collect();
             let (s, k) = self.loss_sum(&adapter, &refs);
             sum += f64::from(s.into_scalar().elem::<f32>());
@@ -212,7 +212,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         let adapter = self.adapter(params, false);
         let sampling = SamplingParams {
             temperature: 0.0,
-            max_new_tokens: self.cfg.sample_max_tokens,
+            max_new_tokens: self.cfg.train.sample_max_tokens,
             stop_token_ids: self.tokenizer.eos_ids.clone(),
             ..SamplingParams::default()
         };
@@ -221,7 +221,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         } else {
             &self.data.eval
         };
-        for (i, ex) in pool.iter().take(self.cfg.eval_samples).enumerate() {
+        for (i, ex) in pool.iter().take(self.cfg.train.eval_samples).enumerate() {
             let Some(first) = ex.trained.iter().skip(1).position(|&t| t).map(|p| p + 1) else {
                 continue;
             };
@@ -273,7 +273,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::rename(&tmp, &dir)?;
-        run::prune_checkpoints(&self.run_dir, self.cfg.keep_last)?;
+        run::prune_checkpoints(&self.run_dir, self.cfg.train.keep_last)?;
         Ok(dir)
     }
 
@@ -296,11 +296,15 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
     pub fn run(&self, resume: Option<Checkpoint>) -> std::io::Result<Outcome> {
         let cfg = self.cfg;
         let per_epoch = Schedule::new(self, &TrainerState::default()).epoch_len();
-        let steps_per_epoch = per_epoch.div_ceil(cfg.grad_accum);
-        let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs);
+        let steps_per_epoch = per_epoch.div_ceil(cfg.train.grad_accum);
+        let total_steps = cfg
+            .train
+            .max_steps
+            .unwrap_or(steps_per_epoch * cfg.train.epochs);
         let warmup = cfg
+            .train
             .warmup_steps
-            .unwrap_or((cfg.warmup_ratio * total_steps as f64).ceil() as usize);
+            .unwrap_or((cfg.train.warmup_ratio * total_steps as f64).ceil() as usize);
 
         let (mut state, mut opt, mut params) = match resume {
             Some(c) => (c.state, c.optimizer, c.params),
@@ -309,10 +313,10 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
                 let opt = AdamW::new(
                     &sizes,
-                    cfg.betas.0,
-                    cfg.betas.1,
-                    cfg.epsilon,
-                    cfg.weight_decay,
+                    cfg.train.betas.0,
+                    cfg.train.betas.1,
+                    cfg.train.epsilon,
+                    cfg.train.weight_decay,
                 );
                 let state = TrainerState {
                     step: 0,
@@ -344,7 +348,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
 
         while state.step < total_steps {
             let t0 = Instant::now();
-            B::seed(&device, cfg.seed.wrapping_add(state.step as u64));
+            B::seed(&device, cfg.train.seed.wrapping_add(state.step as u64));
             let step_batches = schedule.next_step(&mut state);
             let n_tokens: usize = step_batches
                 .iter()
@@ -378,10 +382,10 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 bwd += t.elapsed().as_secs_f64();
             }
             let t = Instant::now();
-            let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+            let grad_norm = clip_grad_norm(&mut grads, cfg.train.max_grad_norm);
             let lr = learning_rate(
-                cfg.learning_rate,
-                cfg.scheduler,
+                cfg.train.learning_rate,
+                cfg.train.scheduler,
                 warmup,
                 total_steps,
                 state.step,
@@ -402,7 +406,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 "loss {loss_total:.4} lr {lr:.2e} {:.0} tok/s",
                 all_tokens as f64 / secs
             ));
-            if state.step % cfg.logging_every == 0 || state.step == total_steps {
+            if state.step % cfg.train.logging_every == 0 || state.step == total_steps {
                 let rec = json!({
                     "step": state.step, "epoch": state.epoch as f64 + state.batch_in_epoch as f64 / schedule.epoch_len().max(1) as f64,
                     "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": all_tokens as f64 / secs,
@@ -412,11 +416,11 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 });
                 append_jsonl(&metrics, &rec)?;
                 if bar.is_hidden() {
-                    eprintln!("step {}/{total_steps} loss {loss_total:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tok/s", state.step, all_tokens as f64 / secs);
+                    tracing::info!("step {}/{total_steps} loss {loss_total:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tok/s", state.step, all_tokens as f64 / secs);
                 }
             }
             let last = state.step == total_steps;
-            if (cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last {
+            if (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) || last {
                 if let Some(l) = self.eval_loss(&params) {
                     state.best_eval_loss = Some(state.best_eval_loss.map_or(l, |b: f64| b.min(l)));
                     last_eval = Some(l);
@@ -426,7 +430,10 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 self.samples(&params, state.step)?;
             }
             let stopping = self.stop.load(Ordering::SeqCst);
-            if (cfg.save_every > 0 && state.step % cfg.save_every == 0) || last || stopping {
+            if (cfg.train.save_every > 0 && state.step % cfg.train.save_every == 0)
+                || last
+                || stopping
+            {
                 state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
                 self.checkpoint(&state, &opt, &params)?;
             }
@@ -473,10 +480,10 @@ impl Schedule {
         let cfg = t.cfg;
         let mut s = Schedule {
             lens: t.data.train.iter().map(|e| e.ids.len()).collect(),
-            micro_batch: cfg.micro_batch_size,
-            packing: cfg.packing.then_some(cfg.max_seq_len),
-            seed: cfg.data_seed,
-            grad_accum: cfg.grad_accum,
+            micro_batch: cfg.train.micro_batch_size,
+            packing: cfg.data.packing.then_some(cfg.data.max_seq_len),
+            seed: cfg.data.seed,
+            grad_accum: cfg.train.grad_accum,
             batches: Vec::new(),
         };
         s.batches = s.epoch(state.epoch);

@@ -98,6 +98,8 @@ impl fmt::Display for TargetModule {
     }
 }
 
+crate::serde_as_str!(TargetModule);
+
 impl FromStr for TargetModule {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

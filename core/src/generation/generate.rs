@@ -60,9 +60,9 @@ pub enum GenerateError {
         context: usize,
     },
     #[error("invalid sampling parameters: {0}")]
-    Params(String),
-    #[error("decoding tokens: {0}")]
-    Decode(String),
+    Params(#[from] crate::generation::sampling::SamplingError),
+    #[error(transparent)]
+    Decode(#[from] crate::text::tokenizer::TokenizerError),
 }
 
 /// Generates a continuation of `prompt`.
@@ -80,7 +80,7 @@ pub fn generate<B: GraftBackend>(
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    params.validate().map_err(GenerateError::Params)?;
+    params.validate()?;
     let context = model.config.max_position_embeddings;
     if prompt.len() + params.max_new_tokens > context {
         return Err(GenerateError::TooLong {

@@ -46,31 +46,57 @@ impl Default for SamplingParams {
     }
 }
 
+/// A sampling setting out of its range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} must be {range}, got {value}")]
+pub struct SamplingError {
+    /// The setting's name (OpenAI's, where it has one): `temperature`, `top_p`, …
+    pub field: &'static str,
+    /// The allowed values, e.g. `in (0, 1]`.
+    pub range: &'static str,
+    pub value: f32,
+}
+
 impl SamplingParams {
     /// Checks ranges.
     ///
     /// # Errors
-    /// A message naming the field and value.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            ));
+    /// The first setting out of range, with its name and value.
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        let checks: [(&'static str, &'static str, f32, bool); 4] = [
+            (
+                "temperature",
+                ">= 0",
+                self.temperature,
+                self.temperature >= 0.0 && self.temperature.is_finite(),
+            ),
+            (
+                "top_p",
+                "in (0, 1]",
+                self.top_p,
+                self.top_p > 0.0 && self.top_p <= 1.0,
+            ),
+            (
+                "min_p",
+                "in [0, 1]",
+                self.min_p,
+                (0.0..=1.0).contains(&self.min_p),
+            ),
+            (
+                "repetition_penalty",
+                "> 0",
+                self.repetition_penalty,
+                self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
+            ),
+        ];
+        match checks.into_iter().find(|c| !c.3) {
+            Some((field, range, value, _)) => Err(SamplingError {
+                field,
+                range,
+                value,
+            }),
+            None => Ok(()),
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!(
-                "repetition_penalty must be > 0, got {}",
-                self.repetition_penalty
-            ));
-        }
-        Ok(())
     }
 }
 
@@ -236,6 +262,7 @@ mod tests {
         }
         .validate()
         .unwrap_err()
+        .to_string()
         .contains("top_p"));
     }
 }

@@ -19,6 +19,7 @@ use burn::tensor::TensorData;
 use super::assemble::{assemble, Role, WeightSource};
 use super::{LoadError, LoadOptions, LoadedModel};
 use crate::formats::gguf::{GgufFile, GgufTensorInfo, GgufValue};
+use crate::model::config::InvalidConfig;
 use crate::model::family::SlidingPattern;
 use crate::model::proj::{BaseWeight, Proj};
 use crate::model::{Family, LayerConfig, ModelConfig, NormSlot, RmsNorm, RopeConfig, RopeScaling};
@@ -57,9 +58,9 @@ pub fn load_gguf<B: GraftBackend>(
             message,
         },
     })?;
-    let tokenizer = TokenizerBundle::from_gguf(&file).map_err(|message| LoadError::Tokenizer {
+    let tokenizer = TokenizerBundle::from_gguf(&file).map_err(|e| LoadError::Tokenizer {
         path: path.into(),
-        message,
+        message: e.to_string(),
     })?;
     let l = Loader {
         file: &file,
@@ -97,6 +98,12 @@ impl From<crate::formats::gguf::GgufError> for ConfigError {
 impl From<String> for ConfigError {
     fn from(e: String) -> Self {
         ConfigError::Invalid(e)
+    }
+}
+
+impl From<InvalidConfig> for ConfigError {
+    fn from(e: InvalidConfig) -> Self {
+        ConfigError::Invalid(e.0)
     }
 }
 
@@ -381,13 +388,12 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
             Some(h) => permute_rows(bytes, rows, h, true).into(),
             None => bytes.into(),
         };
-        let packed = PackedWeight::ggml(info.ty, rows, cols, bytes).map_err(|message| {
-            LoadError::Tensor {
+        let packed =
+            PackedWeight::ggml(info.ty, rows, cols, bytes).map_err(|e| LoadError::Tensor {
                 path: self.file.path().into(),
                 tensor: info.name.clone(),
-                message,
-            }
-        })?;
+                message: e.to_string(),
+            })?;
         let dense = matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
             || self.opts.quantize == QuantKind::None;
         let base = match (dense, quantize && self.opts.quantize == QuantKind::Nf4) {

@@ -20,7 +20,7 @@ use super::{read_json, LoadError, LoadOptions, LoadedModel};
 use crate::model::proj::{BaseWeight, Proj};
 use crate::model::{Family, ModelConfig, NormPlacement, NormSlot, RmsNorm};
 use crate::quant::{PackedWeight, QuantKind};
-use crate::text::tokenizer::TokenizerBundle;
+use crate::text::tokenizer::{TokenizerBundle, TokenizerError};
 
 /// Loads an HF model directory.
 ///
@@ -57,9 +57,9 @@ pub fn load_hf_dir<B: GraftBackend>(
         path: config_path.clone(),
         source,
     })?;
-    let config = ModelConfig::try_from(raw).map_err(|message| LoadError::Config {
+    let config = ModelConfig::try_from(raw).map_err(|e| LoadError::Config {
         path: config_path.clone(),
-        message,
+        message: e.0,
     })?;
     let weights = Weights::open(dir)?;
     let l = Loader {
@@ -70,12 +70,13 @@ pub fn load_hf_dir<B: GraftBackend>(
     };
     let model = assemble(&l, &config, device)?;
     let tokenizer = if dir.join("tokenizer.json").is_file() {
-        Some(
-            TokenizerBundle::from_hf_dir(dir).map_err(|e| LoadError::Tokenizer {
-                path: e.path,
-                message: e.message,
-            })?,
-        )
+        Some(TokenizerBundle::from_hf_dir(dir).map_err(|e| match e {
+            TokenizerError::File { path, message } => LoadError::Tokenizer { path, message },
+            other => LoadError::Tokenizer {
+                path: dir.join("tokenizer.json"),
+                message: other.to_string(),
+            },
+        })?)
     } else {
         None
     };

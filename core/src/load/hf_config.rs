@@ -7,6 +7,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::model::config::InvalidConfig;
 use crate::model::family::{supported_model_types, Family};
 use crate::model::{Activation, LayerConfig, ModelConfig, RopeConfig, RopeScaling};
 
@@ -78,9 +79,9 @@ fn default_max_pos() -> usize {
 }
 
 impl TryFrom<HfConfig> for ModelConfig {
-    type Error = String;
+    type Error = InvalidConfig;
 
-    fn try_from(c: HfConfig) -> Result<Self, String> {
+    fn try_from(c: HfConfig) -> Result<Self, InvalidConfig> {
         let model_type = c.model_type.clone().unwrap_or_else(|| "llama".into());
         let family = Family::from_model_type(&model_type).ok_or_else(|| {
             format!(
@@ -97,9 +98,9 @@ impl TryFrom<HfConfig> for ModelConfig {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
             other => {
-                return Err(format!(
+                return Err(InvalidConfig(format!(
                     "{act_key} '{other}' is not supported for {family} (silu, gelu_pytorch_tanh)"
-                ))
+                )))
             }
         };
         if c.use_bidirectional_attention == Some(true) {
@@ -117,7 +118,9 @@ impl TryFrom<HfConfig> for ModelConfig {
         });
         let rotary_dim = match partial {
             Some(f) if !(f > 0.0 && f <= 1.0) => {
-                return Err(format!("partial_rotary_factor must be in (0, 1], got {f}"))
+                return Err(InvalidConfig(format!(
+                    "partial_rotary_factor must be in (0, 1], got {f}"
+                )))
             }
             // transformers: int(head_dim * partial_rotary_factor)
             Some(f) => (head_dim as f64 * f) as usize,
@@ -171,7 +174,7 @@ impl TryFrom<HfConfig> for ModelConfig {
 
 /// The sliding window of each layer: `layer_types` when given, else the family's pattern
 /// (Qwen2/3: only with `use_sliding_window`, from layer `max_window_layers` on).
-fn layer_windows(c: &HfConfig, family: Family) -> Result<Vec<Option<usize>>, String> {
+fn layer_windows(c: &HfConfig, family: Family) -> Result<Vec<Option<usize>>, InvalidConfig> {
     let n = c.num_hidden_layers;
     // Qwen2/3 configs carry a window that is off unless use_sliding_window says otherwise.
     let on = c
@@ -180,10 +183,10 @@ fn layer_windows(c: &HfConfig, family: Family) -> Result<Vec<Option<usize>>, Str
     let window = if on { c.sliding_window } else { None };
     if let Some(types) = &c.layer_types {
         if types.len() != n {
-            return Err(format!(
+            return Err(InvalidConfig(format!(
                 "layer_types has {} entries for num_hidden_layers {n}",
                 types.len()
-            ));
+            )));
         }
         return types
             .iter()
@@ -191,11 +194,13 @@ fn layer_windows(c: &HfConfig, family: Family) -> Result<Vec<Option<usize>>, Str
             .map(|(i, t)| match t.as_str() {
                 "full_attention" => Ok(None),
                 "sliding_attention" => window.map(Some).ok_or_else(|| {
-                    format!("layer_types[{i}] is 'sliding_attention' but sliding_window is not set")
+                    InvalidConfig(format!(
+                        "layer_types[{i}] is 'sliding_attention' but sliding_window is not set"
+                    ))
                 }),
-                other => Err(format!(
+                other => Err(InvalidConfig(format!(
                     "layer_types[{i}] '{other}' is not supported (full_attention, sliding_attention)"
-                )),
+                ))),
             })
             .collect();
     }
@@ -223,24 +228,26 @@ struct Ropes {
 }
 
 impl Ropes {
-    fn read(c: &HfConfig, family: Family, rotary_dim: usize) -> Result<Self, String> {
-        let one =
-            |params: Option<&Value>, theta: Option<f64>, key: &str| -> Result<RopeConfig, String> {
-                let theta = params
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(Value::as_f64)
-                    .or(theta)
-                    .unwrap_or(10_000.0);
-                let scaling = match params {
-                    None | Some(Value::Null) => None,
-                    Some(p) => parse_rope_scaling(p, c, family, key)?,
-                };
-                Ok(RopeConfig {
-                    theta: theta as f32,
-                    scaling,
-                    rotary_dim,
-                })
+    fn read(c: &HfConfig, family: Family, rotary_dim: usize) -> Result<Self, InvalidConfig> {
+        let one = |params: Option<&Value>,
+                   theta: Option<f64>,
+                   key: &str|
+         -> Result<RopeConfig, InvalidConfig> {
+            let theta = params
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+                .or(theta)
+                .unwrap_or(10_000.0);
+            let scaling = match params {
+                None | Some(Value::Null) => None,
+                Some(p) => parse_rope_scaling(p, c, family, key)?,
             };
+            Ok(RopeConfig {
+                theta: theta as f32,
+                scaling,
+                rotary_dim,
+            })
+        };
         match &c.rope_parameters {
             // transformers 5, one dict per layer type (Gemma 3)
             Some(p) if p.get("full_attention").is_some() => {
@@ -287,12 +294,12 @@ fn parse_rope_scaling(
     c: &HfConfig,
     family: Family,
     key: &str,
-) -> Result<Option<RopeScaling>, String> {
+) -> Result<Option<RopeScaling>, InvalidConfig> {
     let kind = match v.get("rope_type").or_else(|| v.get("type")) {
         None => return Ok(None),
         Some(t) => t
             .as_str()
-            .ok_or_else(|| format!("{key}.rope_type must be a string, got {t}"))?,
+            .ok_or_else(|| InvalidConfig(format!("{key}.rope_type must be a string, got {t}")))?,
     };
     // Phi-3's config renames its early "su" and "yarn" to longrope (they carry its factors).
     let kind = if family.longrope_aliases().contains(&kind) {
@@ -303,14 +310,14 @@ fn parse_rope_scaling(
     let num = |k: &str| {
         v.get(k)
             .and_then(Value::as_f64)
-            .ok_or_else(|| format!("{key}.{k} is missing or not a number in {v}"))
+            .ok_or_else(|| InvalidConfig(format!("{key}.{k} is missing or not a number in {v}")))
     };
     let opt_num = |k: &str| v.get(k).and_then(Value::as_f64);
-    let list = |k: &str| -> Result<Vec<f32>, String> {
+    let list = |k: &str| -> Result<Vec<f32>, InvalidConfig> {
         v.get(k)
             .and_then(Value::as_array)
             .and_then(|a| a.iter().map(|x| x.as_f64().map(|x| x as f32)).collect())
-            .ok_or_else(|| format!("{key}.{k} is missing or not a list of numbers"))
+            .ok_or_else(|| InvalidConfig(format!("{key}.{k} is missing or not a list of numbers")))
     };
     let original = v
         .get("original_max_position_embeddings")
@@ -329,8 +336,11 @@ fn parse_rope_scaling(
             original_max_position: original.unwrap_or(c.max_position_embeddings),
         },
         "longrope" => {
-            let original = original
-                .ok_or_else(|| format!("{key}: longrope needs original_max_position_embeddings"))?;
+            let original = original.ok_or_else(|| {
+                InvalidConfig(format!(
+                    "{key}: longrope needs original_max_position_embeddings"
+                ))
+            })?;
             // transformers' `_compute_longrope_parameters`
             let factor =
                 opt_num("factor").unwrap_or(c.max_position_embeddings as f64 / original as f64);
@@ -369,9 +379,9 @@ fn parse_rope_scaling(
             }
         }
         other => {
-            return Err(format!(
+            return Err(InvalidConfig(format!(
             "{key}.rope_type '{other}' is not supported (default, linear, llama3, longrope, yarn)"
-        ))
+        )))
         }
     }))
 }
@@ -403,19 +413,20 @@ mod tests {
     fn bad_values_are_named() {
         let mut c = smollm();
         c.num_key_value_heads = Some(4);
-        let e = ModelConfig::try_from(c).unwrap_err();
+        let e = ModelConfig::try_from(c).unwrap_err().0;
         assert!(e.contains("num_key_value_heads 4"), "{e}");
         let mut c = smollm();
         c.model_type = Some("gpt2".into());
-        assert!(ModelConfig::try_from(c).unwrap_err().contains("'gpt2'"));
+        assert!(ModelConfig::try_from(c).unwrap_err().0.contains("'gpt2'"));
         let mut c = smollm();
         c.rope_scaling = Some(serde_json::json!({"rope_type": "dynamic", "factor": 2.0}));
-        let e = ModelConfig::try_from(c).unwrap_err();
+        let e = ModelConfig::try_from(c).unwrap_err().0;
         assert!(e.contains("rope_scaling.rope_type 'dynamic'"), "{e}");
         let mut c = smollm();
         c.hidden_act = Some("relu".into());
         assert!(ModelConfig::try_from(c)
             .unwrap_err()
+            .0
             .contains("hidden_act 'relu'"));
     }
 
@@ -506,7 +517,7 @@ mod tests {
         let mut c = smollm();
         c.num_hidden_layers = 2;
         c.layer_types = Some(vec!["full_attention".into(), "chunked_attention".into()]);
-        let e = ModelConfig::try_from(c).unwrap_err();
+        let e = ModelConfig::try_from(c).unwrap_err().0;
         assert!(e.contains("layer_types[1] 'chunked_attention'"), "{e}");
     }
 }

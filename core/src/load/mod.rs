@@ -87,6 +87,20 @@ pub enum ModelSource {
     },
 }
 
+/// A model as written in a config file in `dir`: `~/` is the home directory; a relative path
+/// that exists next to the file is taken from there; anything else (a hub id, an absolute
+/// path, a path that does not exist yet) is kept as written.
+pub fn model_arg_in(dir: &Path, arg: &str) -> String {
+    if let (Some(rest), Some(home)) = (arg.strip_prefix("~/"), std::env::var_os("HOME")) {
+        return Path::new(&home).join(rest).display().to_string();
+    }
+    let local = dir.join(arg);
+    if Path::new(arg).is_relative() && local.exists() {
+        return local.display().to_string();
+    }
+    arg.to_string()
+}
+
 impl ModelSource {
     /// Interprets a `--model` argument: an existing directory or `.gguf` file, else a hub id.
     ///

@@ -7,6 +7,24 @@
 use super::family::Family;
 use crate::adapters::lora::TargetModule;
 
+/// A model description graft cannot run, naming the field (as `config.json` or the GGUF
+/// metadata spells it) and its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidConfig(pub String);
+
+impl From<String> for InvalidConfig {
+    fn from(message: String) -> Self {
+        InvalidConfig(message)
+    }
+}
+
+impl From<&str> for InvalidConfig {
+    fn from(message: &str) -> Self {
+        InvalidConfig(message.into())
+    }
+}
+
 /// Rotary-embedding frequency scaling (transformers' `rope_type`s).
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -191,7 +209,7 @@ impl ModelConfig {
     ///
     /// # Errors
     /// A message naming the offending field and value.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -204,33 +222,33 @@ impl ModelConfig {
         ];
         for (name, v) in positive {
             if v == 0 {
-                return Err(format!("{name} must be positive, got 0"));
+                return Err(InvalidConfig(format!("{name} must be positive, got 0")));
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {
-            return Err(format!(
+            return Err(InvalidConfig(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
-            ));
+            )));
         }
         if !(self.rms_norm_eps > 0.0) || !self.rms_norm_eps.is_finite() {
-            return Err(format!(
+            return Err(InvalidConfig(format!(
                 "rms_norm_eps must be positive, got {}",
                 self.rms_norm_eps
-            ));
+            )));
         }
         if self.family.gguf_permutes_qk() && self.head_dim % 2 != 0 {
-            return Err(format!(
+            return Err(InvalidConfig(format!(
                 "head_dim {} must be even for {} (rotary pairs)",
                 self.head_dim, self.family
-            ));
+            )));
         }
         if self.layers.len() != self.num_layers {
-            return Err(format!(
+            return Err(InvalidConfig(format!(
                 "{} layer descriptions (layer_types) for num_hidden_layers {}",
                 self.layers.len(),
                 self.num_layers
-            ));
+            )));
         }
         for (cap, v) in [
             ("attn_logit_softcapping", self.attn_softcap),
@@ -238,19 +256,21 @@ impl ModelConfig {
         ] {
             if let Some(v) = v {
                 if !(v > 0.0) || !v.is_finite() {
-                    return Err(format!("{cap} must be positive, got {v}"));
+                    return Err(InvalidConfig(format!("{cap} must be positive, got {v}")));
                 }
             }
         }
         if !(self.attention_scale > 0.0) || !self.attention_scale.is_finite() {
-            return Err(format!(
+            return Err(InvalidConfig(format!(
                 "the attention scale must be positive, got {} (query_pre_attn_scalar)",
                 self.attention_scale
-            ));
+            )));
         }
         for (i, l) in self.layers.iter().enumerate() {
             if l.window == Some(0) {
-                return Err(format!("layer {i}: sliding_window must be positive, got 0"));
+                return Err(InvalidConfig(format!(
+                    "layer {i}: sliding_window must be positive, got 0"
+                )));
             }
             validate_rope(&l.rope, self.head_dim).map_err(|e| format!("layer {i}: {e}"))?;
         }
@@ -291,26 +311,31 @@ impl ModelConfig {
     }
 }
 
-fn validate_rope(r: &RopeConfig, head_dim: usize) -> Result<(), String> {
+fn validate_rope(r: &RopeConfig, head_dim: usize) -> Result<(), InvalidConfig> {
     if !(r.theta > 0.0) {
-        return Err(format!("rope_theta must be positive, got {}", r.theta));
+        return Err(InvalidConfig(format!(
+            "rope_theta must be positive, got {}",
+            r.theta
+        )));
     }
     if r.rotary_dim == 0 || r.rotary_dim % 2 != 0 || r.rotary_dim > head_dim {
-        return Err(format!(
+        return Err(InvalidConfig(format!(
             "the rotary dimension {} must be even and in 2..={head_dim} (head_dim · \
              partial_rotary_factor)",
             r.rotary_dim
-        ));
+        )));
     }
     let half = r.rotary_dim / 2;
     let check = |what: &str, f: &[f32]| {
         if f.len() != half {
-            Err(format!(
+            Err(InvalidConfig(format!(
                 "rope {what} has {} entries, expected rotary_dim/2 = {half}",
                 f.len()
-            ))
+            )))
         } else if let Some(v) = f.iter().find(|v| !(**v > 0.0) || !v.is_finite()) {
-            Err(format!("rope {what} must be positive, found {v}"))
+            Err(InvalidConfig(format!(
+                "rope {what} must be positive, found {v}"
+            )))
         } else {
             Ok(())
         }
@@ -319,9 +344,9 @@ fn validate_rope(r: &RopeConfig, head_dim: usize) -> Result<(), String> {
         if a > 0.0 && a.is_finite() {
             Ok(())
         } else {
-            Err(format!(
+            Err(InvalidConfig(format!(
                 "rope_scaling.attention_factor must be positive, got {a}"
-            ))
+            )))
         }
     };
     match &r.scaling {
@@ -341,18 +366,18 @@ fn validate_rope(r: &RopeConfig, head_dim: usize) -> Result<(), String> {
         | Some(RopeScaling::Yarn { factor, .. })
             if !(*factor > 0.0) =>
         {
-            Err(format!(
+            Err(InvalidConfig(format!(
                 "rope_scaling.factor must be positive, got {factor}"
-            ))
+            )))
         }
         Some(RopeScaling::Llama3 {
             low_freq_factor,
             high_freq_factor,
             ..
-        }) if !(high_freq_factor > low_freq_factor) => Err(format!(
+        }) if !(high_freq_factor > low_freq_factor) => Err(InvalidConfig(format!(
             "rope_scaling.high_freq_factor {high_freq_factor} must exceed low_freq_factor \
              {low_freq_factor}"
-        )),
+        ))),
         Some(RopeScaling::Yarn {
             attention_factor, ..
         }) => positive_factor(*attention_factor),

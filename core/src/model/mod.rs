@@ -199,7 +199,9 @@ impl<B: GraftBackend> Model<B> {
     /// Runs new tokens of several sequences through the model, appending to their caches.
     ///
     /// # Shapes
-    /// → `[n_seqs, vocab]` for [`Logits::Last`], `[total_new_tokens, vocab]` for [`Logits::All`]
+    /// → `[n_seqs, vocab]` for [`Logits::Last`], `[total_new_tokens, vocab]` for [`Logits::All`],
+    /// and for [`Logits::Mixed`] the flagged sequences' rows of `All` and the others' of `Last`,
+    /// in sequence order
     ///
     /// # Panics
     /// If a sequence has no new tokens (callers check), or positions would exceed the tensor

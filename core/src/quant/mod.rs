@@ -48,6 +48,25 @@ impl std::fmt::Display for QuantKind {
 
 crate::serde_as_str!(QuantKind);
 
+/// Packed bytes that do not fit the shape they are said to have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("{cols} columns is not a whole number of {ty:?} blocks of {block}")]
+    PartialBlock {
+        ty: GgmlType,
+        cols: usize,
+        block: usize,
+    },
+    #[error("{bytes} bytes of {ty:?} do not hold a [{rows}, {cols}] weight ({expected} expected)")]
+    Size {
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: usize,
+        expected: usize,
+    },
+}
+
 /// A frozen 2-D weight `[rows, cols]` kept packed in memory.
 #[derive(Debug, Clone)]
 pub struct PackedWeight {
@@ -73,19 +92,25 @@ impl PackedWeight {
     ///
     /// # Errors
     /// When `cols` is not a whole number of blocks or the byte count is not the one implied.
-    pub fn ggml(ty: GgmlType, rows: usize, cols: usize, bytes: Arc<[u8]>) -> Result<Self, String> {
-        let row_bytes = ty.bytes_for(cols as u64).ok_or_else(|| {
-            format!(
-                "{cols} columns is not a whole number of {ty:?} blocks of {}",
-                ty.block_size()
-            )
+    pub fn ggml(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: Arc<[u8]>,
+    ) -> Result<Self, LayoutError> {
+        let row_bytes = ty.bytes_for(cols as u64).ok_or(LayoutError::PartialBlock {
+            ty,
+            cols,
+            block: ty.block_size(),
         })?;
         if row_bytes as usize * rows != bytes.len() {
-            return Err(format!(
-                "{} bytes of {ty:?} do not hold a [{rows}, {cols}] weight ({} expected)",
-                bytes.len(),
-                row_bytes as usize * rows
-            ));
+            return Err(LayoutError::Size {
+                ty,
+                rows,
+                cols,
+                bytes: bytes.len(),
+                expected: row_bytes as usize * rows,
+            });
         }
         Ok(PackedWeight {
             rows,
@@ -232,13 +257,16 @@ mod tests {
             let err = PackedWeight::ggml(ty, 2, cols, vec![0; 4 * ty.type_size()].into())
                 .expect_err("a partial block");
             assert_eq!(
-                err,
+                err.to_string(),
                 format!("{cols} columns is not a whole number of {ty:?} blocks of {bs}")
             );
             let two = vec![0; 2 * ty.type_size()].into();
             assert!(PackedWeight::ggml(ty, 1, 2 * bs, two).is_ok(), "{ty:?}");
             let err = PackedWeight::ggml(ty, 2, 2 * bs, vec![0; 3].into()).expect_err("3 bytes");
-            assert!(err.contains("do not hold a [2, "), "{ty:?}: {err}");
+            assert!(
+                err.to_string().contains("do not hold a [2, "),
+                "{ty:?}: {err}"
+            );
         }
     }
 }

@@ -31,6 +31,11 @@ pub enum TemplateError {
     Syntax(Error),
     #[error("chat template failed: {0:#}")]
     Render(Error),
+    #[error("chat template '{name}' is neither chatml, alpaca nor a readable file: {source}")]
+    Unknown {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 /// A compiled chat template.
@@ -153,14 +158,17 @@ pub fn named_template(name: &str) -> Option<&'static str> {
 pub fn choose_template(
     choice: Option<&str>,
     model_own: Option<&str>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, TemplateError> {
     match choice {
         None => Ok(model_own.map(str::to_string)),
         Some(c) => match named_template(c) {
             Some(t) => Ok(Some(t.to_string())),
-            None => std::fs::read_to_string(c).map(Some).map_err(|e| {
-                format!("chat template '{c}' is neither chatml, alpaca nor a readable file: {e}")
-            }),
+            None => std::fs::read_to_string(c)
+                .map(Some)
+                .map_err(|source| TemplateError::Unknown {
+                    name: c.into(),
+                    source,
+                }),
         },
     }
 }

@@ -14,12 +14,22 @@ use crate::formats::gguf::{GgufFile, GgufValue};
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
 
-/// A tokenizer file that cannot be read or built, naming it.
+/// A tokenizer that cannot be built (naming its file or GGUF key), or text it cannot encode or
+/// ids it cannot decode.
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct TokenizerError {
-    pub path: std::path::PathBuf,
-    pub message: String,
+pub enum TokenizerError {
+    #[error("{path}: {message}")]
+    File {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    /// GGUF `tokenizer.*` metadata that is missing or malformed.
+    #[error("GGUF tokenizer metadata: {0}")]
+    Metadata(String),
+    #[error("cannot encode the text: {0}")]
+    Encode(String),
+    #[error("cannot decode token ids: {0}")]
+    Decode(String),
 }
 
 /// A tokenizer with the special tokens and chat template that come with it.
@@ -53,12 +63,12 @@ impl TokenizerBundle {
     /// Token ids of `text`; with `add_special_tokens`, the BOS token where the model uses one.
     ///
     /// # Errors
-    /// The tokenizer's own error text.
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+    /// [`TokenizerError::Encode`] with the tokenizer's own error text.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
         let enc = self
             .tokenizer
             .encode(text, add_special_tokens)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
         if add_special_tokens && self.add_bos {
             if let Some(bos) = self.bos_id {
@@ -73,26 +83,26 @@ impl TokenizerBundle {
     /// Token ids of `text` (no special tokens added) with each token's byte range in `text`.
     ///
     /// # Errors
-    /// The tokenizer's own error text.
+    /// [`TokenizerError::Encode`] with the tokenizer's own error text.
     pub fn encode_with_offsets(
         &self,
         text: &str,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizerError> {
         let enc = self
             .tokenizer
             .encode(text, false)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// Text of `ids`, with or without special tokens.
     ///
     /// # Errors
-    /// The tokenizer's own error text.
-    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String> {
+    /// [`TokenizerError::Decode`] with the tokenizer's own error text.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
         self.tokenizer
             .decode(ids, skip_special_tokens)
-            .map_err(|e| e.to_string())
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
     /// The id of a token's exact text.
@@ -107,12 +117,12 @@ impl TokenizerBundle {
     /// Unreadable or malformed files.
     pub fn from_hf_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path).map_err(|e| TokenizerError {
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| TokenizerError::File {
             path: path.clone(),
             message: e.to_string(),
         })?;
         let read_json = |path: &Path| -> Result<Value, TokenizerError> {
-            let fail = |message: String| TokenizerError {
+            let fail = |message: String| TokenizerError::File {
                 path: path.to_path_buf(),
                 message,
             };
@@ -181,15 +191,11 @@ impl TokenizerBundle {
     ///
     /// # Errors
     /// A message naming the missing or malformed key.
-    pub fn from_gguf(f: &GgufFile) -> Result<Self, String> {
-        let model = f.str("tokenizer.ggml.model").map_err(|e| e.to_string())?;
-        let tokens = f
-            .string_array("tokenizer.ggml.tokens")
-            .map_err(|e| e.to_string())?;
-        let types: Vec<i64> = match f
-            .opt_array("tokenizer.ggml.token_type")
-            .map_err(|e| e.to_string())?
-        {
+    pub fn from_gguf(f: &GgufFile) -> Result<Self, TokenizerError> {
+        let meta = |e: crate::formats::gguf::GgufError| TokenizerError::Metadata(e.to_string());
+        let model = f.str("tokenizer.ggml.model").map_err(meta)?;
+        let tokens = f.string_array("tokenizer.ggml.tokens").map_err(meta)?;
+        let types: Vec<i64> = match f.opt_array("tokenizer.ggml.token_type").map_err(meta)? {
             Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i64).collect(),
             None => vec![1; tokens.len()],
         };
@@ -219,17 +225,12 @@ impl TokenizerBundle {
             .collect();
         let (spec, add_bos_default) = match model {
             "gpt2" => {
-                let merges = f
-                    .string_array("tokenizer.ggml.merges")
-                    .map_err(|e| e.to_string())?;
+                let merges = f.string_array("tokenizer.ggml.merges").map_err(meta)?;
                 let pre = f.str("tokenizer.ggml.pre").unwrap_or("default");
                 (byte_level_bpe(vocab, &merges, pre, &added), false)
             }
             "llama" => {
-                let scores: Vec<f32> = match f
-                    .opt_array("tokenizer.ggml.scores")
-                    .map_err(|e| e.to_string())?
-                {
+                let scores: Vec<f32> = match f.opt_array("tokenizer.ggml.scores").map_err(meta)? {
                     Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
                     None => vec![0.0; tokens.len()],
                 };
@@ -246,15 +247,15 @@ impl TokenizerBundle {
                 )
             }
             other => {
-                return Err(format!(
+                return Err(TokenizerError::Metadata(format!(
                     "tokenizer.ggml.model '{other}' is not supported (gpt2, llama)"
-                ))
+                )))
             }
         };
         let tokenizer: Tokenizer = spec
             .to_string()
             .parse()
-            .map_err(|e| format!("building tokenizer: {e}"))?;
+            .map_err(|e| TokenizerError::Metadata(format!("building tokenizer: {e}")))?;
         let add_bos = f
             .opt_bool("tokenizer.ggml.add_bos_token")
             .ok()

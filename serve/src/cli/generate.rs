@@ -67,7 +67,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    run_on(args.device, args).map_err(anyhow::Error::msg)?
+    run_on(args.device, args)?
 }
 
 impl OnDevice for GenerateArgs {

@@ -108,7 +108,8 @@ where
         )
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("adapter load task: {e}")))??;
+    .map_err(|e| ApiError::Internal(format!("adapter load task: {e}")))?
+    .map_err(|e| ApiError::from(e).in_field("lora_path"))?;
     Ok(Json(entry.entry().into()))
 }
 

@@ -17,8 +17,12 @@ pub enum ApiError {
         message: String,
         param: Option<String>,
     },
-    /// An adapter's files are not a usable adapter for this model.
-    InvalidAdapter(String),
+    /// An adapter's files are not a usable adapter for this model; `param` is the field that
+    /// named it (`lora_path` on a load, `model` on a request that reloads it).
+    InvalidAdapter {
+        message: String,
+        param: Option<String>,
+    },
     Unauthorized,
     NotFound(String),
     TooManyRequests,
@@ -42,6 +46,16 @@ impl ApiError {
             param: Some(param.into()),
         }
     }
+
+    /// Names `field` as the one at fault, unless the error already names one.
+    pub fn in_field(mut self, field: &str) -> Self {
+        if let ApiError::BadRequest { param, .. } | ApiError::InvalidAdapter { param, .. } =
+            &mut self
+        {
+            param.get_or_insert_with(|| field.into());
+        }
+        self
+    }
 }
 
 impl From<WireError> for ApiError {
@@ -62,12 +76,25 @@ impl From<RegistryError> for ApiError {
             RegistryError::OutsideRoots(_) => ApiError::bad_field("lora_path", e.to_string()),
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
             RegistryError::Adapter(a) => match a {
-                // The server could not read files it found: its problem, not the client's.
+                // A file the adapter needs is missing: the adapter is incomplete.
+                AdapterError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    ApiError::InvalidAdapter {
+                        message: e.to_string(),
+                        param: None,
+                    }
+                }
+                // The server could not read files that are there (permissions, a failing
+                // disk): its problem, not the client's.
                 AdapterError::Io { .. } => ApiError::Internal(e.to_string()),
                 AdapterError::Config { .. }
                 | AdapterError::Unsupported { .. }
                 | AdapterError::Corrupt { .. }
-                | AdapterError::Tensor { .. } => ApiError::InvalidAdapter(e.to_string()),
+                | AdapterError::Tensor { .. } => ApiError::InvalidAdapter {
+                    message: e.to_string(),
+                    param: None,
+                },
             },
         }
     }
@@ -83,12 +110,12 @@ impl IntoResponse for ApiError {
                 message,
                 param,
             ),
-            ApiError::InvalidAdapter(m) => (
+            ApiError::InvalidAdapter { message, param } => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "invalid_adapter",
-                m,
-                Some("lora_path".into()),
+                message,
+                param,
             ),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,

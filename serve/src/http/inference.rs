@@ -43,7 +43,8 @@ where
             let t0 = Instant::now();
             let e = tokio::task::spawn_blocking(move || state.registry.reload(&name, &state.model))
                 .await
-                .map_err(|e| ApiError::Internal(format!("adapter reload task: {e}")))??;
+                .map_err(|e| ApiError::Internal(format!("adapter reload task: {e}")))?
+                .map_err(|e| ApiError::from(e).in_field("model"))?;
             s.metrics
                 .adapter_load_secs
                 .observe(t0.elapsed().as_secs_f64());
@@ -90,7 +91,9 @@ where
         ignore_eos: sp.ignore_eos,
         ..SamplingParams::default()
     };
-    params.validate().map_err(ApiError::bad)?;
+    params
+        .validate()
+        .map_err(|e| ApiError::bad_field(e.field, e.to_string()))?;
     Ok(Prepared {
         model_name: sp.model,
         adapter,
@@ -173,6 +176,7 @@ where
             "messages must not be empty",
         ));
     }
+    let mut p = prepare(&s, sampling, s.max_tokens_limit.min(1024)).await?;
     let top = b.top_logprobs.unwrap_or(0);
     if top > MAX_TOP_LOGPROBS || (top > 0 && !b.logprobs) {
         return Err(ApiError::bad_field(
@@ -180,7 +184,6 @@ where
             format!("top_logprobs must be at most {MAX_TOP_LOGPROBS} and needs logprobs = true"),
         ));
     }
-    let mut p = prepare(&s, sampling, s.max_tokens_limit.min(1024)).await?;
     p.top_logprobs = top;
     let template = s.template.as_ref().ok_or_else(|| {
         ApiError::bad(

@@ -81,7 +81,8 @@ fn check_key(headers: &HeaderMap, key: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-fn now_secs() -> u64 {
+/// Unix time in seconds (OpenAI's `created`).
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())

@@ -82,7 +82,7 @@ pub struct Sampling {
 
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum Stop {
     #[default]
     None,
@@ -161,7 +161,7 @@ pub struct CompletionFields {
 
 /// `prompt`: a string, or a list holding one string.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of one string")]
 pub enum Prompt {
     One(String),
     Many(Vec<String>),

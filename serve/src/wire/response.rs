@@ -63,6 +63,8 @@ pub struct AssistantMessage {
 pub struct ChatCompletionChunk {
     #[serde(flatten)]
     pub header: Header,
+    /// Empty in a usage-only chunk (OpenAI's `stream_options.include_usage`).
+    #[serde(default)]
     pub choices: Vec<ChunkChoice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,

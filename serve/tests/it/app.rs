@@ -66,6 +66,8 @@ async fn bad_fields_are_refused_naming_the_param() {
             "top_logprobs",
         ),
         (chat(json!({"n": 3})), "n"),
+        (chat(json!({"temperature": -1})), "temperature"),
+        (chat(json!({"top_p": 0})), "top_p"),
         (
             json!({"messages": [{"role": "user", "content": "x"}]}),
             "model",

@@ -4,6 +4,7 @@
 mod bench;
 mod configs;
 mod data;
+mod library;
 mod resume;
 mod training;
 

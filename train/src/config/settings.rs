@@ -1,0 +1,365 @@
+//! The checked settings of each config section, made from the raw section by `TryFrom`: every
+//! number in its range, paths expanded and resolved, the dataset format with its field
+//! mapping. A refusal is a [`FieldError`] naming the section, key and value; the caller adds
+//! the file and line.
+
+use std::path::{Path, PathBuf};
+
+use graft_core::adapters::lora::{LoraConfig, TargetModule};
+use graft_core::device::DeviceSpec;
+use graft_core::quant::QuantKind;
+use graft_datasets::format::Format;
+use graft_datasets::tokenize::{TrainOn, Truncation};
+
+use super::raw::{RawData, RawLora, RawModel, RawOutput, RawTrain, Scheduler, TargetModules};
+
+/// A value a section cannot take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub section: &'static str,
+    pub key: &'static str,
+    /// The value as written (TOML syntax).
+    pub value: String,
+    pub why: String,
+}
+
+impl FieldError {
+    fn new(
+        section: &'static str,
+        key: &'static str,
+        value: impl std::fmt::Display,
+        why: impl Into<String>,
+    ) -> Self {
+        FieldError {
+            section,
+            key,
+            value: value.to_string(),
+            why: why.into(),
+        }
+    }
+}
+
+/// A raw section with the directory its relative paths are relative to.
+pub struct InDir<'a, T> {
+    pub raw: &'a T,
+    pub dir: &'a Path,
+}
+
+/// Checks one section's numbers.
+struct Fields(&'static str);
+
+impl Fields {
+    fn at_least(&self, key: &'static str, v: i64, min: i64) -> Result<usize, FieldError> {
+        if v >= min {
+            Ok(v as usize)
+        } else {
+            Err(FieldError::new(
+                self.0,
+                key,
+                v,
+                format!("must be at least {min}"),
+            ))
+        }
+    }
+
+    fn float(
+        &self,
+        key: &'static str,
+        v: f64,
+        ok: impl Fn(f64) -> bool,
+        why: &str,
+    ) -> Result<f64, FieldError> {
+        if v.is_finite() && ok(v) {
+            Ok(v)
+        } else {
+            Err(FieldError::new(self.0, key, v, why))
+        }
+    }
+
+    fn fraction(&self, key: &'static str, v: f64) -> Result<f64, FieldError> {
+        self.float(key, v, |x| (0.0..1.0).contains(&x), "must be in [0, 1)")
+    }
+}
+
+fn quoted(s: &str) -> String {
+    format!("\"{s}\"")
+}
+
+/// `[model]`, checked.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    /// A local path (resolved against the config's directory) or a hub id.
+    pub base: String,
+    pub revision: Option<String>,
+    pub quantization: QuantKind,
+    pub device: DeviceSpec,
+}
+
+impl TryFrom<InDir<'_, RawModel>> for ModelSettings {
+    type Error = FieldError;
+    fn try_from(m: InDir<'_, RawModel>) -> Result<Self, FieldError> {
+        if m.raw.base.trim().is_empty() {
+            return Err(FieldError::new(
+                "model",
+                "base",
+                "\"\"",
+                "name a .gguf file, an HF model directory or a hub id",
+            ));
+        }
+        Ok(ModelSettings {
+            base: graft_core::load::model_arg_in(m.dir, &m.raw.base),
+            revision: m.raw.revision.clone(),
+            quantization: m.raw.quantization,
+            device: m.raw.device,
+        })
+    }
+}
+
+/// `[lora]`, checked: the adapter's shape. `alpha` must already be resolved (2·r when unset).
+impl TryFrom<&RawLora> for LoraConfig {
+    type Error = FieldError;
+    fn try_from(l: &RawLora) -> Result<Self, FieldError> {
+        let f = Fields("lora");
+        let r = f.at_least("r", l.r, 1)?;
+        let alpha = l.alpha.unwrap_or(2.0 * r as f64);
+        let alpha = f.float("alpha", alpha, |x| x > 0.0, "must be positive")?;
+        let dropout = f.fraction("dropout", l.dropout)?;
+        let target_modules = match &l.target_modules {
+            TargetModules::AllLinear => TargetModule::ALL.to_vec(),
+            TargetModules::List(list) if !list.is_empty() => list.clone(),
+            TargetModules::List(_) => {
+                return Err(FieldError::new(
+                    "lora",
+                    "target_modules",
+                    "[]",
+                    "must be \"all-linear\" or a non-empty list like [\"q_proj\", \"v_proj\"]",
+                ))
+            }
+        };
+        Ok(LoraConfig {
+            r,
+            lora_alpha: alpha as f32,
+            lora_dropout: dropout as f32,
+            target_modules,
+            use_rslora: l.use_rslora,
+        })
+    }
+}
+
+/// `[data]`, checked: files found, format and field mapping known.
+#[derive(Debug, Clone)]
+pub struct DataSettings {
+    pub train_files: Vec<PathBuf>,
+    pub eval_files: Vec<PathBuf>,
+    /// None: detected from the first row.
+    pub format: Option<Format>,
+    /// `tokenizer`, a template name or an inline template (None: the tokenizer's).
+    pub chat_template: Option<String>,
+    pub train_on: TrainOn,
+    pub max_seq_len: usize,
+    pub truncation: Truncation,
+    pub packing: bool,
+    pub eval_fraction: f64,
+    /// Resolved by the caller (`train.seed` when unset).
+    pub seed: u64,
+    pub max_bad_rows: usize,
+}
+
+impl TryFrom<InDir<'_, RawData>> for DataSettings {
+    type Error = FieldError;
+    fn try_from(d: InDir<'_, RawData>) -> Result<Self, FieldError> {
+        let (raw, f) = (d.raw, Fields("data"));
+        let expand = |key: &'static str, patterns: &[String]| {
+            graft_datasets::source::expand(patterns, d.dir)
+                .map_err(|e| FieldError::new("data", key, format!("{patterns:?}"), e.to_string()))
+        };
+        if raw.train.patterns().is_empty() {
+            return Err(FieldError::new(
+                "data",
+                "train",
+                "[]",
+                "needs a path, a glob or a list of them, e.g. \"train.jsonl\"",
+            ));
+        }
+        let train_files = expand("train", &raw.train.patterns())?;
+        let eval_files = match &raw.eval {
+            Some(p) if !p.patterns().is_empty() => expand("eval", &p.patterns())?,
+            _ => Vec::new(),
+        };
+        for file in train_files.iter().chain(&eval_files) {
+            let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if !graft_datasets::source::EXTENSIONS.contains(&ext.to_ascii_lowercase().as_str()) {
+                return Err(FieldError::new(
+                    "data",
+                    "train",
+                    file.display(),
+                    format!(
+                        "unsupported file type (expected one of {:?})",
+                        graft_datasets::source::EXTENSIONS
+                    ),
+                ));
+            }
+        }
+        let mut format = raw.format.map(|k| k.format());
+        if let Some(fields) = &raw.fields {
+            let Some(format) = format.as_mut() else {
+                return Err(FieldError::new(
+                    "data",
+                    "fields",
+                    "{…}",
+                    "set data.format too, so the field names have a meaning",
+                ));
+            };
+            for (field, column) in fields {
+                format
+                    .map_field(field, column)
+                    .map_err(|why| FieldError::new("data", "fields", field, why.to_string()))?;
+            }
+        }
+        if let Some(t) = &raw.chat_template {
+            let inline = t.contains("{{") || t.contains("{%");
+            if !inline && t != "tokenizer" && graft_core::text::chat::named_template(t).is_none() {
+                return Err(FieldError::new(
+                    "data",
+                    "chat_template",
+                    quoted(t),
+                    "must be \"tokenizer\", a template name (chatml, alpaca) or an inline Jinja template",
+                ));
+            }
+        }
+        Ok(DataSettings {
+            train_files,
+            eval_files,
+            format,
+            chat_template: raw.chat_template.clone(),
+            train_on: raw.train_on,
+            max_seq_len: f.at_least("max_seq_len", raw.max_seq_len, 2)?,
+            truncation: raw.truncation,
+            packing: raw.packing,
+            eval_fraction: f.fraction("eval_fraction", raw.eval_fraction)?,
+            seed: raw.seed.unwrap_or_default(),
+            max_bad_rows: f.at_least("max_bad_rows", raw.max_bad_rows, 0)?,
+        })
+    }
+}
+
+/// `[train]`, checked.
+#[derive(Debug, Clone)]
+pub struct TrainSettings {
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub micro_batch_size: usize,
+    pub grad_accum: usize,
+    pub learning_rate: f64,
+    pub scheduler: Scheduler,
+    pub warmup_steps: Option<usize>,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub betas: (f64, f64),
+    pub epsilon: f64,
+    pub seed: u64,
+    pub eval_every: usize,
+    pub save_every: usize,
+    pub keep_last: usize,
+    pub logging_every: usize,
+    pub eval_samples: usize,
+    pub sample_max_tokens: usize,
+}
+
+impl TryFrom<&RawTrain> for TrainSettings {
+    type Error = FieldError;
+    fn try_from(t: &RawTrain) -> Result<Self, FieldError> {
+        let f = Fields("train");
+        if let (Some(_), Some(ratio)) = (t.warmup_steps, t.warmup_ratio) {
+            return Err(FieldError::new(
+                "train",
+                "warmup_ratio",
+                ratio,
+                "set warmup_steps or warmup_ratio, not both",
+            ));
+        }
+        Ok(TrainSettings {
+            epochs: f.at_least("epochs", t.epochs, 1)?,
+            max_steps: t
+                .max_steps
+                .map(|v| f.at_least("max_steps", v, 1))
+                .transpose()?,
+            micro_batch_size: f.at_least("micro_batch_size", t.micro_batch_size, 1)?,
+            grad_accum: f.at_least(
+                "gradient_accumulation_steps",
+                t.gradient_accumulation_steps,
+                1,
+            )?,
+            learning_rate: f.float(
+                "learning_rate",
+                t.learning_rate,
+                |x| x > 0.0,
+                "must be positive",
+            )?,
+            scheduler: t.lr_scheduler,
+            warmup_steps: t
+                .warmup_steps
+                .map(|v| f.at_least("warmup_steps", v, 0))
+                .transpose()?,
+            warmup_ratio: f.fraction("warmup_ratio", t.warmup_ratio.unwrap_or(0.0))?,
+            weight_decay: f.float(
+                "weight_decay",
+                t.weight_decay,
+                |x| x >= 0.0,
+                "must not be negative",
+            )?,
+            max_grad_norm: f.float(
+                "max_grad_norm",
+                t.max_grad_norm,
+                |x| x >= 0.0,
+                "must not be negative (0 disables clipping)",
+            )?,
+            betas: (
+                f.fraction("adam_beta1", t.adam_beta1)?,
+                f.fraction("adam_beta2", t.adam_beta2)?,
+            ),
+            epsilon: f.float(
+                "adam_epsilon",
+                t.adam_epsilon,
+                |x| x > 0.0,
+                "must be positive",
+            )?,
+            seed: t.seed,
+            eval_every: f.at_least("eval_every", t.eval_every, 0)?,
+            save_every: f.at_least("save_every", t.save_every, 0)?,
+            keep_last: f.at_least("keep_last_checkpoints", t.keep_last_checkpoints, 1)?,
+            logging_every: f.at_least("logging_every", t.logging_every, 1)?,
+            eval_samples: f.at_least("eval_samples", t.eval_samples, 0)?,
+            sample_max_tokens: f.at_least("sample_max_tokens", t.sample_max_tokens, 1)?,
+        })
+    }
+}
+
+/// `[output]`, checked.
+#[derive(Debug, Clone)]
+pub struct OutputSettings {
+    /// Resolved against the config's directory.
+    pub runs_dir: PathBuf,
+    pub name: Option<String>,
+}
+
+impl TryFrom<InDir<'_, RawOutput>> for OutputSettings {
+    type Error = FieldError;
+    fn try_from(o: InDir<'_, RawOutput>) -> Result<Self, FieldError> {
+        if let Some(n) = &o.raw.name {
+            if n.is_empty() || n.contains(['/', '\\']) || n.starts_with('.') {
+                return Err(FieldError::new(
+                    "output",
+                    "name",
+                    quoted(n),
+                    "must be a plain directory name",
+                ));
+            }
+        }
+        Ok(OutputSettings {
+            runs_dir: o.dir.join(&o.raw.runs_dir),
+            name: o.raw.name.clone(),
+        })
+    }
+}

@@ -1,0 +1,279 @@
+//! Starting training: fresh runs (one per sweep combination), `resume` from a run's newest
+//! checkpoint and `bench`; each picks the backend for the config's device, creates or reopens
+//! the run directory, trains, and writes the summary and report.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use graft_core::backend::GraftBackend;
+use graft_core::burn::backend::Autodiff;
+use graft_core::burn::tensor::backend::AutodiffBackend;
+use graft_core::device::{run_on, OnDevice};
+use serde_json::json;
+
+use crate::config::raw::Paths;
+use crate::config::TrainConfig;
+use crate::setup::{configs, load_model, prepare_data};
+use crate::{bench, report, run, trainer};
+
+/// `graft-train <config>`: one run per sweep combination, each checked before any starts.
+///
+/// # Errors
+/// An invalid config, a model or data that does not load, a run directory that cannot be
+/// written.
+pub fn train_cmd(path: &Path, set: &[String]) -> Result<()> {
+    let cfgs = configs(path, set)?;
+    let sweep = cfgs.len() > 1;
+    for (i, cfg) in cfgs.iter().enumerate() {
+        if sweep {
+            tracing::info!("sweep run {}/{}", i + 1, cfgs.len());
+        }
+        train_on_device(cfg, Target::New(sweep.then_some(i)))?;
+    }
+    Ok(())
+}
+
+/// `graft-train bench`: `steps` optimizer steps of one configuration, then the figures.
+///
+/// # Errors
+/// As [`train_cmd`]; also a config that sweeps, or zero steps.
+pub fn bench_cmd(path: &Path, set: &[String], steps: usize) -> Result<()> {
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let mut set = set.to_vec();
+    set.push(format!("train.max_steps={steps}"));
+    let cfgs = configs(path, &set)?;
+    if cfgs.len() != 1 {
+        bail!(
+            "{}: bench runs one configuration (peak memory is per process); this config sweeps {} — pick one with --set",
+            path.display(),
+            cfgs.len()
+        );
+    }
+    train_on_device(&cfgs[0], Target::Bench)
+}
+
+/// `graft-train resume`: continues a run from its newest checkpoint.
+///
+/// # Errors
+/// No checkpoint, or one that cannot be read; then as [`train_cmd`].
+pub fn resume_cmd(run_dir: &Path) -> Result<()> {
+    let cfg_path = run_dir.join(run::CONFIG_FILE);
+    let cfg = configs(&cfg_path, &[])?
+        .into_iter()
+        .next()
+        .expect("at least one run");
+    let last = run::checkpoints(run_dir)
+        .pop()
+        .with_context(|| format!("{}: no checkpoint to resume from", run_dir.display()))?;
+    let ckpt = run::load_checkpoint(&last)?;
+    tracing::info!("resuming {} from {}", run_dir.display(), last.display());
+    // Steps after the checkpoint will run again: drop what they logged the first time.
+    for log in ["metrics.jsonl", "samples.jsonl"] {
+        run::truncate_after_step(&run_dir.join(log), ckpt.state.step)
+            .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
+    }
+    train_on_device(&cfg, Target::Resume(run_dir, ckpt))
+}
+
+/// Where a training run goes.
+enum Target<'a> {
+    /// A fresh run directory (created once model and data are ready), with its sweep index.
+    New(Option<usize>),
+    /// An existing run continued from a checkpoint.
+    Resume(&'a Path, run::Checkpoint),
+    /// A fresh run that also records its workload and prints bench figures.
+    Bench,
+}
+
+fn train_on_device(cfg: &TrainConfig, target: Target<'_>) -> Result<()> {
+    struct Train<'a>(&'a TrainConfig, Target<'a>);
+    impl OnDevice for Train<'_> {
+        type Output = Result<()>;
+        fn run<B: GraftBackend>(self, device: B::Device) -> Result<()> {
+            train::<Autodiff<B>>(self.0, self.1, &device)
+        }
+    }
+    run_on(cfg.model.device, Train(cfg, target))?
+}
+
+fn train<B: AutodiffBackend + GraftBackend>(
+    cfg: &TrainConfig,
+    target: Target<'_>,
+    device: &B::Device,
+) -> Result<()> {
+    let loaded = load_model::<B>(cfg, device)?;
+    let data = prepare_data(cfg, &loaded)?;
+    let bench = matches!(target, Target::Bench);
+    let layout = loaded.model.model.config.targets();
+    if !cfg.lora.target_modules.iter().any(|t| layout.contains(t)) {
+        let names = |ts: &[graft_core::adapters::lora::TargetModule]| {
+            ts.iter()
+                .map(|t| t.hf_name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        anyhow::bail!(
+            "lora.target_modules [{}]: none is a projection of this {} model (its layers have {})",
+            names(&cfg.lora.target_modules),
+            loaded.model.model.config.family,
+            names(layout)
+        );
+    }
+    let fresh = |sweep_index| -> Result<PathBuf> {
+        let dir = new_run_dir(cfg, sweep_index)?;
+        std::fs::write(dir.join(run::CONFIG_FILE), resolved(cfg, &dir))
+            .with_context(|| format!("writing {}", dir.display()))?;
+        Ok(dir)
+    };
+    let (run_dir, resume) = match target {
+        Target::Resume(dir, ckpt) => (dir.to_path_buf(), Some(ckpt)),
+        Target::New(sweep_index) => (fresh(sweep_index)?, None),
+        Target::Bench => (fresh(None)?, None),
+    };
+    let run_dir = run_dir.as_path();
+    let tok = loaded
+        .model
+        .tokenizer
+        .as_ref()
+        .expect("checked by load_model");
+    let stop = Arc::new(AtomicBool::new(false));
+    install_sigint(stop.clone());
+    let trainer = trainer::Trainer::new(
+        cfg,
+        &loaded.model.model,
+        tok,
+        &data,
+        run_dir.to_path_buf(),
+        cfg.model.base.clone(),
+        &stop,
+    );
+    tracing::info!(
+        "run {}: {} train / {} eval examples, {} trained tokens, adapter r={} on {} modules ({} parameters), base {} ({:.1} MiB)",
+        run_dir.display(),
+        data.train.len(),
+        data.eval.len(),
+        data.stats.trained_tokens,
+        cfg.lora.r,
+        trainer.param_names().len() / 2,
+        trainer.n_params(),
+        loaded.model.name,
+        loaded.model.model.base_bytes() as f64 / 1048576.0,
+    );
+    if bench {
+        bench::write_inputs(&trainer, run_dir, cfg.train.max_steps.unwrap_or(0))?;
+    }
+    let outcome = trainer
+        .run(resume)
+        .with_context(|| format!("writing run {}", run_dir.display()))?;
+    let summary = json!({
+        "run": run_dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "steps": outcome.state.step,
+        "total_steps": outcome.state.total_steps,
+        "final_loss": outcome.final_loss,
+        "final_eval_loss": outcome.final_eval_loss,
+        "best_eval_loss": outcome.state.best_eval_loss,
+        "tokens_trained": outcome.state.tokens_trained,
+        "wall_secs": outcome.state.elapsed_secs,
+        "peak_rss_mib": graft_core::process::peak_rss_bytes().map(|b| b as f64 / 1048576.0),
+        "base_weights_mib": loaded.model.model.base_bytes() as f64 / 1048576.0,
+        "interrupted": outcome.interrupted,
+        "adapter": (!outcome.interrupted).then(|| run_dir.join("adapter")),
+    });
+    run::write_atomic(
+        &run_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    report::write_metrics_parquet(run_dir)
+        .with_context(|| format!("writing {}/metrics.parquet", run_dir.display()))?;
+    report::write_html(run_dir, &summary)
+        .with_context(|| format!("writing {}/report.html", run_dir.display()))?;
+    if bench {
+        return bench::report(cfg, run_dir);
+    }
+    eprintln!("{}", serde_json::to_string_pretty(&summary)?);
+    if outcome.interrupted {
+        tracing::info!("resume with: graft-train resume {}", run_dir.display());
+    }
+    Ok(())
+}
+
+/// Sets `stop` on the first SIGINT; a second SIGINT ends the process as usual.
+fn install_sigint(stop: Arc<AtomicBool>) {
+    let _ = ctrlc::set_handler(move || {
+        if stop.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        tracing::warn!(
+            "SIGINT: finishing this step and saving a checkpoint (press again to abort)"
+        );
+    });
+}
+
+/// A fresh directory under `runs_dir` named after the config (or `output.name`) and the time.
+fn new_run_dir(cfg: &TrainConfig, sweep_index: Option<usize>) -> Result<PathBuf> {
+    let stem = cfg
+        .path
+        .file_stem()
+        .map_or("run".into(), |s| s.to_string_lossy().into_owned());
+    let mut name = cfg
+        .output
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{stem}-{}", timestamp()));
+    if let Some(i) = sweep_index {
+        name.push_str(&format!("-sweep{i}"));
+    }
+    std::fs::create_dir_all(&cfg.output.runs_dir)
+        .with_context(|| format!("creating {}", cfg.output.runs_dir.display()))?;
+    for n in 0.. {
+        let candidate = if n == 0 {
+            cfg.output.runs_dir.join(&name)
+        } else {
+            cfg.output.runs_dir.join(format!("{name}-{n}"))
+        };
+        match std::fs::create_dir(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => bail!("creating {}: {e}", candidate.display()),
+        }
+    }
+    unreachable!("the loop returns or fails")
+}
+
+/// The resolved config with absolute data paths, so `resume` works from the run directory.
+fn resolved(cfg: &TrainConfig, run_dir: &Path) -> String {
+    let mut c = cfg.clone();
+    let abs = |p: &PathBuf| {
+        std::path::absolute(p)
+            .unwrap_or_else(|_| p.clone())
+            .display()
+            .to_string()
+    };
+    c.raw.data.train = Paths::Many(cfg.data.train_files.iter().map(abs).collect());
+    c.raw.data.eval = (!cfg.data.eval_files.is_empty())
+        .then(|| Paths::Many(cfg.data.eval_files.iter().map(abs).collect()));
+    let runs = run_dir.parent().map(Path::to_path_buf).unwrap_or_default();
+    c.raw.output.runs_dir = abs(&runs);
+    c.raw.output.name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    if Path::new(&cfg.model.base).exists() {
+        c.raw.model.base = std::path::absolute(&cfg.model.base)
+            .map_or(cfg.model.base.clone(), |p| p.display().to_string());
+    }
+    format!(
+        "# resolved by graft-train {}\n{}",
+        env!("CARGO_PKG_VERSION"),
+        c.resolved_toml()
+    )
+}
+
+/// UTC `YYYYMMDD-HHMMSS`.
+fn timestamp() -> String {
+    let (y, m, d, h, mi, s) = graft_core::clock::utc_now();
+    format!("{y:04}{m:02}{d:02}-{h:02}{mi:02}{s:02}")
+}

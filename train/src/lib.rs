@@ -1,0 +1,15 @@
+//! graft-train as a library: the training config, data preparation, the trainer with its
+//! optimizer, run directories (checkpoints, metrics, report) and the commands of the
+//! `graft-train` binary, which is a thin `main` over [`cli::main`].
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod export;
+pub mod inspect;
+pub mod launch;
+pub mod optim;
+pub mod report;
+pub mod run;
+pub mod setup;
+pub mod trainer;
