@@ -65,6 +65,8 @@ pub struct Request<B: GraftBackend> {
     pub top_logprobs: usize,
     /// Score every prompt token ([`Event::PromptScores`]).
     pub score_prompt: bool,
+    /// The end user the client named (OpenAI's `user`), for the log.
+    pub user: Option<String>,
 }
 
 impl<B: GraftBackend> Request<B> {
@@ -317,6 +319,7 @@ fn finish_request<B: GraftBackend>(
         event = "request_done",
         request_id = %a.req.id,
         model = %a.req.model,
+        user = a.req.user.as_deref(),
         prompt_tokens = a.req.prompt.len(),
         completion_tokens = a.decoder.generated.len(),
         finish_reason = reason.as_str(),

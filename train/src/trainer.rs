@@ -524,10 +524,10 @@ fn host<B: Backend>(t: &Tensor<B, 2>) -> Vec<f32> {
         .expect("converted to f32")
 }
 
-/// A line above the progress bar, or on stderr when there is no bar.
+/// A line above the progress bar, or a log line when there is no bar.
 fn say(bar: &indicatif::ProgressBar, line: String) {
     if bar.is_hidden() {
-        eprintln!("{line}");
+        tracing::info!("{line}");
     } else {
         bar.println(line);
     }

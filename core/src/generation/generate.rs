@@ -171,6 +171,8 @@ pub struct Decoder {
     stream: TextStream,
     stop_ids: Vec<u32>,
     max_new: usize,
+    /// End-of-sequence and stop ids are masked until this many tokens are out.
+    min_new: usize,
 }
 
 impl Decoder {
@@ -188,6 +190,7 @@ impl Decoder {
             stream: TextStream::new(&params.stop_strings),
             stop_ids,
             max_new: params.max_new_tokens,
+            min_new: params.min_tokens,
         }
     }
 
@@ -200,7 +203,14 @@ impl Decoder {
         row: &mut [f32],
         tokenizer: &TokenizerBundle,
     ) -> Result<Step, GenerateError> {
-        let id = self.sampler.sample(row, &self.context);
+        if self.generated.len() < self.min_new {
+            for &t in &self.stop_ids {
+                if let Some(l) = row.get_mut(t as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let id = self.sampler.sample(row, &self.context, &self.generated);
         self.context.push(id);
         if self.stop_ids.contains(&id) {
             return Ok(Step {

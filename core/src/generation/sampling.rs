@@ -1,6 +1,7 @@
-//! Next-token selection: repetition penalty (CTRL / transformers'
-//! `RepetitionPenaltyLogitsProcessor`), temperature, top-k, top-p, min-p, and a seeded RNG so
-//! that the same seed gives the same output. Temperature 0 is greedy.
+//! Next-token selection: logit bias, repetition penalty (CTRL / transformers'
+//! `RepetitionPenaltyLogitsProcessor`), OpenAI's presence and frequency penalties (on the
+//! generated tokens, as vLLM applies them), temperature, top-k, top-p, min-p, and a seeded RNG
+//! so that the same seed gives the same output. Temperature 0 is greedy.
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -18,6 +19,14 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// > 1 discourages tokens already in the context; 1 = off.
     pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated; in [-2, 2], 0 = off.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit per time it was generated; in [-2, 2], 0 = off.
+    pub frequency_penalty: f32,
+    /// Added to the logits of these tokens before anything else; each in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
+    /// End-of-sequence and stop ids cannot end generation before this many tokens.
+    pub min_tokens: usize,
     /// RNG seed; `None` draws one from the OS.
     pub seed: Option<u64>,
     pub max_new_tokens: usize,
@@ -37,6 +46,10 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
             seed: None,
             max_new_tokens: 256,
             stop_token_ids: Vec::new(),
@@ -54,7 +67,7 @@ pub struct SamplingError {
     pub field: &'static str,
     /// The allowed values, e.g. `in (0, 1]`.
     pub range: &'static str,
-    pub value: f32,
+    pub value: f64,
 }
 
 impl SamplingParams {
@@ -63,7 +76,13 @@ impl SamplingParams {
     /// # Errors
     /// The first setting out of range, with its name and value.
     pub fn validate(&self) -> Result<(), SamplingError> {
-        let checks: [(&'static str, &'static str, f32, bool); 4] = [
+        let bias = self
+            .logit_bias
+            .iter()
+            .map(|b| b.1)
+            .find(|b| !(-100.0..=100.0).contains(b))
+            .unwrap_or(0.0);
+        let checks: [(&'static str, &'static str, f32, bool); 7] = [
             (
                 "temperature",
                 ">= 0",
@@ -88,12 +107,37 @@ impl SamplingParams {
                 self.repetition_penalty,
                 self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
             ),
+            (
+                "presence_penalty",
+                "in [-2, 2]",
+                self.presence_penalty,
+                (-2.0..=2.0).contains(&self.presence_penalty),
+            ),
+            (
+                "frequency_penalty",
+                "in [-2, 2]",
+                self.frequency_penalty,
+                (-2.0..=2.0).contains(&self.frequency_penalty),
+            ),
+            (
+                "logit_bias",
+                "in [-100, 100]",
+                bias,
+                (-100.0..=100.0).contains(&bias),
+            ),
         ];
+        if self.min_tokens > self.max_new_tokens {
+            return Err(SamplingError {
+                field: "min_tokens",
+                range: "at most max_tokens",
+                value: self.min_tokens as f64,
+            });
+        }
         match checks.into_iter().find(|c| !c.3) {
             Some((field, range, value, _)) => Err(SamplingError {
                 field,
                 range,
-                value,
+                value: f64::from(value),
             }),
             None => Ok(()),
         }
@@ -120,9 +164,24 @@ impl Sampler {
     }
 
     /// Chooses the next token from one row of logits; `context` is every token so far
-    /// (prompt and generated), for the repetition penalty.
-    pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
+    /// (prompt and generated, for the repetition penalty), `generated` the generated ones
+    /// (for the presence and frequency penalties).
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], generated: &[u32]) -> u32 {
         let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts = generated.to_vec();
+            counts.sort_unstable();
+            for run in counts.chunk_by(|a, b| a == b) {
+                if let Some(l) = logits.get_mut(run[0] as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * run.len() as f32;
+                }
+            }
+        }
         if p.repetition_penalty != 1.0 {
             let mut seen = context.to_vec();
             seen.sort_unstable();
@@ -206,12 +265,49 @@ mod tests {
     #[test]
     fn greedy_takes_argmax_and_penalty_can_flip_it() {
         let mut s = Sampler::new(params(0.0));
-        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &[]), 1);
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &[], &[]), 1);
         let mut s = Sampler::new(SamplingParams {
             repetition_penalty: 1.2,
             ..params(0.0)
         });
-        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &[1]), 2);
+        assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &[1], &[]), 2);
+    }
+
+    #[test]
+    fn openai_penalties_and_logit_bias_shift_the_logits_as_documented() {
+        // presence 0.5 + frequency 0.3 × count, on generated tokens only.
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            ..params(0.0)
+        });
+        let mut row = [1.0f32, 2.0, 1.5, 0.0];
+        // Token 1 was generated twice: 2.0 - 0.5 - 0.6 = 0.9; token 2 once: 1.5 - 0.8 = 0.7;
+        // the prompt's token 0 is not penalized and now wins.
+        assert_eq!(s.sample(&mut row, &[0, 1, 1, 2], &[1, 1, 2]), 0);
+        assert!(
+            (row[1] - 0.9).abs() < 1e-6 && (row[2] - 0.7).abs() < 1e-6,
+            "{row:?}"
+        );
+        assert_eq!(row[0], 1.0);
+        let mut s = Sampler::new(SamplingParams {
+            logit_bias: vec![(3, 100.0), (1, -100.0)],
+            ..params(1.0)
+        });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [1.0, 2.0, 1.5, 0.0], &[], &[]), 3);
+        }
+        let bad = SamplingParams {
+            logit_bias: vec![(3, 101.0)],
+            ..params(1.0)
+        };
+        assert_eq!(bad.validate().expect_err("refused").field, "logit_bias");
+        let bad = SamplingParams {
+            min_tokens: 9,
+            max_new_tokens: 8,
+            ..params(1.0)
+        };
+        assert_eq!(bad.validate().expect_err("refused").field, "min_tokens");
     }
 
     #[test]
@@ -220,7 +316,7 @@ mod tests {
         let draw = |p: SamplingParams| {
             let mut s = Sampler::new(p);
             (0..40)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .map(|_| s.sample(&mut logits.clone(), &[], &[]))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(params(1.0)), draw(params(1.0)));

@@ -432,7 +432,7 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         }
     }
     if let Some(Err(e)) = failed.into_iter().next() {
-        eprintln!("first failure: {e:#}");
+        tracing::warn!("first failure: {e:#}");
     }
     Ok(())
 }

@@ -151,6 +151,7 @@ fn generate_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Resu
         stop_token_ids: Vec::new(),
         stop_strings: args.stop.clone(),
         ignore_eos: args.ignore_eos,
+        ..SamplingParams::default()
     };
     let mut stdout = std::io::stdout().lock();
     let out = generate(&loaded.model, tok, adapter.as_ref(), &ids, &params, |ev| {

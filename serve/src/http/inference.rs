@@ -13,13 +13,15 @@ use graft_core::backend::GraftBackend;
 use graft_core::generation::sampling::SamplingParams;
 use graft_core::text::chat::Message;
 
-use super::respond::{respond, Answer, Prepared};
+use super::respond::{respond, Answer, Prepared, PromptInput};
 use super::{check_key, ApiError, AppState};
 use crate::registry::Lookup;
 use crate::wire::{ChatCompletionRequest, CompletionRequest, Sampling};
 
 /// Most alternatives a request may ask for per token (OpenAI's limit).
 const MAX_TOP_LOGPROBS: usize = 20;
+/// Most choices per prompt, and most prompts per completions request.
+const MAX_N: usize = 16;
 
 /// The adapter `model` names (None for the base).
 async fn resolve<B: GraftBackend>(
@@ -63,8 +65,25 @@ where
     B::Device: Send + Sync,
 {
     let adapter = resolve(s, &sp.model).await?;
-    if sp.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_field("n", "only n = 1 is supported"));
+    let n = sp.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
+        return Err(ApiError::bad_field(
+            "n",
+            format!("n = {n} must be between 1 and {MAX_N}"),
+        ));
+    }
+    let vocab = s.model.config.vocab_size;
+    let mut logit_bias = Vec::new();
+    for (token, &bias) in sp.logit_bias.iter().flatten() {
+        match token.parse::<u32>() {
+            Ok(id) if (id as usize) < vocab => logit_bias.push((id, bias)),
+            _ => {
+                return Err(ApiError::bad_field(
+                    "logit_bias",
+                    format!("logit_bias key '{token}' is not a token id below {vocab}"),
+                ))
+            }
+        }
     }
     let max_tokens = sp
         .max_completion_tokens
@@ -85,6 +104,10 @@ where
         top_k: sp.top_k.unwrap_or(0),
         min_p: sp.min_p.unwrap_or(0.0),
         repetition_penalty: sp.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: sp.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: sp.frequency_penalty.unwrap_or(0.0),
+        logit_bias,
+        min_tokens: sp.min_tokens.unwrap_or(0),
         seed: sp.seed,
         max_new_tokens: max_tokens,
         stop_strings: sp.stop.into_vec(),
@@ -99,7 +122,10 @@ where
         adapter,
         params,
         stream: sp.stream,
+        include_usage: sp.stream_options.is_some_and(|o| o.include_usage),
+        n,
         top_logprobs: 0,
+        user: sp.user,
     })
 }
 
@@ -116,12 +142,13 @@ where
         mut sampling,
         fields: b,
     } = CompletionRequest::parse(&body)?;
-    let prompt = b.prompt.single().ok_or_else(|| {
-        ApiError::bad_field(
+    let prompts = b.prompt.into_vec();
+    if prompts.is_empty() || prompts.len() > MAX_N {
+        return Err(ApiError::bad_field(
             "prompt",
-            "prompt must be a string (or a list of one string)",
-        )
-    })?;
+            format!("a list of 1 to {MAX_N} prompts, got {}", prompts.len()),
+        ));
+    }
     let top = b.logprobs.unwrap_or(0);
     if top > MAX_TOP_LOGPROBS {
         return Err(ApiError::bad_field(
@@ -146,15 +173,18 @@ where
         p.params.max_new_tokens = 0;
     }
     p.top_logprobs = top;
-    let ids = s
-        .tokenizer
-        .encode(&prompt, true)
-        .map_err(|e| ApiError::bad_field("prompt", format!("cannot tokenize the prompt: {e}")))?;
+    let mut inputs = Vec::with_capacity(prompts.len());
+    for (i, text) in prompts.into_iter().enumerate() {
+        let ids = s.tokenizer.encode(&text, true).map_err(|e| {
+            ApiError::bad_field(&format!("prompt[{i}]"), format!("cannot tokenize: {e}"))
+        })?;
+        inputs.push(PromptInput { ids, text });
+    }
     let answer = Answer::Completion {
         logprobs: b.logprobs.is_some(),
-        echo: b.echo.then_some(prompt),
+        echo: b.echo,
     };
-    respond(s, p, ids, answer).await
+    respond(s, p, inputs, answer).await
 }
 
 pub async fn chat<B: GraftBackend>(
@@ -205,7 +235,7 @@ where
     respond(
         s,
         p,
-        ids,
+        vec![PromptInput { ids, text }],
         Answer::Chat {
             logprobs: b.logprobs,
         },

@@ -6,6 +6,7 @@ mod admin;
 mod error;
 mod inference;
 mod respond;
+mod tokens;
 
 pub use error::ApiError;
 
@@ -63,6 +64,8 @@ where
         .route("/v1/load_lora_adapter", post(admin::load_adapter::<B>))
         .route("/v1/unload_lora_adapter", post(admin::unload_adapter::<B>))
         .route("/v1/adapters", get(admin::adapters::<B>))
+        .route("/tokenize", post(tokens::tokenize::<B>))
+        .route("/detokenize", post(tokens::detokenize::<B>))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .with_state(state)
 }

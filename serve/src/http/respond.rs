@@ -1,7 +1,8 @@
 //! Submitting a prepared request to the engine and answering: as server-sent events (one
 //! chunk per piece of text, then `[DONE]`) or as one JSON object, with log-probabilities and
-//! `echo`ed prompt scores when asked for. Every answer carries `x-request-id` and
-//! `x-graft-adapter` (`name@vN` or the base's name).
+//! `echo`ed prompt scores when asked for. A request with several prompts or `n` > 1 becomes
+//! one engine request per choice (choice `k·n + j` is prompt `k`'s `j`-th), decoded together.
+//! Every answer carries `x-request-id` and `x-graft-adapter` (`name@vN` or the base's name).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -16,9 +17,9 @@ use axum::Json;
 use graft_core::backend::GraftBackend;
 use graft_core::generation::sampling::SamplingParams;
 use serde::Serialize;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::StreamExt;
+use tokio_stream::{StreamExt, StreamMap};
 
 use super::{now_secs, ApiError, AppState};
 use crate::engine::{Event, Request};
@@ -37,8 +38,20 @@ pub struct Prepared<B: GraftBackend> {
     pub adapter: Option<Arc<AdapterEntry<B>>>,
     pub params: SamplingParams,
     pub stream: bool,
+    /// With `stream`: a last chunk with the usage and no choices.
+    pub include_usage: bool,
+    /// Choices per prompt.
+    pub n: usize,
     /// Alternatives reported per token.
     pub top_logprobs: usize,
+    /// The end user, for the request log.
+    pub user: Option<String>,
+}
+
+/// One prompt: its tokens and its text (put before the completion with `echo`).
+pub struct PromptInput {
+    pub ids: Vec<u32>,
+    pub text: String,
 }
 
 /// Which endpoint answers, with what it reports besides the text.
@@ -48,8 +61,8 @@ pub enum Answer {
     },
     Completion {
         logprobs: bool,
-        /// `echo`: the prompt text, put before the completion (and scored with `logprobs`).
-        echo: Option<String>,
+        /// Put the prompt before the completion (and score it, with `logprobs`).
+        echo: bool,
     },
 }
 
@@ -65,32 +78,47 @@ impl Answer {
     }
 }
 
-/// Checks the request against the context and KV budget, submits it to the engine and
-/// answers.
+/// What answers one choice.
+struct Choice {
+    index: usize,
+    /// Which prompt it continues.
+    prompt: usize,
+    events: UnboundedReceiver<Event>,
+}
+
+/// Checks the request against the context and KV budget, submits every choice to the engine
+/// and answers.
 pub async fn respond<B: GraftBackend>(
     s: Arc<AppState<B>>,
     p: Prepared<B>,
-    ids: Vec<u32>,
+    prompts: Vec<PromptInput>,
     answer: Answer,
 ) -> Result<Response, ApiError> {
-    let need = ids.len() + p.params.max_new_tokens;
-    if ids.is_empty() {
-        return Err(ApiError::bad("the prompt has no tokens"));
-    }
     let context = s.model.config.max_position_embeddings;
-    if need > context {
-        return Err(ApiError::bad(format!(
-            "the prompt has {} tokens and max_tokens is {}: more than the model's context of {context}",
-            ids.len(),
-            p.params.max_new_tokens
-        )));
-    }
-    if let Some(cap) = s.kv_tokens.filter(|&cap| need > cap) {
-        return Err(ApiError::bad(format!(
-            "the prompt has {} tokens and max_tokens is {}: more than the KV cache budget of {cap} tokens",
-            ids.len(),
-            p.params.max_new_tokens
-        )));
+    for (i, prompt) in prompts.iter().enumerate() {
+        let param = if prompts.len() > 1 {
+            format!("prompt[{i}]")
+        } else {
+            "prompt".into()
+        };
+        let need = prompt.ids.len() + p.params.max_new_tokens;
+        if prompt.ids.is_empty() {
+            return Err(ApiError::bad_field(&param, "the prompt has no tokens"));
+        }
+        if need > context {
+            return Err(ApiError::bad(format!(
+                "the prompt has {} tokens and max_tokens is {}: more than the model's context of {context}",
+                prompt.ids.len(),
+                p.params.max_new_tokens
+            )));
+        }
+        if let Some(cap) = s.kv_tokens.filter(|&cap| need > cap) {
+            return Err(ApiError::bad(format!(
+                "the prompt has {} tokens and max_tokens is {}: more than the KV cache budget of {cap} tokens",
+                prompt.ids.len(),
+                p.params.max_new_tokens
+            )));
+        }
     }
     let tag = match &p.adapter {
         Some(a) => {
@@ -116,37 +144,38 @@ pub async fn respond<B: GraftBackend>(
         model: p.model_name.clone(),
         system_fingerprint: tag.clone(),
     };
-    let (tx, rx) = unbounded_channel();
-    let req = Request {
-        prompt: ids,
-        adapter: p.adapter,
-        params: p.params,
-        events: tx,
-        deadline: Instant::now() + s.request_timeout,
-        submitted: Instant::now(),
-        id: header.id.clone(),
-        model: tag.clone(),
-        top_logprobs: p.top_logprobs,
-        score_prompt: matches!(
-            answer,
-            Answer::Completion {
-                logprobs: true,
-                echo: Some(_)
-            }
-        ),
-    };
-    // Counted before the engine can finish it (the engine decrements).
-    s.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
-    match s.engine.try_send(req) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
-            s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
-            s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError::TooManyRequests);
+    let score_prompt = matches!(
+        answer,
+        Answer::Completion {
+            logprobs: true,
+            echo: true
         }
-        Err(TrySendError::Disconnected(_)) => {
-            s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::Unavailable);
+    );
+    let mut choices = Vec::with_capacity(prompts.len() * p.n);
+    for (k, prompt) in prompts.iter().enumerate() {
+        for j in 0..p.n {
+            let (tx, rx) = unbounded_channel();
+            let mut params = p.params.clone();
+            params.seed = params.seed.map(|seed| seed.wrapping_add(j as u64));
+            let req = Request {
+                prompt: prompt.ids.clone(),
+                adapter: p.adapter.clone(),
+                params,
+                events: tx,
+                deadline: Instant::now() + s.request_timeout,
+                submitted: Instant::now(),
+                id: header.id.clone(),
+                model: tag.clone(),
+                top_logprobs: p.top_logprobs,
+                score_prompt,
+                user: p.user.clone(),
+            };
+            submit(&s, req)?;
+            choices.push(Choice {
+                index: k * p.n + j,
+                prompt: k,
+                events: rx,
+            });
         }
     }
     s.metrics.request_for(&p.model_name);
@@ -155,96 +184,218 @@ pub async fn respond<B: GraftBackend>(
     let request_id = HeaderValue::from_str(&header.id)
         .map_err(|e| ApiError::Internal(format!("request id header: {e}")))?;
     let mut resp = if p.stream {
-        stream(header, rx, chat)
+        stream(header, choices, chat, p.include_usage)
     } else {
-        collect(&s, header, rx, answer, p.top_logprobs).await?
+        collect(&s, header, choices, &prompts, answer, p.top_logprobs).await?
     };
     resp.headers_mut().insert("x-graft-adapter", adapter_header);
     resp.headers_mut().insert("x-request-id", request_id);
     Ok(resp)
 }
 
-/// Server-sent events: chat chunks (the first with the role) or text completion chunks; the
-/// last carries the finish reason and usage.
-fn stream(mut header: Header, rx: UnboundedReceiver<Event>, chat: bool) -> Response {
-    fn sse(v: &impl Serialize) -> Result<SseEvent, Infallible> {
-        Ok(SseEvent::default().data(serde_json::to_string(v).unwrap_or_default()))
+/// Queues one engine request (a full queue is 429).
+fn submit<B: GraftBackend>(s: &AppState<B>, req: Request<B>) -> Result<(), ApiError> {
+    // Counted before the engine can finish it (the engine decrements).
+    s.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
+    match s.engine.try_send(req) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(_)) => {
+            s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+            s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::TooManyRequests)
+        }
+        Err(TrySendError::Disconnected(_)) => {
+            s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+            Err(ApiError::Unavailable)
+        }
     }
+}
+
+/// Builds the streamed chunks of one answer.
+struct Chunks {
+    header: Header,
+    chat: bool,
+}
+
+impl Chunks {
+    fn event(v: &impl Serialize) -> SseEvent {
+        SseEvent::default().data(serde_json::to_string(v).unwrap_or_default())
+    }
+
+    fn chunk(
+        &self,
+        index: usize,
+        delta: Delta,
+        finish: Option<String>,
+        usage: Option<Usage>,
+    ) -> SseEvent {
+        if self.chat {
+            Self::event(&ChatCompletionChunk {
+                header: self.header.clone(),
+                choices: vec![ChunkChoice {
+                    index,
+                    delta,
+                    finish_reason: finish,
+                }],
+                usage,
+            })
+        } else {
+            Self::event(&TextCompletion {
+                header: self.header.clone(),
+                choices: vec![TextChoice {
+                    index,
+                    text: delta.content.unwrap_or_default(),
+                    finish_reason: finish,
+                    logprobs: None,
+                }],
+                usage,
+            })
+        }
+    }
+
+    /// A chat choice opens with the role and empty content.
+    fn role(&self, index: usize) -> SseEvent {
+        let delta = Delta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+        };
+        self.chunk(index, delta, None, None)
+    }
+
+    fn text(&self, index: usize, text: String) -> SseEvent {
+        let delta = Delta {
+            role: None,
+            content: Some(text),
+        };
+        self.chunk(index, delta, None, None)
+    }
+
+    fn finish(&self, index: usize, reason: &str, usage: Option<Usage>) -> SseEvent {
+        let delta = if self.chat {
+            Delta::default()
+        } else {
+            Delta {
+                role: None,
+                content: Some(String::new()),
+            }
+        };
+        self.chunk(index, delta, Some(reason.into()), usage)
+    }
+
+    /// `stream_options.include_usage`: no choices, the request's usage.
+    fn usage_only(&self, usage: Usage) -> SseEvent {
+        if self.chat {
+            Self::event(&ChatCompletionChunk {
+                header: self.header.clone(),
+                choices: Vec::new(),
+                usage: Some(usage),
+            })
+        } else {
+            Self::event(&TextCompletion {
+                header: self.header.clone(),
+                choices: Vec::new(),
+                usage: Some(usage),
+            })
+        }
+    }
+}
+
+/// Server-sent events: chat chunks (each choice opening with the role) or text completion
+/// chunks, each naming its choice; a choice's last chunk carries its finish reason, and the
+/// last of all the usage of the whole request (and, with `include_usage`, a chunk of its own
+/// follows). A task forwards the engine's events; when the client goes away it stops, which
+/// drops the engine's channels and frees the slots.
+fn stream(mut header: Header, choices: Vec<Choice>, chat: bool, include_usage: bool) -> Response {
     header.object = if chat {
         "chat.completion.chunk"
     } else {
         "text_completion"
     }
     .into();
-    let chat_chunk = |header: &Header, delta: Delta, finish: Option<String>, usage| {
-        sse(&ChatCompletionChunk {
-            header: header.clone(),
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason: finish,
-            }],
-            usage,
-        })
-    };
-    let text_chunk = |header: &Header, text: String, finish: Option<String>, usage| {
-        sse(&TextCompletion {
-            header: header.clone(),
-            choices: vec![TextChoice {
-                index: 0,
-                text,
-                finish_reason: finish,
-                logprobs: None,
-            }],
-            usage,
-        })
-    };
-    let first = chat.then(|| {
-        let delta = Delta {
-            role: Some("assistant".into()),
-            content: Some(String::new()),
-        };
-        chat_chunk(&header, delta, None, None)
-    });
-    let events = UnboundedReceiverStream::new(rx).filter_map(move |ev| match ev {
-        Event::PromptScores(_) => None,
-        Event::Token { text, .. } if text.is_empty() => None,
-        Event::Token { text, .. } if chat => {
-            let delta = Delta {
-                role: None,
-                content: Some(text),
-            };
-            Some(chat_chunk(&header, delta, None, None))
-        }
-        Event::Token { text, .. } => Some(text_chunk(&header, text, None, None)),
-        Event::Done {
-            finish_reason,
-            prompt_tokens,
-            completion_tokens,
-        } => {
-            let finish = Some(finish_reason.as_str().to_string());
-            let usage = Some(Usage::new(prompt_tokens, completion_tokens));
-            Some(if chat {
-                chat_chunk(&header, Delta::default(), finish, usage)
-            } else {
-                text_chunk(&header, String::new(), finish, usage)
-            })
-        }
-    });
-    let body = tokio_stream::iter(first)
-        .chain(events)
-        .chain(tokio_stream::once(Ok(SseEvent::default().data("[DONE]"))));
-    Sse::new(body).into_response()
+    let (tx, rx) = unbounded_channel();
+    tokio::spawn(forward(Chunks { header, chat }, choices, include_usage, tx));
+    Sse::new(UnboundedReceiverStream::new(rx)).into_response()
 }
 
-/// One JSON answer once the engine is done.
-async fn collect<B: GraftBackend>(
+async fn forward(
+    chunks: Chunks,
+    choices: Vec<Choice>,
+    include_usage: bool,
+    tx: UnboundedSender<Result<SseEvent, Infallible>>,
+) {
+    let send = |ev: SseEvent| tx.send(Ok(ev)).is_ok();
+    let total = choices.len();
+    // Prompt tokens count once per prompt, from its first choice.
+    let mut first_of_prompt = Vec::new();
+    let mut events = StreamMap::new();
+    for c in choices {
+        if chunks.chat && !send(chunks.role(c.index)) {
+            return;
+        }
+        if first_of_prompt.len() <= c.prompt {
+            first_of_prompt.push(c.index);
+        }
+        events.insert(c.index, UnboundedReceiverStream::new(c.events));
+    }
+    let (mut done, mut usage) = (0, Usage::new(0, 0));
+    loop {
+        let next = tokio::select! {
+            _ = tx.closed() => return,
+            next = events.next() => next,
+        };
+        let Some((index, ev)) = next else { break };
+        let out = match ev {
+            Event::PromptScores(_) => continue,
+            Event::Token { text, .. } if text.is_empty() => continue,
+            Event::Token { text, .. } => chunks.text(index, text),
+            Event::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                done += 1;
+                let prompt = if first_of_prompt.contains(&index) {
+                    prompt_tokens
+                } else {
+                    0
+                };
+                usage = Usage::new(
+                    usage.prompt_tokens + prompt,
+                    usage.completion_tokens + completion_tokens,
+                );
+                chunks.finish(
+                    index,
+                    finish_reason.as_str(),
+                    (done == total).then_some(usage),
+                )
+            }
+        };
+        if !send(out) {
+            return;
+        }
+    }
+    if include_usage && !send(chunks.usage_only(usage)) {
+        return;
+    }
+    let _ = send(SseEvent::default().data("[DONE]"));
+}
+
+/// What the engine produced for one choice.
+struct Outcome {
+    text: String,
+    prompt_scores: Vec<ScoredText>,
+    scores: Vec<ScoredText>,
+    finish: String,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+/// Reads one choice's events to the end.
+async fn gather<B: GraftBackend>(
     s: &AppState<B>,
-    header: Header,
     mut rx: UnboundedReceiver<Event>,
-    answer: Answer,
-    top: usize,
-) -> Result<Response, ApiError> {
+    logprobs: bool,
+) -> Result<Outcome, ApiError> {
     let named = |t: &TokenScore| ScoredText {
         token: s.tokenizer.decode(&[t.id], false).unwrap_or_default(),
         logprob: t.logprob,
@@ -258,21 +409,25 @@ async fn collect<B: GraftBackend>(
                 .collect(),
         ),
     };
-    let mut text = String::new();
-    let mut prompt_scores = Vec::new();
-    let mut scores = Vec::new();
-    let mut done = None;
+    let mut out = Outcome {
+        text: String::new(),
+        prompt_scores: Vec::new(),
+        scores: Vec::new(),
+        finish: String::new(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+    };
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::PromptScores(p) => prompt_scores = p.iter().map(named).collect(),
+            Event::PromptScores(p) => out.prompt_scores = p.iter().map(named).collect(),
             Event::Token {
                 score,
-                text: t,
+                text,
                 final_piece,
             } => {
-                text.push_str(&t);
-                if answer.logprobs() && !final_piece {
-                    scores.push(named(&score));
+                out.text.push_str(&text);
+                if logprobs && !final_piece {
+                    out.scores.push(named(&score));
                 }
             }
             Event::Done {
@@ -280,67 +435,111 @@ async fn collect<B: GraftBackend>(
                 prompt_tokens,
                 completion_tokens,
             } => {
-                done = Some((finish_reason, Usage::new(prompt_tokens, completion_tokens)));
-                break;
+                out.finish = finish_reason.as_str().into();
+                out.prompt_tokens = prompt_tokens;
+                out.completion_tokens = completion_tokens;
+                return Ok(out);
             }
         }
     }
-    let (finish, usage) =
-        done.ok_or_else(|| ApiError::Internal("the engine dropped a request".into()))?;
-    let finish = finish.as_str().to_string();
+    Err(ApiError::Internal("the engine dropped a request".into()))
+}
+
+/// One JSON answer once the engine is done with every choice.
+async fn collect<B: GraftBackend>(
+    s: &AppState<B>,
+    header: Header,
+    choices: Vec<Choice>,
+    prompts: &[PromptInput],
+    answer: Answer,
+    top: usize,
+) -> Result<Response, ApiError> {
+    let mut usage = Usage::new(0, 0);
+    let mut counted = vec![false; prompts.len()];
+    let mut outcomes = Vec::with_capacity(choices.len());
+    for c in choices {
+        // The engine runs every choice at once; reading them in turn only orders the answer.
+        let (index, prompt_index) = (c.index, c.prompt);
+        let o = gather(s, c.events, answer.logprobs()).await?;
+        let prompt = if std::mem::replace(&mut counted[prompt_index], true) {
+            0
+        } else {
+            o.prompt_tokens
+        };
+        usage = Usage::new(
+            usage.prompt_tokens + prompt,
+            usage.completion_tokens + o.completion_tokens,
+        );
+        outcomes.push(((index, prompt_index), o));
+    }
     Ok(match answer {
         Answer::Chat { logprobs } => {
-            let logprobs = logprobs.then(|| ChatLogprobs {
-                content: scores
-                    .into_iter()
-                    .map(|r| ChatTokenLogprob {
-                        bytes: r.token.as_bytes().to_vec(),
-                        token: r.token,
-                        logprob: r.logprob.unwrap_or_default(),
-                        top_logprobs: r
-                            .top
-                            .0
-                            .into_iter()
-                            .map(|(t, l)| TopLogprob::new(t, l))
-                            .collect(),
-                    })
-                    .collect(),
-            });
-            Json(ChatCompletion {
-                header,
-                choices: vec![ChatChoice {
-                    index: 0,
+            let choices = outcomes
+                .into_iter()
+                .map(|((index, _), o)| ChatChoice {
+                    index,
                     message: AssistantMessage {
                         role: "assistant".into(),
-                        content: text,
+                        content: o.text,
                     },
-                    finish_reason: finish,
-                    logprobs,
-                }],
+                    finish_reason: o.finish,
+                    logprobs: logprobs.then(|| chat_logprobs(o.scores)),
+                })
+                .collect();
+            Json(ChatCompletion {
+                header,
+                choices,
                 usage,
             })
             .into_response()
         }
         Answer::Completion { logprobs, echo } => {
-            let logprobs = logprobs.then(|| {
-                let mut rows = prompt_scores;
-                rows.extend(scores);
-                CompletionLogprobs::new(&rows, top)
-            });
-            if let Some(prompt) = echo {
-                text = format!("{prompt}{text}");
-            }
+            let choices = outcomes
+                .into_iter()
+                .map(|((index, prompt), o)| {
+                    let logprobs = logprobs.then(|| {
+                        let mut rows = o.prompt_scores;
+                        rows.extend(o.scores);
+                        CompletionLogprobs::new(&rows, top)
+                    });
+                    let text = if echo {
+                        format!("{}{}", prompts[prompt].text, o.text)
+                    } else {
+                        o.text
+                    };
+                    TextChoice {
+                        index,
+                        text,
+                        finish_reason: Some(o.finish),
+                        logprobs,
+                    }
+                })
+                .collect();
             Json(TextCompletion {
                 header,
-                choices: vec![TextChoice {
-                    index: 0,
-                    text,
-                    finish_reason: Some(finish),
-                    logprobs,
-                }],
+                choices,
                 usage: Some(usage),
             })
             .into_response()
         }
     })
+}
+
+fn chat_logprobs(scores: Vec<ScoredText>) -> ChatLogprobs {
+    ChatLogprobs {
+        content: scores
+            .into_iter()
+            .map(|r| ChatTokenLogprob {
+                bytes: r.token.as_bytes().to_vec(),
+                token: r.token,
+                logprob: r.logprob.unwrap_or_default(),
+                top_logprobs: r
+                    .top
+                    .0
+                    .into_iter()
+                    .map(|(t, l)| TopLogprob::new(t, l))
+                    .collect(),
+            })
+            .collect(),
+    }
 }

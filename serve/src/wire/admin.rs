@@ -87,6 +87,41 @@ pub struct UnloadResponse {
     pub unloaded: bool,
 }
 
+/// vLLM's `POST /tokenize`: a prompt, or messages rendered with the chat template.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizeRequest {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<super::ChatMessage>>,
+    /// Default: true for a prompt, false for messages (the template writes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add_special_tokens: Option<bool>,
+    /// With messages: end with the assistant's turn opening. Default: true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub add_generation_prompt: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+}
+
+/// vLLM's `POST /detokenize`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: String,
+    pub tokens: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}
+
 /// OpenAI's error body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorResponse {

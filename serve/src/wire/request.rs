@@ -2,6 +2,8 @@
 //! `ignore_eos`). Unknown fields are ignored, as OpenAI-compatible servers do, so clients that
 //! send newer options still work; a known field with a bad value is refused naming it.
 
+use std::collections::BTreeMap;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +65,18 @@ pub struct Sampling {
     /// vLLM's extension: divide the logits of tokens already seen by this (>1 repeats less).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repetition_penalty: Option<f32>,
+    /// OpenAI: subtracted once from the logit of every token already generated (-2 to 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    /// OpenAI: subtracted per time a token was generated (-2 to 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    /// OpenAI: token id (as a string) → bias added to its logit (-100 to 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// vLLM: no end of sequence before this many tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tokens: Option<usize>,
     /// Same seed, same output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
@@ -72,12 +86,25 @@ pub struct Sampling {
     /// Answer as server-sent events.
     #[serde(default)]
     pub stream: bool,
-    /// Choices per request; only 1.
+    /// Choices per prompt (1 to 16); with a seed, choice i samples with seed + i.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub n: Option<usize>,
+    /// With `stream`: `include_usage` adds a last chunk with no choices and the usage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// OpenAI: an id of the end user, written to the request log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     /// vLLM's extension: generate `max_tokens` tokens even past EOS (benchmarks).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ignore_eos: bool,
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 /// `stop`: a string or a list of strings.
@@ -159,21 +186,19 @@ pub struct CompletionFields {
     pub echo: bool,
 }
 
-/// `prompt`: a string, or a list holding one string.
+/// `prompt`: a string, or a list of strings (one choice set per prompt).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged, expecting = "a string or a list of one string")]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum Prompt {
     One(String),
     Many(Vec<String>),
 }
 
 impl Prompt {
-    /// The one prompt text, if there is exactly one.
-    pub fn single(self) -> Option<String> {
+    pub fn into_vec(self) -> Vec<String> {
         match self {
-            Prompt::One(s) => Some(s),
-            Prompt::Many(v) if v.len() == 1 => v.into_iter().next(),
-            Prompt::Many(_) => None,
+            Prompt::One(s) => vec![s],
+            Prompt::Many(v) => v,
         }
     }
 }
