@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use graft_core::backend::GraftBackend;
+use graft_core::generation::constraint::Constraint;
 use graft_core::generation::generate::{Decoder, FinishReason, Step};
 use graft_core::generation::sampling::SamplingParams;
 use graft_core::model::{Logits, Model, SeqCache, SeqInput};
@@ -67,6 +68,8 @@ pub struct Request<B: GraftBackend> {
     pub score_prompt: bool,
     /// The end user the client named (OpenAI's `user`), for the log.
     pub user: Option<String>,
+    /// What the output must match (structured outputs).
+    pub constraint: Option<Constraint>,
 }
 
 impl<B: GraftBackend> Request<B> {
@@ -152,7 +155,7 @@ fn admit<B: GraftBackend>(
         } else {
             rx.try_recv().ok()
         };
-        let Some(req) = next else { break };
+        let Some(mut req) = next else { break };
         if req.events.is_closed() {
             metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
             continue;
@@ -168,9 +171,10 @@ fn admit<B: GraftBackend>(
             *held = Some(req);
             break;
         }
+        let constraint = req.constraint.take();
         active.push(Active {
             cache: SeqCache::new(),
-            decoder: Decoder::new(&req.prompt, &req.params, tokenizer),
+            decoder: Decoder::new(&req.prompt, &req.params, tokenizer).with_constraint(constraint),
             next: req.prompt.clone(),
             prefill: true,
             last_token_at: None,
@@ -248,15 +252,16 @@ fn sample<B: GraftBackend>(
     let mut row = last.to_vec();
     let lse = log_sum_exp(&row);
     let top = top_k(&row, a.req.top_logprobs, lse);
-    let step = a.decoder.step(&mut row, tokenizer).unwrap_or(
-        // Undecodable output ends the request rather than the server.
+    let step = a.decoder.step(&mut row, tokenizer).unwrap_or_else(|e| {
+        // Undecodable output or a failed constraint ends the request, not the server.
+        tracing::warn!(event = "decode_failed", request_id = %a.req.id, error = %e, "{e}");
         Step {
             id: 0,
             is_token: false,
             text: String::new(),
             finish: Some(FinishReason::Stop),
-        },
-    );
+        }
+    });
     match a.last_token_at {
         None => metrics
             .ttft

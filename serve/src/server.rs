@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use graft_core::backend::GraftBackend;
 use graft_core::device::{run_on, OnDevice};
+use graft_core::generation::constraint::GrammarCompiler;
 use graft_core::load::{load, LoadOptions, ModelSource};
 use graft_core::text::chat::ChatTemplate;
 
@@ -85,6 +86,10 @@ where
         .served_model_name
         .clone()
         .unwrap_or_else(|| default_name(&model_arg));
+    let grammars = GrammarCompiler::new(&tokenizer, loaded.model.config.vocab_size).map_err(|e| {
+        tracing::warn!(event = "structured_outputs_unavailable", error = %e, "{e}");
+        e.to_string()
+    });
     let model = Arc::new(loaded.model);
     let registry = Arc::new(Registry::new(
         base_name.clone(),
@@ -119,6 +124,7 @@ where
         model,
         tokenizer,
         template,
+        grammars,
         registry,
         engine: tx,
         base_name,

@@ -6,6 +6,7 @@ use crate::backend::GraftBackend;
 use std::time::Instant;
 
 use crate::adapters::lora::Adapter;
+use crate::generation::constraint::Constraint;
 use crate::generation::sampling::{Sampler, SamplingParams};
 use crate::model::{Logits, Model, SeqCache, SeqInput};
 use crate::text::tokenizer::TokenizerBundle;
@@ -63,6 +64,8 @@ pub enum GenerateError {
     Params(#[from] crate::generation::sampling::SamplingError),
     #[error(transparent)]
     Decode(#[from] crate::text::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Constraint(#[from] crate::generation::constraint::ConstraintError),
 }
 
 /// Generates a continuation of `prompt`.
@@ -173,6 +176,8 @@ pub struct Decoder {
     max_new: usize,
     /// End-of-sequence and stop ids are masked until this many tokens are out.
     min_new: usize,
+    /// What the output must match (structured outputs), if anything.
+    constraint: Option<Constraint>,
 }
 
 impl Decoder {
@@ -191,7 +196,14 @@ impl Decoder {
             stop_ids,
             max_new: params.max_new_tokens,
             min_new: params.min_tokens,
+            constraint: None,
         }
+    }
+
+    /// Only outputs `constraint` accepts; generation ends when one is complete.
+    pub fn with_constraint(mut self, constraint: Option<Constraint>) -> Self {
+        self.constraint = constraint;
+        self
     }
 
     /// Samples the next token from `row` (the sampler may modify it) and advances.
@@ -203,6 +215,9 @@ impl Decoder {
         row: &mut [f32],
         tokenizer: &TokenizerBundle,
     ) -> Result<Step, GenerateError> {
+        if let Some(c) = &mut self.constraint {
+            c.mask(row)?;
+        }
         if self.generated.len() < self.min_new {
             for &t in &self.stop_ids {
                 if let Some(l) = row.get_mut(t as usize) {
@@ -221,11 +236,18 @@ impl Decoder {
             });
         }
         self.generated.push(id);
+        let complete = match &mut self.constraint {
+            Some(c) => {
+                c.advance(id)?;
+                c.is_finished()
+            }
+            None => false,
+        };
         let full = tokenizer
             .decode(&self.generated, true)
             .map_err(GenerateError::Decode)?;
         let (text, stopped) = self.stream.push(&full);
-        let finish = if stopped {
+        let finish = if stopped || complete {
             Some(FinishReason::Stop)
         } else if self.generated.len() >= self.max_new {
             Some(FinishReason::Length)

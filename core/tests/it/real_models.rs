@@ -28,7 +28,7 @@ fn model_path(file: &str, fetch: &str) -> PathBuf {
     p
 }
 
-fn gemma3() -> &'static LoadedModel<B> {
+pub fn gemma3() -> &'static LoadedModel<B> {
     static M: OnceLock<LoadedModel<B>> = OnceLock::new();
     M.get_or_init(|| {
         let p = model_path("gemma-3-270m-Q4_K_M.gguf", "gemma3");

@@ -14,7 +14,7 @@ use graft_core::generation::sampling::SamplingParams;
 use graft_core::text::chat::Message;
 
 use super::respond::{respond, Answer, Prepared, PromptInput};
-use super::{check_key, ApiError, AppState};
+use super::{check_key, structured, ApiError, AppState};
 use crate::registry::Lookup;
 use crate::wire::{ChatCompletionRequest, CompletionRequest, Sampling};
 
@@ -65,6 +65,10 @@ where
     B::Device: Send + Sync,
 {
     let adapter = resolve(s, &sp.model).await?;
+    let constraint = match structured::requested(&sp)? {
+        Some((grammar, param)) => Some(structured::compile(s, grammar, param).await?),
+        None => None,
+    };
     let n = sp.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
         return Err(ApiError::bad_field(
@@ -126,6 +130,7 @@ where
         n,
         top_logprobs: 0,
         user: sp.user,
+        constraint,
     })
 }
 

@@ -6,6 +6,7 @@ mod admin;
 mod error;
 mod inference;
 mod respond;
+mod structured;
 mod tokens;
 
 pub use error::ApiError;
@@ -18,6 +19,7 @@ use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::Router;
 use graft_core::backend::GraftBackend;
+use graft_core::generation::constraint::GrammarCompiler;
 use graft_core::model::Model;
 use graft_core::text::chat::ChatTemplate;
 use graft_core::text::tokenizer::TokenizerBundle;
@@ -32,6 +34,8 @@ pub struct AppState<B: GraftBackend> {
     pub tokenizer: Arc<TokenizerBundle>,
     /// For chat requests; None answers them with 400.
     pub template: Option<ChatTemplate>,
+    /// Compiles structured-output grammars for the model's vocabulary (or why it cannot).
+    pub grammars: Result<GrammarCompiler, String>,
     pub registry: Arc<Registry<B>>,
     /// The engine's queue (bounded: a full queue answers 429).
     pub engine: SyncSender<Request<B>>,

@@ -15,6 +15,7 @@ use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use graft_core::backend::GraftBackend;
+use graft_core::generation::constraint::Constraint;
 use graft_core::generation::sampling::SamplingParams;
 use serde::Serialize;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -46,6 +47,8 @@ pub struct Prepared<B: GraftBackend> {
     pub top_logprobs: usize,
     /// The end user, for the request log.
     pub user: Option<String>,
+    /// Structured output: what every choice must match.
+    pub constraint: Option<Constraint>,
 }
 
 /// One prompt: its tokens and its text (put before the completion with `echo`).
@@ -169,6 +172,7 @@ pub async fn respond<B: GraftBackend>(
                 top_logprobs: p.top_logprobs,
                 score_prompt,
                 user: p.user.clone(),
+                constraint: p.constraint.as_ref().map(Constraint::fork),
             };
             submit(&s, req)?;
             choices.push(Choice {

@@ -600,6 +600,32 @@ fn the_openai_python_client_streams_a_chat_completion_from_an_adapter() {
 }
 
 #[test]
+fn fifty_schema_constrained_answers_through_the_openai_client_all_validate() {
+    let python = graft_core::cache::cache_dir().join("venv-tools/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/prepare-test-models.sh",
+        python.display()
+    );
+    let s = start(&[]);
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/structured.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([s.url.as_str(), "smollm2", "50"])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json line");
+    assert_eq!(v["requests"], 50);
+    assert_eq!(v["valid"], 50, "{v}");
+    assert_eq!(v["finish_reasons"], json!({"stop": 50}), "{v}");
+}
+
+#[test]
 fn more_adapters_than_the_memory_budget_are_evicted_and_reloaded_on_demand() {
     let dir = tempfile::tempdir().expect("temp dir");
     let strong = strong_adapter(dir.path());
