@@ -562,25 +562,20 @@ fn hot_swaps_while_8_clients_stream_fail_no_request() {
     assert!(tags.iter().any(|t| t == "smollm2"));
 }
 
-#[test]
-fn the_openai_python_client_streams_a_chat_completion_from_an_adapter() {
+/// Runs a client script from `tests/clients` with the tools venv's Python; its one JSON line.
+fn python_client(script: &str, args: &[&str]) -> Value {
     let python = graft_core::cache::cache_dir().join("venv-tools/bin/python");
     assert!(
         python.is_file(),
         "{} is missing: run scripts/prepare-test-models.sh",
         python.display()
     );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let s = start(&[
-        "--adapter",
-        &format!("tuned={}", strong_adapter(dir.path()).display()),
-        "--api-key",
-        "k",
-    ]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_stream.py");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
     let out = Command::new(python)
         .arg(script)
-        .args([s.url.as_str(), "tuned", "k"])
+        .args(args)
         .output()
         .expect("run python");
     assert!(
@@ -588,7 +583,19 @@ fn the_openai_python_client_streams_a_chat_completion_from_an_adapter() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json line");
+    serde_json::from_slice(&out.stdout).expect("json line")
+}
+
+#[test]
+fn the_openai_python_client_streams_a_chat_completion_from_an_adapter() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = start(&[
+        "--adapter",
+        &format!("tuned={}", strong_adapter(dir.path()).display()),
+        "--api-key",
+        "k",
+    ]);
+    let v = python_client("openai_stream.py", &[s.url.as_str(), "tuned", "k"]);
     assert_eq!(v["models"], json!(["smollm2", "tuned"]));
     assert!(!v["streamed"].as_str().expect("text").is_empty());
     assert_eq!(
@@ -601,25 +608,8 @@ fn the_openai_python_client_streams_a_chat_completion_from_an_adapter() {
 
 #[test]
 fn fifty_schema_constrained_answers_through_the_openai_client_all_validate() {
-    let python = graft_core::cache::cache_dir().join("venv-tools/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run scripts/prepare-test-models.sh",
-        python.display()
-    );
     let s = start(&[]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/structured.py");
-    let out = Command::new(python)
-        .arg(script)
-        .args([s.url.as_str(), "smollm2", "50"])
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json line");
+    let v = python_client("structured.py", &[s.url.as_str(), "smollm2", "50"]);
     assert_eq!(v["requests"], 50);
     assert_eq!(v["valid"], 50, "{v}");
     assert_eq!(v["finish_reasons"], json!({"stop": 50}), "{v}");
