@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// max_tokens); requests that do not fit wait. Default: unlimited.
     #[arg(long)]
     pub kv_cache_tokens: Option<usize>,
+    /// Tokens of recent prompts kept so that requests starting the same way (a shared system
+    /// prompt) prefill only the rest; 0 disables prefix caching.
+    #[arg(long, default_value_t = 4096)]
+    pub prefix_cache_tokens: usize,
     /// Largest max_tokens a request may ask for.
     #[arg(long, default_value_t = 4096)]
     pub max_tokens_limit: usize,

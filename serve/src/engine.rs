@@ -24,6 +24,7 @@ use graft_core::text::tokenizer::TokenizerBundle;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
+use crate::prefix_cache::{CacheKey, PrefixCache};
 use crate::registry::AdapterEntry;
 use crate::scoring::{log_sum_exp, top_k, TokenScore};
 
@@ -86,6 +87,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// KV cache budget in tokens over all running requests (None: unlimited).
     pub kv_tokens: Option<usize>,
+    /// Tokens of recent prompts kept for reuse by requests that start the same way (0: off).
+    pub prefix_cache_tokens: usize,
 }
 
 struct Active<B: GraftBackend> {
@@ -109,8 +112,18 @@ pub fn run<B: GraftBackend>(
 ) {
     let mut active: Vec<Active<B>> = Vec::new();
     let mut held: Option<Request<B>> = None;
+    let mut prefixes = PrefixCache::new(config.prefix_cache_tokens);
     loop {
-        if !admit(&mut active, &mut held, &rx, config, &metrics, &tokenizer) {
+        let admitted = admit(
+            &mut active,
+            &mut held,
+            &rx,
+            config,
+            &metrics,
+            &tokenizer,
+            &mut prefixes,
+        );
+        if !admitted {
             return;
         }
         active.retain(|a| {
@@ -126,7 +139,7 @@ pub fn run<B: GraftBackend>(
         metrics
             .batch_size
             .store(active.len() as u64, Ordering::Relaxed);
-        let finished = step(&model, &tokenizer, &mut active, &metrics);
+        let finished = step(&model, &tokenizer, &mut active, &metrics, &mut prefixes);
         for i in finished.into_iter().rev() {
             active.swap_remove(i);
         }
@@ -142,6 +155,7 @@ fn admit<B: GraftBackend>(
     config: EngineConfig,
     metrics: &Metrics,
     tokenizer: &TokenizerBundle,
+    prefixes: &mut PrefixCache<B>,
 ) -> bool {
     while active.len() < config.max_batch.max(1) {
         let next = if let Some(r) = held.take() {
@@ -172,10 +186,24 @@ fn admit<B: GraftBackend>(
             break;
         }
         let constraint = req.constraint.take();
+        // Scoring needs logits at every prompt position: it always prefills in full.
+        let reused = (!req.score_prompt)
+            .then(|| prefixes.lookup(&cache_key(&req), &req.prompt))
+            .flatten();
+        let (cache, next) = match reused {
+            Some((cache, n)) => {
+                metrics.prefix_cache_hits.fetch_add(1, Ordering::Relaxed);
+                metrics
+                    .prefix_cache_tokens
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                (cache, req.prompt[n..].to_vec())
+            }
+            None => (SeqCache::new(), req.prompt.clone()),
+        };
         active.push(Active {
-            cache: SeqCache::new(),
+            cache,
             decoder: Decoder::new(&req.prompt, &req.params, tokenizer).with_constraint(constraint),
-            next: req.prompt.clone(),
+            next,
             prefill: true,
             last_token_at: None,
             req,
@@ -191,6 +219,7 @@ fn step<B: GraftBackend>(
     tokenizer: &TokenizerBundle,
     active: &mut [Active<B>],
     metrics: &Metrics,
+    prefixes: &mut PrefixCache<B>,
 ) -> Vec<usize> {
     let scoring: Vec<bool> = active
         .iter()
@@ -221,6 +250,9 @@ fn step<B: GraftBackend>(
         let n_rows = if scoring[i] { a.next.len() } else { 1 };
         let mine = &rows[at * vocab..(at + n_rows) * vocab];
         at += n_rows;
+        if a.prefill {
+            prefixes.insert(cache_key(&a.req), &a.req.prompt, &a.cache);
+        }
         a.prefill = false;
         if scoring[i] {
             let scores = score_rows(&a.req.prompt, mine, vocab, a.req.top_logprobs);
@@ -238,6 +270,11 @@ fn step<B: GraftBackend>(
         }
     }
     finished
+}
+
+/// The weights a request's keys and values depend on: the base or its adapter version.
+fn cache_key<B: GraftBackend>(req: &Request<B>) -> CacheKey {
+    req.adapter.as_ref().map(|a| (a.name.clone(), a.version))
 }
 
 /// Samples the next token of `a` from its last logits row and reports it. Returns the finish

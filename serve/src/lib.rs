@@ -8,6 +8,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod metrics;
+pub mod prefix_cache;
 pub mod registry;
 pub mod scoring;
 pub mod server;

@@ -73,6 +73,9 @@ pub struct Metrics {
     pub batch_size: AtomicU64,
     pub adapter_loads: AtomicU64,
     pub adapter_unloads: AtomicU64,
+    /// Requests that started from a kept prompt prefix, and the prompt tokens not recomputed.
+    pub prefix_cache_hits: AtomicU64,
+    pub prefix_cache_tokens: AtomicU64,
     pub ttft: Histogram,
     pub itl: Histogram,
     pub adapter_load_secs: Histogram,
@@ -90,6 +93,8 @@ impl Default for Metrics {
             batch_size: AtomicU64::new(0),
             adapter_loads: AtomicU64::new(0),
             adapter_unloads: AtomicU64::new(0),
+            prefix_cache_hits: AtomicU64::new(0),
+            prefix_cache_tokens: AtomicU64::new(0),
             ttft: Histogram::new(LATENCY_BOUNDS),
             itl: Histogram::new(LATENCY_BOUNDS),
             adapter_load_secs: Histogram::new(LATENCY_BOUNDS),
@@ -154,6 +159,18 @@ impl Metrics {
             "graft_prompt_tokens_total",
             "Prompt tokens processed.",
             self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_prefix_cache_hits_total",
+            "Requests that reused a kept prompt prefix.",
+            self.prefix_cache_hits.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_prefix_cache_hit_tokens_total",
+            "Prompt tokens taken from the prefix cache instead of computed.",
+            self.prefix_cache_tokens.load(Ordering::Relaxed),
         );
         gauge(
             &mut out,

@@ -13,6 +13,7 @@ use graft_core::device::{run_on, OnDevice};
 use graft_core::generation::constraint::GrammarCompiler;
 use graft_core::load::{load, LoadOptions, ModelSource};
 use graft_core::text::chat::ChatTemplate;
+use graft_core::text::tool_calls::ToolFormat;
 
 use crate::config::ServeArgs;
 use crate::engine::EngineConfig;
@@ -69,19 +70,21 @@ where
     let tokenizer = loaded
         .tokenizer
         .ok_or_else(|| anyhow!("model '{model_arg}' has no tokenizer"))?;
-    let template = graft_core::text::chat::choose_template(
+    let template_source = graft_core::text::chat::choose_template(
         args.chat_template.as_deref(),
         tokenizer.chat_template.as_deref(),
     )
-    .map_err(|e| anyhow!("--chat-template: {e}"))?
-    .map(|t| {
-        ChatTemplate::new(
-            &t,
-            tokenizer.bos_token.as_deref(),
-            tokenizer.eos_token.as_deref(),
-        )
-    })
-    .transpose()?;
+    .map_err(|e| anyhow!("--chat-template: {e}"))?;
+    let tool_format = ToolFormat::for_template(template_source.as_deref().unwrap_or_default());
+    let template = template_source
+        .map(|t| {
+            ChatTemplate::new(
+                &t,
+                tokenizer.bos_token.as_deref(),
+                tokenizer.eos_token.as_deref(),
+            )
+        })
+        .transpose()?;
     let base_name = args
         .served_model_name
         .clone()
@@ -108,6 +111,7 @@ where
         let config = EngineConfig {
             max_batch: args.max_batch,
             kv_tokens: args.kv_cache_tokens,
+            prefix_cache_tokens: args.prefix_cache_tokens,
         };
         std::thread::Builder::new()
             .name("graft-engine".into())
@@ -125,6 +129,7 @@ where
         tokenizer,
         template,
         grammars,
+        tool_format,
         registry,
         engine: tx,
         base_name,

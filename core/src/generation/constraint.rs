@@ -20,7 +20,7 @@ use crate::text::tokenizer::TokenizerBundle;
 const JSON_WHITESPACE: &str = r"[\x20\x0A\x0D\x09]{1,32}";
 
 /// A schema with graft's whitespace bound, unless it sets llguidance's options itself.
-fn with_json_defaults(mut schema: Value) -> Value {
+pub(crate) fn with_json_defaults(mut schema: Value) -> Value {
     if let Some(o) = schema.as_object_mut() {
         o.entry("x-guidance")
             .or_insert_with(|| serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}));

@@ -61,6 +61,31 @@ impl<B: GraftBackend> SeqCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The cache of the first `n` tokens (keys and values of a position depend only on the
+    /// tokens up to it, so this is what those tokens alone would have made).
+    ///
+    /// # Panics
+    /// If `n` exceeds [`SeqCache::len`].
+    pub fn prefix(&self, n: usize) -> SeqCache<B> {
+        assert!(
+            n <= self.len,
+            "prefix of {n} tokens from a cache of {}",
+            self.len
+        );
+        let cut = |t: &Tensor<B, 3>| {
+            let [h, _, d] = t.dims();
+            t.clone().slice([0..h, 0..n, 0..d])
+        };
+        SeqCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|(k, v)| (cut(k), cut(v))))
+                .collect(),
+            len: n,
+        }
+    }
 }
 
 /// One sequence's part of a forward call.

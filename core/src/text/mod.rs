@@ -3,3 +3,4 @@
 
 pub mod chat;
 pub mod tokenizer;
+pub mod tool_calls;

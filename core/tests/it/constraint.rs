@@ -5,6 +5,7 @@
 
 use graft_core::generation::constraint::{ConstraintError, Grammar, GrammarCompiler};
 use graft_core::load::LoadedModel;
+use graft_core::text::tool_calls::{ToolFormat, ToolSpec};
 use serde_json::{json, Value};
 
 use crate::B;
@@ -108,6 +109,31 @@ fn check_all(model: &LoadedModel<B>) {
         text.starts_with('x') && text[1..].chars().all(|c| c == 'y'),
         "{text:?}"
     );
+    // A forced tool call in either format parses back into a call of a listed tool.
+    let tools = vec![
+        ToolSpec {
+            name: "get_weather".into(),
+            parameters: json!({"type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+            "additionalProperties": false}),
+        },
+        ToolSpec {
+            name: "noop".into(),
+            parameters: json!({"type": "object", "properties": {},
+            "additionalProperties": false}),
+        },
+    ];
+    for format in [ToolFormat::Hermes, ToolFormat::Llama3Json] {
+        for (seed, name) in [(1, None), (2, Some("noop"))] {
+            let text = drive(model, &compiler, &format.grammar(&tools, name), seed);
+            let (_, calls) = format.parse(&text);
+            assert_eq!(calls.len(), 1, "{format:?}: {text:?}");
+            assert!(tools.iter().any(|t| t.name == calls[0].name), "{text:?}");
+            if let Some(n) = name {
+                assert_eq!(calls[0].name, n);
+            }
+        }
+    }
     // Any object: noise never ends one, so only check that it starts as one.
     let mut c = compiler.compile(&Grammar::JsonObject).expect("valid");
     let mut row = vec![0.0f32; model.model.config.vocab_size];

@@ -144,12 +144,11 @@ fn body(args: &BenchArgs, model: &str, max_tokens: usize) -> Value {
             ..Sampling::default()
         },
         fields: ChatFields {
-            messages: vec![ChatMessage {
-                role: Role::User,
-                content: args.prompt.clone(),
-            }],
+            messages: vec![ChatMessage::text(Role::User, args.prompt.clone())],
             logprobs: false,
             top_logprobs: None,
+            tools: None,
+            tool_choice: None,
         },
     };
     let mut body = serde_json::to_value(&request).unwrap_or_default();

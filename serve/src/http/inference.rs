@@ -11,10 +11,9 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use graft_core::backend::GraftBackend;
 use graft_core::generation::sampling::SamplingParams;
-use graft_core::text::chat::Message;
 
 use super::respond::{respond, Answer, Prepared, PromptInput};
-use super::{check_key, structured, ApiError, AppState};
+use super::{check_key, structured, tools, ApiError, AppState};
 use crate::registry::Lookup;
 use crate::wire::{ChatCompletionRequest, CompletionRequest, Sampling};
 
@@ -226,14 +225,26 @@ where
              --chat-template",
         )
     })?;
-    let messages: Vec<Message> = b
-        .messages
-        .into_iter()
-        .map(|m| Message::new(m.role.as_str(), m.content))
-        .collect();
-    let text = template
-        .render(&messages, true)
-        .map_err(|e| ApiError::bad_field("messages", e.to_string()))?;
+    let plan = tools::plan(&b, s.tool_format)?;
+    if let Some(grammar) = plan.grammar {
+        if p.constraint.is_some() {
+            return Err(ApiError::bad_field(
+                "tool_choice",
+                "a forced tool call cannot be combined with a structured output",
+            ));
+        }
+        p.constraint = Some(structured::compile(&s, grammar, "tool_choice").await?);
+    }
+    let rendered = if plan.rendered.is_some() || tools::uses_tools(&b.messages) {
+        template.render_json(
+            &tools::template_messages(&b.messages)?,
+            plan.rendered.as_ref(),
+            true,
+        )
+    } else {
+        template.render(&tools::plain_messages(&b.messages)?, true)
+    };
+    let text = rendered.map_err(|e| ApiError::bad_field("messages", e.to_string()))?;
     let ids = s.tokenizer.encode(&text, false).map_err(|e| {
         ApiError::bad_field("messages", format!("cannot tokenize the messages: {e}"))
     })?;
@@ -243,6 +254,7 @@ where
         vec![PromptInput { ids, text }],
         Answer::Chat {
             logprobs: b.logprobs,
+            tools: plan.parse,
         },
     )
     .await

@@ -8,6 +8,7 @@ mod inference;
 mod respond;
 mod structured;
 mod tokens;
+mod tools;
 
 pub use error::ApiError;
 
@@ -23,6 +24,7 @@ use graft_core::generation::constraint::GrammarCompiler;
 use graft_core::model::Model;
 use graft_core::text::chat::ChatTemplate;
 use graft_core::text::tokenizer::TokenizerBundle;
+use graft_core::text::tool_calls::ToolFormat;
 
 use crate::engine::Request;
 use crate::metrics::Metrics;
@@ -36,6 +38,8 @@ pub struct AppState<B: GraftBackend> {
     pub template: Option<ChatTemplate>,
     /// Compiles structured-output grammars for the model's vocabulary (or why it cannot).
     pub grammars: Result<GrammarCompiler, String>,
+    /// How the model writes tool calls (from its chat template).
+    pub tool_format: ToolFormat,
     pub registry: Arc<Registry<B>>,
     /// The engine's queue (bounded: a full queue answers 429).
     pub engine: SyncSender<Request<B>>,

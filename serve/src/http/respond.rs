@@ -17,19 +17,20 @@ use axum::Json;
 use graft_core::backend::GraftBackend;
 use graft_core::generation::constraint::Constraint;
 use graft_core::generation::sampling::SamplingParams;
+use graft_core::text::tool_calls::ToolFormat;
 use serde::Serialize;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
 
-use super::{now_secs, ApiError, AppState};
+use super::{now_secs, tools, ApiError, AppState};
 use crate::engine::{Event, Request};
 use crate::registry::AdapterEntry;
 use crate::scoring::TokenScore;
 use crate::wire::{
     Alternatives, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
     ChatTokenLogprob, ChunkChoice, CompletionLogprobs, Delta, Header, ScoredText, TextChoice,
-    TextCompletion, TopLogprob, Usage,
+    TextCompletion, ToolCall, ToolCallDelta, TopLogprob, Usage,
 };
 
 /// A checked request, ready but for its tokens.
@@ -61,6 +62,8 @@ pub struct PromptInput {
 pub enum Answer {
     Chat {
         logprobs: bool,
+        /// Parse tool calls out of the answer, written in this format.
+        tools: Option<ToolFormat>,
     },
     Completion {
         logprobs: bool,
@@ -76,7 +79,7 @@ impl Answer {
 
     fn logprobs(&self) -> bool {
         match self {
-            Answer::Chat { logprobs } | Answer::Completion { logprobs, .. } => *logprobs,
+            Answer::Chat { logprobs, .. } | Answer::Completion { logprobs, .. } => *logprobs,
         }
     }
 }
@@ -187,8 +190,12 @@ pub async fn respond<B: GraftBackend>(
         .map_err(|e| ApiError::Internal(format!("adapter tag header: {e}")))?;
     let request_id = HeaderValue::from_str(&header.id)
         .map_err(|e| ApiError::Internal(format!("request id header: {e}")))?;
+    let tools = match answer {
+        Answer::Chat { tools, .. } => tools,
+        Answer::Completion { .. } => None,
+    };
     let mut resp = if p.stream {
-        stream(header, choices, chat, p.include_usage)
+        stream(header, choices, chat, tools, p.include_usage)
     } else {
         collect(&s, header, choices, &prompts, answer, p.top_logprobs).await?
     };
@@ -219,6 +226,35 @@ fn submit<B: GraftBackend>(s: &AppState<B>, req: Request<B>) -> Result<(), ApiEr
 struct Chunks {
     header: Header,
     chat: bool,
+}
+
+/// A streamed chat choice that may call tools: text that is (or may become) a call is held
+/// back until the choice ends, then sent as `delta.tool_calls` (or as text after all).
+#[derive(Default)]
+struct ToolStream {
+    text: String,
+    /// Bytes of `text` already sent as content.
+    sent: usize,
+}
+
+impl ToolStream {
+    /// The text that can go out now.
+    fn push(&mut self, piece: &str, format: ToolFormat) -> Option<String> {
+        self.text.push_str(piece);
+        let until = format
+            .hold_from(&self.text)
+            .unwrap_or(self.text.len())
+            .max(self.sent);
+        let out = self.text[self.sent..until].to_string();
+        self.sent = until;
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// At the end: remaining text and the calls in the held part.
+    fn finish(self, format: ToolFormat) -> (Option<String>, Vec<ToolCall>) {
+        let (content, calls) = format.parse(&self.text[self.sent..]);
+        (content, tools::wire_calls(calls))
+    }
 }
 
 impl Chunks {
@@ -262,6 +298,7 @@ impl Chunks {
         let delta = Delta {
             role: Some("assistant".into()),
             content: Some(String::new()),
+            tool_calls: None,
         };
         self.chunk(index, delta, None, None)
     }
@@ -270,6 +307,7 @@ impl Chunks {
         let delta = Delta {
             role: None,
             content: Some(text),
+            tool_calls: None,
         };
         self.chunk(index, delta, None, None)
     }
@@ -281,9 +319,30 @@ impl Chunks {
             Delta {
                 role: None,
                 content: Some(String::new()),
+                tool_calls: None,
             }
         };
         self.chunk(index, delta, Some(reason.into()), usage)
+    }
+
+    /// A choice's tool calls, whole.
+    fn tool_calls(&self, index: usize, calls: Vec<ToolCall>) -> SseEvent {
+        let delta = Delta {
+            tool_calls: Some(
+                calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| ToolCallDelta {
+                        index: i,
+                        id: c.id,
+                        kind: c.kind,
+                        function: c.function,
+                    })
+                    .collect(),
+            ),
+            ..Delta::default()
+        };
+        self.chunk(index, delta, None, None)
     }
 
     /// `stream_options.include_usage`: no choices, the request's usage.
@@ -309,7 +368,13 @@ impl Chunks {
 /// last of all the usage of the whole request (and, with `include_usage`, a chunk of its own
 /// follows). A task forwards the engine's events; when the client goes away it stops, which
 /// drops the engine's channels and frees the slots.
-fn stream(mut header: Header, choices: Vec<Choice>, chat: bool, include_usage: bool) -> Response {
+fn stream(
+    mut header: Header,
+    choices: Vec<Choice>,
+    chat: bool,
+    tools: Option<ToolFormat>,
+    include_usage: bool,
+) -> Response {
     header.object = if chat {
         "chat.completion.chunk"
     } else {
@@ -317,16 +382,24 @@ fn stream(mut header: Header, choices: Vec<Choice>, chat: bool, include_usage: b
     }
     .into();
     let (tx, rx) = unbounded_channel();
-    tokio::spawn(forward(Chunks { header, chat }, choices, include_usage, tx));
+    tokio::spawn(forward(
+        Chunks { header, chat },
+        choices,
+        tools,
+        include_usage,
+        tx,
+    ));
     Sse::new(UnboundedReceiverStream::new(rx)).into_response()
 }
 
 async fn forward(
     chunks: Chunks,
     choices: Vec<Choice>,
+    tools: Option<ToolFormat>,
     include_usage: bool,
     tx: UnboundedSender<Result<SseEvent, Infallible>>,
 ) {
+    let mut held: std::collections::HashMap<usize, ToolStream> = Default::default();
     let send = |ev: SseEvent| tx.send(Ok(ev)).is_ok();
     let total = choices.len();
     // Prompt tokens count once per prompt, from its first choice.
@@ -348,15 +421,34 @@ async fn forward(
             next = events.next() => next,
         };
         let Some((index, ev)) = next else { break };
-        let out = match ev {
+        let mut out = Vec::new();
+        match ev {
             Event::PromptScores(_) => continue,
             Event::Token { text, .. } if text.is_empty() => continue,
-            Event::Token { text, .. } => chunks.text(index, text),
+            Event::Token { text, .. } => match tools {
+                Some(format) => {
+                    if let Some(t) = held.entry(index).or_default().push(&text, format) {
+                        out.push(chunks.text(index, t));
+                    }
+                }
+                None => out.push(chunks.text(index, text)),
+            },
             Event::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
             } => {
+                let mut reason = finish_reason.as_str();
+                if let (Some(format), Some(h)) = (tools, held.remove(&index)) {
+                    let (content, calls) = h.finish(format);
+                    if let Some(t) = content {
+                        out.push(chunks.text(index, t));
+                    }
+                    if !calls.is_empty() {
+                        reason = "tool_calls";
+                        out.push(chunks.tool_calls(index, calls));
+                    }
+                }
                 done += 1;
                 let prompt = if first_of_prompt.contains(&index) {
                     prompt_tokens
@@ -367,15 +459,13 @@ async fn forward(
                     usage.prompt_tokens + prompt,
                     usage.completion_tokens + completion_tokens,
                 );
-                chunks.finish(
-                    index,
-                    finish_reason.as_str(),
-                    (done == total).then_some(usage),
-                )
+                out.push(chunks.finish(index, reason, (done == total).then_some(usage)));
             }
-        };
-        if !send(out) {
-            return;
+        }
+        for ev in out {
+            if !send(ev) {
+                return;
+            }
         }
     }
     if include_usage && !send(chunks.usage_only(usage)) {
@@ -477,17 +567,31 @@ async fn collect<B: GraftBackend>(
         outcomes.push(((index, prompt_index), o));
     }
     Ok(match answer {
-        Answer::Chat { logprobs } => {
+        Answer::Chat { logprobs, tools } => {
             let choices = outcomes
                 .into_iter()
-                .map(|((index, _), o)| ChatChoice {
-                    index,
-                    message: AssistantMessage {
-                        role: "assistant".into(),
-                        content: o.text,
-                    },
-                    finish_reason: o.finish,
-                    logprobs: logprobs.then(|| chat_logprobs(o.scores)),
+                .map(|((index, _), o)| {
+                    let (content, calls) = match tools {
+                        Some(format) => {
+                            let (content, calls) = format.parse(&o.text);
+                            (content, tools::wire_calls(calls))
+                        }
+                        None => (Some(o.text), Vec::new()),
+                    };
+                    ChatChoice {
+                        index,
+                        finish_reason: if calls.is_empty() {
+                            o.finish
+                        } else {
+                            "tool_calls".into()
+                        },
+                        message: AssistantMessage {
+                            role: "assistant".into(),
+                            content,
+                            tool_calls: (!calls.is_empty()).then_some(calls),
+                        },
+                        logprobs: logprobs.then(|| chat_logprobs(o.scores)),
+                    }
                 })
                 .collect();
             Json(ChatCompletion {

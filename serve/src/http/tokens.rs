@@ -9,7 +9,6 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::Json;
 use graft_core::backend::GraftBackend;
-use graft_core::text::chat::Message;
 
 use super::{check_key, ApiError, AppState};
 use crate::registry::Lookup;
@@ -40,12 +39,12 @@ pub async fn tokenize<B: GraftBackend>(
                 .template
                 .as_ref()
                 .ok_or_else(|| ApiError::bad_field("messages", "the model has no chat template"))?;
-            let messages: Vec<Message> = messages
-                .into_iter()
-                .map(|m| Message::new(m.role.as_str(), m.content))
-                .collect();
             let text = template
-                .render(&messages, b.add_generation_prompt.unwrap_or(true))
+                .render_json(
+                    &super::tools::template_messages(&messages)?,
+                    None,
+                    b.add_generation_prompt.unwrap_or(true),
+                )
                 .map_err(|e| ApiError::bad_field("messages", e.to_string()))?;
             (text, b.add_special_tokens.unwrap_or(false))
         }
