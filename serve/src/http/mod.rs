@@ -6,6 +6,7 @@ mod admin;
 mod error;
 mod inference;
 mod respond;
+mod stream;
 mod structured;
 mod tokens;
 mod tools;

@@ -1,36 +1,30 @@
-//! Submitting a prepared request to the engine and answering: as server-sent events (one
-//! chunk per piece of text, then `[DONE]`) or as one JSON object, with log-probabilities and
-//! `echo`ed prompt scores when asked for. A request with several prompts or `n` > 1 becomes
+//! Submitting a prepared request to the engine and answering: streamed (`super::stream`) or
+//! as one JSON object, with log-probabilities, `echo`ed prompt scores and parsed tool calls
+//! when asked for. A request with several prompts or `n` > 1 becomes
 //! one engine request per choice (choice `k·n + j` is prompt `k`'s `j`-th), decoded together.
 //! Every answer carries `x-request-id` and `x-graft-adapter` (`name@vN` or the base's name).
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::TrySendError;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::HeaderValue;
-use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use graft_core::backend::GraftBackend;
 use graft_core::generation::constraint::Constraint;
 use graft_core::generation::sampling::SamplingParams;
 use graft_core::text::tool_calls::ToolFormat;
-use serde::Serialize;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_stream::{StreamExt, StreamMap};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::{now_secs, tools, ApiError, AppState};
 use crate::engine::{Event, Request};
 use crate::registry::AdapterEntry;
 use crate::scoring::TokenScore;
 use crate::wire::{
-    Alternatives, AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatLogprobs,
-    ChatTokenLogprob, ChunkChoice, CompletionLogprobs, Delta, Header, ScoredText, TextChoice,
-    TextCompletion, ToolCall, ToolCallDelta, TopLogprob, Usage,
+    Alternatives, AssistantMessage, ChatChoice, ChatCompletion, ChatLogprobs, ChatTokenLogprob,
+    CompletionLogprobs, Header, ScoredText, TextChoice, TextCompletion, TopLogprob, Usage,
 };
 
 /// A checked request, ready but for its tokens.
@@ -85,11 +79,11 @@ impl Answer {
 }
 
 /// What answers one choice.
-struct Choice {
-    index: usize,
+pub(super) struct Choice {
+    pub(super) index: usize,
     /// Which prompt it continues.
-    prompt: usize,
-    events: UnboundedReceiver<Event>,
+    pub(super) prompt: usize,
+    pub(super) events: UnboundedReceiver<Event>,
 }
 
 /// Checks the request against the context and KV budget, submits every choice to the engine
@@ -195,7 +189,7 @@ pub async fn respond<B: GraftBackend>(
         Answer::Completion { .. } => None,
     };
     let mut resp = if p.stream {
-        stream(header, choices, chat, tools, p.include_usage)
+        super::stream::stream(header, choices, chat, tools, p.include_usage)
     } else {
         collect(&s, header, choices, &prompts, answer, p.top_logprobs).await?
     };
@@ -220,258 +214,6 @@ fn submit<B: GraftBackend>(s: &AppState<B>, req: Request<B>) -> Result<(), ApiEr
             Err(ApiError::Unavailable)
         }
     }
-}
-
-/// Builds the streamed chunks of one answer.
-struct Chunks {
-    header: Header,
-    chat: bool,
-}
-
-/// A streamed chat choice that may call tools: text that is (or may become) a call is held
-/// back until the choice ends, then sent as `delta.tool_calls` (or as text after all).
-#[derive(Default)]
-struct ToolStream {
-    text: String,
-    /// Bytes of `text` already sent as content.
-    sent: usize,
-}
-
-impl ToolStream {
-    /// The text that can go out now.
-    fn push(&mut self, piece: &str, format: ToolFormat) -> Option<String> {
-        self.text.push_str(piece);
-        let until = format
-            .hold_from(&self.text)
-            .unwrap_or(self.text.len())
-            .max(self.sent);
-        let out = self.text[self.sent..until].to_string();
-        self.sent = until;
-        (!out.is_empty()).then_some(out)
-    }
-
-    /// At the end: remaining text and the calls in the held part.
-    fn finish(self, format: ToolFormat) -> (Option<String>, Vec<ToolCall>) {
-        let (content, calls) = format.parse(&self.text[self.sent..]);
-        (content, tools::wire_calls(calls))
-    }
-}
-
-impl Chunks {
-    fn event(v: &impl Serialize) -> SseEvent {
-        SseEvent::default().data(serde_json::to_string(v).unwrap_or_default())
-    }
-
-    fn chunk(
-        &self,
-        index: usize,
-        delta: Delta,
-        finish: Option<String>,
-        usage: Option<Usage>,
-    ) -> SseEvent {
-        if self.chat {
-            Self::event(&ChatCompletionChunk {
-                header: self.header.clone(),
-                choices: vec![ChunkChoice {
-                    index,
-                    delta,
-                    finish_reason: finish,
-                }],
-                usage,
-            })
-        } else {
-            Self::event(&TextCompletion {
-                header: self.header.clone(),
-                choices: vec![TextChoice {
-                    index,
-                    text: delta.content.unwrap_or_default(),
-                    finish_reason: finish,
-                    logprobs: None,
-                }],
-                usage,
-            })
-        }
-    }
-
-    /// A chat choice opens with the role and empty content.
-    fn role(&self, index: usize) -> SseEvent {
-        let delta = Delta {
-            role: Some("assistant".into()),
-            content: Some(String::new()),
-            tool_calls: None,
-        };
-        self.chunk(index, delta, None, None)
-    }
-
-    fn text(&self, index: usize, text: String) -> SseEvent {
-        let delta = Delta {
-            role: None,
-            content: Some(text),
-            tool_calls: None,
-        };
-        self.chunk(index, delta, None, None)
-    }
-
-    fn finish(&self, index: usize, reason: &str, usage: Option<Usage>) -> SseEvent {
-        let delta = if self.chat {
-            Delta::default()
-        } else {
-            Delta {
-                role: None,
-                content: Some(String::new()),
-                tool_calls: None,
-            }
-        };
-        self.chunk(index, delta, Some(reason.into()), usage)
-    }
-
-    /// A choice's tool calls, whole.
-    fn tool_calls(&self, index: usize, calls: Vec<ToolCall>) -> SseEvent {
-        let delta = Delta {
-            tool_calls: Some(
-                calls
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, c)| ToolCallDelta {
-                        index: i,
-                        id: c.id,
-                        kind: c.kind,
-                        function: c.function,
-                    })
-                    .collect(),
-            ),
-            ..Delta::default()
-        };
-        self.chunk(index, delta, None, None)
-    }
-
-    /// `stream_options.include_usage`: no choices, the request's usage.
-    fn usage_only(&self, usage: Usage) -> SseEvent {
-        if self.chat {
-            Self::event(&ChatCompletionChunk {
-                header: self.header.clone(),
-                choices: Vec::new(),
-                usage: Some(usage),
-            })
-        } else {
-            Self::event(&TextCompletion {
-                header: self.header.clone(),
-                choices: Vec::new(),
-                usage: Some(usage),
-            })
-        }
-    }
-}
-
-/// Server-sent events: chat chunks (each choice opening with the role) or text completion
-/// chunks, each naming its choice; a choice's last chunk carries its finish reason, and the
-/// last of all the usage of the whole request (and, with `include_usage`, a chunk of its own
-/// follows). A task forwards the engine's events; when the client goes away it stops, which
-/// drops the engine's channels and frees the slots.
-fn stream(
-    mut header: Header,
-    choices: Vec<Choice>,
-    chat: bool,
-    tools: Option<ToolFormat>,
-    include_usage: bool,
-) -> Response {
-    header.object = if chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    }
-    .into();
-    let (tx, rx) = unbounded_channel();
-    tokio::spawn(forward(
-        Chunks { header, chat },
-        choices,
-        tools,
-        include_usage,
-        tx,
-    ));
-    Sse::new(UnboundedReceiverStream::new(rx)).into_response()
-}
-
-async fn forward(
-    chunks: Chunks,
-    choices: Vec<Choice>,
-    tools: Option<ToolFormat>,
-    include_usage: bool,
-    tx: UnboundedSender<Result<SseEvent, Infallible>>,
-) {
-    let mut held: std::collections::HashMap<usize, ToolStream> = Default::default();
-    let send = |ev: SseEvent| tx.send(Ok(ev)).is_ok();
-    let total = choices.len();
-    // Prompt tokens count once per prompt, from its first choice.
-    let mut first_of_prompt = Vec::new();
-    let mut events = StreamMap::new();
-    for c in choices {
-        if chunks.chat && !send(chunks.role(c.index)) {
-            return;
-        }
-        if first_of_prompt.len() <= c.prompt {
-            first_of_prompt.push(c.index);
-        }
-        events.insert(c.index, UnboundedReceiverStream::new(c.events));
-    }
-    let (mut done, mut usage) = (0, Usage::new(0, 0));
-    loop {
-        let next = tokio::select! {
-            _ = tx.closed() => return,
-            next = events.next() => next,
-        };
-        let Some((index, ev)) = next else { break };
-        let mut out = Vec::new();
-        match ev {
-            Event::PromptScores(_) => continue,
-            Event::Token { text, .. } if text.is_empty() => continue,
-            Event::Token { text, .. } => match tools {
-                Some(format) => {
-                    if let Some(t) = held.entry(index).or_default().push(&text, format) {
-                        out.push(chunks.text(index, t));
-                    }
-                }
-                None => out.push(chunks.text(index, text)),
-            },
-            Event::Done {
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                let mut reason = finish_reason.as_str();
-                if let (Some(format), Some(h)) = (tools, held.remove(&index)) {
-                    let (content, calls) = h.finish(format);
-                    if let Some(t) = content {
-                        out.push(chunks.text(index, t));
-                    }
-                    if !calls.is_empty() {
-                        reason = "tool_calls";
-                        out.push(chunks.tool_calls(index, calls));
-                    }
-                }
-                done += 1;
-                let prompt = if first_of_prompt.contains(&index) {
-                    prompt_tokens
-                } else {
-                    0
-                };
-                usage = Usage::new(
-                    usage.prompt_tokens + prompt,
-                    usage.completion_tokens + completion_tokens,
-                );
-                out.push(chunks.finish(index, reason, (done == total).then_some(usage)));
-            }
-        }
-        for ev in out {
-            if !send(ev) {
-                return;
-            }
-        }
-    }
-    if include_usage && !send(chunks.usage_only(usage)) {
-        return;
-    }
-    let _ = send(SseEvent::default().data("[DONE]"));
 }
 
 /// What the engine produced for one choice.
