@@ -41,6 +41,9 @@ pub enum Event {
         text: String,
         final_piece: bool,
     },
+    /// Generation failed (a constraint with no way forward, undecodable output); a `Done`
+    /// follows.
+    Failed(String),
     /// Generation ended.
     Done {
         finish_reason: FinishReason,
@@ -292,6 +295,7 @@ fn sample<B: GraftBackend>(
     let step = a.decoder.step(&mut row, tokenizer).unwrap_or_else(|e| {
         // Undecodable output or a failed constraint ends the request, not the server.
         tracing::warn!(event = "decode_failed", request_id = %a.req.id, error = %e, "{e}");
+        let _ = a.req.events.send(Event::Failed(e.to_string()));
         Step {
             id: 0,
             is_token: false,

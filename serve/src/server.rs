@@ -136,6 +136,7 @@ where
         api_key: args.api_key.clone(),
         admin_key: args.admin_key.clone(),
         max_tokens_limit: args.max_tokens_limit,
+        max_queue: args.max_queue,
         kv_tokens: args.kv_cache_tokens,
         request_timeout: Duration::from_secs(args.request_timeout),
         metrics,

@@ -122,7 +122,9 @@ impl GrammarCompiler {
             name[0] = TokTrie::SPECIAL_TOKEN_MARKER;
             words.push(name);
         }
-        let eos = tokenizer.eos_ids.first().copied().unwrap_or(0);
+        let eos = tokenizer.eos_ids.first().copied().ok_or_else(|| {
+            vocab("the tokenizer names no end-of-sequence token, so an output cannot end".into())
+        })?;
         let mut info = TokRxInfo::new(vocab_size as u32, eos);
         info.tok_bos = tokenizer.bos_id;
         let mut trie = TokTrie::from(&info, &words);

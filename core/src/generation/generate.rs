@@ -6,7 +6,7 @@ use crate::backend::GraftBackend;
 use std::time::Instant;
 
 use crate::adapters::lora::Adapter;
-use crate::generation::constraint::Constraint;
+use crate::generation::constraint::{Constraint, ConstraintError};
 use crate::generation::sampling::{Sampler, SamplingParams};
 use crate::model::{Logits, Model, SeqCache, SeqInput};
 use crate::text::tokenizer::TokenizerBundle;
@@ -218,12 +218,22 @@ impl Decoder {
         if let Some(c) = &mut self.constraint {
             c.mask(row)?;
         }
-        if self.generated.len() < self.min_new {
+        // min_tokens holds off the end, unless ending is all the constraint allows.
+        let other_token_allowed = row
+            .iter()
+            .enumerate()
+            .any(|(t, l)| l.is_finite() && !self.stop_ids.contains(&(t as u32)));
+        if self.generated.len() < self.min_new && other_token_allowed {
             for &t in &self.stop_ids {
                 if let Some(l) = row.get_mut(t as usize) {
                     *l = f32::NEG_INFINITY;
                 }
             }
+        }
+        if !row.iter().any(|l| l.is_finite()) {
+            return Err(GenerateError::Constraint(ConstraintError::Failed(
+                "no token can continue the output".into(),
+            )));
         }
         let id = self.sampler.sample(row, &self.context, &self.generated);
         self.context.push(id);

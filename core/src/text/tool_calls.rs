@@ -21,7 +21,9 @@ const HERMES_CLOSE: &str = "</tool_call>";
 /// How a model writes tool calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolFormat {
+    /// `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`.
     Hermes,
+    /// `{"name": …, "parameters": {…}}` as the whole answer.
     Llama3Json,
 }
 
@@ -49,17 +51,18 @@ impl ToolFormat {
         }
     }
 
-    /// Splits `text` into the text around the calls (None when only whitespace) and the calls.
-    /// Text that only looks like a call but does not parse stays text.
-    pub fn parse(self, text: &str) -> (Option<String>, Vec<ParsedCall>) {
+    /// Splits `text` into the text around the calls (None when only whitespace) and the calls
+    /// of functions named in `tools`. Text that only looks like a call (it does not parse, or
+    /// names no listed function, or — without tags — has no arguments) stays text.
+    pub fn parse(self, text: &str, tools: &[String]) -> (Option<String>, Vec<ParsedCall>) {
         let (content, calls) = match self {
-            ToolFormat::Hermes => match parse_hermes(text) {
+            ToolFormat::Hermes => match parse_hermes(text, tools) {
                 (content, calls) if !calls.is_empty() => (content, calls),
-                _ => parse_bare(text).unwrap_or_else(|| (text.to_string(), Vec::new())),
+                _ => parse_bare(text, tools).unwrap_or_else(|| (text.to_string(), Vec::new())),
             },
             ToolFormat::Llama3Json => {
                 let t = text.trim();
-                parse_bare(t.strip_prefix("<|python_tag|>").unwrap_or(t))
+                parse_bare(t.strip_prefix("<|python_tag|>").unwrap_or(t), tools)
                     .unwrap_or_else(|| (text.to_string(), Vec::new()))
             }
         };
@@ -124,7 +127,7 @@ impl ToolFormat {
     }
 }
 
-fn parse_hermes(text: &str) -> (String, Vec<ParsedCall>) {
+fn parse_hermes(text: &str, tools: &[String]) -> (String, Vec<ParsedCall>) {
     let mut content = String::new();
     let mut calls = Vec::new();
     let mut rest = text;
@@ -135,7 +138,7 @@ fn parse_hermes(text: &str) -> (String, Vec<ParsedCall>) {
             Some(end) => (&after[..end], &after[end + HERMES_CLOSE.len()..]),
             None => (after, ""),
         };
-        match parse_call(inner.trim()) {
+        match parse_call(inner.trim()).filter(|c| tools.contains(&c.name)) {
             Some(call) => {
                 content.push_str(&rest[..start]);
                 calls.push(call);
@@ -158,7 +161,7 @@ fn may_be_bare_call(text: &str) -> bool {
 /// Calls written as bare JSON objects, one after the other, possibly in a Markdown code fence
 /// (what models do when they drop their format's tags); the text after them stays content.
 /// None when the text does not start with a call.
-fn parse_bare(text: &str) -> Option<(String, Vec<ParsedCall>)> {
+fn parse_bare(text: &str, tools: &[String]) -> Option<(String, Vec<ParsedCall>)> {
     let mut t = text.trim();
     if let Some(fenced) = t.strip_prefix("```") {
         let (_, body) = fenced.split_once('\n')?;
@@ -167,7 +170,8 @@ fn parse_bare(text: &str) -> Option<(String, Vec<ParsedCall>)> {
     let mut values = serde_json::Deserializer::from_str(t).into_iter::<Value>();
     let (mut calls, mut used) = (Vec::new(), 0);
     while let Some(Ok(v)) = values.next() {
-        match call_of(v) {
+        let has_args = v.get("arguments").or_else(|| v.get("parameters")).is_some();
+        match call_of(v).filter(|c| has_args && tools.contains(&c.name)) {
             Some(call) => {
                 calls.push(call);
                 used = values.byte_offset();
@@ -205,38 +209,50 @@ mod tests {
     #[test]
     fn hermes_calls_are_found_between_text_and_bad_ones_stay_text() {
         let out = "Let me check.\n<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Lima\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"time\", \"arguments\": \"{\\\"tz\\\": \\\"UTC\\\"}\"}\n</tool_call>";
-        let (content, calls) = ToolFormat::Hermes.parse(out);
+        let names = ["weather".to_string(), "time".into(), "w".into(), "f".into()];
+        let (content, calls) = ToolFormat::Hermes.parse(out, &names);
         assert_eq!(content.as_deref().map(str::trim), Some("Let me check."));
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].name, "weather");
         assert_eq!(calls[0].arguments, json!({"city": "Lima"}));
         assert_eq!(calls[1].arguments, json!({"tz": "UTC"}));
-        let (content, calls) = ToolFormat::Hermes.parse("<tool_call>\nnot json\n</tool_call>");
+        let (content, calls) =
+            ToolFormat::Hermes.parse("<tool_call>\nnot json\n</tool_call>", &names);
         assert!(calls.is_empty());
         assert!(content.is_some_and(|c| c.contains("not json")));
-        let (content, calls) = ToolFormat::Hermes.parse("Just text.");
+        let (content, calls) = ToolFormat::Hermes.parse("Just text.", &names);
         assert_eq!((content.as_deref(), calls.len()), (Some("Just text."), 0));
         // Tags dropped, as small models do: still a call.
-        let (content, calls) =
-            ToolFormat::Hermes.parse(" {\"name\": \"w\", \"arguments\": {\"city\": \"Paris\"}}");
+        let (content, calls) = ToolFormat::Hermes.parse(
+            " {\"name\": \"w\", \"arguments\": {\"city\": \"Paris\"}}",
+            &names,
+        );
         assert_eq!((content, calls.len()), (None, 1));
         assert_eq!(ToolFormat::Hermes.hold_from(" {\"name"), Some(0));
         let fenced = "```json\n{\"name\": \"w\", \"arguments\": {}}\n```";
-        let (content, calls) = ToolFormat::Hermes.parse(fenced);
+        let (content, calls) = ToolFormat::Hermes.parse(fenced, &names);
         assert_eq!((content, calls.len()), (None, 1));
         assert_eq!(ToolFormat::Hermes.hold_from("``"), Some(0));
         let (content, calls) =
-            ToolFormat::Hermes.parse("{\"name\": \"w\", \"arguments\": {}}\n{\"t\": 19}");
+            ToolFormat::Hermes.parse("{\"name\": \"w\", \"arguments\": {}}\n{\"t\": 19}", &names);
         assert_eq!((content.as_deref(), calls.len()), (Some("{\"t\": 19}"), 1));
+        // A JSON answer that merely has a "name", or names no listed tool, is not a call.
+        let (content, calls) = ToolFormat::Hermes.parse("{\"name\": \"w\", \"age\": 3}", &names);
+        assert_eq!((calls.len(), content.is_some()), (0, true));
+        let (_, calls) = ToolFormat::Hermes.parse("{\"name\": \"Ada\", \"arguments\": {}}", &names);
+        assert_eq!(calls.len(), 0);
     }
 
     #[test]
     fn llama3_json_calls_and_streaming_hold_back() {
-        let (content, calls) = ToolFormat::Llama3Json
-            .parse("<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 1}}");
+        let names = ["f".to_string()];
+        let (content, calls) = ToolFormat::Llama3Json.parse(
+            "<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 1}}",
+            &names,
+        );
         assert_eq!(content, None);
         assert_eq!(calls[0].arguments, json!({"x": 1}));
-        assert_eq!(ToolFormat::Llama3Json.parse("{oops").1.len(), 0);
+        assert_eq!(ToolFormat::Llama3Json.parse("{oops", &names).1.len(), 0);
         assert_eq!(ToolFormat::Llama3Json.hold_from("  {\"na"), Some(0));
         assert_eq!(ToolFormat::Llama3Json.hold_from("Hello"), None);
         assert_eq!(ToolFormat::Hermes.hold_from("Sure <tool"), Some(5));

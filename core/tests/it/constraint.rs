@@ -126,7 +126,8 @@ fn check_all(model: &LoadedModel<B>) {
     for format in [ToolFormat::Hermes, ToolFormat::Llama3Json] {
         for (seed, name) in [(1, None), (2, Some("noop"))] {
             let text = drive(model, &compiler, &format.grammar(&tools, name), seed);
-            let (_, calls) = format.parse(&text);
+            let names: Vec<String> = tools.iter().map(|t| t.name.clone()).collect();
+            let (_, calls) = format.parse(&text, &names);
             assert_eq!(calls.len(), 1, "{format:?}: {text:?}");
             assert!(tools.iter().any(|t| t.name == calls[0].name), "{text:?}");
             if let Some(n) = name {

@@ -50,6 +50,8 @@ pub struct AppState<B: GraftBackend> {
     pub admin_key: Option<String>,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens_limit: usize,
+    /// Engine requests that can wait at once (a request's choices must fit).
+    pub max_queue: usize,
     /// KV cache budget in tokens (a request needing more can never run).
     pub kv_tokens: Option<usize>,
     pub request_timeout: Duration,

@@ -15,10 +15,10 @@ use axum::Json;
 use graft_core::backend::GraftBackend;
 use graft_core::generation::constraint::Constraint;
 use graft_core::generation::sampling::SamplingParams;
-use graft_core::text::tool_calls::ToolFormat;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use super::{now_secs, tools, ApiError, AppState};
+use super::tools::ToolParse;
+use super::{now_secs, ApiError, AppState};
 use crate::engine::{Event, Request};
 use crate::registry::AdapterEntry;
 use crate::scoring::TokenScore;
@@ -56,8 +56,8 @@ pub struct PromptInput {
 pub enum Answer {
     Chat {
         logprobs: bool,
-        /// Parse tool calls out of the answer, written in this format.
-        tools: Option<ToolFormat>,
+        /// Parse tool calls out of the answer.
+        tools: Option<ToolParse>,
     },
     Completion {
         logprobs: bool,
@@ -144,6 +144,18 @@ pub async fn respond<B: GraftBackend>(
         model: p.model_name.clone(),
         system_fingerprint: tag.clone(),
     };
+    let choices_wanted = prompts.len() * p.n;
+    if choices_wanted > s.max_queue {
+        return Err(ApiError::bad_field(
+            "n",
+            format!(
+                "{} prompts × n = {} choices: more than the server queues at once ({})",
+                prompts.len(),
+                choices_wanted,
+                s.max_queue
+            ),
+        ));
+    }
     let score_prompt = matches!(
         answer,
         Answer::Completion {
@@ -184,8 +196,8 @@ pub async fn respond<B: GraftBackend>(
         .map_err(|e| ApiError::Internal(format!("adapter tag header: {e}")))?;
     let request_id = HeaderValue::from_str(&header.id)
         .map_err(|e| ApiError::Internal(format!("request id header: {e}")))?;
-    let tools = match answer {
-        Answer::Chat { tools, .. } => tools,
+    let tools = match &answer {
+        Answer::Chat { tools, .. } => tools.clone(),
         Answer::Completion { .. } => None,
     };
     let mut resp = if p.stream {
@@ -256,6 +268,7 @@ async fn gather<B: GraftBackend>(
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::PromptScores(p) => out.prompt_scores = p.iter().map(named).collect(),
+            Event::Failed(message) => return Err(ApiError::Internal(message)),
             Event::Token {
                 score,
                 text,
@@ -313,11 +326,8 @@ async fn collect<B: GraftBackend>(
             let choices = outcomes
                 .into_iter()
                 .map(|((index, _), o)| {
-                    let (content, calls) = match tools {
-                        Some(format) => {
-                            let (content, calls) = format.parse(&o.text);
-                            (content, tools::wire_calls(calls))
-                        }
+                    let (content, calls) = match &tools {
+                        Some(t) => t.split(&o.text),
                         None => (Some(o.text), Vec::new()),
                     };
                     ChatChoice {

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
 
 use super::respond::Choice;
-use super::tools;
+use super::tools::ToolParse;
 use crate::engine::Event;
 use crate::wire::{
     ChatCompletionChunk, ChunkChoice, Delta, Header, TextChoice, TextCompletion, ToolCall,
@@ -49,9 +49,8 @@ impl ToolStream {
     }
 
     /// At the end: remaining text and the calls in the held part.
-    fn finish(self, format: ToolFormat) -> (Option<String>, Vec<ToolCall>) {
-        let (content, calls) = format.parse(&self.text[self.sent..]);
-        (content, tools::wire_calls(calls))
+    fn finish(self, tools: &ToolParse) -> (Option<String>, Vec<ToolCall>) {
+        tools.split(&self.text[self.sent..])
     }
 }
 
@@ -170,7 +169,7 @@ pub(super) fn stream(
     mut header: Header,
     choices: Vec<Choice>,
     chat: bool,
-    tools: Option<ToolFormat>,
+    tools: Option<ToolParse>,
     include_usage: bool,
 ) -> Response {
     header.object = if chat {
@@ -190,10 +189,12 @@ pub(super) fn stream(
     Sse::new(UnboundedReceiverStream::new(rx)).into_response()
 }
 
+/// Reads every choice's engine events and sends their chunks, until all are done or the
+/// client is gone.
 async fn forward(
     chunks: Chunks,
     choices: Vec<Choice>,
-    tools: Option<ToolFormat>,
+    tools: Option<ToolParse>,
     include_usage: bool,
     tx: UnboundedSender<Result<SseEvent, Infallible>>,
 ) {
@@ -222,10 +223,22 @@ async fn forward(
         let mut out = Vec::new();
         match ev {
             Event::PromptScores(_) => continue,
+            Event::Failed(message) => {
+                // The choice ends here (a Done follows); say why, in OpenAI's error shape.
+                let error = crate::wire::ErrorResponse {
+                    error: crate::wire::ErrorObject {
+                        message,
+                        kind: "server_error".into(),
+                        param: None,
+                        code: "generation_failed".into(),
+                    },
+                };
+                out.push(Chunks::event(&error));
+            }
             Event::Token { text, .. } if text.is_empty() => continue,
-            Event::Token { text, .. } => match tools {
-                Some(format) => {
-                    if let Some(t) = held.entry(index).or_default().push(&text, format) {
+            Event::Token { text, .. } => match &tools {
+                Some(t) => {
+                    if let Some(t) = held.entry(index).or_default().push(&text, t.format) {
                         out.push(chunks.text(index, t));
                     }
                 }
@@ -237,8 +250,8 @@ async fn forward(
                 completion_tokens,
             } => {
                 let mut reason = finish_reason.as_str();
-                if let (Some(format), Some(h)) = (tools, held.remove(&index)) {
-                    let (content, calls) = h.finish(format);
+                if let (Some(t), Some(h)) = (&tools, held.remove(&index)) {
+                    let (content, calls) = h.finish(t);
                     if let Some(t) = content {
                         out.push(chunks.text(index, t));
                     }
@@ -257,7 +270,9 @@ async fn forward(
                     usage.prompt_tokens + prompt,
                     usage.completion_tokens + completion_tokens,
                 );
-                out.push(chunks.finish(index, reason, (done == total).then_some(usage)));
+                // With include_usage the usage comes once, in its own last chunk.
+                let last = done == total && !include_usage;
+                out.push(chunks.finish(index, reason, last.then_some(usage)));
             }
         }
         for ev in out {

@@ -27,45 +27,22 @@ pub fn requested(sp: &Sampling) -> Result<Option<(Grammar, &'static str)>, ApiEr
         )),
     }
     if let Some(so) = &sp.structured_outputs {
-        let StructuredOutputs {
-            json,
-            regex,
-            choice,
-            grammar,
-            json_object,
-        } = so;
-        let param = "structured_outputs";
-        if let Some(j) = json {
-            found.push((Grammar::JsonSchema(schema_value(j, param)?), param));
-        }
-        if let Some(r) = regex {
-            found.push((Grammar::Regex(r.clone()), param));
-        }
-        if let Some(c) = choice {
-            found.push((Grammar::Choice(c.clone()), param));
-        }
-        if let Some(g) = grammar {
-            found.push((Grammar::Lark(g.clone()), param));
-        }
-        if *json_object == Some(true) {
-            found.push((Grammar::JsonObject, param));
-        }
+        push_structured(&mut found, so, |_| "structured_outputs")?;
     }
-    if let Some(j) = &sp.guided_json {
-        found.push((
-            Grammar::JsonSchema(schema_value(j, "guided_json")?),
-            "guided_json",
-        ));
-    }
-    if let Some(r) = &sp.guided_regex {
-        found.push((Grammar::Regex(r.clone()), "guided_regex"));
-    }
-    if let Some(c) = &sp.guided_choice {
-        found.push((Grammar::Choice(c.clone()), "guided_choice"));
-    }
-    if let Some(g) = &sp.guided_grammar {
-        found.push((Grammar::Lark(g.clone()), "guided_grammar"));
-    }
+    // vLLM's older per-kind fields are the same choices under their own names.
+    let guided = StructuredOutputs {
+        json: sp.guided_json.clone(),
+        regex: sp.guided_regex.clone(),
+        choice: sp.guided_choice.clone(),
+        grammar: sp.guided_grammar.clone(),
+        json_object: None,
+    };
+    push_structured(&mut found, &guided, |kind| match kind {
+        "json" => "guided_json",
+        "regex" => "guided_regex",
+        "choice" => "guided_choice",
+        _ => "guided_grammar",
+    })?;
     if found.len() > 1 {
         return Err(ApiError::bad_field(
             found[1].1,
@@ -76,6 +53,31 @@ pub fn requested(sp: &Sampling) -> Result<Option<(Grammar, &'static str)>, ApiEr
         ));
     }
     Ok(found.pop())
+}
+
+/// Adds the grammars `so` asks for, each with the field `param(kind)` that asked.
+fn push_structured(
+    found: &mut Vec<(Grammar, &'static str)>,
+    so: &StructuredOutputs,
+    param: impl Fn(&str) -> &'static str,
+) -> Result<(), ApiError> {
+    if let Some(j) = &so.json {
+        let p = param("json");
+        found.push((Grammar::JsonSchema(schema_value(j, p)?), p));
+    }
+    if let Some(r) = &so.regex {
+        found.push((Grammar::Regex(r.clone()), param("regex")));
+    }
+    if let Some(c) = &so.choice {
+        found.push((Grammar::Choice(c.clone()), param("choice")));
+    }
+    if let Some(g) = &so.grammar {
+        found.push((Grammar::Lark(g.clone()), param("grammar")));
+    }
+    if so.json_object == Some(true) {
+        found.push((Grammar::JsonObject, param("json_object")));
+    }
+    Ok(())
 }
 
 /// A schema given as an object, or as JSON text (vLLM accepts both).

@@ -14,6 +14,7 @@ use super::{check_key, ApiError, AppState};
 use crate::registry::Lookup;
 use crate::wire::{self, DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse};
 
+/// The base or a known adapter (they share the tokenizer); anything else is 404.
 fn check_model<B: GraftBackend>(s: &AppState<B>, model: &str) -> Result<(), ApiError> {
     if model == s.base_name || !matches!(s.registry.lookup(model), Lookup::Unknown) {
         Ok(())
@@ -24,6 +25,7 @@ fn check_model<B: GraftBackend>(s: &AppState<B>, model: &str) -> Result<(), ApiE
     }
 }
 
+/// `POST /tokenize`: the ids of a prompt, or of messages as the chat template renders them.
 pub async fn tokenize<B: GraftBackend>(
     State(s): State<Arc<AppState<B>>>,
     headers: HeaderMap,
@@ -65,6 +67,7 @@ pub async fn tokenize<B: GraftBackend>(
     }))
 }
 
+/// `POST /detokenize`: the text of token ids (special tokens kept).
 pub async fn detokenize<B: GraftBackend>(
     State(s): State<Arc<AppState<B>>>,
     headers: HeaderMap,

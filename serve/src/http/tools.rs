@@ -95,12 +95,28 @@ pub fn template_messages(messages: &[ChatMessage]) -> Result<Value, ApiError> {
     Ok(Value::Array(out))
 }
 
+/// How to find calls in an answer: the model's format and the functions it may call.
+#[derive(Debug, Clone)]
+pub struct ToolParse {
+    pub format: ToolFormat,
+    pub names: Vec<String>,
+}
+
+impl ToolParse {
+    /// The text around the calls and the calls, as OpenAI's `tool_calls`.
+    pub fn split(&self, text: &str) -> (Option<String>, Vec<ToolCall>) {
+        let (content, calls) = self.format.parse(text, &self.names);
+        (content, wire_calls(calls))
+    }
+}
+
 /// What a request does with tools.
 pub struct ToolPlan {
     /// The `tools` list for the template, when there are tools.
     pub rendered: Option<Value>,
-    /// Parse calls out of the answer in this format (not for `tool_choice: none`).
-    pub parse: Option<ToolFormat>,
+    /// Parse calls of these functions out of the answer in this format (not for
+    /// `tool_choice: none`).
+    pub parse: Option<ToolParse>,
     /// The grammar that forces a call (`required`, or a named function).
     pub grammar: Option<Grammar>,
 }
@@ -155,13 +171,16 @@ pub fn plan(b: &ChatFields, format: ToolFormat) -> Result<ToolPlan, ApiError> {
     }
     Ok(ToolPlan {
         rendered: (!tools.is_empty()).then(|| serde_json::to_value(tools).unwrap_or(Value::Null)),
-        parse: (mode != ToolMode::None).then_some(format),
+        parse: (mode != ToolMode::None).then(|| ToolParse {
+            format,
+            names: specs.iter().map(|s| s.name.clone()).collect(),
+        }),
         grammar: (mode == ToolMode::Required).then(|| format.grammar(&specs, name.as_deref())),
     })
 }
 
 /// Parsed calls as OpenAI's `tool_calls`, with fresh ids.
-pub fn wire_calls(calls: Vec<ParsedCall>) -> Vec<ToolCall> {
+fn wire_calls(calls: Vec<ParsedCall>) -> Vec<ToolCall> {
     calls
         .into_iter()
         .map(|c| ToolCall {

@@ -1,0 +1,100 @@
+//! Prefix caching in-process: reuse is counted, answers do not change, adapters never share
+//! the base's prefixes.
+
+use axum::http::StatusCode;
+use graft_core::device::Cpu;
+use graft_serve::config::ServeArgs;
+use graft_serve::server::{start, Started};
+use serde_json::json;
+
+use super::{call, content};
+
+fn app_with(prefix_cache_tokens: usize) -> Started<Cpu> {
+    let args = ServeArgs {
+        model: Some(crate::gguf().display().to_string()),
+        served_model_name: Some("smollm2".into()),
+        prefix_cache_tokens,
+        ..ServeArgs::default()
+    };
+    start::<Cpu>(&args, &Default::default()).expect("server starts")
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in metrics"))
+}
+
+/// A request that repeats a long system prompt starts from its kept prefix, and answers
+/// exactly as a server without the prefix cache does; an adapter never reuses the base's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_system_prompt_is_prefilled_once_and_answers_do_not_change() {
+    let system = "You are a meticulous geography tutor. ".repeat(30);
+    let ask = |q: &str| {
+        json!({"model": "smollm2", "messages": [{"role": "system", "content": system},
+               {"role": "user", "content": q}], "max_tokens": 12, "temperature": 0, "logprobs": true})
+    };
+    let cached = app_with(4096);
+    let plain = app_with(0);
+    let questions = [
+        "What is the capital of France?",
+        "What is the capital of Peru?",
+        "Name a river.",
+    ];
+    for (i, q) in questions.iter().enumerate() {
+        let (_, a) = call(&cached, "POST", "/v1/chat/completions", Some(ask(q))).await;
+        let (_, b) = call(&plain, "POST", "/v1/chat/completions", Some(ask(q))).await;
+        assert_eq!(content(&a), content(&b), "{q}");
+        let la = a["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .expect("logprobs");
+        let lb = b["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .expect("logprobs");
+        for (x, y) in la.iter().zip(lb) {
+            let (x, y) = (
+                x["logprob"].as_f64().expect("lp"),
+                y["logprob"].as_f64().expect("lp"),
+            );
+            assert!((x - y).abs() < 1e-3, "{q}: {x} vs {y}");
+        }
+        let (_, m) = call(&cached, "GET", "/metrics", None).await;
+        let m = m.as_str().expect("text").to_string();
+        assert_eq!(metric(&m, "graft_prefix_cache_hits_total"), i as f64, "{m}");
+    }
+    let (_, m) = call(&cached, "GET", "/metrics", None).await;
+    let reused = metric(
+        m.as_str().expect("text"),
+        "graft_prefix_cache_hit_tokens_total",
+    );
+    assert!(
+        reused >= 2.0 * 200.0,
+        "the shared system prompt was reused: {reused} tokens"
+    );
+    let (_, m) = call(&plain, "GET", "/metrics", None).await;
+    assert_eq!(
+        metric(m.as_str().expect("text"), "graft_prefix_cache_hits_total"),
+        0.0
+    );
+    // Under an adapter the same prompt is computed afresh (its keys and values differ).
+    let adapter = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../core/tests/fixtures/peft_adapter");
+    let (status, v) = call(
+        &cached,
+        "POST",
+        "/v1/load_lora_adapter",
+        Some(json!({"lora_name": "a", "lora_path": adapter.display().to_string()})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mut body = ask(questions[0]);
+    body["model"] = json!("a");
+    let (status, _) = call(&cached, "POST", "/v1/chat/completions", Some(body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, m) = call(&cached, "GET", "/metrics", None).await;
+    assert_eq!(
+        metric(m.as_str().expect("text"), "graft_prefix_cache_hits_total"),
+        2.0
+    );
+}
