@@ -233,17 +233,37 @@ fn step<B: GraftBackend>(
     } else {
         Logits::Last
     };
-    let logits = {
-        let mut seqs: Vec<SeqInput<'_, B>> = active
-            .iter_mut()
-            .map(|a| SeqInput {
-                tokens: &a.next,
-                cache: Some(&mut a.cache),
-                adapter: a.req.adapter.as_ref().map(|e| &e.adapter),
-            })
-            .collect();
-        model.forward(&mut seqs, which)
-    };
+    // Structured outputs: the next masks are computed on another thread while the forward
+    // pass runs (they depend only on the tokens so far).
+    let logits = std::thread::scope(|scope| {
+        let mut constrained = Vec::new();
+        let mut seqs: Vec<SeqInput<'_, B>> = Vec::with_capacity(active.len());
+        for a in active.iter_mut() {
+            let Active {
+                req,
+                cache,
+                decoder,
+                next,
+                ..
+            } = a;
+            if decoder.is_constrained() {
+                constrained.push(decoder);
+            }
+            seqs.push(SeqInput {
+                tokens: next,
+                cache: Some(cache),
+                adapter: req.adapter.as_ref().map(|e| &e.adapter),
+            });
+        }
+        let masks = (!constrained.is_empty())
+            .then(|| scope.spawn(move || constrained.into_iter().for_each(|d| d.prepare())));
+        let logits = model.forward(&mut seqs, which);
+        if let Some(m) = masks {
+            // A panic there would only lose precomputed masks; `step` computes them again.
+            let _ = m.join();
+        }
+        logits
+    });
     let vocab = model.config.vocab_size;
     let rows: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
     let now = Instant::now();

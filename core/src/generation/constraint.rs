@@ -190,13 +190,18 @@ impl GrammarCompiler {
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError::Invalid { kind, message: e });
         }
-        Ok(Constraint { matcher })
+        Ok(Constraint {
+            matcher,
+            ready: None,
+        })
     }
 }
 
 /// One request's constraint: masks logits, advances with each sampled token.
 pub struct Constraint {
     matcher: Matcher,
+    /// The mask for the next token, when computed ahead ([`Constraint::prepare`]).
+    ready: Option<toktrie::SimpleVob>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -210,6 +215,7 @@ impl Constraint {
     pub fn fork(&self) -> Constraint {
         Constraint {
             matcher: self.matcher.deep_clone(),
+            ready: self.ready.clone(),
         }
     }
 
@@ -219,10 +225,10 @@ impl Constraint {
     /// # Errors
     /// [`ConstraintError::Failed`] when the grammar is in an error state.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), ConstraintError> {
-        let allowed = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| ConstraintError::Failed(e.to_string()))?;
+        let allowed = match self.ready.take() {
+            Some(allowed) => allowed,
+            None => self.allowed()?,
+        };
         for (t, l) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(t as TokenId) {
                 *l = f32::NEG_INFINITY;
@@ -231,11 +237,26 @@ impl Constraint {
         Ok(())
     }
 
+    /// Computes the next mask ahead of time (while the model runs its forward pass), so that
+    /// [`Constraint::mask`] only applies it. A failure is left for `mask` to report.
+    pub fn prepare(&mut self) {
+        if self.ready.is_none() {
+            self.ready = self.allowed().ok();
+        }
+    }
+
+    fn allowed(&mut self) -> Result<toktrie::SimpleVob, ConstraintError> {
+        self.matcher
+            .compute_mask_or_eos()
+            .map_err(|e| ConstraintError::Failed(e.to_string()))
+    }
+
     /// Advances past `token` (which [`Constraint::mask`] allowed).
     ///
     /// # Errors
     /// [`ConstraintError::Failed`] for a token the grammar does not accept.
     pub fn advance(&mut self, token: u32) -> Result<(), ConstraintError> {
+        self.ready = None;
         self.matcher
             .consume_token(token)
             .map_err(|e| ConstraintError::Failed(e.to_string()))

@@ -200,6 +200,19 @@ impl Decoder {
         }
     }
 
+    /// Computes the constraint's next mask ahead of [`Decoder::step`] (e.g. on another thread
+    /// while the forward pass runs); without a constraint, nothing to do.
+    pub fn prepare(&mut self) {
+        if let Some(c) = &mut self.constraint {
+            c.prepare();
+        }
+    }
+
+    /// Whether a constraint decides which tokens may come next.
+    pub fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
+    }
+
     /// Only outputs `constraint` accepts; generation ends when one is complete.
     pub fn with_constraint(mut self, constraint: Option<Constraint>) -> Self {
         self.constraint = constraint;
