@@ -180,13 +180,14 @@ fn admit<B: GraftBackend>(
         // KV cache budget: a request whose prompt and max_tokens do not fit next to the
         // running ones waits (held here, so the channel still bounds the queue).
         let reserved: usize = active.iter().map(|a| a.req.kv_tokens()).sum();
-        if config
-            .kv_tokens
-            .is_some_and(|cap| reserved + req.kv_tokens() > cap)
-            && !active.is_empty()
-        {
-            *held = Some(req);
-            break;
+        if let Some(cap) = config.kv_tokens {
+            let need = reserved + req.kv_tokens();
+            // Kept prompts give way to running requests.
+            prefixes.shrink_to(cap.saturating_sub(need));
+            if need > cap && !active.is_empty() {
+                *held = Some(req);
+                break;
+            }
         }
         let constraint = req.constraint.take();
         // Scoring needs logits at every prompt position: it always prefills in full.

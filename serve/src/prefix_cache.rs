@@ -2,7 +2,10 @@
 //! request whose prompt starts with the same tokens — under the same adapter version, since an
 //! adapter changes keys and values — starts from a copy of that prefix and prefills only the
 //! rest. A repeated system prompt is then computed once. Entries are evicted least recently
-//! used beyond a budget in tokens.
+//! used beyond their own budget in tokens, and whenever running requests need the room under
+//! the server's KV budget. An entry is a whole prompt, and a new prompt reuses its longest
+//! common prefix with any entry (token-exact, where vLLM reuses whole blocks); the reused part
+//! shares the entry's tensors until the request appends to them.
 //!
 //! Keys and values of a position depend only on the tokens up to it, so the reused prefix is
 //! what a full prefill would compute (up to rounding: a prefill of a different length can sum
@@ -89,7 +92,13 @@ impl<B: GraftBackend> PrefixCache<B> {
             cache: cache.clone(),
             last_used: self.clock,
         });
-        while self.tokens() > self.budget {
+        self.shrink_to(self.budget);
+    }
+
+    /// Evicts least recently used prompts until at most `tokens` are kept (running requests
+    /// need the room: the kept prompts count against the KV budget too).
+    pub fn shrink_to(&mut self, tokens: usize) {
+        while self.tokens() > tokens {
             let Some(lru) = self
                 .entries
                 .iter()

@@ -10,10 +10,15 @@ use serde_json::json;
 use super::{call, content};
 
 fn app_with(prefix_cache_tokens: usize) -> Started<Cpu> {
+    app_budget(prefix_cache_tokens, None)
+}
+
+fn app_budget(prefix_cache_tokens: usize, kv_cache_tokens: Option<usize>) -> Started<Cpu> {
     let args = ServeArgs {
         model: Some(crate::gguf().display().to_string()),
         served_model_name: Some("smollm2".into()),
         prefix_cache_tokens,
+        kv_cache_tokens,
         ..ServeArgs::default()
     };
     start::<Cpu>(&args, &Default::default()).expect("server starts")
@@ -96,5 +101,41 @@ async fn a_repeated_system_prompt_is_prefilled_once_and_answers_do_not_change() 
     assert_eq!(
         metric(m.as_str().expect("text"), "graft_prefix_cache_hits_total"),
         2.0
+    );
+}
+
+/// Kept prompts count against the KV budget: when a running request needs the room, they go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_prompts_give_way_to_running_requests_under_the_kv_budget() {
+    let system = "You are a meticulous geography tutor. ".repeat(30);
+    let ask = |q: &str| {
+        json!({"model": "smollm2", "messages": [{"role": "system", "content": system},
+               {"role": "user", "content": q}], "max_tokens": 12, "temperature": 0})
+    };
+    // Room for one request of ~300 tokens, not for it and a kept prompt of the same size.
+    let tight = app_budget(4096, Some(450));
+    for q in [
+        "What is the capital of France?",
+        "What is the capital of Peru?",
+    ] {
+        let (status, v) = call(&tight, "POST", "/v1/chat/completions", Some(ask(q))).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    let (_, m) = call(&tight, "GET", "/metrics", None).await;
+    assert_eq!(
+        metric(m.as_str().expect("text"), "graft_prefix_cache_hits_total"),
+        0.0
+    );
+    let roomy = app_budget(4096, Some(2000));
+    for q in [
+        "What is the capital of France?",
+        "What is the capital of Peru?",
+    ] {
+        call(&roomy, "POST", "/v1/chat/completions", Some(ask(q))).await;
+    }
+    let (_, m) = call(&roomy, "GET", "/metrics", None).await;
+    assert_eq!(
+        metric(m.as_str().expect("text"), "graft_prefix_cache_hits_total"),
+        1.0
     );
 }
