@@ -9,7 +9,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::TensorData;
 
 use super::config::ModelConfig;
-use super::SeqCache;
+use super::{KvParts, SeqCache};
 use crate::backend::GraftBackend;
 
 /// One sequence's part of an attention call.
@@ -136,32 +136,6 @@ fn attend_one<B: GraftBackend>(
     // [n, kv, hd] -> [kv, n, hd]
     let k_new = k.clone().slice(span.clone()).swap_dims(0, 1);
     let v_new = v.clone().slice(span.clone()).swap_dims(0, 1);
-    let (k_all, v_all) = match cache {
-        Some(cache) => {
-            if cache.layers.len() < c.num_layers {
-                cache.layers.resize(c.num_layers, None);
-            }
-            let (k_all, v_all) = match cache.layers[layer].take() {
-                Some((kc, vc)) => (
-                    Tensor::cat(vec![kc, k_new], 1),
-                    Tensor::cat(vec![vc, v_new], 1),
-                ),
-                None => (k_new, v_new),
-            };
-            cache.layers[layer] = Some((k_all.clone(), v_all.clone()));
-            (k_all, v_all)
-        }
-        None => (k_new, v_new),
-    };
-    let (k_all, v_all) = if start > 0 {
-        let total = k_all.dims()[1];
-        (
-            k_all.slice([0..kvh, start..total, 0..hd]),
-            v_all.slice([0..kvh, start..total, 0..hd]),
-        )
-    } else {
-        (k_all, v_all)
-    };
     // Query head h uses key head h / groups (transformers' repeat_kv): group the query rows
     // by key head instead of repeating keys: [n, heads, hd] -> [kv, groups·n, hd].
     let q = q
@@ -169,16 +143,70 @@ fn attend_one<B: GraftBackend>(
         .slice(span)
         .swap_dims(0, 1)
         .reshape([kvh, groups * n, hd]);
-    let mut scores = q
-        .matmul(k_all.swap_dims(1, 2))
-        .mul_scalar(c.attention_scale);
+    // The keys and values in pieces (the cache's frozen part and tail, the new rows appended),
+    // each cut to the positions `start..` the rows may see; scores are joined across pieces,
+    // so the cached keys are read in place, never copied into one tensor.
+    let pieces: Vec<(Tensor<B, 3>, Tensor<B, 3>)> = match cache {
+        Some(cache) => {
+            if cache.layers.len() < c.num_layers {
+                cache.layers.resize(c.num_layers, None);
+            }
+            let parts = KvParts::append(cache.layers[layer].take(), k_new, v_new);
+            let pieces = parts.pieces();
+            cache.layers[layer] = Some(parts);
+            pieces
+                .into_iter()
+                .filter_map(|(k, v, at)| {
+                    let len = k.dims()[1];
+                    let from = start.saturating_sub(at);
+                    (from < len).then(|| {
+                        (
+                            k.slice([0..kvh, from..len, 0..hd]),
+                            v.slice([0..kvh, from..len, 0..hd]),
+                        )
+                    })
+                })
+                .collect()
+        }
+        None => {
+            let len = k_new.dims()[1];
+            vec![(
+                k_new.slice([0..kvh, start..len, 0..hd]),
+                v_new.slice([0..kvh, start..len, 0..hd]),
+            )]
+        }
+    };
+    let widths: Vec<usize> = pieces.iter().map(|(k, _)| k.dims()[1]).collect();
+    let scores: Vec<Tensor<B, 3>> = pieces
+        .iter()
+        .map(|(k, _)| q.clone().matmul(k.clone().swap_dims(1, 2)))
+        .collect();
+    let mut scores = if scores.len() == 1 {
+        scores.into_iter().next().unwrap_or_else(|| unreachable!())
+    } else {
+        Tensor::cat(scores, 2)
+    }
+    .mul_scalar(c.attention_scale);
     if let Some(cap) = c.attn_softcap {
         scores = scores.div_scalar(cap).tanh().mul_scalar(cap);
     }
     if let Some(m) = mask {
         scores = scores + m;
     }
-    let out = softmax(scores, 2).matmul(v_all); // [kv, groups·n, hd]
+    let probs = softmax(scores, 2);
+    let rows = groups * n;
+    let mut at = 0;
+    let mut out: Option<Tensor<B, 3>> = None;
+    for ((_, v), w) in pieces.into_iter().zip(widths) {
+        let p = probs.clone().slice([0..kvh, 0..rows, at..at + w]);
+        at += w;
+        let part = p.matmul(v);
+        out = Some(match out {
+            Some(o) => o + part,
+            None => part,
+        });
+    }
+    let out = out.unwrap_or_else(|| unreachable!("a row always sees itself")); // [kv, groups·n, hd]
     out.reshape([c.num_heads, n, hd])
         .swap_dims(0, 1)
         .reshape([n, c.num_heads * hd])

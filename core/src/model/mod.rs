@@ -38,11 +38,93 @@ pub use family::Family;
 pub use norm::RmsNorm;
 use rope::Rope;
 
-/// The key/value cache of one sequence: per layer `[kv_heads, len, head_dim]`.
+/// The key/value cache of one sequence, per layer. Keys and values (`[kv_heads, len,
+/// head_dim]`) are kept in two parts: a long frozen prefix and a short tail that new tokens are
+/// appended to; the tail joins the prefix every [`KvParts::TAIL`] tokens. Appending a token
+/// thus copies the tail, not the whole cache, and attention reads the two parts in place.
 #[derive(Debug, Clone, Default)]
 pub struct SeqCache<B: GraftBackend> {
-    layers: Vec<Option<(Tensor<B, 3>, Tensor<B, 3>)>>,
+    layers: Vec<Option<KvParts<B>>>,
     len: usize,
+}
+
+/// One layer's keys and values: `frozen` then `tail`, each `[kv_heads, n, head_dim]`.
+#[derive(Debug, Clone)]
+pub(crate) struct KvParts<B: GraftBackend> {
+    pub frozen: Option<(Tensor<B, 3>, Tensor<B, 3>)>,
+    pub tail: Option<(Tensor<B, 3>, Tensor<B, 3>)>,
+}
+
+fn positions<B: GraftBackend>(part: &Option<(Tensor<B, 3>, Tensor<B, 3>)>) -> usize {
+    part.as_ref().map_or(0, |(k, _)| k.dims()[1])
+}
+
+fn first<B: GraftBackend>(t: &Tensor<B, 3>, n: usize) -> Tensor<B, 3> {
+    let [h, _, d] = t.dims();
+    t.clone().slice([0..h, 0..n, 0..d])
+}
+
+impl<B: GraftBackend> KvParts<B> {
+    /// Tail length at which the tail joins the frozen part.
+    pub const TAIL: usize = 128;
+
+    /// Appends new keys and values (`[kv_heads, n, head_dim]`).
+    pub fn append(parts: Option<Self>, k: Tensor<B, 3>, v: Tensor<B, 3>) -> Self {
+        let mut parts = parts.unwrap_or(KvParts {
+            frozen: None,
+            tail: None,
+        });
+        let tail = match parts.tail.take() {
+            Some((tk, tv)) => (Tensor::cat(vec![tk, k], 1), Tensor::cat(vec![tv, v], 1)),
+            None => (k, v),
+        };
+        if tail.0.dims()[1] >= Self::TAIL {
+            parts.frozen = Some(match parts.frozen.take() {
+                Some((fk, fv)) => (
+                    Tensor::cat(vec![fk, tail.0], 1),
+                    Tensor::cat(vec![fv, tail.1], 1),
+                ),
+                None => tail,
+            });
+        } else {
+            parts.tail = Some(tail);
+        }
+        parts
+    }
+
+    /// The parts as (keys, values, first position), in order.
+    pub fn pieces(&self) -> Vec<(Tensor<B, 3>, Tensor<B, 3>, usize)> {
+        let mut out = Vec::with_capacity(2);
+        if let Some((k, v)) = &self.frozen {
+            out.push((k.clone(), v.clone(), 0));
+        }
+        if let Some((k, v)) = &self.tail {
+            out.push((k.clone(), v.clone(), positions(&self.frozen)));
+        }
+        out
+    }
+
+    /// The first `n` positions.
+    fn prefix(&self, n: usize) -> Self {
+        let frozen_len = positions(&self.frozen);
+        if n <= frozen_len {
+            KvParts {
+                frozen: self
+                    .frozen
+                    .as_ref()
+                    .map(|(k, v)| (first(k, n), first(v, n))),
+                tail: None,
+            }
+        } else {
+            KvParts {
+                frozen: self.frozen.clone(),
+                tail: self
+                    .tail
+                    .as_ref()
+                    .map(|(k, v)| (first(k, n - frozen_len), first(v, n - frozen_len))),
+            }
+        }
+    }
 }
 
 impl<B: GraftBackend> SeqCache<B> {
@@ -73,15 +155,11 @@ impl<B: GraftBackend> SeqCache<B> {
             "prefix of {n} tokens from a cache of {}",
             self.len
         );
-        let cut = |t: &Tensor<B, 3>| {
-            let [h, _, d] = t.dims();
-            t.clone().slice([0..h, 0..n, 0..d])
-        };
         SeqCache {
             layers: self
                 .layers
                 .iter()
-                .map(|l| l.as_ref().map(|(k, v)| (cut(k), cut(v))))
+                .map(|l| l.as_ref().map(|p| p.prefix(n)))
                 .collect(),
             len: n,
         }

@@ -169,6 +169,71 @@ fn cached_decoding_and_ragged_batches_equal_one_full_forward() {
     }
 }
 
+/// Past the cache's tail length ([`KvParts::TAIL`] = 128) the cached keys live in two pieces;
+/// decoding 300 tokens one at a time (crossing the join twice, and the sliding windows all
+/// along) gives the logits of one forward over the whole sequence.
+#[test]
+fn long_cached_decoding_across_the_cache_joins_equals_one_full_forward() {
+    for family in FAMILIES {
+        let m = load_family(family, false).model;
+        if matches!(
+            m.config.layers[0].rope.scaling,
+            Some(RopeScaling::LongRope { .. })
+        ) {
+            continue; // its frequencies change with the length (see above)
+        }
+        let vocab = m.config.vocab_size as u64;
+        let mut state = 7u64;
+        let tokens: Vec<u32> = (0..300)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                ((state >> 33) % vocab) as u32
+            })
+            .collect();
+        let want = forward_all(&m, &tokens);
+        let mut cache = SeqCache::new();
+        let mut got = values(m.forward(
+            &mut [SeqInput {
+                tokens: &tokens[..40],
+                cache: Some(&mut cache),
+                adapter: None,
+            }],
+            Logits::All,
+        ));
+        for t in 40..tokens.len() {
+            got.extend(values(m.forward(
+                &mut [SeqInput {
+                    tokens: &tokens[t..t + 1],
+                    cache: Some(&mut cache),
+                    adapter: None,
+                }],
+                Logits::Last,
+            )));
+        }
+        let d = max_abs_diff(&got, &want);
+        assert!(
+            d <= 1e-3,
+            "{family}: cached decoding over 300 tokens differs by {d}"
+        );
+        // A prefix of the cache is what the prefix alone makes.
+        let mut again = cache.prefix(200);
+        let next = values(m.forward(
+            &mut [SeqInput {
+                tokens: &tokens[200..201],
+                cache: Some(&mut again),
+                adapter: None,
+            }],
+            Logits::Last,
+        ));
+        let row = 200 * vocab as usize;
+        let d = max_abs_diff(&next, &want[row..row + vocab as usize]);
+        assert!(
+            d <= 1e-3,
+            "{family}: decoding from a cache prefix differs by {d}"
+        );
+    }
+}
+
 /// A PEFT-initialized adapter on every projection of the model's layout, with `B` drawn too so
 /// that it changes the output.
 pub fn random_adapter(m: &Model<B>, seed: u64) -> graft_core::adapters::lora::Adapter<B> {
