@@ -35,3 +35,50 @@ pub fn init(format: LogFormat) {
             .try_init(),
     };
 }
+
+/// An error and its causes on one line (`outer: cause: root`), leaving out a cause whose text
+/// the line already holds (many errors print their source in their own message too).
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("model.gguf: cannot read: {source}")]
+    struct Outer {
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("loading model 'm'")]
+    struct Context {
+        #[source]
+        inner: Outer,
+    }
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let e = Context {
+            inner: Outer {
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "No such file"),
+            },
+        };
+        assert_eq!(
+            describe(&e),
+            "loading model 'm': model.gguf: cannot read: No such file"
+        );
+    }
+}

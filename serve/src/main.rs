@@ -3,7 +3,7 @@
 
 fn main() {
     if let Err(e) = graft_serve::cli::main() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", graft_core::logging::describe(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -20,7 +20,7 @@ fn main() {
     // SAFETY: sets a plain integer option; -1 means "never purge" (mimalloc.h).
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     if let Err(e) = graft_train::cli::main() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", graft_core::logging::describe(e.as_ref()));
         std::process::exit(1);
     }
 }
