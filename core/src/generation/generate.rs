@@ -228,22 +228,27 @@ impl Decoder {
         row: &mut [f32],
         tokenizer: &TokenizerBundle,
     ) -> Result<Step, GenerateError> {
+        // The scans of the whole row below run only when something masks it.
+        let mut masked = false;
         if let Some(c) = &mut self.constraint {
             c.mask(row)?;
+            masked = true;
         }
         // min_tokens holds off the end, unless ending is all the constraint allows.
-        let other_token_allowed = row
-            .iter()
-            .enumerate()
-            .any(|(t, l)| l.is_finite() && !self.stop_ids.contains(&(t as u32)));
-        if self.generated.len() < self.min_new && other_token_allowed {
+        if self.generated.len() < self.min_new
+            && row
+                .iter()
+                .enumerate()
+                .any(|(t, l)| l.is_finite() && !self.stop_ids.contains(&(t as u32)))
+        {
             for &t in &self.stop_ids {
                 if let Some(l) = row.get_mut(t as usize) {
                     *l = f32::NEG_INFINITY;
                 }
             }
+            masked = true;
         }
-        if !row.iter().any(|l| l.is_finite()) {
+        if masked && !row.iter().any(|l| l.is_finite()) {
             return Err(GenerateError::Constraint(ConstraintError::Failed(
                 "no token can continue the output".into(),
             )));

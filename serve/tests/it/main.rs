@@ -15,3 +15,12 @@ pub fn gguf() -> std::path::PathBuf {
     );
     p
 }
+
+/// The value of an unlabelled Prometheus sample `name` in a `/metrics` text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+        .parse()
+        .expect("number")
+}

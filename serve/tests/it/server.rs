@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::metric;
+
 fn gguf() -> PathBuf {
     let p = graft_core::cache::default_model_path();
     assert!(
@@ -84,13 +86,6 @@ fn get_json(s: &Server, path: &str) -> Value {
 }
 
 /// The value of an unlabelled Prometheus sample `name` in `text`.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
-        .parse()
-        .expect("number")
-}
 
 fn post(s: &Server, path: &str, body: &Value, key: Option<&str>) -> (u16, Value, Option<String>) {
     let mut req = ureq::post(&format!("{}{path}", s.url)).timeout(Duration::from_secs(300));

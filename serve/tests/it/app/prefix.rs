@@ -8,6 +8,7 @@ use graft_serve::server::{start, Started};
 use serde_json::json;
 
 use super::{call, content};
+use crate::metric;
 
 fn app_with(prefix_cache_tokens: usize) -> Started<Cpu> {
     app_budget(prefix_cache_tokens, None)
@@ -22,13 +23,6 @@ fn app_budget(prefix_cache_tokens: usize, kv_cache_tokens: Option<usize>) -> Sta
         ..ServeArgs::default()
     };
     start::<Cpu>(&args, &Default::default()).expect("server starts")
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in metrics"))
 }
 
 /// A request that repeats a long system prompt starts from its kept prefix, and answers
