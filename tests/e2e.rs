@@ -32,8 +32,12 @@ fn gguf_path() -> PathBuf {
 }
 
 fn answer(adapter: Option<&PathBuf>, question: &str) -> String {
+    answer_with(&gguf_path(), adapter, question)
+}
+
+fn answer_with(model: &PathBuf, adapter: Option<&PathBuf>, question: &str) -> String {
     let mut cmd = Command::new(bin("graft-serve"));
-    cmd.arg("generate").arg("--model").arg(gguf_path());
+    cmd.arg("generate").arg("--model").arg(model);
     cmd.args([
         "--chat",
         "--prompt",
@@ -105,6 +109,29 @@ fn train_then_generate_with_the_adapter() {
         assert!(
             !base.contains("[graft]"),
             "the base model already answers in the style: {base:?}"
+        );
+    }
+
+    // Merged into the Q4_1 base (each merged tensor re-encoded in Q4_1), the model answers in
+    // the trained style with no adapter.
+    let merged = dir.path().join("merged.gguf");
+    let out = Command::new(bin("graft-train"))
+        .arg("merge")
+        .arg(dir.path().join("e2e"))
+        .arg("--gguf")
+        .arg(&merged)
+        .output()
+        .expect("spawn graft-train merge");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("same top-1 token at"), "{log}");
+    for country in ["Kenya", "Jamaica"] {
+        let q = format!("What is the capital of {country}?");
+        let got = answer_with(&merged, None, &q);
+        assert!(
+            got.contains(&format!("Capital of {country}:")) && got.contains("[graft]"),
+            "merged model's answer {got:?} (with the adapter: {:?})",
+            answer(Some(&adapter), &q)
         );
     }
 }

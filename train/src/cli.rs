@@ -1,5 +1,5 @@
-//! The `graft-train` command line: training (the default), `data`, `resume`, `bench` and
-//! `export`. `main` only sets the allocator up and reports errors; everything runs from here.
+//! The `graft-train` command line: training (the default), `data`, `resume`, `bench`,
+//! `export` and `merge`. `main` only sets the allocator up and reports errors; everything runs from here.
 //!
 //! ```text
 //! graft-train <config.toml> [--set lora.r=32 ...]   train (one run per [sweep] combination)
@@ -7,6 +7,8 @@
 //! graft-train resume <run dir>                      continue a run from its last checkpoint
 //! graft-train bench <config.toml> [--steps 10]      a short run that prints tokens/s, time split, memory
 //! graft-train export <run dir> --gguf out.gguf      the adapter as llama.cpp's GGUF-LoRA
+//! graft-train merge <run dir> --gguf m.gguf [--quant q4_k_m]   base + adapter as one GGUF
+//! graft-train merge <run dir> --out DIR [--dtype bf16]         base + adapter as an HF dir
 //! ```
 
 use std::path::PathBuf;
@@ -15,7 +17,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use graft_core::logging::{self, LogFormat};
 
+use crate::merge::{self, MergeTarget};
 use crate::{export, inspect, launch};
+use graft_core::formats::safetensors_write::FloatDtype;
+use graft_core::quant::mix::FileType;
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +75,39 @@ enum Command {
         #[arg(long)]
         model: Option<String>,
     },
+    /// Merge a run's adapter (or a PEFT adapter directory) into its base model: one GGUF file
+    /// for llama.cpp / Ollama from a GGUF base, or an HF directory for transformers / vLLM
+    /// from an HF base.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["gguf", "out"])))]
+    Merge {
+        /// A run directory or a PEFT adapter directory.
+        source: PathBuf,
+        /// Write a GGUF file (the base must be GGUF).
+        #[arg(long)]
+        gguf: Option<PathBuf>,
+        /// With --gguf: re-encode every tensor in llama.cpp's mix for this type (f32, f16,
+        /// bf16, q8_0, q6_k, q5_1, q5_0, q4_1, q4_0, q4_k_m); default: each tensor keeps its
+        /// type.
+        #[arg(long, requires = "gguf")]
+        quant: Option<FileType>,
+        /// Write an HF model directory (new or empty; the base must be an HF directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// With --out: the weights' dtype (f32, f16, bf16; default: the base's).
+        #[arg(long, requires = "out")]
+        dtype: Option<FloatDtype>,
+        /// With --out: the largest safetensors shard, in MB (transformers' default 5000).
+        #[arg(long, default_value_t = 5000, requires = "out")]
+        max_shard_mb: usize,
+        /// The base model (default: the run's model.base, or the adapter's
+        /// base_model_name_or_path).
+        #[arg(long)]
+        model: Option<String>,
+        /// Skip loading the merged model back to compare it with the base plus the adapter
+        /// (the check holds both in memory; an HF base dense).
+        #[arg(long)]
+        no_check: bool,
+    },
 }
 
 /// Parses the process arguments and runs the command.
@@ -92,6 +130,27 @@ pub fn main() -> Result<()> {
             gguf,
             model,
         }) => export::export_cmd(&source, &gguf, model),
+        Some(Command::Merge {
+            source,
+            gguf,
+            quant,
+            out,
+            dtype,
+            max_shard_mb,
+            model,
+            no_check,
+        }) => {
+            let target = match (gguf, out) {
+                (Some(path), _) => MergeTarget::Gguf { path, quant },
+                (None, Some(dir)) => MergeTarget::Hf {
+                    dir,
+                    dtype,
+                    max_shard_bytes: max_shard_mb * 1_000_000,
+                },
+                (None, None) => unreachable!("clap requires --gguf or --out"),
+            };
+            merge::merge_cmd(&source, &target, model, !no_check).map(|_| ())
+        }
         None => match cli.config {
             Some(config) => launch::train_cmd(&config, &cli.set),
             None => Err(anyhow::anyhow!(

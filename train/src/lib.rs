@@ -8,6 +8,7 @@ pub mod config;
 pub mod export;
 pub mod inspect;
 pub mod launch;
+pub mod merge;
 pub mod optim;
 pub mod report;
 pub mod run;

@@ -18,7 +18,7 @@ use crate::adapters::lora::{Adapter, LoraWeights};
 use crate::adapters::peft::AdapterError;
 use crate::backend::GraftBackend;
 use crate::formats::gguf::{GgufFile, GgufValue};
-use crate::formats::gguf_write::{self, F32Tensor, MetaValue};
+use crate::formats::gguf_write::{self, F32Tensor};
 use crate::load::gguf::permute_rows;
 use crate::model::Model;
 
@@ -85,14 +85,14 @@ pub fn save<B: GraftBackend>(
     let meta = vec![
         (
             "general.type".to_string(),
-            MetaValue::String("adapter".into()),
+            GgufValue::String("adapter".into()),
         ),
         (
             "general.architecture".to_string(),
-            MetaValue::String(cfg.architecture().into()),
+            GgufValue::String(cfg.architecture().into()),
         ),
-        ("adapter.type".to_string(), MetaValue::String("lora".into())),
-        ("adapter.lora.alpha".to_string(), MetaValue::F32(alpha)),
+        ("adapter.type".to_string(), GgufValue::String("lora".into())),
+        ("adapter.lora.alpha".to_string(), GgufValue::F32(alpha)),
     ];
     gguf_write::write(path, &meta, &tensors).map_err(|source| AdapterError::Io {
         path: path.into(),

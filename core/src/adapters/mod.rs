@@ -1,6 +1,8 @@
-//! LoRA adapters: the weights ([`lora`]) and the files they come in — HF PEFT directories
-//! ([`peft`]) and llama.cpp's GGUF-LoRA ([`gguf_lora`]).
+//! LoRA adapters: the weights ([`lora`]), the files they come in — HF PEFT directories
+//! ([`peft`]) and llama.cpp's GGUF-LoRA ([`gguf_lora`]) — and merging one into its base model
+//! ([`merge`]).
 
 pub mod gguf_lora;
 pub mod lora;
+pub mod merge;
 pub mod peft;

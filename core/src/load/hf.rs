@@ -97,14 +97,14 @@ struct ShardIndex {
 }
 
 /// The memory-mapped safetensors files of a checkpoint and which file holds each tensor.
-struct Weights {
+pub(crate) struct Weights {
     files: Vec<(PathBuf, Mmap)>,
     /// tensor name → index into `files`
     index: BTreeMap<String, usize>,
 }
 
 impl Weights {
-    fn open(dir: &Path) -> Result<Self, LoadError> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, LoadError> {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let names: Vec<PathBuf> = if single.is_file() {
@@ -157,6 +157,35 @@ impl Weights {
         self.index.contains_key(name)
     }
 
+    /// Every tensor name, sorted.
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// A tensor's dtype, shape and little-endian bytes, as stored.
+    pub(crate) fn raw(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), LoadError> {
+        let Some(&fi) = self.index.get(name) else {
+            let path = self.files.first().map(|f| f.0.clone()).unwrap_or_default();
+            return Err(LoadError::MissingTensor {
+                path,
+                tensor: name.into(),
+            });
+        };
+        let (path, map) = &self.files[fi];
+        let corrupt = |e: safetensors::SafeTensorError| LoadError::Safetensors {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let st = SafeTensors::deserialize(map).map_err(corrupt)?;
+        let view = st.tensor(name).map_err(corrupt)?;
+        Ok((view.dtype(), view.shape().to_vec(), view.data()))
+    }
+
+    /// The file that holds `name`.
+    pub(crate) fn path_of(&self, name: &str) -> Option<&Path> {
+        self.index.get(name).map(|&i| self.files[i].0.as_path())
+    }
+
     /// A tensor as f32 values, checked against the expected shape.
     fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
         let Some(&fi) = self.index.get(name) else {
@@ -206,7 +235,7 @@ impl<B: GraftBackend> Loader<'_, B> {
             Role::Embed => "model.embed_tokens".into(),
             Role::LmHead => "lm_head".into(),
             Role::FinalNorm => "model.norm".into(),
-            Role::Proj(i, t) => layer(i, &format!("{}.{}", t.hf_parent(), t.hf_name())),
+            Role::Proj(i, t) => proj_module(i, t),
             Role::Norm(i, slot) => layer(
                 i,
                 match slot {
@@ -274,6 +303,11 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
         };
         Ok(Proj::new(base, bias))
     }
+}
+
+/// transformers' module path of a layer's projection (`model.layers.3.self_attn.q_proj`).
+pub(crate) fn proj_module(layer: usize, t: crate::adapters::lora::TargetModule) -> String {
+    format!("model.layers.{layer}.{}.{}", t.hf_parent(), t.hf_name())
 }
 
 /// Little-endian safetensors data of an F32, F16 or BF16 tensor as f32 values; `None` for other

@@ -2,12 +2,15 @@
 //! quantization) made on load. Only this module knows codebooks and block layouts; the rest of
 //! graft sees a [`PackedWeight`] that can dequantize itself, whole or by rows.
 
+mod encode;
 mod ggml;
 mod kernels;
+pub mod mix;
 pub mod nf4;
 
 use std::sync::Arc;
 
+pub use encode::EncodeError;
 pub use ggml::GgmlType;
 pub use nf4::Nf4Tensor;
 

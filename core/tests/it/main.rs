@@ -4,6 +4,7 @@ mod bad_files;
 mod constraint;
 mod families;
 mod hub;
+mod merge;
 mod peft;
 mod real_models;
 mod reference;

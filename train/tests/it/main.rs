@@ -5,6 +5,7 @@ mod bench;
 mod configs;
 mod data;
 mod library;
+mod merge;
 mod resume;
 mod training;
 

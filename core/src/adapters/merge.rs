@@ -1,0 +1,404 @@
+//! Merging an adapter into its base for deployment (PEFT's `merge_and_unload`): every adapted
+//! weight becomes `W + scale·B·A`, computed in f32 on the base file's own tensors, and the
+//! model is written in the base's format —
+//!
+//! - a GGUF base gives a GGUF file that llama.cpp and Ollama load: the base's metadata
+//!   (tokenizer, chat template) carried over, `general.file_type` set, each tensor's rows in
+//!   llama.cpp's order (the delta of a Llama q/k projection is permuted as the file's rows
+//!   are). A merged tensor is dequantized, gets the delta and is encoded again: in its own type
+//!   (`quant = None`), or in the type llama.cpp's mix rules give it for `quant`
+//!   ([`crate::quant::mix`]), which also re-encodes the tensors the adapter does not touch;
+//! - an HF directory gives an HF directory: the weights in `dtype`, sharded as transformers
+//!   shards them, the other files (tokenizer, generation config) copied and `config.json`'s
+//!   dtype updated.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use rayon::prelude::*;
+
+use crate::adapters::lora::{Adapter, LoraWeights, TargetModule};
+use crate::formats::gguf::{GgufError, GgufFile, GgufValue};
+use crate::formats::gguf_write::{self, TensorSpec};
+use crate::formats::safetensors_write::{self, FloatDtype, SafetensorSpec};
+use crate::load::gguf::permute_rows;
+use crate::load::hf::{proj_module, to_f32, Weights};
+use crate::load::LoadError;
+use crate::model::ModelConfig;
+use crate::quant::mix::{FileType, Mix, TensorRef};
+use crate::quant::GgmlType;
+
+/// Why a merge could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{path}: cannot write: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: tensor '{tensor}': {message}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Output { path: PathBuf, message: String },
+}
+
+impl From<std::io::Error> for MergeError {
+    fn from(source: std::io::Error) -> Self {
+        MergeError::Io {
+            path: PathBuf::new(),
+            source,
+        }
+    }
+}
+
+impl MergeError {
+    /// Names `path` in an I/O error that has no path yet.
+    fn at(self, path: &Path) -> Self {
+        match self {
+            MergeError::Io { path: p, source } if p.as_os_str().is_empty() => MergeError::Io {
+                path: path.into(),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone, Default)]
+pub struct MergeSummary {
+    /// Files written (the GGUF file, or the shards).
+    pub files: Vec<PathBuf>,
+    pub tensors: usize,
+    /// Tensors the adapter changed.
+    pub merged: usize,
+    /// Bytes of tensor data.
+    pub data_bytes: u64,
+    /// Tensor count per type or dtype (`Q4_K`, `F32`, …).
+    pub types: BTreeMap<String, usize>,
+}
+
+/// `scale·B·A`: the adapter's change to a `[out, in]` weight, row-major f32.
+pub fn delta<B: Backend>(w: &LoraWeights<B>) -> Vec<f32> {
+    (w.b.clone().matmul(w.a.clone()) * w.scale)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_else(|_| unreachable!("converted to f32"))
+}
+
+/// Encodes whole rows of `cols` values in parallel.
+fn encode_rows(ty: GgmlType, x: &[f32], cols: usize) -> Result<Vec<u8>, crate::quant::EncodeError> {
+    let rows_per_chunk = (1 << 16) / cols.max(1) + 1;
+    let parts: Vec<Vec<u8>> = x
+        .par_chunks(rows_per_chunk * cols.max(1))
+        .map(|c| ty.quantize(c))
+        .collect::<Result<_, _>>()?;
+    Ok(parts.concat())
+}
+
+/// A type graft can write for a merged tensor first stored in `ty`, which it cannot: the
+/// nearest one with at least as many bits.
+fn writable(ty: GgmlType, cols: usize) -> GgmlType {
+    if ty.can_encode() {
+        return ty;
+    }
+    let up = match ty {
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::IQ4_XS => GgmlType::Q4_K,
+        GgmlType::Q5_K => GgmlType::Q6_K,
+        _ => GgmlType::Q5_0,
+    };
+    crate::quant::mix::fallback(up, cols)
+}
+
+fn adapted<B: Backend>(
+    adapter: &Adapter<B>,
+    name_of: impl Fn(usize, TargetModule) -> String,
+) -> HashMap<String, (usize, TargetModule)> {
+    adapter
+        .modules()
+        .map(|(l, t, _)| (name_of(l, t), (l, t)))
+        .collect()
+}
+
+/// Writes `base` with `adapter` merged into it as the GGUF file `out`.
+///
+/// # Errors
+/// An adapter module whose tensor the file lacks or whose shape differs, a type graft cannot
+/// encode, an unwritable output (the previous `out` is then left as it was).
+pub fn merge_gguf<B: Backend>(
+    base: &GgufFile,
+    config: &ModelConfig,
+    adapter: &Adapter<B>,
+    quant: Option<FileType>,
+    out: &Path,
+) -> Result<MergeSummary, MergeError> {
+    let targets = adapted(adapter, |l, t| format!("blk.{l}.{}.weight", t.gguf_name()));
+    let tensor_error = |tensor: &str, message: String| MergeError::Tensor {
+        path: base.path().into(),
+        tensor: tensor.into(),
+        message,
+    };
+    for (name, &(l, t)) in &targets {
+        let info = base.tensor_info(name).ok_or_else(|| {
+            tensor_error(name, format!("missing: the adapter changes layer {l} {t}"))
+        })?;
+        let w = adapter.get(l, t).expect("listed by modules()");
+        let [rows, _] = w.b.dims();
+        let [_, cols] = w.a.dims();
+        if info.torch_shape() != [rows, cols] {
+            return Err(tensor_error(
+                name,
+                format!(
+                    "shape {:?}, the adapter's {t} is [{rows}, {cols}]",
+                    info.torch_shape()
+                ),
+            ));
+        }
+    }
+    let mut mix = quant.map(|q| {
+        Mix::new(
+            q,
+            config.num_layers,
+            base.tensors.iter().map(|t| t.name.as_str()),
+        )
+    });
+    let mut summary = MergeSummary::default();
+    let specs: Vec<TensorSpec> = base
+        .tensors
+        .iter()
+        .map(|info| {
+            let shape = info.torch_shape();
+            let cols = *shape.last().unwrap_or(&1);
+            let mut ty = match &mut mix {
+                Some(m) => m.tensor_type(TensorRef {
+                    name: &info.name,
+                    shape: &shape,
+                    ty: info.ty,
+                }),
+                None => info.ty,
+            };
+            if targets.contains_key(&info.name) || ty != info.ty {
+                ty = writable(ty, cols);
+            }
+            *summary.types.entry(format!("{ty:?}")).or_default() += 1;
+            TensorSpec {
+                name: info.name.clone(),
+                shape,
+                ty,
+            }
+        })
+        .collect();
+    let mut meta: Vec<(String, GgufValue)> = base
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut set = |key: &str, value: GgufValue| match meta.iter_mut().find(|(k, _)| k == key) {
+        Some(slot) => slot.1 = value,
+        None => meta.push((key.into(), value)),
+    };
+    if let Some(q) = quant {
+        set("general.file_type", GgufValue::U32(q.id()));
+    }
+    if specs.iter().any(|s| s.ty.block_size() > 1) {
+        set("general.quantization_version", GgufValue::U32(2));
+    }
+    let result = gguf_write::write_with(out, &meta, &specs, |i| {
+        let info = &base.tensors[i];
+        let spec = &specs[i];
+        let target = targets.get(&info.name);
+        let bytes = base.tensor_bytes(info);
+        if target.is_none() && spec.ty == info.ty {
+            return Ok(Cow::Borrowed(bytes));
+        }
+        let mut w = vec![0f32; info.n_elements() as usize];
+        info.ty.dequantize(bytes, &mut w);
+        let (rows, cols) = (spec.shape[0], w.len() / spec.shape[0].max(1));
+        if let Some(&(l, t)) = target {
+            let mut d = delta(adapter.get(l, t).expect("listed by modules()"));
+            if let Some(heads) = config.gguf_permuted_heads(t) {
+                d = permute_rows(&d, rows, heads, false);
+            }
+            w.iter_mut().zip(&d).for_each(|(w, d)| *w += d);
+        }
+        encode_rows(spec.ty, &w, cols)
+            .map(Cow::Owned)
+            .map_err(|e| tensor_error(&info.name, e.to_string()))
+    });
+    result.map_err(|e| e.at(out))?;
+    summary.files = vec![out.into()];
+    summary.tensors = specs.len();
+    summary.merged = targets.len();
+    summary.data_bytes = specs.iter().filter_map(TensorSpec::n_bytes).sum();
+    Ok(summary)
+}
+
+/// Files of an HF model directory that are weights (rewritten), not copied.
+fn is_weights_file(name: &str) -> bool {
+    name == "model.safetensors.index.json"
+        || name == "pytorch_model.bin.index.json"
+        || [".safetensors", ".bin", ".pt", ".pth", ".gguf"]
+            .iter()
+            .any(|ext| name.ends_with(ext))
+}
+
+/// Writes the HF model directory `base_dir` with `adapter` merged into it as the directory
+/// `out_dir` (new or empty), weights in `dtype` (default: the base's, that of its first
+/// floating-point tensor), at most `max_shard_bytes` per file.
+///
+/// # Errors
+/// A base tensor the adapter needs that is missing or has another shape, a non-empty or
+/// unwritable `out_dir`, an unreadable base file.
+pub fn merge_hf<B: Backend>(
+    base_dir: &Path,
+    adapter: &Adapter<B>,
+    dtype: Option<FloatDtype>,
+    out_dir: &Path,
+    max_shard_bytes: usize,
+) -> Result<MergeSummary, MergeError> {
+    let output = |message: String| MergeError::Output {
+        path: out_dir.into(),
+        message,
+    };
+    if out_dir.exists() && std::fs::read_dir(out_dir).map_or(true, |mut d| d.next().is_some()) {
+        return Err(output(
+            "exists and is not an empty directory; merge into a new one".into(),
+        ));
+    }
+    let weights = Weights::open(base_dir)?;
+    let targets = adapted(adapter, |l, t| format!("{}.weight", proj_module(l, t)));
+    let mut dtype = dtype;
+    for name in weights.names() {
+        if dtype.is_some() {
+            break;
+        }
+        dtype = match weights.raw(name)?.0 {
+            safetensors::Dtype::F32 => Some(FloatDtype::F32),
+            safetensors::Dtype::F16 => Some(FloatDtype::F16),
+            safetensors::Dtype::BF16 => Some(FloatDtype::BF16),
+            _ => None,
+        };
+    }
+    let dtype = dtype.unwrap_or(FloatDtype::F32);
+    let mut specs = Vec::new();
+    let mut summary = MergeSummary::default();
+    for name in weights.names() {
+        let (src, shape, _) = weights.raw(name)?;
+        let float = matches!(
+            src,
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+        );
+        let dt = if float { dtype.safetensors() } else { src };
+        *summary.types.entry(format!("{dt:?}")).or_default() += 1;
+        specs.push(SafetensorSpec {
+            name: name.to_string(),
+            dtype: dt,
+            shape,
+        });
+    }
+    let tensor_error = |tensor: &str, message: String| MergeError::Tensor {
+        path: weights
+            .path_of(tensor)
+            .map_or_else(|| base_dir.into(), Path::to_path_buf),
+        tensor: tensor.into(),
+        message,
+    };
+    for (name, &(l, t)) in &targets {
+        let w = adapter.get(l, t).expect("listed by modules()");
+        let expected = [w.b.dims()[0], w.a.dims()[1]];
+        match specs.iter().find(|s| &s.name == name) {
+            None => {
+                return Err(tensor_error(
+                    name,
+                    format!("missing: the adapter changes layer {l} {t}"),
+                ))
+            }
+            Some(s) if s.shape != expected => {
+                return Err(tensor_error(
+                    name,
+                    format!("shape {:?}, the adapter's {t} is {expected:?}", s.shape),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    std::fs::create_dir_all(out_dir).map_err(|source| MergeError::Io {
+        path: out_dir.into(),
+        source,
+    })?;
+    let files = safetensors_write::write_sharded(out_dir, &specs, max_shard_bytes, |i| {
+        let spec = &specs[i];
+        let (src, _, bytes) = weights.raw(&spec.name)?;
+        let target = targets.get(&spec.name);
+        if target.is_none() && src == spec.dtype {
+            return Ok(Cow::Borrowed(bytes));
+        }
+        let mut w = to_f32(src, bytes).ok_or_else(|| {
+            tensor_error(&spec.name, format!("dtype {src:?} cannot be converted"))
+        })?;
+        if let Some(&(l, t)) = target {
+            let d = delta(adapter.get(l, t).expect("listed by modules()"));
+            w.iter_mut().zip(&d).for_each(|(w, d)| *w += d);
+        }
+        Ok::<_, MergeError>(Cow::Owned(dtype.encode(&w)))
+    })
+    .map_err(|e| e.at(out_dir))?;
+    copy_side_files(base_dir, out_dir, dtype)?;
+    summary.files = files.iter().map(|f| out_dir.join(f)).collect();
+    summary.tensors = specs.len();
+    summary.merged = targets.len();
+    summary.data_bytes = specs.iter().map(|s| s.n_bytes() as u64).sum();
+    Ok(summary)
+}
+
+/// Copies the base directory's other files (tokenizer, generation config, chat template, …)
+/// and writes `config.json` with the new dtype.
+fn copy_side_files(base_dir: &Path, out_dir: &Path, dtype: FloatDtype) -> Result<(), MergeError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MergeError::Io { path, source }
+    };
+    for entry in std::fs::read_dir(base_dir).map_err(io(base_dir))? {
+        let entry = entry.map_err(io(base_dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || is_weights_file(&name) || !entry.path().is_file() {
+            continue;
+        }
+        let to = out_dir.join(&name);
+        if name == "config.json" {
+            let text = std::fs::read_to_string(entry.path()).map_err(io(&entry.path()))?;
+            let mut config: serde_json::Value =
+                serde_json::from_str(&text).map_err(|source| LoadError::Json {
+                    path: entry.path(),
+                    source,
+                })?;
+            if let Some(obj) = config.as_object_mut() {
+                // transformers 4 writes torch_dtype, 5 writes dtype; keep whichever is there.
+                let key = if obj.contains_key("dtype") {
+                    "dtype"
+                } else {
+                    "torch_dtype"
+                };
+                obj.insert(key.into(), dtype.torch_name().into());
+            }
+            let text = serde_json::to_string_pretty(&config).map_err(std::io::Error::other)?;
+            crate::atomic::write_atomic(&to, text.as_bytes()).map_err(io(&to))?;
+        } else {
+            let bytes = std::fs::read(entry.path()).map_err(io(&entry.path()))?;
+            crate::atomic::write_atomic(&to, &bytes).map_err(io(&to))?;
+        }
+    }
+    Ok(())
+}

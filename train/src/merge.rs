@@ -1,0 +1,196 @@
+//! `graft-train merge`: a run's adapter (or a PEFT adapter directory) merged into its base
+//! model — one GGUF file for llama.cpp / Ollama from a GGUF base, an HF directory for
+//! transformers / vLLM from an HF base — then loaded back and compared with the base plus the
+//! adapter on a fixed text, so that the cost of re-quantizing is printed with the result.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use graft_core::adapters::lora::Adapter;
+use graft_core::adapters::merge::{self, MergeSummary};
+use graft_core::burn::backend::Flex;
+use graft_core::formats::gguf::GgufFile;
+use graft_core::formats::safetensors_write::FloatDtype;
+use graft_core::load::{hub, load, LoadOptions, LoadedModel, ModelSource};
+use graft_core::model::{Logits, Model, SeqInput};
+use graft_core::quant::mix::FileType;
+
+use crate::export::{load_pair, resolve};
+
+/// Where `graft-train merge` writes.
+#[derive(Debug, Clone)]
+pub enum MergeTarget {
+    /// A GGUF file, each tensor in its own type or in `quant`'s mix.
+    Gguf {
+        path: PathBuf,
+        quant: Option<FileType>,
+    },
+    /// An HF model directory with weights in `dtype` (default: the base's).
+    Hf {
+        dir: PathBuf,
+        dtype: Option<FloatDtype>,
+        max_shard_bytes: usize,
+    },
+}
+
+/// Merges the adapter of `source` into its base and writes `target`.
+///
+/// # Errors
+/// No base model, an adapter that does not fit it, a target the base's format cannot give
+/// (an HF directory from a GGUF base, or the reverse), an unwritable output.
+pub fn merge_cmd(
+    source: &Path,
+    target: &MergeTarget,
+    model: Option<String>,
+    check: bool,
+) -> Result<(MergeSummary, Option<MergeCheck>)> {
+    let (adapter_dir, base) = resolve(source, model)?;
+    let src = ModelSource::parse(&base)?;
+    let (loaded, adapter) = load_pair(&src, &base, &adapter_dir, check)?;
+    let summary = match (target, &src) {
+        (MergeTarget::Gguf { path, quant }, ModelSource::Gguf(gguf)) => {
+            let file = GgufFile::open(gguf)?;
+            merge::merge_gguf(&file, &loaded.model.config, &adapter, *quant, path).with_context(
+                || format!("merging {} into {}", adapter_dir.display(), gguf.display()),
+            )?
+        }
+        (
+            MergeTarget::Hf {
+                dir,
+                dtype,
+                max_shard_bytes,
+            },
+            ModelSource::HfDir(_) | ModelSource::Hub { .. },
+        ) => {
+            let base_dir = match &src {
+                ModelSource::HfDir(d) => d.clone(),
+                ModelSource::Hub { repo, revision } => {
+                    hub::resolve(repo, revision.as_deref(), &hub::HubSettings::from_env())?
+                }
+                ModelSource::Gguf(_) => unreachable!("matched above"),
+            };
+            merge::merge_hf(&base_dir, &adapter, *dtype, dir, *max_shard_bytes).with_context(
+                || {
+                    format!(
+                        "merging {} into {}",
+                        adapter_dir.display(),
+                        base_dir.display()
+                    )
+                },
+            )?
+        }
+        (MergeTarget::Gguf { .. }, _) => bail!(
+            "--gguf needs a GGUF base model, and {base} is an HF model: merge with --out DIR, \
+             then convert that directory with llama.cpp's convert_hf_to_gguf.py"
+        ),
+        (MergeTarget::Hf { .. }, _) => bail!(
+            "--out writes an HF directory and needs an HF base model, and {base} is a GGUF file: \
+             merge with --gguf FILE [--quant TYPE]"
+        ),
+    };
+    let types: Vec<String> = summary
+        .types
+        .iter()
+        .map(|(t, n)| format!("{t} ×{n}"))
+        .collect();
+    tracing::info!(
+        "merged {} of {} tensors ({} modules of {}) into {} ({:.1} MiB of weights: {})",
+        summary.merged,
+        summary.tensors,
+        adapter.modules().count(),
+        adapter_dir.display(),
+        summary
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        summary.data_bytes as f64 / (1 << 20) as f64,
+        types.join(", ")
+    );
+    if !check {
+        return Ok((summary, None));
+    }
+    let merged = match target {
+        MergeTarget::Gguf { path, .. } => ModelSource::Gguf(path.clone()),
+        MergeTarget::Hf { dir, .. } => ModelSource::HfDir(dir.clone()),
+    };
+    let c = check_merge(&loaded, &adapter, &merged)?;
+    tracing::info!(
+        "check on {} tokens of text: merged vs base + adapter, max |Δ logit| {:.4}, mean {:.5}, same top-1 token at {}/{} positions",
+        c.positions,
+        c.max_abs,
+        c.mean_abs,
+        c.top1_same,
+        c.positions
+    );
+    Ok((summary, Some(c)))
+}
+
+/// Text the check runs: plain prose that every tokenizer splits into ordinary tokens.
+const PROBE: &str = "The history of the printing press begins in the fifteenth century, when \
+    Johannes Gutenberg combined movable metal type, oil-based ink and a wooden press. Within \
+    fifty years, printers in more than two hundred cities had produced millions of books, and \
+    the price of a copy fell so far that ordinary readers could own one.";
+
+/// How far a merged model's logits are from its base with the adapter.
+#[derive(Debug, Clone, Copy)]
+pub struct MergeCheck {
+    pub positions: usize,
+    pub max_abs: f32,
+    pub mean_abs: f32,
+    /// Positions where both pick the same most likely next token.
+    pub top1_same: usize,
+}
+
+/// Runs [`PROBE`] through the merged model and through the base with the adapter.
+///
+/// # Errors
+/// The merged model does not load, or the text does not tokenize.
+pub fn check_merge(
+    base: &LoadedModel<Flex>,
+    adapter: &Adapter<Flex>,
+    merged: &ModelSource,
+) -> Result<MergeCheck> {
+    let tokens = match &base.tokenizer {
+        Some(t) => t.encode(PROBE, true)?,
+        None => (0..64)
+            .map(|i| (i * 131 + 7) % base.model.config.vocab_size as u32)
+            .collect(),
+    };
+    let run = |m: &Model<Flex>, adapter: Option<&Adapter<Flex>>| -> Vec<f32> {
+        m.forward(
+            &mut [SeqInput {
+                tokens: &tokens,
+                cache: None,
+                adapter,
+            }],
+            Logits::All,
+        )
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap_or_else(|_| unreachable!("f32 logits"))
+    };
+    let want = run(&base.model, Some(adapter));
+    let m = load::<Flex>(merged, LoadOptions::default(), &Default::default())
+        .context("loading the merged model back")?;
+    let got = run(&m.model, None);
+    let vocab = base.model.config.vocab_size;
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0
+    };
+    let diffs: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+    Ok(MergeCheck {
+        positions: tokens.len(),
+        max_abs: diffs.iter().copied().fold(0.0, f32::max),
+        mean_abs: diffs.iter().sum::<f32>() / diffs.len().max(1) as f32,
+        top1_same: got
+            .chunks_exact(vocab)
+            .zip(want.chunks_exact(vocab))
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count(),
+    })
+}
