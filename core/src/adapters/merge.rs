@@ -27,7 +27,7 @@ use crate::load::gguf::permute_rows;
 use crate::load::hf::{proj_module, to_f32, Weights};
 use crate::load::LoadError;
 use crate::model::ModelConfig;
-use crate::quant::mix::{FileType, Mix, TensorRef};
+use crate::quant::mix::{quantize_order, FileType, Mix, TensorRef};
 use crate::quant::GgmlType;
 
 /// Why a merge could not be written.
@@ -166,18 +166,19 @@ pub fn merge_gguf<B: Backend>(
             ));
         }
     }
-    let mut mix = quant.map(|q| {
-        Mix::new(
-            q,
-            config.num_layers,
-            base.tensors.iter().map(|t| t.name.as_str()),
-        )
-    });
+    // llama-quantize's order when re-encoding every tensor (its mix rules count in it), the
+    // file's own otherwise.
+    let names: Vec<&str> = base.tensors.iter().map(|t| t.name.as_str()).collect();
+    let order: Vec<usize> = match quant {
+        Some(_) => quantize_order(&names),
+        None => (0..names.len()).collect(),
+    };
+    let mut mix = quant.map(|q| Mix::new(q, config.num_layers, names.iter().copied()));
     let mut summary = MergeSummary::default();
-    let specs: Vec<TensorSpec> = base
-        .tensors
+    let specs: Vec<TensorSpec> = order
         .iter()
-        .map(|info| {
+        .map(|&i| {
+            let info = &base.tensors[i];
             let shape = info.torch_shape();
             let cols = *shape.last().unwrap_or(&1);
             let mut ty = match &mut mix {
@@ -215,9 +216,9 @@ pub fn merge_gguf<B: Backend>(
     if specs.iter().any(|s| s.ty.block_size() > 1) {
         set("general.quantization_version", GgufValue::U32(2));
     }
-    let result = gguf_write::write_with(out, &meta, &specs, |i| {
-        let info = &base.tensors[i];
-        let spec = &specs[i];
+    let result = gguf_write::write_with(out, &meta, &specs, |k| {
+        let info = &base.tensors[order[k]];
+        let spec = &specs[k];
         let target = targets.get(&info.name);
         let bytes = base.tensor_bytes(info);
         if target.is_none() && spec.ty == info.ty {

@@ -118,8 +118,26 @@ pub struct TensorRef<'a> {
     pub ty: GgmlType,
 }
 
-/// The types of a whole model's tensors for one file type. The rules count `attn_v` and
-/// `ffn_down` tensors in file order, as llama.cpp does, so ask for every tensor in that order.
+/// The order in which `llama-quantize` visits (and writes) a model's tensors: by layer number
+/// (`blk.N.`; tensors outside the layers first), then by name. Its rules count `attn_v` and
+/// `ffn_down` tensors in this order, so a file whose tensors are sorted by name alone
+/// (`blk.0`, `blk.1`, `blk.10`, …) must be visited in this order to get llama.cpp's mix.
+pub fn quantize_order(names: &[&str]) -> Vec<usize> {
+    let layer = |n: &str| -> i64 {
+        n.strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(-1)
+    };
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by(|&a, &b| {
+        (layer(names[a]), names[a]).cmp(&(layer(names[b]), names[b]))
+    });
+    order
+}
+
+/// The types of a whole model's tensors for one file type. Ask for every tensor once, in
+/// [`quantize_order`].
 #[derive(Debug)]
 pub struct Mix {
     ftype: FileType,
@@ -234,6 +252,34 @@ mod tests {
         let picked: Vec<usize> = (0..24).filter(|&i| use_more_bits(i, 24)).collect();
         // n/8 = 3: layers 0-2, 21-23, and (i - 3) % 3 == 2 → 5, 8, …, 20
         assert_eq!(picked, [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]);
+    }
+
+    #[test]
+    fn tensors_are_visited_by_layer_number_then_name() {
+        let names = ["blk.10.attn_v.weight", "blk.2.attn_v.weight", "output.weight", "blk.2.attn_k.weight"];
+        assert_eq!(quantize_order(&names), [2, 3, 1, 0]);
+    }
+
+    #[test]
+    fn layers_stored_in_name_order_get_the_mix_of_their_layer_number() {
+        // SmolLM2's GGUF stores blk.0, blk.1, blk.10, … : the rules must follow layer numbers.
+        let mut names: Vec<String> = (0..30).map(|i| format!("blk.{i}.ffn_down.weight")).collect();
+        names.sort();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut mix = Mix::new(FileType::Q4_K_M, 30, refs.iter().copied());
+        let mut q6: Vec<usize> = vec![];
+        for i in quantize_order(&refs) {
+            let ty = mix.tensor_type(TensorRef {
+                name: refs[i],
+                shape: &[576, 1536],
+                ty: GgmlType::F32,
+            });
+            if ty == GgmlType::Q6_K {
+                q6.push(refs[i][4..].split('.').next().unwrap().parse().unwrap());
+            }
+        }
+        q6.sort();
+        assert_eq!(q6, [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]);
     }
 
     #[test]

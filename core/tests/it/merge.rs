@@ -14,7 +14,7 @@ use graft_core::formats::gguf::GgufFile;
 use graft_core::formats::safetensors_write::FloatDtype;
 use graft_core::load::{load_gguf, load_hf_dir, LoadOptions};
 use graft_core::model::{Logits, Model, SeqInput};
-use graft_core::quant::mix::{FileType, Mix, TensorRef};
+use graft_core::quant::mix::{quantize_order, FileType, Mix, TensorRef};
 use graft_core::quant::GgmlType;
 use serde_json::Value;
 
@@ -308,13 +308,10 @@ fn q4_k_m_rules_reproduce_real_llama_cpp_q4_k_m_files() {
             .unwrap_or_else(|e| panic!("{e}: run scripts/prepare-test-models.sh"));
         let arch = f.str("general.architecture").expect("arch").to_string();
         let layers = f.u64(&format!("{arch}.block_count")).expect("layers") as usize;
-        let mut mix = Mix::new(
-            FileType::Q4_K_M,
-            layers,
-            f.tensors.iter().map(|t| t.name.as_str()),
-        );
+        let names: Vec<&str> = f.tensors.iter().map(|t| t.name.as_str()).collect();
+        let mut mix = Mix::new(FileType::Q4_K_M, layers, names.iter().copied());
         let mut seen = BTreeMap::new();
-        for t in &f.tensors {
+        for t in quantize_order(&names).into_iter().map(|i| &f.tensors[i]) {
             let shape = t.torch_shape();
             let ty = mix.tensor_type(TensorRef {
                 name: &t.name,
