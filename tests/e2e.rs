@@ -112,13 +112,14 @@ fn train_then_generate_with_the_adapter() {
         );
     }
 
-    // Merged into the Q4_1 base (each merged tensor re-encoded in Q4_1), the model answers in
-    // the trained style with no adapter.
+    // Merged into the base and written as Q8_0, the model answers as the adapter does with no
+    // adapter. (Re-encoded in the base's own Q4_1, the adapter's small changes mostly round
+    // away: the README's merge figures.)
     let merged = dir.path().join("merged.gguf");
     let out = Command::new(bin("graft-train"))
         .arg("merge")
         .arg(dir.path().join("e2e"))
-        .arg("--gguf")
+        .args(["--quant", "q8_0", "--gguf"])
         .arg(&merged)
         .output()
         .expect("spawn graft-train merge");
@@ -127,12 +128,7 @@ fn train_then_generate_with_the_adapter() {
     assert!(log.contains("same top-1 token at"), "{log}");
     for country in ["Kenya", "Jamaica"] {
         let q = format!("What is the capital of {country}?");
-        let got = answer_with(&merged, None, &q);
-        assert!(
-            got.contains(&format!("Capital of {country}:")) && got.contains("[graft]"),
-            "merged model's answer {got:?} (with the adapter: {:?})",
-            answer(Some(&adapter), &q)
-        );
+        assert_eq!(answer_with(&merged, None, &q), answer(Some(&adapter), &q));
     }
 }
 

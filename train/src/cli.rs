@@ -7,6 +7,7 @@
 //! graft-train resume <run dir>                      continue a run from its last checkpoint
 //! graft-train bench <config.toml> [--steps 10]      a short run that prints tokens/s, time split, memory
 //! graft-train export <run dir> --gguf out.gguf      the adapter as llama.cpp's GGUF-LoRA
+//! graft-train export <run dir> --ollama DIR         … with a Modelfile for `ollama create`
 //! graft-train merge <run dir> --gguf m.gguf [--quant q4_k_m]   base + adapter as one GGUF
 //! graft-train merge <run dir> --out DIR [--dtype bf16]         base + adapter as an HF dir
 //! ```
@@ -63,13 +64,19 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         steps: usize,
     },
-    /// Convert a run's adapter (or a PEFT adapter directory) to llama.cpp's GGUF-LoRA format.
+    /// Convert a run's adapter (or a PEFT adapter directory) to llama.cpp's GGUF-LoRA format,
+    /// alone or with a Modelfile for Ollama.
+    #[command(group(clap::ArgGroup::new("target").required(true).args(["gguf", "ollama"])))]
     Export {
         /// A run directory or a PEFT adapter directory.
         source: PathBuf,
         /// Output .gguf file.
         #[arg(long)]
-        gguf: PathBuf,
+        gguf: Option<PathBuf>,
+        /// Output directory for Ollama: adapter.gguf and a Modelfile (`ollama create NAME -f
+        /// DIR/Modelfile`); the base must be GGUF or ollama:NAME.
+        #[arg(long)]
+        ollama: Option<PathBuf>,
         /// The base model (default: the run's model.base, or the adapter's
         /// base_model_name_or_path).
         #[arg(long)]
@@ -128,8 +135,16 @@ pub fn main() -> Result<()> {
         Some(Command::Export {
             source,
             gguf,
+            ollama,
             model,
-        }) => export::export_cmd(&source, &gguf, model),
+        }) => {
+            let target = match (gguf, ollama) {
+                (Some(f), _) => export::ExportTarget::GgufLora(f),
+                (None, Some(d)) => export::ExportTarget::Ollama(d),
+                (None, None) => unreachable!("clap requires --gguf or --ollama"),
+            };
+            export::export_cmd(&source, &target, model)
+        }
         Some(Command::Merge {
             source,
             gguf,

@@ -1,12 +1,13 @@
 //! `graft-train export`: a run's adapter (or a PEFT adapter directory) as llama.cpp's
-//! GGUF-LoRA file; and how a command finds a run's adapter and base model.
+//! GGUF-LoRA file, alone or with an Ollama `Modelfile` that `ollama create` takes; and how a
+//! command finds a run's adapter and base model.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use graft_core::adapters::lora::Adapter;
 use graft_core::burn::backend::Flex;
-use graft_core::load::{load, LoadOptions, LoadedModel, ModelSource};
+use graft_core::load::{load, ollama, LoadOptions, LoadedModel, ModelSource};
 use graft_core::quant::QuantKind;
 
 use crate::run;
@@ -56,7 +57,7 @@ pub(crate) fn load_pair(
 ) -> Result<(LoadedModel<Flex>, Adapter<Flex>)> {
     let opts = LoadOptions {
         quantize: match source {
-            ModelSource::Gguf(_) => QuantKind::Keep,
+            ModelSource::Gguf(_) | ModelSource::Ollama(_) => QuantKind::Keep,
             _ if dense => QuantKind::Keep,
             _ => QuantKind::Nf4,
         },
@@ -67,21 +68,112 @@ pub(crate) fn load_pair(
     Ok((loaded, adapter))
 }
 
-/// Writes the adapter of `source` (a run or a PEFT directory) to `out` as GGUF-LoRA for the
-/// base `model` (default: the run's or the adapter's base).
+/// What `graft-train export` writes.
+#[derive(Debug, Clone)]
+pub enum ExportTarget {
+    /// llama.cpp's GGUF-LoRA file.
+    GgufLora(PathBuf),
+    /// A directory with `adapter.gguf` (GGUF-LoRA) and a `Modelfile` for `ollama create`.
+    Ollama(PathBuf),
+}
+
+/// Writes the adapter of `source` (a run or a PEFT directory) for the base `model` (default:
+/// the run's or the adapter's base) as `target`.
 ///
 /// # Errors
-/// No base model to be found, an adapter that does not fit it, an unwritable output.
-pub fn export_cmd(source: &Path, out: &Path, model: Option<String>) -> Result<()> {
+/// No base model to be found, an adapter that does not fit it, an Ollama export of a base
+/// that is not GGUF, an unwritable output.
+pub fn export_cmd(source: &Path, target: &ExportTarget, model: Option<String>) -> Result<()> {
     let (adapter_dir, base) = resolve(source, model)?;
-    let (loaded, adapter) = load_pair(&ModelSource::parse(&base)?, &base, &adapter_dir, false)?;
-    graft_core::adapters::gguf_lora::save(out, &adapter, &loaded.model)?;
+    let src = ModelSource::parse(&base)?;
+    let (loaded, adapter) = load_pair(&src, &base, &adapter_dir, false)?;
+    let file = match target {
+        ExportTarget::GgufLora(f) => f.clone(),
+        ExportTarget::Ollama(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.join("adapter.gguf")
+        }
+    };
+    graft_core::adapters::gguf_lora::save(&file, &adapter, &loaded.model)?;
+    let ExportTarget::Ollama(dir) = target else {
+        tracing::info!(
+            "wrote {} ({} modules, architecture {}): llama-cli -m <base.gguf> --lora {}",
+            file.display(),
+            adapter.modules().count(),
+            loaded.model.config.architecture(),
+            file.display()
+        );
+        return Ok(());
+    };
+    let text = match &src {
+        ModelSource::Ollama(name) => {
+            let m = ollama::resolve(name, &ollama::store_dir())?;
+            modelfile(
+                &m.name.short(),
+                m.template.as_deref(),
+                m.system.as_deref(),
+                &m.params,
+            )?
+        }
+        ModelSource::Gguf(path) => {
+            let path = std::path::absolute(path)
+                .with_context(|| format!("resolving {}", path.display()))?;
+            // Ollama derives the prompt template from the GGUF's own chat template; the stop
+            // string is the model's end-of-sequence token.
+            let mut params = serde_json::Map::new();
+            if let Some(eos) = loaded.tokenizer.as_ref().and_then(|t| t.eos_token.clone()) {
+                params.insert("stop".into(), vec![eos].into());
+            }
+            modelfile(&path.display().to_string(), None, None, &params)?
+        }
+        _ => bail!(
+            "Ollama runs GGUF models, and {base} is an HF model: export for a GGUF base \
+             (--model FILE.gguf or --model ollama:NAME)"
+        ),
+    };
+    let path = dir.join("Modelfile");
+    graft_core::atomic::write_atomic(&path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     tracing::info!(
-        "wrote {} ({} modules, architecture {}): llama-cli -m <base.gguf> --lora {}",
-        out.display(),
-        adapter.modules().count(),
-        loaded.model.config.architecture(),
-        out.display()
+        "wrote {} and {}: ollama create <name> -f {}",
+        file.display(),
+        path.display(),
+        path.display()
     );
     Ok(())
+}
+
+/// An Ollama Modelfile: `FROM` the base, `ADAPTER` the GGUF-LoRA next to it, the template,
+/// system prompt and parameters (one `PARAMETER stop` line per stop string).
+///
+/// # Errors
+/// A template or system prompt holding `"""`, which a Modelfile cannot quote.
+pub fn modelfile(
+    from: &str,
+    template: Option<&str>,
+    system: Option<&str>,
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<String> {
+    let mut out = format!(
+        "# Written by graft-train export: ollama create <name> -f Modelfile\nFROM {from}\nADAPTER ./adapter.gguf\n"
+    );
+    for (key, text) in [("TEMPLATE", template), ("SYSTEM", system)] {
+        if let Some(t) = text {
+            if t.contains("\"\"\"") {
+                bail!("the {key} holds \"\"\", which a Modelfile cannot quote");
+            }
+            out += &format!("{key} \"\"\"{t}\"\"\"\n");
+        }
+    }
+    for (key, value) in params {
+        let values = match value {
+            serde_json::Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        };
+        for v in values {
+            // Strings quoted (JSON escapes), numbers and booleans as they are.
+            out += &format!("PARAMETER {key} {v}\n");
+        }
+    }
+    Ok(out)
 }

@@ -47,9 +47,9 @@ pub fn merge_cmd(
     let (adapter_dir, base) = resolve(source, model)?;
     let src = ModelSource::parse(&base)?;
     let (loaded, adapter) = load_pair(&src, &base, &adapter_dir, check)?;
-    let summary = match (target, &src) {
-        (MergeTarget::Gguf { path, quant }, ModelSource::Gguf(gguf)) => {
-            let file = GgufFile::open(gguf)?;
+    let summary = match (target, src.gguf_file()?) {
+        (MergeTarget::Gguf { path, quant }, Some(gguf)) => {
+            let file = GgufFile::open(&gguf)?;
             merge::merge_gguf(&file, &loaded.model.config, &adapter, *quant, path).with_context(
                 || format!("merging {} into {}", adapter_dir.display(), gguf.display()),
             )?
@@ -60,14 +60,16 @@ pub fn merge_cmd(
                 dtype,
                 max_shard_bytes,
             },
-            ModelSource::HfDir(_) | ModelSource::Hub { .. },
+            None,
         ) => {
             let base_dir = match &src {
                 ModelSource::HfDir(d) => d.clone(),
                 ModelSource::Hub { repo, revision } => {
                     hub::resolve(repo, revision.as_deref(), &hub::HubSettings::from_env())?
                 }
-                ModelSource::Gguf(_) => unreachable!("matched above"),
+                ModelSource::Gguf(_) | ModelSource::Ollama(_) => {
+                    unreachable!("gguf_file() is Some for these")
+                }
             };
             merge::merge_hf(&base_dir, &adapter, *dtype, dir, *max_shard_bytes).with_context(
                 || {
@@ -124,6 +126,15 @@ pub fn merge_cmd(
         c.top1_same,
         c.positions
     );
+    if c.top1_same * 20 < c.positions * 19 {
+        tracing::warn!(
+            "the merged model picks another next token at {} of {} positions: re-encoding in \
+             few bits rounds much of the adapter's change away; --quant q8_0 (or f16) keeps it, \
+             or serve the adapter unmerged (graft-train export --gguf for llama.cpp)",
+            c.positions - c.top1_same,
+            c.positions
+        );
+    }
     Ok((summary, Some(c)))
 }
 

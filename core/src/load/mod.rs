@@ -7,6 +7,7 @@ pub(crate) mod gguf;
 pub(crate) mod hf;
 pub mod hf_config;
 pub mod hub;
+pub mod ollama;
 
 use crate::backend::GraftBackend;
 use std::path::{Path, PathBuf};
@@ -69,7 +70,9 @@ pub enum LoadError {
     Tokenizer { path: PathBuf, message: String },
     #[error("hub model '{repo}': {message}")]
     Hub { repo: String, message: String },
-    #[error("'{0}' is neither a model directory, a .gguf file, nor a hub id (owner/name)")]
+    #[error("ollama model '{name}': {message}")]
+    Ollama { name: String, message: String },
+    #[error("'{0}' is neither a model directory, a .gguf file, an ollama:NAME[:TAG] nor a hub id (owner/name)")]
     Source(String),
 }
 
@@ -85,6 +88,8 @@ pub enum ModelSource {
         repo: String,
         revision: Option<String>,
     },
+    /// A model pulled by Ollama (`ollama:NAME[:TAG]`), read from its local store.
+    Ollama(String),
 }
 
 /// A model as written in a config file in `dir`: `~/` is the home directory; a relative path
@@ -102,11 +107,19 @@ pub fn model_arg_in(dir: &Path, arg: &str) -> String {
 }
 
 impl ModelSource {
-    /// Interprets a `--model` argument: an existing directory or `.gguf` file, else a hub id.
+    /// Interprets a `--model` argument: `ollama:NAME[:TAG]`, an existing directory or `.gguf`
+    /// file, else a hub id.
     ///
     /// # Errors
     /// [`LoadError::Source`] when it is none of these.
     pub fn parse(s: &str) -> Result<Self, LoadError> {
+        if let Some(name) = s.strip_prefix("ollama:") {
+            ollama::OllamaName::parse(name).map_err(|message| LoadError::Ollama {
+                name: name.into(),
+                message,
+            })?;
+            return Ok(ModelSource::Ollama(name.into()));
+        }
         let p = Path::new(s);
         if p.is_dir() {
             return Ok(ModelSource::HfDir(p.to_path_buf()));
@@ -180,6 +193,26 @@ pub fn load<B: GraftBackend>(
             loaded.name = repo.clone();
             Ok(loaded)
         }
+        ModelSource::Ollama(name) => {
+            let m = ollama::resolve(name, &ollama::store_dir())?;
+            let mut loaded = load_gguf(&m.gguf, opts, device)?;
+            loaded.name = m.name.short();
+            Ok(loaded)
+        }
+    }
+}
+
+impl ModelSource {
+    /// The GGUF file this source reads, if it is one (a `.gguf` path or an Ollama blob).
+    ///
+    /// # Errors
+    /// An Ollama name that cannot be resolved.
+    pub fn gguf_file(&self) -> Result<Option<PathBuf>, LoadError> {
+        Ok(match self {
+            ModelSource::Gguf(p) => Some(p.clone()),
+            ModelSource::Ollama(name) => Some(ollama::resolve(name, &ollama::store_dir())?.gguf),
+            ModelSource::HfDir(_) | ModelSource::Hub { .. } => None,
+        })
     }
 }
 

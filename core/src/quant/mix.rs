@@ -130,9 +130,7 @@ pub fn quantize_order(names: &[&str]) -> Vec<usize> {
             .unwrap_or(-1)
     };
     let mut order: Vec<usize> = (0..names.len()).collect();
-    order.sort_by(|&a, &b| {
-        (layer(names[a]), names[a]).cmp(&(layer(names[b]), names[b]))
-    });
+    order.sort_by(|&a, &b| (layer(names[a]), names[a]).cmp(&(layer(names[b]), names[b])));
     order
 }
 
@@ -256,14 +254,21 @@ mod tests {
 
     #[test]
     fn tensors_are_visited_by_layer_number_then_name() {
-        let names = ["blk.10.attn_v.weight", "blk.2.attn_v.weight", "output.weight", "blk.2.attn_k.weight"];
+        let names = [
+            "blk.10.attn_v.weight",
+            "blk.2.attn_v.weight",
+            "output.weight",
+            "blk.2.attn_k.weight",
+        ];
         assert_eq!(quantize_order(&names), [2, 3, 1, 0]);
     }
 
     #[test]
     fn layers_stored_in_name_order_get_the_mix_of_their_layer_number() {
         // SmolLM2's GGUF stores blk.0, blk.1, blk.10, … : the rules must follow layer numbers.
-        let mut names: Vec<String> = (0..30).map(|i| format!("blk.{i}.ffn_down.weight")).collect();
+        let mut names: Vec<String> = (0..30)
+            .map(|i| format!("blk.{i}.ffn_down.weight"))
+            .collect();
         names.sort();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let mut mix = Mix::new(FileType::Q4_K_M, 30, refs.iter().copied());

@@ -6,6 +6,7 @@ mod configs;
 mod data;
 mod library;
 mod merge;
+mod ollama;
 mod resume;
 mod training;
 
