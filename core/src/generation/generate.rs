@@ -290,6 +290,11 @@ impl Decoder {
         })
     }
 
+    /// The output text released so far.
+    pub fn text(&self) -> &str {
+        &self.stream.emitted
+    }
+
     /// Text held back when generation ended other than by a stop string.
     pub fn tail(&mut self) -> String {
         self.stream.finish()

@@ -1,6 +1,7 @@
 //! graft-core integration tests: one binary, one module per concern.
 
 mod bad_files;
+mod batch;
 mod constraint;
 mod families;
 mod hub;
