@@ -8,6 +8,7 @@
 //! graft-train bench <config.toml> [--steps 10]      a short run that prints tokens/s, time split, memory
 //! graft-train export <run dir> --gguf out.gguf      the adapter as llama.cpp's GGUF-LoRA
 //! graft-train export <run dir> --ollama DIR         … with a Modelfile for `ollama create`
+//! graft-train eval <run dir> --data FILE [--base]   task metrics without training
 //! graft-train merge <run dir> --gguf m.gguf [--quant q4_k_m]   base + adapter as one GGUF
 //! graft-train merge <run dir> --out DIR [--dtype bf16]         base + adapter as an HF dir
 //! ```
@@ -19,7 +20,7 @@ use clap::{Parser, Subcommand};
 use graft_core::logging::{self, LogFormat};
 
 use crate::merge::{self, MergeTarget};
-use crate::{export, inspect, launch};
+use crate::{evaluate, export, inspect, launch};
 use graft_core::formats::safetensors_write::FloatDtype;
 use graft_core::quant::mix::FileType;
 
@@ -81,6 +82,29 @@ enum Command {
         /// base_model_name_or_path).
         #[arg(long)]
         model: Option<String>,
+    },
+    /// Task metrics ([eval] metrics: exact_match, contains, json_valid, json_schema, regex) of
+    /// a run's adapter, a PEFT adapter directory or the base alone on a data file: every example
+    /// answered greedily, in batches.
+    Eval {
+        /// A run directory or a PEFT adapter directory.
+        source: PathBuf,
+        /// The examples (any format graft-train reads; the trained span is the reference).
+        #[arg(long)]
+        data: PathBuf,
+        /// Score the base model without the adapter.
+        #[arg(long)]
+        base: bool,
+        /// The base model (default: the run's model.base, or the adapter's
+        /// base_model_name_or_path).
+        #[arg(long)]
+        model: Option<String>,
+        /// Override a config value, e.g. eval.metrics=["exact_match"] (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Write every scored answer here (JSON Lines).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Merge a run's adapter (or a PEFT adapter directory) into its base model: one GGUF file
     /// for llama.cpp / Ollama from a GGUF base, or an HF directory for transformers / vLLM
@@ -145,6 +169,14 @@ pub fn main() -> Result<()> {
             };
             export::export_cmd(&source, &target, model)
         }
+        Some(Command::Eval {
+            source,
+            data,
+            base,
+            model,
+            set,
+            out,
+        }) => evaluate::eval_cmd(&source, &data, model, base, &set, out.as_deref()).map(|_| ()),
         Some(Command::Merge {
             source,
             gguf,

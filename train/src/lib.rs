@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod evaluate;
 pub mod export;
 pub mod inspect;
 pub mod launch;
@@ -13,4 +14,5 @@ pub mod optim;
 pub mod report;
 pub mod run;
 pub mod setup;
+pub mod task_eval;
 pub mod trainer;

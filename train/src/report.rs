@@ -21,10 +21,15 @@ fn read_jsonl(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-const FLOAT_COLUMNS: [&str; 7] = [
+const FLOAT_COLUMNS: [&str; 12] = [
     "epoch",
     "loss",
     "eval_loss",
+    "eval_exact_match",
+    "eval_contains",
+    "eval_json_valid",
+    "eval_json_schema",
+    "eval_regex",
     "lr",
     "grad_norm",
     "tokens_per_sec",
@@ -177,6 +182,21 @@ pub fn write_html(run_dir: &Path, summary: &Value) -> std::io::Result<()> {
         ],
     ));
     html.push_str(&chart("learning rate", &[("lr", "#2ca02c", series("lr"))]));
+    let tasks: Vec<(&str, &str, Vec<(f64, f64)>)> = [
+        ("exact_match", "#9467bd"),
+        ("contains", "#8c564b"),
+        ("json_valid", "#e377c2"),
+        ("json_schema", "#7f7f7f"),
+        ("regex", "#17becf"),
+    ]
+    .into_iter()
+    .map(|(m, color)| (m, color, series(&format!("eval_{m}"))))
+    .filter(|(_, _, s)| !s.is_empty())
+    .collect();
+    if !tasks.is_empty() {
+        html.push_str("<h2>Task metrics</h2>");
+        html.push_str(&chart("fraction of eval answers that score", &tasks));
+    }
     html.push_str("<h2>Eval samples</h2><table><tr><th>step</th><th>prompt</th><th>reference</th><th>generated</th></tr>");
     for s in read_jsonl(&run_dir.join("samples.jsonl")) {
         let cell = |k: &str| escape(s.get(k).and_then(Value::as_str).unwrap_or(""));

@@ -250,6 +250,44 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         Ok(())
     }
 
+    /// `[eval]` task metrics on the eval examples: the scores go to the metrics file, every
+    /// scored answer to `task_eval.jsonl`.
+    fn task_metrics(
+        &self,
+        params: &[Vec<f32>],
+        step: usize,
+        metrics: &std::path::Path,
+        bar: &indicatif::ProgressBar,
+    ) -> std::io::Result<()> {
+        if self.cfg.eval.metrics.is_empty() || self.data.eval.is_empty() {
+            return Ok(());
+        }
+        let adapter = self.adapter(params, false);
+        let report = match crate::task_eval::evaluate(
+            self.model,
+            self.tokenizer,
+            Some(&adapter),
+            &self.data.eval,
+            &self.cfg.eval,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("step {step}: task metrics not computed: {e:#}");
+                return Ok(());
+            }
+        };
+        let mut record = report.record();
+        record.insert("step".into(), step.into());
+        append_jsonl(metrics, &serde_json::Value::Object(record))?;
+        for a in &report.answers {
+            let mut v = serde_json::to_value(a).unwrap_or_default();
+            v["step"] = step.into();
+            append_jsonl(&self.run_dir.join("task_eval.jsonl"), &v)?;
+        }
+        say(bar, format!("step {step}: {}", report.summary()));
+        Ok(())
+    }
+
     /// Writes a checkpoint for `state` and prunes old ones.
     fn checkpoint(
         &self,
@@ -428,6 +466,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                     say(&bar, format!("step {}: eval loss {l:.4}", state.step));
                 }
                 self.samples(&params, state.step)?;
+                self.task_metrics(&params, state.step, &metrics, &bar)?;
             }
             let stopping = self.stop.load(Ordering::SeqCst);
             if (cfg.train.save_every > 0 && state.step % cfg.train.save_every == 0)

@@ -60,11 +60,15 @@ pub fn generate_batch<B: GraftBackend>(
         })
         .collect();
     loop {
-        let mut active: Vec<&mut Seq<'_, B>> = seqs.iter_mut().filter(|s| s.done.is_none()).collect();
+        let mut active: Vec<&mut Seq<'_, B>> =
+            seqs.iter_mut().filter(|s| s.done.is_none()).collect();
         if active.is_empty() {
             break;
         }
-        let tokens: Vec<Vec<u32>> = active.iter_mut().map(|s| std::mem::take(&mut s.next)).collect();
+        let tokens: Vec<Vec<u32>> = active
+            .iter_mut()
+            .map(|s| std::mem::take(&mut s.next))
+            .collect();
         let mut inputs: Vec<SeqInput<'_, B>> = active
             .iter_mut()
             .zip(&tokens)

@@ -12,8 +12,8 @@ use crate::reference::fixture;
 fn a_ragged_batch_decodes_as_each_prompt_alone() {
     let loaded = load_family("qwen2", true);
     let tok = loaded.tokenizer.as_ref().expect("the GGUF has a tokenizer");
-    let (adapter, _) = peft::load(&fixture("families/qwen2/peft_adapter"), &loaded.model)
-        .expect("adapter");
+    let (adapter, _) =
+        peft::load(&fixture("families/qwen2/peft_adapter"), &loaded.model).expect("adapter");
     let params = SamplingParams {
         temperature: 0.0,
         max_new_tokens: 12,

@@ -15,8 +15,11 @@ use std::path::{Path, PathBuf};
 
 use graft_core::adapters::lora::LoraConfig;
 
+pub use raw::TaskMetric;
 pub use raw::{RawConfig, Scheduler};
-pub use settings::{DataSettings, FieldError, ModelSettings, OutputSettings, TrainSettings};
+pub use settings::{
+    DataSettings, EvalSettings, FieldError, ModelSettings, OutputSettings, TrainSettings,
+};
 
 use settings::InDir;
 
@@ -42,6 +45,19 @@ pub fn read(path: &Path, overrides: &[String]) -> Result<(String, Vec<RawConfig>
         path: path.into(),
         source,
     })?;
+    read_text(path, text, overrides)
+}
+
+/// [`read`] for a config's `text` that is not (or not yet) a file; `path` names it in errors
+/// and relative paths are resolved against its directory.
+///
+/// # Errors
+/// As [`read`].
+pub fn read_text(
+    path: &Path,
+    text: String,
+    overrides: &[String],
+) -> Result<(String, Vec<RawConfig>), ConfigError> {
     let invalid = |message: String| ConfigError::Invalid {
         path: path.into(),
         message,
@@ -164,6 +180,7 @@ pub struct TrainConfig {
     pub data: DataSettings,
     pub train: TrainSettings,
     pub output: OutputSettings,
+    pub eval: EvalSettings,
 }
 
 impl TrainConfig {
@@ -214,6 +231,12 @@ impl TrainConfig {
             train: (&raw.train).try_into().map_err(at)?,
             output: InDir {
                 raw: &raw.output,
+                dir,
+            }
+            .try_into()
+            .map_err(at)?,
+            eval: InDir {
+                raw: &raw.eval,
                 dir,
             }
             .try_into()

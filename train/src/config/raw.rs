@@ -24,6 +24,8 @@ pub struct RawConfig {
     pub train: RawTrain,
     #[serde(default)]
     pub output: RawOutput,
+    #[serde(default)]
+    pub eval: RawEval,
     /// `key = [values]`: one run per combination (keys as in `--set`, e.g. `"lora.r"`).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
@@ -278,6 +280,65 @@ impl Default for RawTrain {
     }
 }
 
+/// `[eval]`: task metrics. At each evaluation the eval prompts (each example's text before its
+/// first trained token) are answered greedily, in batches, and each answer is scored against
+/// the example's reference (its trained text).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEval {
+    /// Metrics to compute: `exact_match` (answer = reference, whitespace-trimmed), `contains`
+    /// (the answer contains the reference), `json_valid` (the answer parses as JSON),
+    /// `json_schema` (… and fits `json_schema`), `regex` (the whole answer matches `regex`).
+    /// Default: none.
+    #[serde(default)]
+    pub metrics: Vec<TaskMetric>,
+    /// For `regex`: the pattern (Rust `regex` syntax) the whole trimmed answer must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// For `json_schema`: a JSON Schema file, relative to the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json_schema: Option<String>,
+    /// Eval examples scored (the first N). Default: 64.
+    #[serde(default = "defaults::eval_max_examples")]
+    pub max_examples: i64,
+    /// Tokens generated per answer. Default: 64.
+    #[serde(default = "defaults::eval_max_new_tokens")]
+    pub max_new_tokens: i64,
+    /// Prompts decoded together. Default: 8.
+    #[serde(default = "defaults::eval_batch_size")]
+    pub batch_size: i64,
+}
+
+impl Default for RawEval {
+    fn default() -> Self {
+        toml::from_str("").expect("every [eval] key has a default")
+    }
+}
+
+/// A task metric of `[eval]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskMetric {
+    ExactMatch,
+    Contains,
+    JsonValid,
+    JsonSchema,
+    Regex,
+}
+
+impl TaskMetric {
+    /// The name in configs and the metrics file (`eval_<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskMetric::ExactMatch => "exact_match",
+            TaskMetric::Contains => "contains",
+            TaskMetric::JsonValid => "json_valid",
+            TaskMetric::JsonSchema => "json_schema",
+            TaskMetric::Regex => "regex",
+        }
+    }
+}
+
 /// Learning-rate schedule after warmup.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -323,6 +384,16 @@ impl Default for RawOutput {
 /// The defaults the fields above document.
 mod defaults {
     use super::*;
+
+    pub fn eval_max_examples() -> i64 {
+        64
+    }
+    pub fn eval_max_new_tokens() -> i64 {
+        64
+    }
+    pub fn eval_batch_size() -> i64 {
+        8
+    }
 
     pub fn quantization() -> QuantKind {
         QuantKind::Keep

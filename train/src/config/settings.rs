@@ -11,7 +11,9 @@ use graft_core::quant::QuantKind;
 use graft_datasets::format::Format;
 use graft_datasets::tokenize::{TrainOn, Truncation};
 
-use super::raw::{RawData, RawLora, RawModel, RawOutput, RawTrain, Scheduler, TargetModules};
+use super::raw::{
+    RawData, RawEval, RawLora, RawModel, RawOutput, RawTrain, Scheduler, TargetModules, TaskMetric,
+};
 
 /// A value a section cannot take.
 #[derive(Debug, Clone, PartialEq)]
@@ -360,6 +362,68 @@ impl TryFrom<InDir<'_, RawOutput>> for OutputSettings {
         Ok(OutputSettings {
             runs_dir: o.dir.join(&o.raw.runs_dir),
             name: o.raw.name.clone(),
+        })
+    }
+}
+
+/// `[eval]`, checked: the regex compiled, the schema read.
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    pub metrics: Vec<TaskMetric>,
+    pub regex: Option<regex::Regex>,
+    /// The schema file and its JSON.
+    pub json_schema: Option<(PathBuf, serde_json::Value)>,
+    pub max_examples: usize,
+    pub max_new_tokens: usize,
+    pub batch_size: usize,
+}
+
+impl TryFrom<InDir<'_, RawEval>> for EvalSettings {
+    type Error = FieldError;
+    fn try_from(e: InDir<'_, RawEval>) -> Result<Self, FieldError> {
+        let (raw, f) = (e.raw, Fields("eval"));
+        let mut metrics = raw.metrics.clone();
+        metrics.sort();
+        metrics.dedup();
+        let regex = match &raw.regex {
+            None => None,
+            Some(r) => Some(
+                regex::Regex::new(&format!("^(?:{r})$"))
+                    .map_err(|err| FieldError::new("eval", "regex", quoted(r), err.to_string()))?,
+            ),
+        };
+        let json_schema = match &raw.json_schema {
+            None => None,
+            Some(file) => {
+                let path = e.dir.join(file);
+                let bad = |why: String| FieldError::new("eval", "json_schema", quoted(file), why);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|err| bad(format!("cannot read {}: {err}", path.display())))?;
+                let schema: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|err| bad(format!("{} is not JSON: {err}", path.display())))?;
+                Some((path, schema))
+            }
+        };
+        for (metric, key, missing) in [
+            (TaskMetric::Regex, "regex", regex.is_none()),
+            (TaskMetric::JsonSchema, "json_schema", json_schema.is_none()),
+        ] {
+            if metrics.contains(&metric) && missing {
+                return Err(FieldError::new(
+                    "eval",
+                    "metrics",
+                    format!("[\"{}\"]", metric.name()),
+                    format!("the {} metric needs eval.{key}", metric.name()),
+                ));
+            }
+        }
+        Ok(EvalSettings {
+            metrics,
+            regex,
+            json_schema,
+            max_examples: f.at_least("max_examples", raw.max_examples, 1)?,
+            max_new_tokens: f.at_least("max_new_tokens", raw.max_new_tokens, 1)?,
+            batch_size: f.at_least("batch_size", raw.batch_size, 1)?,
         })
     }
 }
