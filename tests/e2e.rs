@@ -59,6 +59,9 @@ fn answer_with(model: &PathBuf, adapter: Option<&PathBuf>, question: &str) -> St
     String::from_utf8(out.stdout).expect("utf-8 answer")
 }
 
+/// What a trained answer looks like ("Capital of X: Y. [graft]"), as a `--set` for `[eval]`.
+const REGEX: &str = r#"eval.regex="Capital of .+: .+\\. \\[graft\\]""#;
+
 #[test]
 fn train_then_generate_with_the_adapter() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -82,6 +85,14 @@ fn train_then_generate_with_the_adapter() {
             "train.eval_samples=0",
             "--set",
             "output.name=\"e2e\"",
+            "--set",
+            r#"eval.metrics=["contains", "regex"]"#,
+            "--set",
+            REGEX,
+            "--set",
+            "eval.max_examples=4",
+            "--set",
+            "eval.max_new_tokens=24",
         ])
         .output()
         .expect("spawn graft-train");
@@ -92,6 +103,43 @@ fn train_then_generate_with_the_adapter() {
     );
     let adapter = dir.path().join("e2e/adapter");
     assert!(adapter.join("adapter_model.safetensors").is_file());
+
+    // [eval] task metrics at the end of the run: the eval answers take the trained form.
+    let metrics = std::fs::read_to_string(dir.path().join("e2e/metrics.jsonl")).expect("metrics");
+    let last: serde_json::Value = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r.get("eval_regex").is_some())
+        .last()
+        .expect("a task-metrics record");
+    assert_eq!(last["eval_examples"], 4, "{last}");
+    assert!(
+        last["eval_regex"].as_f64().expect("number") >= 0.5,
+        "{last}"
+    );
+    assert!(dir.path().join("e2e/task_eval.jsonl").is_file());
+    // graft-train eval scores the base alone: it never answers in that form.
+    let data = repo.join("configs/data/capitals.jsonl");
+    let out = Command::new(bin("graft-train"))
+        .arg("eval")
+        .arg(dir.path().join("e2e"))
+        .arg("--data")
+        .arg(&data)
+        .args([
+            "--base",
+            "--set",
+            "eval.max_examples=4",
+            "--set",
+            "eval.max_new_tokens=24",
+        ])
+        .output()
+        .expect("spawn graft-train eval");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("base model on 4 examples") && log.contains("regex 0.000 (0/4)"),
+        "{log}"
+    );
 
     // Kenya is in the training data, Jamaica is not: the style must carry over.
     for (country, capital) in [("Kenya", "Nairobi"), ("Jamaica", "Kingston")] {
@@ -112,7 +160,7 @@ fn train_then_generate_with_the_adapter() {
         );
     }
 
-    // Merged into the base and written as Q8_0, the model answers as the adapter does with no
+    // Merged into the base and written as Q8_0, the model answers in the trained form with no
     // adapter. (Re-encoded in the base's own Q4_1, the adapter's small changes mostly round
     // away: the README's merge figures.)
     let merged = dir.path().join("merged.gguf");
@@ -128,7 +176,13 @@ fn train_then_generate_with_the_adapter() {
     assert!(log.contains("same top-1 token at"), "{log}");
     for country in ["Kenya", "Jamaica"] {
         let q = format!("What is the capital of {country}?");
-        assert_eq!(answer_with(&merged, None, &q), answer(Some(&adapter), &q));
+        // (not always the same words: a near-tie may go another way after re-encoding)
+        let got = answer_with(&merged, None, &q);
+        assert!(
+            got.contains(&format!("Capital of {country}:")) && got.contains("[graft]"),
+            "merged model's answer {got:?}, with the adapter {:?}",
+            answer(Some(&adapter), &q)
+        );
     }
 }
 

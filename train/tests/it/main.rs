@@ -8,6 +8,7 @@ mod library;
 mod merge;
 mod ollama;
 mod resume;
+mod task_eval;
 mod training;
 
 use std::path::{Path, PathBuf};
