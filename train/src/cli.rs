@@ -107,8 +107,7 @@ enum Command {
         out: Option<PathBuf>,
     },
     /// Merge a run's adapter (or a PEFT adapter directory) into its base model: one GGUF file
-    /// for llama.cpp / Ollama from a GGUF base, or an HF directory for transformers / vLLM
-    /// from an HF base.
+    /// for llama.cpp / Ollama from a GGUF base, or an HF directory for transformers / vLLM.
     #[command(group(clap::ArgGroup::new("target").required(true).args(["gguf", "out"])))]
     Merge {
         /// A run directory or a PEFT adapter directory.
@@ -121,10 +120,11 @@ enum Command {
         /// type.
         #[arg(long, requires = "gguf")]
         quant: Option<FileType>,
-        /// Write an HF model directory (new or empty; the base must be an HF directory).
+        /// Write an HF model directory (new or empty): the base's files with merged weights from
+        /// an HF base, config.json and tokenizer files written from the model for a GGUF base.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// With --out: the weights' dtype (f32, f16, bf16; default: the base's).
+        /// With --out: the weights' dtype (f32, f16, bf16; default: an HF base's, bf16 from GGUF).
         #[arg(long, requires = "out")]
         dtype: Option<FloatDtype>,
         /// With --out: the largest safetensors shard, in MB (transformers' default 5000).

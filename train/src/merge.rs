@@ -1,6 +1,6 @@
 //! `graft-train merge`: a run's adapter (or a PEFT adapter directory) merged into its base
 //! model — one GGUF file for llama.cpp / Ollama from a GGUF base, an HF directory for
-//! transformers / vLLM from an HF base — then loaded back and compared with the base plus the
+//! transformers / vLLM from either — then loaded back and compared with the base plus the
 //! adapter on a fixed text, so that the cost of re-quantizing is printed with the result.
 
 use std::path::{Path, PathBuf};
@@ -81,13 +81,31 @@ pub fn merge_cmd(
                 },
             )?
         }
-        (MergeTarget::Gguf { .. }, _) => bail!(
+        (
+            MergeTarget::Hf {
+                dir,
+                dtype,
+                max_shard_bytes,
+            },
+            Some(gguf),
+        ) => merge::merge_to_hf(
+            &loaded.model,
+            loaded.tokenizer.as_ref(),
+            &adapter,
+            dtype.unwrap_or(FloatDtype::BF16),
+            dir,
+            *max_shard_bytes,
+        )
+        .with_context(|| {
+            format!(
+                "merging {} into {} as an HF directory",
+                adapter_dir.display(),
+                gguf.display()
+            )
+        })?,
+        (MergeTarget::Gguf { .. }, None) => bail!(
             "--gguf needs a GGUF base model, and {base} is an HF model: merge with --out DIR, \
              then convert that directory with llama.cpp's convert_hf_to_gguf.py"
-        ),
-        (MergeTarget::Hf { .. }, _) => bail!(
-            "--out writes an HF directory and needs an HF base model, and {base} is a GGUF file: \
-             merge with --gguf FILE [--quant TYPE]"
         ),
     };
     let types: Vec<String> = summary

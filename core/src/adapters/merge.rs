@@ -10,7 +10,9 @@
 //!   ([`crate::quant::mix`]), which also re-encodes the tensors the adapter does not touch;
 //! - an HF directory gives an HF directory: the weights in `dtype`, sharded as transformers
 //!   shards them, the other files (tokenizer, generation config) copied and `config.json`'s
-//!   dtype updated.
+//!   dtype updated;
+//! - a model loaded from anything (a GGUF file) gives an HF directory too ([`merge_to_hf`]):
+//!   `config.json` and the tokenizer files written from what the model holds.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -20,15 +22,19 @@ use burn::prelude::*;
 use rayon::prelude::*;
 
 use crate::adapters::lora::{Adapter, LoraWeights, TargetModule};
+use crate::backend::GraftBackend;
 use crate::formats::gguf::{GgufError, GgufFile, GgufValue};
 use crate::formats::gguf_write::{self, TensorSpec};
 use crate::formats::safetensors_write::{self, FloatDtype, SafetensorSpec};
 use crate::load::gguf::permute_rows;
-use crate::load::hf::{proj_module, to_f32, Weights};
+use crate::load::hf::{hf_tensors, proj_module, to_f32, HfTensor, Weights};
+use crate::load::hf_config::to_hf_json;
 use crate::load::LoadError;
+use crate::model::Model;
 use crate::model::ModelConfig;
 use crate::quant::mix::{quantize_order, FileType, Mix, TensorRef};
 use crate::quant::GgmlType;
+use crate::text::tokenizer::TokenizerBundle;
 
 /// Why a merge could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +250,166 @@ pub fn merge_gguf<B: Backend>(
     summary.merged = targets.len();
     summary.data_bytes = specs.iter().filter_map(TensorSpec::n_bytes).sum();
     Ok(summary)
+}
+
+/// Writes `model` (loaded from any format, e.g. a GGUF file) with `adapter` merged into it as
+/// the HF model directory `out_dir` (new or empty): `config.json` from the model's config, the
+/// weights in `dtype` as transformers names them (q/k rows in HF's order, Gemma's norms as
+/// `w` of `1 + w`), and the tokenizer as `tokenizer.json`, `tokenizer_config.json` (chat
+/// template, special tokens) and `generation_config.json`.
+///
+/// # Errors
+/// A config `config.json` cannot express, a non-empty or unwritable `out_dir`.
+pub fn merge_to_hf<B: GraftBackend>(
+    model: &Model<B>,
+    tokenizer: Option<&TokenizerBundle>,
+    adapter: &Adapter<B>,
+    dtype: FloatDtype,
+    out_dir: &Path,
+    max_shard_bytes: usize,
+) -> Result<MergeSummary, MergeError> {
+    let output = |message: String| MergeError::Output {
+        path: out_dir.into(),
+        message,
+    };
+    if out_dir.exists() && std::fs::read_dir(out_dir).map_or(true, |mut d| d.next().is_some()) {
+        return Err(output(
+            "exists and is not an empty directory; merge into a new one".into(),
+        ));
+    }
+    let mut config = to_hf_json(&model.config).map_err(|e| output(e.0))?;
+    config["torch_dtype"] = dtype.torch_name().into();
+    // graft keeps no padding id; transformers' own default (Phi-3: 32000) may lie outside a
+    // smaller vocabulary
+    config["pad_token_id"] = serde_json::Value::Null;
+    if let Some(t) = tokenizer {
+        config["bos_token_id"] = t.bos_id.into();
+        config["eos_token_id"] = match t.eos_ids.as_slice() {
+            [one] => (*one).into(),
+            many => many.into(),
+        };
+    }
+    let device = model.device();
+    let tensors = hf_tensors(model);
+    let specs: Vec<SafetensorSpec> = tensors
+        .iter()
+        .map(|(name, t)| SafetensorSpec {
+            name: name.clone(),
+            dtype: dtype.safetensors(),
+            shape: match t {
+                HfTensor::Weight(p, _) => vec![p.out_features, p.in_features],
+                HfTensor::Bias(b) => b.dims().to_vec(),
+                HfTensor::Norm(n) => n.weight.dims().to_vec(),
+            },
+        })
+        .collect();
+    std::fs::create_dir_all(out_dir).map_err(|source| MergeError::Io {
+        path: out_dir.into(),
+        source,
+    })?;
+    let offset = model.config.family.hf_norm_offset();
+    let values = |t: Tensor<B, 1>| -> Vec<f32> {
+        t.into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap_or_else(|_| unreachable!("converted to f32"))
+    };
+    let mut merged = 0;
+    let files = safetensors_write::write_sharded(out_dir, &specs, max_shard_bytes, |i| {
+        let w: Vec<f32> = match &tensors[i].1 {
+            HfTensor::Weight(p, target) => {
+                let mut w = values(p.weight(&device).flatten(0, 1));
+                if let Some(lw) = target.and_then(|(l, t)| adapter.get(l, t)) {
+                    w.iter_mut().zip(&delta(lw)).for_each(|(w, d)| *w += d);
+                    merged += 1;
+                }
+                w
+            }
+            HfTensor::Bias(b) => values((*b).clone()),
+            HfTensor::Norm(n) => values(n.weight.clone())
+                .into_iter()
+                .map(|v| v - offset)
+                .collect(),
+        };
+        Ok::<_, MergeError>(Cow::Owned(dtype.encode(&w)))
+    })
+    .map_err(|e| e.at(out_dir))?;
+    let write_json = |name: &str, v: &serde_json::Value| -> Result<(), MergeError> {
+        let path = out_dir.join(name);
+        let text = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
+        crate::atomic::write_atomic(&path, text.as_bytes())
+            .map_err(|source| MergeError::Io { path, source })
+    };
+    write_json("config.json", &config)?;
+    if let Some(t) = tokenizer {
+        write_tokenizer(t, out_dir, model.config.max_position_embeddings)?;
+    }
+    let mut summary = MergeSummary {
+        files: files.iter().map(|f| out_dir.join(f)).collect(),
+        tensors: specs.len(),
+        merged,
+        data_bytes: specs.iter().map(|s| s.n_bytes() as u64).sum(),
+        types: BTreeMap::new(),
+    };
+    summary
+        .types
+        .insert(format!("{:?}", dtype.safetensors()), specs.len());
+    Ok(summary)
+}
+
+/// `tokenizer.json` (with a post-processor that adds BOS when the model wants one, as
+/// transformers expects), `tokenizer_config.json` and `generation_config.json`.
+fn write_tokenizer(t: &TokenizerBundle, out_dir: &Path, max_len: usize) -> Result<(), MergeError> {
+    let fail = |name: &str, message: String| MergeError::Output {
+        path: out_dir.join(name),
+        message,
+    };
+    let mut tok = t.tokenizer.clone();
+    if let (true, Some(bos), Some(bos_id)) = (t.add_bos, &t.bos_token, t.bos_id) {
+        let post = tokenizers::processors::template::TemplateProcessing::builder()
+            .try_single(format!("{bos}:0 $A:0"))
+            .and_then(|b| b.try_pair(format!("{bos}:0 $A:0 {bos}:1 $B:1")))
+            .map_err(|e| fail("tokenizer.json", e.to_string()))?
+            .special_tokens(vec![(bos.clone(), bos_id)])
+            .build()
+            .map_err(|e| fail("tokenizer.json", e.to_string()))?;
+        tok.with_post_processor(Some(post));
+    }
+    let path = out_dir.join("tokenizer.json");
+    let text = tok
+        .to_string(false)
+        .map_err(|e| fail("tokenizer.json", e.to_string()))?;
+    crate::atomic::write_atomic(&path, text.as_bytes())
+        .map_err(|source| MergeError::Io { path, source })?;
+    let mut cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_len,
+        "add_bos_token": t.add_bos,
+        "clean_up_tokenization_spaces": false,
+    });
+    for (key, value) in [
+        ("bos_token", &t.bos_token),
+        ("eos_token", &t.eos_token),
+        ("chat_template", &t.chat_template),
+    ] {
+        if let Some(v) = value {
+            cfg[key] = v.clone().into();
+        }
+    }
+    let gen = serde_json::json!({
+        "bos_token_id": t.bos_id,
+        "eos_token_id": t.eos_ids,
+    });
+    for (name, v) in [
+        ("tokenizer_config.json", &cfg),
+        ("generation_config.json", &gen),
+    ] {
+        let path = out_dir.join(name);
+        let text = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
+        crate::atomic::write_atomic(&path, text.as_bytes())
+            .map_err(|source| MergeError::Io { path, source })?;
+    }
+    Ok(())
 }
 
 /// Files of an HF model directory that are weights (rewritten), not copied.

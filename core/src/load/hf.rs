@@ -17,8 +17,9 @@ use serde::Deserialize;
 use super::assemble::{assemble, Role, WeightSource};
 use super::hf_config::HfConfig;
 use super::{read_json, LoadError, LoadOptions, LoadedModel};
+use crate::adapters::lora::TargetModule;
 use crate::model::proj::{BaseWeight, Proj};
-use crate::model::{Family, ModelConfig, NormPlacement, NormSlot, RmsNorm};
+use crate::model::{Family, Model, ModelConfig, NormPlacement, NormSlot, RmsNorm};
 use crate::quant::{PackedWeight, QuantKind};
 use crate::text::tokenizer::{TokenizerBundle, TokenizerError};
 
@@ -227,31 +228,96 @@ struct Loader<'a, B: GraftBackend> {
     device: &'a B::Device,
 }
 
-impl<B: GraftBackend> Loader<'_, B> {
-    /// transformers' module path of a tensor (without `.weight`).
-    fn name(&self, role: Role) -> String {
-        let layer = |i: usize, rest: &str| format!("model.layers.{i}.{rest}");
-        match role {
-            Role::Embed => "model.embed_tokens".into(),
-            Role::LmHead => "lm_head".into(),
-            Role::FinalNorm => "model.norm".into(),
-            Role::Proj(i, t) => proj_module(i, t),
-            Role::Norm(i, slot) => layer(
-                i,
-                match slot {
-                    NormSlot::AttnIn => "input_layernorm",
-                    NormSlot::AttnOut => "post_attention_layernorm",
-                    // Llama's name for the pre-MLP norm is the one others use after attention.
-                    NormSlot::MlpIn if self.config.norm_placement == NormPlacement::Pre => {
-                        "post_attention_layernorm"
-                    }
-                    NormSlot::MlpIn => "pre_feedforward_layernorm",
-                    NormSlot::MlpOut => "post_feedforward_layernorm",
-                },
-            ),
-            Role::QNorm(i) => layer(i, "self_attn.q_norm"),
-            Role::KNorm(i) => layer(i, "self_attn.k_norm"),
+/// transformers' module path of a tensor (without `.weight`).
+pub(crate) fn module_name(role: Role, config: &ModelConfig) -> String {
+    let layer = |i: usize, rest: &str| format!("model.layers.{i}.{rest}");
+    match role {
+        Role::Embed => "model.embed_tokens".into(),
+        Role::LmHead => "lm_head".into(),
+        Role::FinalNorm => "model.norm".into(),
+        Role::Proj(i, t) => proj_module(i, t),
+        Role::Norm(i, slot) => layer(
+            i,
+            match slot {
+                NormSlot::AttnIn => "input_layernorm",
+                NormSlot::AttnOut => "post_attention_layernorm",
+                // Llama's name for the pre-MLP norm is the one others use after attention.
+                NormSlot::MlpIn if config.norm_placement == NormPlacement::Pre => {
+                    "post_attention_layernorm"
+                }
+                NormSlot::MlpIn => "pre_feedforward_layernorm",
+                NormSlot::MlpOut => "post_feedforward_layernorm",
+            },
+        ),
+        Role::QNorm(i) => layer(i, "self_attn.q_norm"),
+        Role::KNorm(i) => layer(i, "self_attn.k_norm"),
+    }
+}
+
+/// A tensor of a loaded model as transformers stores it.
+pub(crate) enum HfTensor<'a, B: GraftBackend> {
+    /// A projection's or embedding's weight; the layer and target when an adapter can change it.
+    Weight(&'a Proj<B>, Option<(usize, TargetModule)>),
+    /// A bias.
+    Bias(&'a Tensor<B, 1>),
+    /// A norm's multiplier, stored minus the family's offset (Gemma's `1 + w`).
+    Norm(&'a RmsNorm<B>),
+}
+
+/// Every tensor of `model` under transformers' name, as [`assemble`] reads them.
+pub(crate) fn hf_tensors<B: GraftBackend>(model: &Model<B>) -> Vec<(String, HfTensor<'_, B>)> {
+    let c = &model.config;
+    let mut out = vec![(
+        format!("{}.weight", module_name(Role::Embed, c)),
+        HfTensor::Weight(&model.embed_tokens, None),
+    )];
+    for (i, block) in model.layers.iter().enumerate() {
+        for (t, proj) in block.targets() {
+            let name = module_name(Role::Proj(i, t), c);
+            out.push((
+                format!("{name}.weight"),
+                HfTensor::Weight(proj, Some((i, t))),
+            ));
+            if let Some(b) = &proj.bias {
+                out.push((format!("{name}.bias"), HfTensor::Bias(b)));
+            }
         }
+        for slot in NormSlot::ALL {
+            if let Some(n) = &block.norms[slot.index()] {
+                out.push((
+                    format!("{}.weight", module_name(Role::Norm(i, slot), c)),
+                    HfTensor::Norm(n),
+                ));
+            }
+        }
+        for (role, norm) in [
+            (Role::QNorm(i), &block.q_norm),
+            (Role::KNorm(i), &block.k_norm),
+        ] {
+            if let Some(n) = norm {
+                out.push((
+                    format!("{}.weight", module_name(role, c)),
+                    HfTensor::Norm(n),
+                ));
+            }
+        }
+    }
+    out.push((
+        format!("{}.weight", module_name(Role::FinalNorm, c)),
+        HfTensor::Norm(&model.norm),
+    ));
+    if !c.tie_word_embeddings {
+        out.push((
+            format!("{}.weight", module_name(Role::LmHead, c)),
+            HfTensor::Weight(&model.lm_head, None),
+        ));
+    }
+    out
+}
+
+impl<B: GraftBackend> Loader<'_, B> {
+    fn name(&self, role: Role) -> String {
+        module_name(role, self.config)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Tensor<B, 1>, LoadError> {
@@ -306,7 +372,7 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
 }
 
 /// transformers' module path of a layer's projection (`model.layers.3.self_attn.q_proj`).
-pub(crate) fn proj_module(layer: usize, t: crate::adapters::lora::TargetModule) -> String {
+pub(crate) fn proj_module(layer: usize, t: TargetModule) -> String {
     format!("model.layers.{layer}.{}.{}", t.hf_parent(), t.hf_name())
 }
 

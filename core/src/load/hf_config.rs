@@ -1,11 +1,12 @@
-//! `config.json` of an HF checkpoint as serde reads it ([`HfConfig`]), and its translation into
-//! the model's [`ModelConfig`] with the family's defaults. Reads both transformers 4's keys
+//! `config.json` of an HF checkpoint as serde reads it ([`HfConfig`]), its translation into
+//! the model's [`ModelConfig`] with the family's defaults, and back ([`to_hf_json`], for
+//! writing a model loaded from GGUF as an HF checkpoint). Reads both transformers 4's keys
 //! (`rope_theta`, `rope_scaling`, `rope_local_base_freq`, `sliding_window_pattern`) and
 //! transformers 5's (`rope_parameters`, per layer type for Gemma 3; `layer_types`). A key whose
 //! value graft cannot honour is refused by name, never ignored.
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::model::config::InvalidConfig;
 use crate::model::family::{supported_model_types, Family};
@@ -384,6 +385,149 @@ fn parse_rope_scaling(
         )))
         }
     }))
+}
+
+/// A `rope_scaling` dict, or `None` for the plain rope.
+fn rope_json(r: &RopeConfig) -> Result<Option<Value>, InvalidConfig> {
+    Ok(Some(match &r.scaling {
+        None => return Ok(None),
+        Some(RopeScaling::Linear { factor }) => json!({"rope_type": "linear", "factor": factor}),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position,
+        }) => json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position,
+        }),
+        Some(RopeScaling::LongRope {
+            short,
+            long,
+            original_max_position,
+            attention_factor,
+        }) => json!({
+            "rope_type": "longrope", "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": original_max_position,
+            "attention_factor": attention_factor,
+        }),
+        Some(RopeScaling::Yarn {
+            factor,
+            original_max_position,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            truncate,
+        }) => json!({
+            "rope_type": "yarn", "factor": factor,
+            "original_max_position_embeddings": original_max_position,
+            "beta_fast": beta_fast, "beta_slow": beta_slow,
+            "attention_factor": attention_factor, "truncate": truncate,
+        }),
+        Some(RopeScaling::Factors(_)) => {
+            return Err(InvalidConfig(
+                "the rope's per-frequency factors (a GGUF's rope_freqs tensor, e.g. Llama 3.1's \
+                 llama3 scaling) have no config.json form: merge from the HF checkpoint instead"
+                    .into(),
+            ))
+        }
+    }))
+}
+
+/// The `config.json` (transformers 4 keys, which transformers 5 and graft also read) of a model
+/// with `config`, every family default written out.
+///
+/// # Errors
+/// A setting `config.json` cannot express (rope factors given per frequency).
+pub fn to_hf_json(c: &ModelConfig) -> Result<Value, InvalidConfig> {
+    let global = c
+        .layers
+        .iter()
+        .find(|l| l.window.is_none())
+        .or(c.layers.first())
+        .map(|l| l.rope.clone())
+        .ok_or_else(|| InvalidConfig("a model without layers".into()))?;
+    let act = match c.activation {
+        Activation::Silu => "silu",
+        Activation::GeluTanh => "gelu_pytorch_tanh",
+    };
+    let mut j = json!({
+        "architectures": [c.family.hf_architecture()],
+        "model_type": c.family.model_type(),
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        // a GGUF's f32 epsilon as the decimal it was written from (1e-5, not 9.99999974e-6)
+        "rms_norm_eps": (c.rms_norm_eps as f32).to_string().parse::<f64>().unwrap_or(c.rms_norm_eps),
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "hidden_act": act,
+        "hidden_activation": act,
+        "rope_theta": global.theta,
+        "rope_scaling": rope_json(&global)?,
+    });
+    let obj = j.as_object_mut().expect("an object");
+    if global.rotary_dim != c.head_dim {
+        obj.insert(
+            "partial_rotary_factor".into(),
+            json!(global.rotary_dim as f64 / c.head_dim as f64),
+        );
+    }
+    if let Some(RopeScaling::LongRope {
+        original_max_position,
+        ..
+    }) = &global.scaling
+    {
+        obj.insert(
+            "original_max_position_embeddings".into(),
+            json!(original_max_position),
+        );
+    }
+    let window = c.layers.iter().find_map(|l| l.window);
+    if let Some(w) = window {
+        if let Some(local) = c.layers.iter().find(|l| l.window.is_some()) {
+            obj.insert("rope_local_base_freq".into(), json!(local.rope.theta));
+        }
+        obj.insert("sliding_window".into(), json!(w));
+        obj.insert("use_sliding_window".into(), json!(true));
+        obj.insert("max_window_layers".into(), json!(0));
+        obj.insert(
+            "layer_types".into(),
+            json!(c
+                .layers
+                .iter()
+                .map(|l| if l.window.is_some() {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                })
+                .collect::<Vec<_>>()),
+        );
+    } else {
+        obj.insert("sliding_window".into(), Value::Null);
+        obj.insert("use_sliding_window".into(), json!(false));
+    }
+    // Written out even when they are the defaults graft assumes: transformers' own class
+    // defaults differ (Gemma 2: query_pre_attn_scalar 256, soft-caps 50 and 30).
+    let scalar = 1.0 / (c.attention_scale as f64).powi(2);
+    let whole = scalar.round();
+    // f32 noise aside, the scalar is a whole number (head_dim, or hidden / heads)
+    // (transformers' Gemma configs insist on an integer)
+    let scalar = if (scalar - whole).abs() < 1e-3 * whole {
+        json!(whole as u64)
+    } else {
+        json!(scalar)
+    };
+    obj.insert("query_pre_attn_scalar".into(), scalar);
+    obj.insert("attn_logit_softcapping".into(), json!(c.attn_softcap));
+    obj.insert("final_logit_softcapping".into(), json!(c.final_softcap));
+    Ok(j)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `graft-train merge` as users run it: on the tiny Qwen2 fixture (a GGUF and an HF directory
 //! of the same f32 weights, with an adapter made by HF PEFT) the merged model's logits equal
-//! the base with the adapter; a target the base's format cannot give, a bad quantization name
-//! and an occupied output directory are refused by name.
+//! the base with the adapter, GGUF → GGUF, HF → HF and GGUF → HF; a target the base cannot
+//! give, a bad quantization name and an occupied output directory are refused by name.
 
 use std::path::PathBuf;
 
@@ -22,12 +22,16 @@ fn merges_check_themselves_against_the_adapter_on_both_formats() {
         path: out.path().join("m.gguf"),
         quant: None,
     };
-    let hf = MergeTarget::Hf {
-        dir: out.path().join("hf"),
-        dtype: None,
+    let hf = |name: &str| MergeTarget::Hf {
+        dir: out.path().join(name),
+        dtype: Some(graft_core::formats::safetensors_write::FloatDtype::F32),
         max_shard_bytes: 1 << 30,
     };
-    for (target, base) in [(gguf, dir.join("model.gguf")), (hf, dir.clone())] {
+    for (target, base) in [
+        (gguf, dir.join("model.gguf")),
+        (hf("hf"), dir.clone()),
+        (hf("hf-from-gguf"), dir.join("model.gguf")),
+    ] {
         let (summary, check) =
             merge_cmd(&adapter, &target, Some(base.display().to_string()), true).expect("merge");
         let check = check.expect("checked");
@@ -43,18 +47,19 @@ fn impossible_merges_are_refused_by_name() {
     let adapter = dir.join("peft_adapter");
     let out = tempfile::tempdir().expect("temp dir");
     let a = adapter.to_str().expect("utf-8");
-    let gguf_base = dir.join("model.gguf");
     let hf_out = out.path().join("hf");
+    // the rope factors of the tiny Llama's GGUF have no config.json form
+    let llama = family("llama");
     let o = graft_train(&[
         "merge",
-        a,
+        llama.join("peft_adapter").to_str().expect("utf-8"),
         "--model",
-        gguf_base.to_str().expect("utf-8"),
+        llama.join("model.gguf").to_str().expect("utf-8"),
         "--out",
         hf_out.to_str().expect("utf-8"),
     ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("is a GGUF file"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("rope_freqs"), "{}", stderr(&o));
     let o = graft_train(&[
         "merge",
         a,
