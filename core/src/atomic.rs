@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Writes `bytes` to `path` atomically.
 ///
@@ -23,22 +24,32 @@ pub fn write_atomic_with<E: From<std::io::Error>>(
     path: &Path,
     fill: impl FnOnce(&mut BufWriter<File>) -> Result<(), E>,
 ) -> Result<(), E> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map_or("file".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-        fill(&mut w)?;
-        let f = w
-            .into_inner()
-            .map_err(std::io::IntoInnerError::into_error)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    // process and sequence number: two writers of one path never share a temporary file
+    let tmp = Temporary(path.with_file_name(format!(
+        ".{name}.tmp-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )));
+    let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp.0)?);
+    fill(&mut w)?;
+    let f = w
+        .into_inner()
+        .map_err(std::io::IntoInnerError::into_error)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp.0, path)?;
+    Ok(())
+}
+
+/// A temporary file removed when dropped: after an error, or a panic in the writer (after a
+/// successful rename there is nothing left to remove).
+struct Temporary(std::path::PathBuf);
+
+impl Drop for Temporary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
-    result
 }

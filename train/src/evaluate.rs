@@ -48,7 +48,17 @@ pub fn eval_cmd(
     if let Some(m) = &model {
         overrides.push(format!("model.base={m:?}"));
     }
-    overrides.extend(set.iter().cloned());
+    // A schema named on the command line is relative to where the command runs.
+    for s in set {
+        match s.split_once('=') {
+            Some((key, value)) if key.trim() == "eval.json_schema" => {
+                let file = value.trim().trim_matches(['"', '\'']);
+                let file = std::path::absolute(file).unwrap_or_else(|_| file.into());
+                overrides.push(format!("eval.json_schema={:?}", file.display().to_string()));
+            }
+            _ => overrides.push(s.clone()),
+        }
+    }
     let (text, raws) = config::read_text(&path, text, &overrides)?;
     let raw = raws.into_iter().next().context("the config has no run")?;
     let cfg = TrainConfig::from_raw(&path, &text, raw)?;

@@ -86,6 +86,14 @@ pub enum ExportTarget {
 pub fn export_cmd(source: &Path, target: &ExportTarget, model: Option<String>) -> Result<()> {
     let (adapter_dir, base) = resolve(source, model)?;
     let src = ModelSource::parse(&base)?;
+    if matches!(target, ExportTarget::Ollama(_))
+        && !matches!(src, ModelSource::Gguf(_) | ModelSource::Ollama(_))
+    {
+        bail!(
+            "Ollama runs GGUF models, and {base} is an HF model: export for a GGUF base \
+             (--model FILE.gguf or --model ollama:NAME)"
+        );
+    }
     let (loaded, adapter) = load_pair(&src, &base, &adapter_dir, false)?;
     let file = match target {
         ExportTarget::GgufLora(f) => f.clone(),
@@ -126,10 +134,7 @@ pub fn export_cmd(source: &Path, target: &ExportTarget, model: Option<String>) -
             }
             modelfile(&path.display().to_string(), None, None, &params)?
         }
-        _ => bail!(
-            "Ollama runs GGUF models, and {base} is an HF model: export for a GGUF base \
-             (--model FILE.gguf or --model ollama:NAME)"
-        ),
+        _ => unreachable!("refused above"),
     };
     let path = dir.join("Modelfile");
     graft_core::atomic::write_atomic(&path, text.as_bytes())

@@ -72,7 +72,7 @@ pub fn resume_cmd(run_dir: &Path) -> Result<()> {
     let ckpt = run::load_checkpoint(&last)?;
     tracing::info!("resuming {} from {}", run_dir.display(), last.display());
     // Steps after the checkpoint will run again: drop what they logged the first time.
-    for log in ["metrics.jsonl", "samples.jsonl"] {
+    for log in ["metrics.jsonl", "samples.jsonl", "task_eval.jsonl"] {
         run::truncate_after_step(&run_dir.join(log), ckpt.state.step)
             .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
     }
@@ -261,6 +261,9 @@ fn resolved(cfg: &TrainConfig, run_dir: &Path) -> String {
     c.raw.output.name = run_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
+    if let Some((path, _)) = &cfg.eval.json_schema {
+        c.raw.eval.json_schema = Some(abs(path));
+    }
     if Path::new(&cfg.model.base).exists() {
         c.raw.model.base = std::path::absolute(&cfg.model.base)
             .map_or(cfg.model.base.clone(), |p| p.display().to_string());

@@ -20,15 +20,18 @@ use crate::export::{load_pair, resolve};
 /// Where `graft-train merge` writes.
 #[derive(Debug, Clone)]
 pub enum MergeTarget {
-    /// A GGUF file, each tensor in its own type or in `quant`'s mix.
+    /// A GGUF file (from a GGUF base).
     Gguf {
         path: PathBuf,
+        /// Every tensor in this file type's mix; `None`: merged tensors keep their type.
         quant: Option<FileType>,
     },
-    /// An HF model directory with weights in `dtype` (default: the base's).
+    /// An HF model directory (new or empty).
     Hf {
         dir: PathBuf,
+        /// The weights' dtype; `None`: an HF base's own, bf16 from a GGUF base.
         dtype: Option<FloatDtype>,
+        /// Largest safetensors shard in bytes (the CLI's default: 5 GB).
         max_shard_bytes: usize,
     },
 }

@@ -4,6 +4,7 @@
 //! runs/<name>/config.toml          the resolved config (absolute paths, every default)
 //!            metrics.jsonl         one JSON object per logged step and per evaluation
 //!            samples.jsonl         greedy answers to eval prompts at each evaluation
+//!            task_eval.jsonl       [eval] task metrics: every scored answer at each evaluation
 //!            checkpoints/step-N/   adapter (PEFT files) + trainer_state.json + optimizer.safetensors
 //!            adapter/              the final adapter in PEFT format
 //!            summary.json          final/best eval loss, tokens, wall time, peak memory

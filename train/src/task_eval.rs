@@ -1,7 +1,7 @@
 //! Task metrics (`[eval]`): the eval prompts — each example's text before its first trained
 //! token — answered greedily, decoded together in batches as the serving engine batches
-//! requests, and each answer scored against the example's reference (its trained text, special
-//! tokens dropped): `exact_match`, `contains`, `json_valid`, `json_schema`, `regex`.
+//! requests, and each answer scored against the example's reference (its first trained span:
+//! the first answer of a conversation, special tokens dropped): `exact_match`, `contains`, `json_valid`, `json_schema`, `regex`.
 //!
 //! `json_schema` asks llguidance, the grammar engine behind graft-serve's structured outputs,
 //! whether the schema's grammar accepts the answer's JSON (re-serialized compactly, so that
@@ -39,6 +39,8 @@ pub struct TaskReport {
     /// Metric → fraction of examples that score.
     pub scores: BTreeMap<TaskMetric, f64>,
     pub answers: Vec<Answer>,
+    /// Answers that could not be generated (scored as misses).
+    pub failed: usize,
 }
 
 impl TaskReport {
@@ -50,13 +52,22 @@ impl TaskReport {
             .map(|(m, v)| (format!("eval_{}", m.name()), (*v).into()))
             .collect();
         r.insert("eval_examples".into(), self.answers.len().into());
+        if self.failed > 0 {
+            r.insert("eval_failed".into(), self.failed.into());
+        }
         r
     }
 
     /// `exact_match 0.750 (6/8), …`
     pub fn summary(&self) -> String {
         let n = self.answers.len();
-        self.scores
+        let failed = if self.failed > 0 {
+            format!(" ({} could not be generated)", self.failed)
+        } else {
+            String::new()
+        };
+        let scores = self
+            .scores
             .iter()
             .map(|(m, v)| {
                 format!(
@@ -66,7 +77,8 @@ impl TaskReport {
                 )
             })
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", ");
+        format!("{scores}{failed}")
     }
 }
 
@@ -171,13 +183,23 @@ pub fn evaluate<B: GraftBackend>(
         max_new_tokens: settings.max_new_tokens,
         ..SamplingParams::default()
     };
-    // (index, prompt, reference) of the examples that have a trained span after a prompt
+    // (index, prompt, reference) of the examples with a prompt before their first trained span
+    // (an example trained from its first token, plain text, has no prompt to answer)
     let cases: Vec<(usize, &[u32], String)> = examples
         .iter()
         .enumerate()
         .filter_map(|(i, ex)| {
-            let first = ex.trained.iter().skip(1).position(|&t| t)? + 1;
-            let reference = tokenizer.decode(&ex.ids[first..], true).unwrap_or_default();
+            if ex.trained.first().copied().unwrap_or(true) {
+                return None;
+            }
+            let first = ex.trained.iter().position(|&t| t)?;
+            let end = ex.trained[first..]
+                .iter()
+                .position(|&t| !t)
+                .map_or(ex.ids.len(), |n| first + n);
+            let reference = tokenizer
+                .decode(&ex.ids[first..end], true)
+                .unwrap_or_default();
             Some((i, &ex.ids[..first], reference))
         })
         .take(settings.max_examples)
@@ -187,14 +209,22 @@ pub fn evaluate<B: GraftBackend>(
         let prompts: Vec<Vec<u32>> = batch.iter().map(|c| c.1.to_vec()).collect();
         let outs = generate_batch(model, tokenizer, adapter, &prompts, &params);
         for ((index, prompt, reference), out) in batch.iter().zip(outs) {
-            let generated = match out {
-                Ok(g) => g.text,
-                Err(e) => format!("<generation failed: {e}>"),
+            // A failed generation (a prompt too long for the context) scores nothing.
+            let (generated, scores) = match out {
+                Ok(g) => {
+                    let scores = scorer.score(&g.text, reference);
+                    (g.text, scores)
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    let none = settings.metrics.iter().map(|m| (m.name(), false)).collect();
+                    (format!("<generation failed: {e}>"), none)
+                }
             };
             report.answers.push(Answer {
                 index: *index,
                 prompt: tokenizer.decode(prompt, false).unwrap_or_default(),
-                scores: scorer.score(&generated, reference),
+                scores,
                 reference: reference.clone(),
                 generated,
             });

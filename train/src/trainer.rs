@@ -333,6 +333,24 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
     /// I/O failures writing the run directory.
     pub fn run(&self, resume: Option<Checkpoint>) -> std::io::Result<Outcome> {
         let cfg = self.cfg;
+        if !cfg.eval.metrics.is_empty() {
+            if self.data.eval.is_empty() {
+                tracing::warn!(
+                    "[eval] metrics are set but there are no eval examples (data.eval or \
+                     data.eval_fraction): no task metrics will be computed"
+                );
+            } else if let Err(e) = crate::task_eval::Scorer::new(
+                &cfg.eval,
+                self.tokenizer,
+                self.model.config.vocab_size,
+            ) {
+                // before the first step, not at the first evaluation
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{e:#}"),
+                ));
+            }
+        }
         let per_epoch = Schedule::new(self, &TrainerState::default()).epoch_len();
         let steps_per_epoch = per_epoch.div_ceil(cfg.train.grad_accum);
         let total_steps = cfg

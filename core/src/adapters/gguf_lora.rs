@@ -19,7 +19,7 @@ use crate::adapters::peft::AdapterError;
 use crate::backend::GraftBackend;
 use crate::formats::gguf::{GgufFile, GgufValue};
 use crate::formats::gguf_write::{self, F32Tensor};
-use crate::load::gguf::permute_rows;
+use crate::load::gguf::{permute_rows, proj_tensor};
 use crate::model::Model;
 
 /// Writes `adapter` (for `model`) as a GGUF-LoRA file, atomically.
@@ -66,7 +66,7 @@ pub fn save<B: GraftBackend>(
         if let Some(heads) = cfg.gguf_permuted_heads(t) {
             b = permute_rows(&b, out_f, heads, false);
         }
-        let base = format!("blk.{layer}.{}.weight", t.gguf_name());
+        let base = proj_tensor(layer, t);
         tensors.push(F32Tensor {
             name: format!("{base}.lora_a"),
             shape: w.a.dims().to_vec(),
@@ -141,7 +141,7 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Model<B>) -> Result<Adapter<B>
     for layer in 0..model.layers.len() {
         // The model's own layout: Phi-3's fused gate/up is `ffn_up` there.
         for &t in cfg.targets() {
-            let base = format!("blk.{layer}.{}.weight", t.gguf_name());
+            let base = proj_tensor(layer, t);
             let (ia, ib) = (
                 f.tensor_info(&format!("{base}.lora_a")),
                 f.tensor_info(&format!("{base}.lora_b")),

@@ -26,7 +26,7 @@ use crate::backend::GraftBackend;
 use crate::formats::gguf::{GgufError, GgufFile, GgufValue};
 use crate::formats::gguf_write::{self, TensorSpec};
 use crate::formats::safetensors_write::{self, FloatDtype, SafetensorSpec};
-use crate::load::gguf::permute_rows;
+use crate::load::gguf::{permute_rows, proj_tensor};
 use crate::load::hf::{hf_tensors, proj_module, to_f32, HfTensor, Weights};
 use crate::load::hf_config::to_hf_json;
 use crate::load::LoadError;
@@ -54,8 +54,17 @@ pub enum MergeError {
         tensor: String,
         message: String,
     },
+    #[error("{path}: tensor '{tensor}': {source}")]
+    Encode {
+        path: PathBuf,
+        tensor: String,
+        #[source]
+        source: crate::quant::EncodeError,
+    },
     #[error("{path}: {message}")]
     Output { path: PathBuf, message: String },
+    #[error(transparent)]
+    Tokenizer(#[from] crate::text::tokenizer::TokenizerError),
 }
 
 impl From<std::io::Error> for MergeError {
@@ -85,6 +94,7 @@ impl MergeError {
 pub struct MergeSummary {
     /// Files written (the GGUF file, or the shards).
     pub files: Vec<PathBuf>,
+    /// Tensors written.
     pub tensors: usize,
     /// Tensors the adapter changed.
     pub merged: usize,
@@ -149,7 +159,7 @@ pub fn merge_gguf<B: Backend>(
     quant: Option<FileType>,
     out: &Path,
 ) -> Result<MergeSummary, MergeError> {
-    let targets = adapted(adapter, |l, t| format!("blk.{l}.{}.weight", t.gguf_name()));
+    let targets = adapted(adapter, proj_tensor);
     let tensor_error = |tensor: &str, message: String| MergeError::Tensor {
         path: base.path().into(),
         tensor: tensor.into(),
@@ -242,7 +252,11 @@ pub fn merge_gguf<B: Backend>(
         }
         encode_rows(spec.ty, &w, cols)
             .map(Cow::Owned)
-            .map_err(|e| tensor_error(&info.name, e.to_string()))
+            .map_err(|source| MergeError::Encode {
+                path: out.into(),
+                tensor: info.name.clone(),
+                source,
+            })
     });
     result.map_err(|e| e.at(out))?;
     summary.files = vec![out.into()];
@@ -272,11 +286,7 @@ pub fn merge_to_hf<B: GraftBackend>(
         path: out_dir.into(),
         message,
     };
-    if out_dir.exists() && std::fs::read_dir(out_dir).map_or(true, |mut d| d.next().is_some()) {
-        return Err(output(
-            "exists and is not an empty directory; merge into a new one".into(),
-        ));
-    }
+    check_fresh(out_dir)?;
     let mut config = to_hf_json(&model.config).map_err(|e| output(e.0))?;
     config["torch_dtype"] = dtype.torch_name().into();
     // graft keeps no padding id; transformers' own default (Phi-3: 32000) may lie outside a
@@ -303,10 +313,6 @@ pub fn merge_to_hf<B: GraftBackend>(
             },
         })
         .collect();
-    std::fs::create_dir_all(out_dir).map_err(|source| MergeError::Io {
-        path: out_dir.into(),
-        source,
-    })?;
     let offset = model.config.family.hf_norm_offset();
     let values = |t: Tensor<B, 1>| -> Vec<f32> {
         t.into_data()
@@ -315,35 +321,38 @@ pub fn merge_to_hf<B: GraftBackend>(
             .unwrap_or_else(|_| unreachable!("converted to f32"))
     };
     let mut merged = 0;
-    let files = safetensors_write::write_sharded(out_dir, &specs, max_shard_bytes, |i| {
-        let w: Vec<f32> = match &tensors[i].1 {
-            HfTensor::Weight(p, target) => {
-                let mut w = values(p.weight(&device).flatten(0, 1));
-                if let Some(lw) = target.and_then(|(l, t)| adapter.get(l, t)) {
-                    w.iter_mut().zip(&delta(lw)).for_each(|(w, d)| *w += d);
-                    merged += 1;
+    let files = into_fresh_dir(out_dir, || {
+        let files = safetensors_write::write_sharded(out_dir, &specs, max_shard_bytes, |i| {
+            let w: Vec<f32> = match &tensors[i].1 {
+                HfTensor::Weight(p, target) => {
+                    let mut w = values(p.weight(&device).flatten(0, 1));
+                    if let Some(lw) = target.and_then(|(l, t)| adapter.get(l, t)) {
+                        w.iter_mut().zip(&delta(lw)).for_each(|(w, d)| *w += d);
+                        merged += 1;
+                    }
+                    w
                 }
-                w
-            }
-            HfTensor::Bias(b) => values((*b).clone()),
-            HfTensor::Norm(n) => values(n.weight.clone())
-                .into_iter()
-                .map(|v| v - offset)
-                .collect(),
+                HfTensor::Bias(b) => values((*b).clone()),
+                HfTensor::Norm(n) => values(n.weight.clone())
+                    .into_iter()
+                    .map(|v| v - offset)
+                    .collect(),
+            };
+            Ok::<_, MergeError>(Cow::Owned(dtype.encode(&w)))
+        })
+        .map_err(|e| e.at(out_dir))?;
+        let write_json = |name: &str, v: &serde_json::Value| -> Result<(), MergeError> {
+            let path = out_dir.join(name);
+            let text = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
+            crate::atomic::write_atomic(&path, text.as_bytes())
+                .map_err(|source| MergeError::Io { path, source })
         };
-        Ok::<_, MergeError>(Cow::Owned(dtype.encode(&w)))
-    })
-    .map_err(|e| e.at(out_dir))?;
-    let write_json = |name: &str, v: &serde_json::Value| -> Result<(), MergeError> {
-        let path = out_dir.join(name);
-        let text = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
-        crate::atomic::write_atomic(&path, text.as_bytes())
-            .map_err(|source| MergeError::Io { path, source })
-    };
-    write_json("config.json", &config)?;
-    if let Some(t) = tokenizer {
-        write_tokenizer(t, out_dir, model.config.max_position_embeddings)?;
-    }
+        write_json("config.json", &config)?;
+        if let Some(t) = tokenizer {
+            t.write_hf_files(out_dir, model.config.max_position_embeddings)?;
+        }
+        Ok(files)
+    })?;
     let mut summary = MergeSummary {
         files: files.iter().map(|f| out_dir.join(f)).collect(),
         tensors: specs.len(),
@@ -357,59 +366,32 @@ pub fn merge_to_hf<B: GraftBackend>(
     Ok(summary)
 }
 
-/// `tokenizer.json` (with a post-processor that adds BOS when the model wants one, as
-/// transformers expects), `tokenizer_config.json` and `generation_config.json`.
-fn write_tokenizer(t: &TokenizerBundle, out_dir: &Path, max_len: usize) -> Result<(), MergeError> {
-    let fail = |name: &str, message: String| MergeError::Output {
-        path: out_dir.join(name),
-        message,
-    };
-    let mut tok = t.tokenizer.clone();
-    if let (true, Some(bos), Some(bos_id)) = (t.add_bos, &t.bos_token, t.bos_id) {
-        let post = tokenizers::processors::template::TemplateProcessing::builder()
-            .try_single(format!("{bos}:0 $A:0"))
-            .and_then(|b| b.try_pair(format!("{bos}:0 $A:0 {bos}:1 $B:1")))
-            .map_err(|e| fail("tokenizer.json", e.to_string()))?
-            .special_tokens(vec![(bos.clone(), bos_id)])
-            .build()
-            .map_err(|e| fail("tokenizer.json", e.to_string()))?;
-        tok.with_post_processor(Some(post));
-    }
-    let path = out_dir.join("tokenizer.json");
-    let text = tok
-        .to_string(false)
-        .map_err(|e| fail("tokenizer.json", e.to_string()))?;
-    crate::atomic::write_atomic(&path, text.as_bytes())
-        .map_err(|source| MergeError::Io { path, source })?;
-    let mut cfg = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": max_len,
-        "add_bos_token": t.add_bos,
-        "clean_up_tokenization_spaces": false,
-    });
-    for (key, value) in [
-        ("bos_token", &t.bos_token),
-        ("eos_token", &t.eos_token),
-        ("chat_template", &t.chat_template),
-    ] {
-        if let Some(v) = value {
-            cfg[key] = v.clone().into();
-        }
-    }
-    let gen = serde_json::json!({
-        "bos_token_id": t.bos_id,
-        "eos_token_id": t.eos_ids,
-    });
-    for (name, v) in [
-        ("tokenizer_config.json", &cfg),
-        ("generation_config.json", &gen),
-    ] {
-        let path = out_dir.join(name);
-        let text = serde_json::to_string_pretty(v).map_err(std::io::Error::other)?;
-        crate::atomic::write_atomic(&path, text.as_bytes())
-            .map_err(|source| MergeError::Io { path, source })?;
+/// Refuses an output directory that holds anything: a merge never mixes its files with others.
+fn check_fresh(out_dir: &Path) -> Result<(), MergeError> {
+    if out_dir.exists() && std::fs::read_dir(out_dir).map_or(true, |mut d| d.next().is_some()) {
+        return Err(MergeError::Output {
+            path: out_dir.into(),
+            message: "exists and is not an empty directory; merge into a new one".into(),
+        });
     }
     Ok(())
+}
+
+/// Runs `write` into the fresh directory `out_dir`; if it fails, removes what it wrote, so
+/// that no half-written checkpoint is left to load (or to block a rerun).
+fn into_fresh_dir<T>(
+    out_dir: &Path,
+    write: impl FnOnce() -> Result<T, MergeError>,
+) -> Result<T, MergeError> {
+    std::fs::create_dir_all(out_dir).map_err(|source| MergeError::Io {
+        path: out_dir.into(),
+        source,
+    })?;
+    let result = write();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(out_dir);
+    }
+    result
 }
 
 /// Files of an HF model directory that are weights (rewritten), not copied.
@@ -435,15 +417,7 @@ pub fn merge_hf<B: Backend>(
     out_dir: &Path,
     max_shard_bytes: usize,
 ) -> Result<MergeSummary, MergeError> {
-    let output = |message: String| MergeError::Output {
-        path: out_dir.into(),
-        message,
-    };
-    if out_dir.exists() && std::fs::read_dir(out_dir).map_or(true, |mut d| d.next().is_some()) {
-        return Err(output(
-            "exists and is not an empty directory; merge into a new one".into(),
-        ));
-    }
+    check_fresh(out_dir)?;
     let weights = Weights::open(base_dir)?;
     let targets = adapted(adapter, |l, t| format!("{}.weight", proj_module(l, t)));
     let mut dtype = dtype;
@@ -501,28 +475,27 @@ pub fn merge_hf<B: Backend>(
             Some(_) => {}
         }
     }
-    std::fs::create_dir_all(out_dir).map_err(|source| MergeError::Io {
-        path: out_dir.into(),
-        source,
+    let files = into_fresh_dir(out_dir, || {
+        let files = safetensors_write::write_sharded(out_dir, &specs, max_shard_bytes, |i| {
+            let spec = &specs[i];
+            let (src, _, bytes) = weights.raw(&spec.name)?;
+            let target = targets.get(&spec.name);
+            if target.is_none() && src == spec.dtype {
+                return Ok(Cow::Borrowed(bytes));
+            }
+            let mut w = to_f32(src, bytes).ok_or_else(|| {
+                tensor_error(&spec.name, format!("dtype {src:?} cannot be converted"))
+            })?;
+            if let Some(&(l, t)) = target {
+                let d = delta(adapter.get(l, t).expect("listed by modules()"));
+                w.iter_mut().zip(&d).for_each(|(w, d)| *w += d);
+            }
+            Ok::<_, MergeError>(Cow::Owned(dtype.encode(&w)))
+        })
+        .map_err(|e| e.at(out_dir))?;
+        copy_side_files(base_dir, out_dir, dtype)?;
+        Ok(files)
     })?;
-    let files = safetensors_write::write_sharded(out_dir, &specs, max_shard_bytes, |i| {
-        let spec = &specs[i];
-        let (src, _, bytes) = weights.raw(&spec.name)?;
-        let target = targets.get(&spec.name);
-        if target.is_none() && src == spec.dtype {
-            return Ok(Cow::Borrowed(bytes));
-        }
-        let mut w = to_f32(src, bytes).ok_or_else(|| {
-            tensor_error(&spec.name, format!("dtype {src:?} cannot be converted"))
-        })?;
-        if let Some(&(l, t)) = target {
-            let d = delta(adapter.get(l, t).expect("listed by modules()"));
-            w.iter_mut().zip(&d).for_each(|(w, d)| *w += d);
-        }
-        Ok::<_, MergeError>(Cow::Owned(dtype.encode(&w)))
-    })
-    .map_err(|e| e.at(out_dir))?;
-    copy_side_files(base_dir, out_dir, dtype)?;
     summary.files = files.iter().map(|f| out_dir.join(f)).collect();
     summary.tensors = specs.len();
     summary.merged = targets.len();

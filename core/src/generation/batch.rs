@@ -81,7 +81,11 @@ pub fn generate_batch<B: GraftBackend>(
         let logits = model.forward(&mut inputs, Logits::Last);
         drop(inputs);
         let vocab = model.config.vocab_size;
-        let mut rows: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
+        let mut rows: Vec<f32> = logits
+            .into_data()
+            .to_vec()
+            .unwrap_or_else(|_| unreachable!("the model's logits are f32"));
+        debug_assert_eq!(rows.len(), active.len() * vocab);
         for (s, row) in active.iter_mut().zip(rows.chunks_exact_mut(vocab)) {
             if s.decoder.generated.is_empty() && s.prefill_secs == 0.0 {
                 s.prefill_secs = start.elapsed().as_secs_f64();

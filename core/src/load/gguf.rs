@@ -416,6 +416,11 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
     }
 }
 
+/// llama.cpp's name of a layer's projection weight (`blk.3.attn_q.weight`).
+pub(crate) fn proj_tensor(layer: usize, t: crate::adapters::lora::TargetModule) -> String {
+    format!("blk.{layer}.{}.weight", t.gguf_name())
+}
+
 /// llama.cpp's q/k row order for its rope (`LlamaModel.permute`): within each head of `d` rows,
 /// GGUF row `2j + t` holds HF row `t·d/2 + j`. Reorders the `rows` equal-length rows of `w`
 /// from HF's order to llama.cpp's, or back with `to_hf`. Works on whole rows (packed blocks or

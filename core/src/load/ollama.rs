@@ -207,10 +207,27 @@ pub fn resolve(name: &str, store: &Path) -> Result<OllamaModel, LoadError> {
                 manifest_path.display()
             ))
         })?;
+    // Layers that change what the model computes: graft would silently run the bare base.
+    if let Some(l) = manifest
+        .layers
+        .iter()
+        .find(|l| l.media_type.ends_with(".adapter") || l.media_type.ends_with(".projector"))
+    {
+        return Err(err(format!(
+            "{}: has a {} layer (a model made with ADAPTER or a vision projector); graft \
+             reads plain base models: name the base it was made from",
+            manifest_path.display(),
+            l.media_type
+        )));
+    }
     let params = match text_layer("params")? {
         None => Default::default(),
-        Some(t) => serde_json::from_str(&t)
-            .map_err(|e| err(format!("params layer is not a JSON object: {e}")))?,
+        Some(t) => serde_json::from_str(&t).map_err(|e| {
+            err(format!(
+                "{}: the params layer is not a JSON object: {e}",
+                manifest_path.display()
+            ))
+        })?,
     };
     Ok(OllamaModel {
         gguf: blob(model)?,
@@ -308,6 +325,14 @@ mod tests {
             .to_string();
         assert!(
             e.contains("no application/vnd.ollama.image.model layer"),
+            "{e}"
+        );
+        let s = store(&[("model", b"GGUF"), ("adapter", b"GGUF")], hex);
+        let e = resolve("me/m:v1", s.path())
+            .expect_err("an adapter layer")
+            .to_string();
+        assert!(
+            e.contains("application/vnd.ollama.image.adapter layer"),
             "{e}"
         );
     }

@@ -186,7 +186,7 @@ impl Mix {
             && !t.name.contains("ffn_gate_inp.weight")
     }
 
-    /// The type of the next tensor (call once per tensor, in file order).
+    /// The type of the next tensor (call once per tensor, in [`quantize_order`]).
     pub fn tensor_type(&mut self, t: TensorRef<'_>) -> GgmlType {
         if !Self::quantizable(&t) {
             return t.ty;
@@ -206,6 +206,8 @@ impl Mix {
         } else if t.name == "token_embd.weight" {
             // untied embeddings keep the default type
         } else if is_attn_v(t.name) {
+            // attn_qkv shares attn_v's rule: llama-quant.cpp tests `category_is_attn_v` (which
+            // includes ATTENTION_QKV) before its own ATTENTION_QKV branch
             if k_m && use_more_bits(self.i_attention_v, self.n_attention_v) {
                 ty = GgmlType::Q6_K;
             }

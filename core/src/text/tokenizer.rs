@@ -187,6 +187,61 @@ impl TokenizerBundle {
         })
     }
 
+    /// Writes the tokenizer as an HF model directory holds it: `tokenizer.json` (with a
+    /// post-processor that adds BOS when this tokenizer adds one, as transformers expects),
+    /// `tokenizer_config.json` (special tokens, chat template, `model_max_length` = `max_len`)
+    /// and `generation_config.json` (BOS and EOS ids); each file atomically.
+    ///
+    /// # Errors
+    /// [`TokenizerError::File`] naming the file that could not be made or written.
+    pub fn write_hf_files(&self, dir: &Path, max_len: usize) -> Result<(), TokenizerError> {
+        let fail = |name: &str, message: String| TokenizerError::File {
+            path: dir.join(name),
+            message,
+        };
+        let mut tok = self.tokenizer.clone();
+        if let (true, Some(bos), Some(bos_id)) = (self.add_bos, &self.bos_token, self.bos_id) {
+            let post = tokenizers::processors::template::TemplateProcessing::builder()
+                .try_single(format!("{bos}:0 $A:0"))
+                .and_then(|b| b.try_pair(format!("{bos}:0 $A:0 {bos}:1 $B:1")))
+                .map_err(|e| fail("tokenizer.json", e.to_string()))?
+                .special_tokens(vec![(bos.clone(), bos_id)])
+                .build()
+                .map_err(|e| fail("tokenizer.json", e.to_string()))?;
+            tok.with_post_processor(Some(post));
+        }
+        let mut cfg = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_len,
+            "add_bos_token": self.add_bos,
+            "clean_up_tokenization_spaces": false,
+        });
+        for (key, value) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+            ("chat_template", &self.chat_template),
+        ] {
+            if let Some(v) = value {
+                cfg[key] = v.clone().into();
+            }
+        }
+        let generation = json!({"bos_token_id": self.bos_id, "eos_token_id": self.eos_ids});
+        let files = [
+            (
+                "tokenizer.json",
+                tok.to_string(false)
+                    .map_err(|e| fail("tokenizer.json", e.to_string()))?,
+            ),
+            ("tokenizer_config.json", format!("{cfg:#}")),
+            ("generation_config.json", format!("{generation:#}")),
+        ];
+        for (name, text) in files {
+            crate::atomic::write_atomic(&dir.join(name), text.as_bytes())
+                .map_err(|e| fail(name, format!("cannot write: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Builds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
     ///
     /// # Errors

@@ -369,12 +369,17 @@ impl TryFrom<InDir<'_, RawOutput>> for OutputSettings {
 /// `[eval]`, checked: the regex compiled, the schema read.
 #[derive(Debug, Clone)]
 pub struct EvalSettings {
+    /// Sorted, each once; empty: no task metrics (the default).
     pub metrics: Vec<TaskMetric>,
+    /// `eval.regex` anchored at both ends (the whole trimmed answer must match).
     pub regex: Option<regex::Regex>,
-    /// The schema file and its JSON.
+    /// The schema file (resolved against the config's directory) and its JSON.
     pub json_schema: Option<(PathBuf, serde_json::Value)>,
+    /// Eval examples scored, the first ones (default 64).
     pub max_examples: usize,
+    /// Tokens generated per answer (default 64).
     pub max_new_tokens: usize,
+    /// Prompts decoded together (default 8).
     pub batch_size: usize,
 }
 

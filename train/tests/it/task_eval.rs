@@ -118,3 +118,46 @@ fn eval_without_a_metric_says_how_to_ask_for_one() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("eval.metrics="), "{}", stderr(&o));
 }
+
+/// A run with a JSON-schema metric (the schema next to its config) computes it, and the run's
+/// saved config still finds the schema when `graft-train eval` reopens the run.
+#[test]
+fn runs_with_a_schema_metric_can_be_reopened() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("schema.json"), r#"{"type": "object"}"#).expect("schema");
+    let rows: String = (0..8)
+        .map(|i| {
+            format!(
+                "{{\"messages\": [{{\"role\": \"user\", \"content\": \"q{i}\"}}, {{\"role\": \"assistant\", \"content\": \"{{}}\"}}]}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("d.jsonl"), rows).expect("data");
+    let model = repo_root().join("core/tests/fixtures/families/qwen2/model.gguf");
+    std::fs::write(
+        dir.path().join("c.toml"),
+        format!(
+            "[model]\nbase = {:?}\n[lora]\nr = 2\n[data]\ntrain = \"d.jsonl\"\nformat = \"chat\"\n\
+             chat_template = \"chatml\"\neval_fraction = 0.25\n[train]\nmax_steps = 1\n\
+             eval_samples = 0\n[output]\nruns_dir = \"runs\"\nname = \"r\"\n\
+             [eval]\nmetrics = [\"json_valid\", \"json_schema\"]\njson_schema = \"schema.json\"\n\
+             max_new_tokens = 4\n",
+            model.display().to_string()
+        ),
+    )
+    .expect("config");
+    let o = graft_train(&[dir.path().join("c.toml").to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = dir.path().join("runs/r");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    assert!(metrics.contains("\"eval_json_schema\""), "{metrics}");
+    let data = dir.path().join("d.jsonl");
+    let o = graft_train(&[
+        "eval",
+        run.to_str().expect("utf-8"),
+        "--data",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("json_schema"), "{}", stderr(&o));
+}
