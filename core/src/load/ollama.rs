@@ -131,12 +131,26 @@ pub fn resolve(name: &str, store: &Path) -> Result<OllamaModel, LoadError> {
         name: parsed.short(),
         message,
     };
-    let manifest_path = store
-        .join("manifests")
-        .join(&parsed.host)
-        .join(&parsed.namespace)
-        .join(&parsed.model)
-        .join(&parsed.tag);
+    let manifest_at = |lower: bool| {
+        let case = |p: &str| {
+            if lower {
+                p.to_lowercase()
+            } else {
+                p.to_string()
+            }
+        };
+        store
+            .join("manifests")
+            .join(case(&parsed.host))
+            .join(case(&parsed.namespace))
+            .join(case(&parsed.model))
+            .join(&parsed.tag)
+    };
+    // Ollama keeps host/namespace/model lower-cased on disk (names are case-insensitive).
+    let manifest_path = match manifest_at(false) {
+        p if p.is_file() => p,
+        _ => manifest_at(true),
+    };
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
         err(format!(
             "no manifest at {} ({e}); pull it with `ollama pull {}` or set OLLAMA_MODELS",
