@@ -22,7 +22,8 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// Base model: an HF directory, a .gguf file, or a hub id (owner/name[@revision]).
+    /// Base model: an HF directory, a .gguf file, ollama:NAME[:TAG] (a model Ollama pulled), or a
+    /// hub id (owner/name[@revision]).
     #[arg(long)]
     pub model: Option<String>,
     /// Name the base model answers to in requests (default: the model's file or repo name).

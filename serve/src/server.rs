@@ -56,7 +56,9 @@ where
     B::Device: Send + Sync,
 {
     let Some(model_arg) = args.model.clone() else {
-        anyhow::bail!("--model is required (a .gguf file, an HF model directory or a hub id)");
+        anyhow::bail!(
+            "--model is required (a .gguf file, an HF model directory, ollama:NAME[:TAG] or a hub id)"
+        );
     };
     let source = ModelSource::parse(&model_arg)?;
     let loaded = load::<B>(
@@ -101,6 +103,10 @@ where
             .map(|mb| (mb * 1024.0 * 1024.0) as usize),
         args.pin.clone(),
     ));
+    // What the watcher starts from is taken before the start-up load, on this thread: an
+    // adapter written after it (even before the watcher thread first runs) is new to the
+    // watcher and gets loaded; one loaded at start-up is not loaded twice.
+    let watched_at_start = args.adapters_dir.as_deref().map(crate::watch::snapshot);
     load_initial_adapters(args, &registry, &model)?;
 
     let (tx, rx) = std::sync::mpsc::sync_channel(args.max_queue);
@@ -117,12 +123,16 @@ where
             .name("graft-engine".into())
             .spawn(move || crate::engine::run(model, tokenizer, rx, config, metrics))?
     };
-    if let (Some(dir), true) = (args.adapters_dir.clone(), args.watch_interval_ms > 0) {
+    if let (Some(dir), Some(applied), true) = (
+        args.adapters_dir.clone(),
+        watched_at_start,
+        args.watch_interval_ms > 0,
+    ) {
         let (registry, model) = (Arc::downgrade(&registry), model.clone());
         let interval = Duration::from_millis(args.watch_interval_ms);
         std::thread::Builder::new()
             .name("graft-watch".into())
-            .spawn(move || crate::watch::run(registry, model, dir, interval))?;
+            .spawn(move || crate::watch::run(registry, model, dir, interval, applied))?;
     }
     let state = Arc::new(AppState {
         model,

@@ -14,7 +14,16 @@ use graft_core::model::Model;
 use crate::registry::Registry;
 
 /// Size and modification time of the files that make up an adapter.
-type Signature = Vec<(u64, Option<SystemTime>)>;
+pub type Signature = Vec<(u64, Option<SystemTime>)>;
+
+/// The signatures of the adapters in `dir` now: what the server loads at start-up, so the
+/// watcher does not load them again.
+pub fn snapshot(dir: &Path) -> BTreeMap<String, Signature> {
+    scan(dir)
+        .into_iter()
+        .filter_map(|(name, path)| signature(&path).map(|s| (name, s)))
+        .collect()
+}
 
 fn signature(path: &Path) -> Option<Signature> {
     let files: Vec<PathBuf> = if path.is_dir() {
@@ -60,20 +69,16 @@ pub fn scan(dir: &Path) -> BTreeMap<String, PathBuf> {
 }
 
 /// Polls `dir` every `interval`, applying changes to `registry`, until the registry is
-/// dropped (the server stopped).
+/// dropped (the server stopped). `applied` is the [`snapshot`] taken before the start-up
+/// load.
 pub fn run<B: GraftBackend>(
     registry: Weak<Registry<B>>,
     model: Arc<Model<B>>,
     dir: PathBuf,
     interval: Duration,
+    mut applied: BTreeMap<String, Signature>,
 ) {
-    // What is loaded from the directory, and candidates waiting to be stable.
-    let mut applied: BTreeMap<String, Signature> = BTreeMap::new();
-    for (name, path) in scan(&dir) {
-        if let Some(sig) = signature(&path) {
-            applied.insert(name, sig); // loaded at start-up
-        }
-    }
+    // `applied`: what is loaded from the directory; `candidates`: changes waiting to be stable
     let mut candidates: BTreeMap<String, Signature> = BTreeMap::new();
     loop {
         std::thread::sleep(interval);

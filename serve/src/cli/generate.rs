@@ -15,7 +15,7 @@ use graft_core::text::chat::{ChatTemplate, Message};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Model: an HF directory, a .gguf file, or a hub id (owner/name[@revision]).
+    /// Model: an HF directory, a .gguf file, ollama:NAME[:TAG], or a hub id (owner/name[@revision]).
     #[arg(long)]
     model: String,
     /// The prompt text.

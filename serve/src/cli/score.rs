@@ -14,7 +14,7 @@ use graft_core::quant::QuantKind;
 
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
-    /// Model: an HF directory, a .gguf file, or a hub id (owner/name[@revision]).
+    /// Model: an HF directory, a .gguf file, ollama:NAME[:TAG], or a hub id (owner/name[@revision]).
     #[arg(long)]
     model: String,
     /// A PEFT adapter directory.

@@ -34,7 +34,8 @@ pub struct RawConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
-    /// A local HF directory, a `.gguf` file or a hub id `owner/name`. Required.
+    /// A local HF directory, a `.gguf` file, `ollama:NAME[:TAG]` (a model Ollama pulled) or a
+    /// hub id `owner/name`. Required.
     pub base: String,
     /// Hub revision (branch, tag or commit). Default: `main`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -105,7 +105,7 @@ impl TryFrom<InDir<'_, RawModel>> for ModelSettings {
                 "model",
                 "base",
                 "\"\"",
-                "name a .gguf file, an HF model directory or a hub id",
+                "name a .gguf file, an HF model directory, ollama:NAME[:TAG] or a hub id",
             ));
         }
         Ok(ModelSettings {
