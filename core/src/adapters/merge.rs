@@ -420,35 +420,32 @@ pub fn merge_hf<B: Backend>(
     check_fresh(out_dir)?;
     let weights = Weights::open(base_dir)?;
     let targets = adapted(adapter, |l, t| format!("{}.weight", proj_module(l, t)));
-    let mut dtype = dtype;
-    for name in weights.names() {
-        if dtype.is_some() {
-            break;
-        }
-        dtype = match weights.raw(name)?.0 {
-            safetensors::Dtype::F32 => Some(FloatDtype::F32),
-            safetensors::Dtype::F16 => Some(FloatDtype::F16),
-            safetensors::Dtype::BF16 => Some(FloatDtype::BF16),
-            _ => None,
-        };
-    }
-    let dtype = dtype.unwrap_or(FloatDtype::F32);
-    let mut specs = Vec::new();
+    // (name, stored dtype, shape) of every tensor, read once
+    let stored = weights
+        .names()
+        .map(|name| weights.raw(name).map(|(src, shape, _)| (name, src, shape)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let dtype = dtype
+        .or_else(|| {
+            stored
+                .iter()
+                .find_map(|(_, src, _)| FloatDtype::from_safetensors(*src))
+        })
+        .unwrap_or(FloatDtype::F32);
     let mut summary = MergeSummary::default();
-    for name in weights.names() {
-        let (src, shape, _) = weights.raw(name)?;
-        let float = matches!(
-            src,
-            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
-        );
-        let dt = if float { dtype.safetensors() } else { src };
-        *summary.types.entry(format!("{dt:?}")).or_default() += 1;
-        specs.push(SafetensorSpec {
-            name: name.to_string(),
-            dtype: dt,
-            shape,
-        });
-    }
+    let specs: Vec<SafetensorSpec> = stored
+        .into_iter()
+        .map(|(name, src, shape)| {
+            // floating-point tensors in `dtype`, others (integer buffers) as stored
+            let dt = FloatDtype::from_safetensors(src).map_or(src, |_| dtype.safetensors());
+            *summary.types.entry(format!("{dt:?}")).or_default() += 1;
+            SafetensorSpec {
+                name: name.to_string(),
+                dtype: dt,
+                shape,
+            }
+        })
+        .collect();
     let tensor_error = |tensor: &str, message: String| MergeError::Tensor {
         path: weights
             .path_of(tensor)

@@ -23,6 +23,16 @@ pub enum FloatDtype {
 }
 
 impl FloatDtype {
+    /// The float dtype a safetensors dtype is, if it is one of these.
+    pub fn from_safetensors(d: Dtype) -> Option<Self> {
+        match d {
+            Dtype::F32 => Some(FloatDtype::F32),
+            Dtype::F16 => Some(FloatDtype::F16),
+            Dtype::BF16 => Some(FloatDtype::BF16),
+            _ => None,
+        }
+    }
+
     pub fn safetensors(self) -> Dtype {
         match self {
             FloatDtype::F32 => Dtype::F32,

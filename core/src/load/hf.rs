@@ -189,34 +189,20 @@ impl Weights {
 
     /// A tensor as f32 values, checked against the expected shape.
     fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
-        let Some(&fi) = self.index.get(name) else {
-            let path = self.files.first().map(|f| f.0.clone()).unwrap_or_default();
-            return Err(LoadError::MissingTensor {
-                path,
-                tensor: name.into(),
-            });
-        };
-        let (path, map) = &self.files[fi];
-        let st = SafeTensors::deserialize(map).map_err(|e| LoadError::Safetensors {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        let view = st.tensor(name).map_err(|e| LoadError::Safetensors {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        if view.shape() != expected {
+        let (dtype, shape, data) = self.raw(name)?;
+        let path = || self.path_of(name).unwrap_or(Path::new("")).to_path_buf();
+        if shape != expected {
             return Err(LoadError::Shape {
-                path: path.clone(),
+                path: path(),
                 tensor: name.into(),
                 expected: expected.to_vec(),
-                found: view.shape().to_vec(),
+                found: shape,
             });
         }
-        to_f32(view.dtype(), view.data()).ok_or_else(|| LoadError::Dtype {
-            path: path.clone(),
+        to_f32(dtype, data).ok_or_else(|| LoadError::Dtype {
+            path: path(),
             tensor: name.into(),
-            dtype: format!("{:?}", view.dtype()),
+            dtype: format!("{dtype:?}"),
         })
     }
 }

@@ -8,7 +8,7 @@ use graft_core::model::{Logits, Model, RopeScaling, SeqCache, SeqInput};
 use serde::Deserialize;
 
 use crate::reference::{f32s, fixture, read_fixture};
-use crate::{max_abs_diff, values, B};
+use crate::{all_logits, max_abs_diff, values, B};
 
 /// The families with a tiny reference model (directory names under `fixtures/families`).
 pub const FAMILIES: [&str; 8] = [
@@ -66,17 +66,6 @@ pub fn load_family(family: &str, gguf: bool) -> LoadedModel<B> {
     .unwrap_or_else(|e| panic!("{family} (gguf: {gguf}): {e}"))
 }
 
-fn forward_all(m: &Model<B>, tokens: &[u32]) -> Vec<f32> {
-    values(m.forward(
-        &mut [SeqInput {
-            tokens,
-            cache: None,
-            adapter: None,
-        }],
-        Logits::All,
-    ))
-}
-
 #[test]
 fn every_family_matches_transformers_from_safetensors_and_gguf() {
     let mut report = Vec::new();
@@ -87,7 +76,7 @@ fn every_family_matches_transformers_from_safetensors_and_gguf() {
             let mut worst = 0f32;
             let reference = if gguf { &c.gguf_logits } else { &c.logits };
             for (p, want) in c.prompts.iter().zip(reference) {
-                let got = forward_all(&m, p);
+                let got = all_logits(&m, p, None);
                 worst = worst.max(max_abs_diff(&got, want));
             }
             report.push(format!(
@@ -190,7 +179,7 @@ fn long_cached_decoding_across_the_cache_joins_equals_one_full_forward() {
                 ((state >> 33) % vocab) as u32
             })
             .collect();
-        let want = forward_all(&m, &tokens);
+        let want = all_logits(&m, &tokens, None);
         let mut cache = SeqCache::new();
         let mut got = values(m.forward(
             &mut [SeqInput {
@@ -298,7 +287,7 @@ fn mixed_adapter_batches_equal_each_request_alone_in_every_family() {
             let d = max_abs_diff(&batch[i * vocab..(i + 1) * vocab], &alone);
             assert!(d < 1e-4, "{family} request {i}: {d}");
             if adapter.is_some() {
-                let base = forward_all(&m, p);
+                let base = all_logits(&m, p, None);
                 let moved = max_abs_diff(&base[(p.len() - 1) * vocab..], &alone);
                 assert!(
                     moved > 1e-2,

@@ -22,6 +22,22 @@ pub fn values(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data().to_vec::<f32>().expect("f32 tensor")
 }
 
+/// Logits of every position of `tokens`, one sequence, no cache.
+pub fn all_logits(
+    m: &graft_core::model::Model<B>,
+    tokens: &[u32],
+    adapter: Option<&graft_core::adapters::lora::Adapter<B>>,
+) -> Vec<f32> {
+    values(m.forward(
+        &mut [graft_core::model::SeqInput {
+            tokens,
+            cache: None,
+            adapter,
+        }],
+        graft_core::model::Logits::All,
+    ))
+}
+
 /// Largest absolute difference.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");

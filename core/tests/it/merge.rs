@@ -7,31 +7,19 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use graft_core::adapters::lora::Adapter;
 use graft_core::adapters::merge::{merge_gguf, merge_hf, merge_to_hf};
 use graft_core::adapters::peft;
 use graft_core::formats::gguf::GgufFile;
 use graft_core::formats::safetensors_write::FloatDtype;
 use graft_core::load::{load_gguf, load_hf_dir, LoadOptions};
-use graft_core::model::{Logits, Model, SeqInput};
+use graft_core::model::Model;
 use graft_core::quant::mix::{FileType, Mix, TensorRef};
 use graft_core::quant::GgmlType;
 use serde_json::Value;
 
 use crate::families::{load_family, FAMILIES};
 use crate::reference::{f32s, fixture, read_fixture};
-use crate::{max_abs_diff, values, B};
-
-fn logits(m: &Model<B>, tokens: &[u32], adapter: Option<&Adapter<B>>) -> Vec<f32> {
-    values(m.forward(
-        &mut [SeqInput {
-            tokens,
-            cache: None,
-            adapter,
-        }],
-        Logits::All,
-    ))
-}
+use crate::{all_logits, max_abs_diff, values, B};
 
 fn prompt(m: &Model<B>) -> Vec<u32> {
     (0..24)
@@ -48,7 +36,7 @@ fn merged_models_compute_what_base_plus_adapter_computes_in_every_family() {
             let base = load_family(family, gguf).model;
             let (adapter, _) = peft::load(&dir.join("peft_adapter"), &base).expect("adapter");
             let tokens = prompt(&base);
-            let want = logits(&base, &tokens, Some(&adapter));
+            let want = all_logits(&base, &tokens, Some(&adapter));
             let out = tempfile::tempdir().expect("temp dir");
             let merged = if gguf {
                 let path = out.path().join("merged.gguf");
@@ -72,11 +60,11 @@ fn merged_models_compute_what_base_plus_adapter_computes_in_every_family() {
                 load_hf_dir::<B>(&path, LoadOptions::default(), &dev)
             }
             .unwrap_or_else(|e| panic!("{family}: the merged model loads: {e}"));
-            let got = logits(&merged.model, &tokens, None);
+            let got = all_logits(&merged.model, &tokens, None);
             let d = max_abs_diff(&got, &want);
             assert!(d <= 1e-4, "{family} (gguf {gguf}): merged vs unmerged {d}");
             // and the merge did something: the base alone is far from it
-            let moved = max_abs_diff(&logits(&base, &tokens, None), &want);
+            let moved = max_abs_diff(&all_logits(&base, &tokens, None), &want);
             assert!(
                 moved > 0.05,
                 "{family}: the adapter moves logits by {moved}"
@@ -126,8 +114,8 @@ fn gguf_bases_merge_into_hf_directories() {
         );
         let tokens = prompt(&base.model);
         let d = max_abs_diff(
-            &logits(&merged.model, &tokens, None),
-            &logits(&base.model, &tokens, Some(&adapter)),
+            &all_logits(&merged.model, &tokens, None),
+            &all_logits(&base.model, &tokens, Some(&adapter)),
         );
         assert!(d <= 1e-4, "{family}: {d}");
         let (t0, t1) = (
@@ -217,8 +205,8 @@ fn hf_merges_shard_and_convert_dtype() {
     assert_eq!(config[key], "bfloat16");
     let merged = load_hf_dir::<B>(&path, LoadOptions::default(), &dev).expect("loads");
     let tokens = prompt(&base);
-    let want = logits(&base, &tokens, Some(&adapter));
-    let d = max_abs_diff(&logits(&merged.model, &tokens, None), &want);
+    let want = all_logits(&base, &tokens, Some(&adapter));
+    let d = max_abs_diff(&all_logits(&merged.model, &tokens, None), &want);
     // bf16 weights (8 bits of mantissa, norms and embeddings too): within 2% of the logits'
     // range (measured 1.3%)
     let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));

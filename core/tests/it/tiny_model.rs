@@ -10,7 +10,7 @@ use graft_core::model::{Logits, Model, SeqCache, SeqInput};
 use graft_core::quant::QuantKind;
 
 use crate::tiny::*;
-use crate::{max_abs_diff, values, B};
+use crate::{all_logits, max_abs_diff, values, B};
 
 fn models() -> (tempfile::TempDir, Model<B>, Model<B>) {
     let dir = tempfile::tempdir().unwrap();
@@ -26,17 +26,6 @@ fn models() -> (tempfile::TempDir, Model<B>, Model<B>) {
         .unwrap()
         .model;
     (dir, hf, gg)
-}
-
-fn all_logits(m: &Model<B>, tokens: &[u32], adapter: Option<&Adapter<B>>) -> Vec<f32> {
-    values(m.forward(
-        &mut [SeqInput {
-            tokens,
-            cache: None,
-            adapter,
-        }],
-        Logits::All,
-    ))
 }
 
 const PROMPT: [u32; 9] = [5, 17, 42, 3, 88, 61, 9, 9, 30];
