@@ -3,8 +3,12 @@
 //! - `chat`: a list of `{role, content}` messages (OpenAI / HF `messages`);
 //! - `alpaca`: `instruction`, optional `input`, `output` → a user turn (instruction, a blank
 //!   line, input) and an assistant turn;
-//! - `completion`: `prompt` and `completion` texts, no template; the completion is trained;
-//! - `text`: one text field, every token trained.
+//! - `completion`: `prompt` and `completion` texts, no template, the completion trained; or, as
+//!   TRL's conversational prompt-completion, two message lists rendered with the template, the
+//!   completion's assistant turns trained;
+//! - `text`: one text field, every token trained;
+//! - `preference`: TRL's preference rows, `prompt` / `chosen` / `rejected` (texts or message
+//!   lists; the prompt may be implicit, shared by both): see [`crate::preference`].
 //!
 //! Field names are configurable; the format is detected from the first row when not given.
 
@@ -31,6 +35,11 @@ pub enum Format {
     Text {
         text: String,
     },
+    Preference {
+        prompt: String,
+        chosen: String,
+        rejected: String,
+    },
 }
 
 /// A format's name, as written in configs.
@@ -41,6 +50,7 @@ pub enum FormatKind {
     Alpaca,
     Completion,
     Text,
+    Preference,
 }
 
 impl FormatKind {
@@ -61,6 +71,11 @@ impl FormatKind {
             },
             FormatKind::Text => Format::Text {
                 text: "text".into(),
+            },
+            FormatKind::Preference => Format::Preference {
+                prompt: "prompt".into(),
+                chosen: "chosen".into(),
+                rejected: "rejected".into(),
             },
         }
     }
@@ -84,6 +99,12 @@ pub struct UnknownField {
 pub enum Example {
     /// Rendered with the chat template; assistant turns are trained.
     Conversation(Vec<Message>),
+    /// A conversation whose `completion` messages follow `prompt`: rendered with the chat
+    /// template as one conversation; only the completion's assistant turns are trained.
+    Exchange {
+        prompt: Vec<Message>,
+        completion: Vec<Message>,
+    },
     /// Plain text in parts, each trained or not.
     Segments(Vec<(String, bool)>),
 }
@@ -114,6 +135,9 @@ impl Format {
             (Format::Completion { prompt, .. }, "prompt") => prompt,
             (Format::Completion { completion, .. }, "completion") => completion,
             (Format::Text { text }, "text") => text,
+            (Format::Preference { prompt, .. }, "prompt") => prompt,
+            (Format::Preference { chosen, .. }, "chosen") => chosen,
+            (Format::Preference { rejected, .. }, "rejected") => rejected,
             (f, _) => {
                 return Err(UnknownField {
                     format: f.name(),
@@ -131,6 +155,7 @@ impl Format {
             Format::Alpaca { .. } => "alpaca",
             Format::Completion { .. } => "completion",
             Format::Text { .. } => "text",
+            Format::Preference { .. } => "preference",
         }
     }
 
@@ -145,7 +170,36 @@ impl Format {
             } => vec![instruction, output, input],
             Format::Completion { prompt, completion } => vec![prompt, completion],
             Format::Text { text } => vec![text],
+            Format::Preference {
+                prompt,
+                chosen,
+                rejected,
+            } => vec![chosen, rejected, prompt],
         }
+    }
+
+    /// What a preference row means (the `preference` format).
+    ///
+    /// # Errors
+    /// A row that is not a usable pair, naming its file, line and field; any other format.
+    pub fn preference(&self, row: &Row) -> Result<crate::preference::Preference, RowError> {
+        match self {
+            Format::Preference {
+                prompt,
+                chosen,
+                rejected,
+            } => crate::preference::parse(row, prompt, chosen, rejected),
+            other => Err(RowError(format!(
+                "{}: the {} format has no preference pairs (DPO and ORPO read prompt/chosen/rejected rows)",
+                row.location(),
+                other.name()
+            ))),
+        }
+    }
+
+    /// Whether rows are preference pairs (for DPO/ORPO) rather than single examples.
+    pub fn is_preference(&self) -> bool {
+        matches!(self, Format::Preference { .. })
     }
 
     /// The fields every row must have.
@@ -156,6 +210,9 @@ impl Format {
                 output,
                 ..
             } => vec![instruction, output],
+            Format::Preference {
+                chosen, rejected, ..
+            } => vec![chosen, rejected],
             other => other.fields(),
         }
     }
@@ -178,6 +235,9 @@ impl Format {
         }
         if has("text") {
             fits.push("text");
+        }
+        if has("chosen") && has("rejected") {
+            fits.push("preference");
         }
         match fits[..] {
             [one] => Ok(Format::named(one).expect("a known format name")),
@@ -215,46 +275,7 @@ impl Format {
         };
         match self {
             Format::Chat { messages } => {
-                // A CSV cell holds the list as JSON text.
-                let parsed;
-                let list = match row.fields.get(messages) {
-                    Some(Value::Array(a)) => a,
-                    Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
-                        Ok(Value::Array(a)) => {
-                            parsed = a;
-                            &parsed
-                        }
-                        _ => return Err(RowError(format!("{at}: field '{messages}' must be a list of messages (a JSON array in text cells)"))),
-                    },
-                    None => return Err(RowError(format!("{at}: missing field '{messages}'"))),
-                    Some(v) => {
-                        return Err(RowError(format!(
-                            "{at}: field '{messages}' must be an array, found {}",
-                            kind(v)
-                        )))
-                    }
-                };
-                let mut out = Vec::with_capacity(list.len());
-                for (i, m) in list.iter().enumerate() {
-                    let get = |k: &str| match m.get(k) {
-                        Some(Value::String(s)) => Ok(s.clone()),
-                        Some(v) => Err(RowError(format!(
-                            "{at}: {messages}[{i}].{k} must be a string, found {}",
-                            kind(v)
-                        ))),
-                        None => Err(RowError(format!("{at}: {messages}[{i}] has no '{k}'"))),
-                    };
-                    let (role, content) = (get("role")?, get("content")?);
-                    if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
-                        return Err(RowError(format!("{at}: {messages}[{i}].role '{role}' is not system, user, assistant or tool")));
-                    }
-                    if role == "assistant" && content.trim().is_empty() {
-                        return Err(RowError(format!(
-                            "{at}: {messages}[{i}] is an empty assistant turn"
-                        )));
-                    }
-                    out.push(Message::new(role, content));
-                }
+                let out = message_list(&at, messages, row.fields.get(messages), true)?;
                 if !out.iter().any(|m| m.role == "assistant") {
                     return Err(RowError(format!(
                         "{at}: '{messages}' has no assistant turn to learn from"
@@ -282,6 +303,22 @@ impl Format {
                 ]))
             }
             Format::Completion { prompt, completion } => {
+                if let (Some(p @ Value::Array(_)), Some(c @ Value::Array(_))) =
+                    (row.fields.get(prompt), row.fields.get(completion))
+                {
+                    // conversational prompt-completion
+                    let prompt_messages = message_list(&at, prompt, Some(p), false)?;
+                    let completion_messages = message_list(&at, completion, Some(c), true)?;
+                    if !completion_messages.iter().any(|m| m.role == "assistant") {
+                        return Err(RowError(format!(
+                            "{at}: '{completion}' has no assistant turn to learn from"
+                        )));
+                    }
+                    return Ok(Example::Exchange {
+                        prompt: prompt_messages,
+                        completion: completion_messages,
+                    });
+                }
                 let p = text(prompt, true)?.unwrap_or_default();
                 let c = text(completion, true)?.unwrap_or_default();
                 if c.is_empty() {
@@ -296,15 +333,83 @@ impl Format {
                 }
                 Ok(Example::Segments(vec![(t, true)]))
             }
+            Format::Preference { .. } => Err(RowError(format!(
+                "{at}: a preference row (chosen/rejected) is trained with train.method = \"dpo\" or \"orpo\""
+            ))),
         }
     }
 }
 
+/// The messages in `value` (field `field` of the row at `at`): a list of `{role, content}`
+/// objects, or in a text cell (CSV) that list as JSON text. `non_empty`: the list must hold a
+/// message.
+///
+/// # Errors
+/// A missing field, a value that is not a list, a message without a string role or content,
+/// an unknown role, an empty assistant turn.
+pub fn message_list(
+    at: &str,
+    field: &str,
+    value: Option<&Value>,
+    non_empty: bool,
+) -> Result<Vec<Message>, RowError> {
+    let parsed;
+    let list = match value {
+        Some(Value::Array(a)) => a,
+        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Array(a)) => {
+                parsed = a;
+                &parsed
+            }
+            _ => {
+                return Err(RowError(format!(
+                    "{at}: field '{field}' must be a list of messages (a JSON array in text cells)"
+                )))
+            }
+        },
+        None => return Err(RowError(format!("{at}: missing field '{field}'"))),
+        Some(v) => {
+            return Err(RowError(format!(
+                "{at}: field '{field}' must be an array, found {}",
+                kind(v)
+            )))
+        }
+    };
+    if non_empty && list.is_empty() {
+        return Err(RowError(format!("{at}: field '{field}' is an empty list")));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, m) in list.iter().enumerate() {
+        let get = |k: &str| match m.get(k) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(v) => Err(RowError(format!(
+                "{at}: {field}[{i}].{k} must be a string, found {}",
+                kind(v)
+            ))),
+            None => Err(RowError(format!("{at}: {field}[{i}] has no '{k}'"))),
+        };
+        let (role, content) = (get("role")?, get("content")?);
+        if !matches!(role.as_str(), "system" | "user" | "assistant" | "tool") {
+            return Err(RowError(format!(
+                "{at}: {field}[{i}].role '{role}' is not system, user, assistant or tool"
+            )));
+        }
+        if role == "assistant" && content.trim().is_empty() {
+            return Err(RowError(format!(
+                "{at}: {field}[{i}] is an empty assistant turn"
+            )));
+        }
+        out.push(Message::new(role, content));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn row(json: &str) -> Row {
+    /// A row of `d.jsonl`, line 7, with the fields of the JSON object `json`.
+    pub(crate) fn row(json: &str) -> Row {
         let Value::Object(fields) = serde_json::from_str(json).expect("json") else {
             panic!("object")
         };

@@ -1,10 +1,12 @@
 //! graft-datasets: training data for `graft-train`. Rows are read from files ([`source`]),
 //! interpreted in a prompt format ([`format`]), rendered with the model's chat template and
-//! tokenized with a loss mask ([`tokenize`]), then split, shuffled and grouped into micro-batches
+//! tokenized with a loss mask ([`tokenize`]) — preference rows into pairs ([`preference`]) —
+//! then split, shuffled and grouped into micro-batches
 //! ([`prepare`], [`batch`]).
 
 pub mod batch;
 pub mod format;
+pub mod preference;
 pub mod prepare;
 pub mod source;
 pub mod tokenize;

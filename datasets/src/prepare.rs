@@ -1,5 +1,6 @@
 //! Reading, tokenizing and splitting a whole dataset, with the counts `graft-train data`
-//! reports.
+//! reports. A dataset is prepared into samples of one kind: single examples ([`Tokenized`],
+//! for SFT) or preference pairs ([`Pair`], for DPO and ORPO).
 
 use std::path::PathBuf;
 
@@ -8,9 +9,73 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::format::Format;
+use crate::preference::Pair;
 use crate::source::{read_file, BadRow, Row};
 use crate::tokenize::{Skip, Tokenized, Tokenizer};
 use crate::DataError;
+
+/// What a row becomes: one or more tokenized sequences trained together.
+pub trait Sample: Sized {
+    /// Whether rows of this kind are preference pairs.
+    const PAIRED: bool;
+
+    /// The sample a row of format `format` makes.
+    ///
+    /// # Errors
+    /// [`Skip::Invalid`] with the row's location and what is wrong; [`Skip::TooLong`].
+    fn from_row(format: &Format, row: &Row, tok: &Tokenizer<'_>) -> Result<Self, Skip>;
+
+    /// Its sequences (a pair: chosen, then rejected).
+    fn sequences(&self) -> &[Tokenized];
+
+    /// The sequence whose completion is the reference answer (a pair's chosen one).
+    fn reference(&self) -> &Tokenized {
+        &self.sequences()[0]
+    }
+
+    /// Tokens in all its sequences.
+    fn n_tokens(&self) -> usize {
+        self.sequences().iter().map(|s| s.ids.len()).sum()
+    }
+
+    /// Trained tokens in all its sequences.
+    fn n_trained(&self) -> usize {
+        self.sequences().iter().map(Tokenized::n_trained).sum()
+    }
+}
+
+impl Sample for Tokenized {
+    const PAIRED: bool = false;
+
+    fn from_row(format: &Format, row: &Row, tok: &Tokenizer<'_>) -> Result<Self, Skip> {
+        let example = format.example(row).map_err(|e| Skip::Invalid(e.0))?;
+        tok.tokenize(&example).map_err(|e| at_row(row, e))
+    }
+
+    fn sequences(&self) -> &[Tokenized] {
+        std::slice::from_ref(self)
+    }
+}
+
+impl Sample for Pair {
+    const PAIRED: bool = true;
+
+    fn from_row(format: &Format, row: &Row, tok: &Tokenizer<'_>) -> Result<Self, Skip> {
+        let pair = format.preference(row).map_err(|e| Skip::Invalid(e.0))?;
+        tok.tokenize_pair(&pair).map_err(|e| at_row(row, e))
+    }
+
+    fn sequences(&self) -> &[Tokenized] {
+        &self.sequences
+    }
+}
+
+fn at_row(row: &Row, skip: Skip) -> Skip {
+    match skip {
+        Skip::Invalid(message) => Skip::Invalid(format!("{}: {message}", row.location())),
+        other => other,
+    }
+}
 
 /// Where the data comes from and how rows are handled.
 #[derive(Debug, Clone)]
@@ -43,12 +108,12 @@ pub struct Stats {
     pub trained_tokens: usize,
 }
 
-/// Tokenized training and evaluation examples.
+/// Tokenized training and evaluation samples.
 #[derive(Debug, Clone)]
-pub struct Prepared {
+pub struct Prepared<T = Tokenized> {
     pub format: Format,
-    pub train: Vec<Tokenized>,
-    pub eval: Vec<Tokenized>,
+    pub train: Vec<T>,
+    pub eval: Vec<T>,
     pub stats: Stats,
     /// The rows behind `train`, in the same order (for previews).
     pub train_rows: Vec<Row>,
@@ -58,12 +123,10 @@ pub struct Prepared {
 ///
 /// # Errors
 /// Unreadable files, an undetectable format, more bad rows than allowed, no example left.
-pub fn prepare(spec: &DataSpec, tok: &Tokenizer<'_>) -> Result<Prepared, DataError> {
+pub fn prepare<T: Sample>(spec: &DataSpec, tok: &Tokenizer<'_>) -> Result<Prepared<T>, DataError> {
     let mut stats = Stats::default();
     let mut format = spec.format.clone();
-    let mut load = |files: &[PathBuf],
-                    stats: &mut Stats|
-     -> Result<Vec<(Row, Tokenized)>, DataError> {
+    let mut load = |files: &[PathBuf], stats: &mut Stats| -> Result<Vec<(Row, T)>, DataError> {
         let mut out = Vec::new();
         for f in files {
             let (rows, bad) = read_file(f)?;
@@ -79,8 +142,22 @@ pub fn prepare(spec: &DataSpec, tok: &Tokenizer<'_>) -> Result<Prepared, DataErr
                     }
                 };
                 if i == 0 {
-                    // A column the format needs but the file lacks is a config mistake
-                    // (format or field mapping), not a bad row.
+                    // A column the format needs but the file lacks, or rows of the wrong kind,
+                    // are config mistakes (format, field mapping or method), not bad rows.
+                    if fmt.is_preference() != T::PAIRED {
+                        return Err(DataError::Format(if T::PAIRED {
+                            format!(
+                                "{}: DPO and ORPO train on preference rows (prompt/chosen/rejected), but the rows are in the {} format",
+                                f.display(),
+                                fmt.name()
+                            )
+                        } else {
+                            format!(
+                                "{}: the rows are preference pairs (chosen/rejected); train them with train.method = \"dpo\" or \"orpo\"",
+                                f.display()
+                            )
+                        }));
+                    }
                     if let Some(missing) = fmt
                         .required_fields()
                         .into_iter()
@@ -94,22 +171,13 @@ pub fn prepare(spec: &DataSpec, tok: &Tokenizer<'_>) -> Result<Prepared, DataErr
                             )));
                     }
                 }
-                let example = match fmt.example(&row) {
-                    Ok(e) => e,
-                    Err(message) => {
-                        stats.bad_rows.push(message.0);
-                        continue;
-                    }
-                };
-                match tok.tokenize(&example) {
+                match T::from_row(&fmt, &row, tok) {
                     Ok(t) => {
-                        stats.truncated += usize::from(t.truncated);
+                        stats.truncated += t.sequences().iter().filter(|s| s.truncated).count();
                         out.push((row, t));
                     }
                     Err(Skip::TooLong(_)) => stats.too_long += 1,
-                    Err(Skip::Invalid(message)) => stats
-                        .bad_rows
-                        .push(format!("{}: {message}", row.location())),
+                    Err(Skip::Invalid(message)) => stats.bad_rows.push(message),
                 }
             }
         }
@@ -143,10 +211,10 @@ pub fn prepare(spec: &DataSpec, tok: &Tokenizer<'_>) -> Result<Prepared, DataErr
         });
     }
     for (_, t) in train.iter().chain(&eval) {
-        stats.tokens += t.ids.len();
+        stats.tokens += t.n_tokens();
         stats.trained_tokens += t.n_trained();
     }
-    let (train_rows, train): (Vec<Row>, Vec<Tokenized>) = train.into_iter().unzip();
+    let (train_rows, train): (Vec<Row>, Vec<T>) = train.into_iter().unzip();
     Ok(Prepared {
         format: format.expect("set by the first row, and train is not empty"),
         train,

@@ -87,25 +87,10 @@ impl Tokenizer<'_> {
     /// A template failure or a template whose renderings are not prefix-stable.
     pub fn render(&self, example: &Example) -> Result<(String, Vec<(usize, usize)>), RenderError> {
         match example {
-            Example::Conversation(messages) => {
-                let tmpl = self.template.ok_or(RenderError::NoTemplate)?;
-                let full = tmpl.render(messages, false)?;
-                let mut spans = Vec::new();
-                for (i, m) in messages.iter().enumerate() {
-                    if m.role != "assistant" {
-                        continue;
-                    }
-                    let before = tmpl.render(&messages[..i], true)?;
-                    let through = tmpl.render(&messages[..=i], false)?;
-                    if !full.starts_with(&before)
-                        || !full.starts_with(&through)
-                        || through.len() < before.len()
-                    {
-                        return Err(RenderError::NotPrefixStable(prefix_error(messages, i)));
-                    }
-                    spans.push((before.len(), through.len()));
-                }
-                Ok((full, spans))
+            Example::Conversation(messages) => self.conversation(messages, 0),
+            Example::Exchange { prompt, completion } => {
+                let messages: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
+                self.conversation(&messages, prompt.len())
             }
             Example::Segments(parts) => {
                 let mut text = String::new();
@@ -119,6 +104,33 @@ impl Tokenizer<'_> {
                 Ok((text, spans))
             }
         }
+    }
+
+    /// The rendered conversation and the byte spans of its assistant turns from message
+    /// `first` on.
+    fn conversation(
+        &self,
+        messages: &[Message],
+        first: usize,
+    ) -> Result<(String, Vec<(usize, usize)>), RenderError> {
+        let tmpl = self.template.ok_or(RenderError::NoTemplate)?;
+        let full = tmpl.render(messages, false)?;
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate().skip(first) {
+            if m.role != "assistant" {
+                continue;
+            }
+            let before = tmpl.render(&messages[..i], true)?;
+            let through = tmpl.render(&messages[..=i], false)?;
+            if !full.starts_with(&before)
+                || !full.starts_with(&through)
+                || through.len() < before.len()
+            {
+                return Err(RenderError::NotPrefixStable(prefix_error(messages, i)));
+            }
+            spans.push((before.len(), through.len()));
+        }
+        Ok((full, spans))
     }
 
     /// Token ids and loss mask of an example.

@@ -12,6 +12,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use graft_core::backend::GraftBackend;
 use graft_core::burn::tensor::backend::AutodiffBackend;
+use graft_datasets::prepare::Sample;
 use serde_json::{json, Value};
 
 use crate::config::TrainConfig;
@@ -19,8 +20,8 @@ use crate::run::TrainerState;
 use crate::trainer::{Schedule, Trainer};
 
 /// Writes the workload of the run's `steps` steps and its initial adapter into the run.
-pub fn write_inputs<B: AutodiffBackend + GraftBackend>(
-    trainer: &Trainer<'_, B>,
+pub fn write_inputs<B: AutodiffBackend + GraftBackend, T: Sample>(
+    trainer: &Trainer<'_, B, T>,
     run_dir: &Path,
     steps: usize,
 ) -> Result<()> {
@@ -34,10 +35,8 @@ pub fn write_inputs<B: AutodiffBackend + GraftBackend>(
                 .map(|mb| {
                     let examples: Vec<Value> = mb
                         .iter()
-                        .map(|&i| {
-                            let e = &trainer.data.train[i];
-                            json!({"ids": e.ids, "trained": e.trained})
-                        })
+                        .flat_map(|&i| trainer.data.train[i].sequences())
+                        .map(|e| json!({"ids": e.ids, "trained": e.trained}))
                         .collect();
                     Value::Array(examples)
                 })

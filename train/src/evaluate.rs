@@ -8,7 +8,11 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use graft_core::burn::backend::Flex;
 
-use crate::config::{self, TrainConfig};
+use graft_datasets::format::Format;
+use graft_datasets::preference::Pair;
+use graft_datasets::tokenize::Tokenized;
+
+use crate::config::{self, Method, TrainConfig};
 use crate::export::resolve;
 use crate::run;
 use crate::setup::{load_model, prepare_data};
@@ -59,9 +63,30 @@ pub fn eval_cmd(
             _ => overrides.push(s.clone()),
         }
     }
-    let (text, raws) = config::read_text(&path, text, &overrides)?;
-    let raw = raws.into_iter().next().context("the config has no run")?;
-    let cfg = TrainConfig::from_raw(&path, &text, raw)?;
+    let build = |overrides: &[String]| -> Result<TrainConfig> {
+        let (text, raws) = config::read_text(&path, text.clone(), overrides)?;
+        let raw = raws.into_iter().next().context("the config has no run")?;
+        Ok(TrainConfig::from_raw(&path, &text, raw)?)
+    };
+    let mut cfg = build(&overrides)?;
+    // Preference rows are scored on their chosen completion; the method only says which kind
+    // of rows the data holds.
+    let paired = match &cfg.data.format {
+        Some(f) => f.is_preference(),
+        None => {
+            let (rows, _) = graft_datasets::source::read_file(&data)?;
+            rows.first()
+                .and_then(|r| Format::detect(r).ok())
+                .is_some_and(|f| f.is_preference())
+        }
+    };
+    if paired != (cfg.train.method != Method::Sft) {
+        overrides.push(format!(
+            "train.method={:?}",
+            if paired { "dpo" } else { "sft" }
+        ));
+        cfg = build(&overrides)?;
+    }
     if cfg.eval.metrics.is_empty() {
         anyhow::bail!(
             "no task metric to compute: add --set 'eval.metrics=[\"exact_match\", \"contains\"]' \
@@ -70,7 +95,15 @@ pub fn eval_cmd(
     }
     let device = Default::default();
     let loaded = load_model::<Flex>(&cfg, &device)?;
-    let prepared = prepare_data(&cfg, &loaded)?;
+    let examples: Vec<Tokenized> = if paired {
+        prepare_data::<_, Pair>(&cfg, &loaded)?
+            .train
+            .into_iter()
+            .map(|p| p.chosen().clone())
+            .collect()
+    } else {
+        prepare_data::<_, Tokenized>(&cfg, &loaded)?.train
+    };
     let adapter = if base_only {
         None
     } else {
@@ -90,7 +123,7 @@ pub fn eval_cmd(
         &loaded.model.model,
         tokenizer,
         adapter.as_ref(),
-        &prepared.train,
+        &examples.iter().collect::<Vec<_>>(),
         &cfg.eval,
     )?;
     if let Some(out) = out {

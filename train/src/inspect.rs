@@ -6,7 +6,12 @@ use std::path::Path;
 use anyhow::Result;
 use graft_core::burn::backend::Flex;
 
-use crate::setup::{configs, load_model, prepare_data};
+use graft_datasets::preference::Pair;
+use graft_datasets::prepare::{Prepared, Sample};
+use graft_datasets::tokenize::Tokenized;
+
+use crate::config::Method;
+use crate::setup::{configs, load_model, prepare_data, Loaded};
 
 /// Prints the data statistics of the config's first run and `n_examples` rendered examples.
 ///
@@ -19,7 +24,19 @@ pub fn data_cmd(path: &Path, set: &[String], n_examples: usize) -> Result<()> {
         .next()
         .expect("at least one run");
     let loaded = load_model::<Flex>(&cfg, &Default::default())?;
-    let data = prepare_data(&cfg, &loaded)?;
+    if cfg.train.method == Method::Sft {
+        show(
+            &loaded,
+            prepare_data::<_, Tokenized>(&cfg, &loaded)?,
+            n_examples,
+        );
+    } else {
+        show(&loaded, prepare_data::<_, Pair>(&cfg, &loaded)?, n_examples);
+    }
+    Ok(())
+}
+
+fn show<T: Sample>(loaded: &Loaded<Flex>, data: Prepared<T>, n_examples: usize) {
     let s = &data.stats;
     println!("format: {}", data.format.name());
     println!(
@@ -30,7 +47,8 @@ pub fn data_cmd(path: &Path, set: &[String], n_examples: usize) -> Result<()> {
         s.truncated
     );
     println!(
-        "examples: {} train, {} eval",
+        "{}: {} train, {} eval",
+        if T::PAIRED { "pairs" } else { "examples" },
         data.train.len(),
         data.eval.len()
     );
@@ -45,16 +63,24 @@ pub fn data_cmd(path: &Path, set: &[String], n_examples: usize) -> Result<()> {
         .tokenizer
         .as_ref()
         .expect("checked by load_model");
-    for (ex, row) in data.train.iter().zip(&data.train_rows).take(n_examples) {
-        println!(
-            "\n--- {} ({} tokens, {} trained; trained text in [[ ]])",
-            row.location(),
-            ex.ids.len(),
-            ex.n_trained()
-        );
-        println!("{}", marked(tok, ex));
+    for (sample, row) in data.train.iter().zip(&data.train_rows).take(n_examples) {
+        let seqs = sample.sequences();
+        for (k, ex) in seqs.iter().enumerate() {
+            let role = match (T::PAIRED, k) {
+                (false, _) => String::new(),
+                (true, 0) => "chosen, ".into(),
+                (true, _) => "rejected, ".into(),
+            };
+            let kind = if T::PAIRED { "scored" } else { "trained" };
+            println!(
+                "\n--- {} ({role}{} tokens, {} {kind}; {kind} text in [[ ]])",
+                row.location(),
+                ex.ids.len(),
+                ex.n_trained(),
+            );
+            println!("{}", marked(tok, ex));
+        }
     }
-    Ok(())
 }
 
 /// The example's text with trained runs wrapped in `[[ ]]`.

@@ -13,8 +13,12 @@ use graft_core::burn::tensor::backend::AutodiffBackend;
 use graft_core::device::{run_on, OnDevice};
 use serde_json::json;
 
+use graft_datasets::preference::Pair;
+use graft_datasets::prepare::Sample;
+use graft_datasets::tokenize::Tokenized;
+
 use crate::config::raw::Paths;
-use crate::config::TrainConfig;
+use crate::config::{Method, TrainConfig};
 use crate::setup::{configs, load_model, prepare_data};
 use crate::{bench, report, run, trainer};
 
@@ -105,8 +109,27 @@ fn train<B: AutodiffBackend + GraftBackend>(
     target: Target<'_>,
     device: &B::Device,
 ) -> Result<()> {
+    if cfg.train.method == Method::Sft {
+        train_on::<B, Tokenized>(cfg, target, device)
+    } else {
+        if matches!(target, Target::Bench) {
+            bail!(
+                "{}: bench measures SFT against PEFT; this config has train.method = \"{}\"",
+                cfg.path.display(),
+                cfg.train.method.name()
+            );
+        }
+        train_on::<B, Pair>(cfg, target, device)
+    }
+}
+
+fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
+    cfg: &TrainConfig,
+    target: Target<'_>,
+    device: &B::Device,
+) -> Result<()> {
     let loaded = load_model::<B>(cfg, device)?;
-    let data = prepare_data(cfg, &loaded)?;
+    let data = prepare_data::<B, T>(cfg, &loaded)?;
     let bench = matches!(target, Target::Bench);
     let layout = loaded.model.model.config.targets();
     if !cfg.lora.target_modules.iter().any(|t| layout.contains(t)) {
@@ -152,10 +175,12 @@ fn train<B: AutodiffBackend + GraftBackend>(
         &stop,
     );
     tracing::info!(
-        "run {}: {} train / {} eval examples, {} trained tokens, adapter r={} on {} modules ({} parameters), base {} ({:.1} MiB)",
+        "run {}: {} {} train / {} eval {}, {} trained tokens, adapter r={} on {} modules ({} parameters), base {} ({:.1} MiB)",
         run_dir.display(),
+        cfg.train.method.name(),
         data.train.len(),
         data.eval.len(),
+        if T::PAIRED { "pairs" } else { "examples" },
         data.stats.trained_tokens,
         cfg.lora.r,
         trainer.param_names().len() / 2,

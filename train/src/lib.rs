@@ -10,6 +10,7 @@ pub mod export;
 pub mod inspect;
 pub mod launch;
 pub mod merge;
+pub mod objective;
 pub mod optim;
 pub mod report;
 pub mod run;

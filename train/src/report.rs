@@ -36,6 +36,22 @@ const FLOAT_COLUMNS: [&str; 12] = [
     "rss_mib",
 ];
 
+/// Preference metrics (DPO, ORPO), each also logged with the `eval_` prefix; columns only for
+/// runs that log them.
+const PREFERENCE_COLUMNS: [&str; 11] = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/accuracies",
+    "ref_logps/accuracies",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+];
+
 /// Writes `metrics.parquet` from `metrics.jsonl` (one row per logged step or evaluation).
 ///
 /// # Errors
@@ -64,6 +80,14 @@ pub fn write_metrics_parquet(run_dir: &Path) -> std::io::Result<()> {
     for k in FLOAT_COLUMNS.iter().chain(&["step_secs"]) {
         fields.push(Field::new(*k, DataType::Float64, true));
         columns.push(f64_col(k));
+    }
+    for k in PREFERENCE_COLUMNS {
+        for k in [k.to_string(), format!("eval_{k}")] {
+            if rows.iter().any(|r| r.get(&k).is_some()) {
+                columns.push(f64_col(&k));
+                fields.push(Field::new(k, DataType::Float64, true));
+            }
+        }
     }
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(std::io::Error::other)?;
@@ -182,6 +206,23 @@ pub fn write_html(run_dir: &Path, summary: &Value) -> std::io::Result<()> {
         ],
     ));
     html.push_str(&chart("learning rate", &[("lr", "#2ca02c", series("lr"))]));
+    if !series("rewards/margins").is_empty() {
+        html.push_str("<h2>Preference rewards</h2>");
+        html.push_str(&chart(
+            "rewards (train)",
+            &[
+                ("chosen", "#2ca02c", series("rewards/chosen")),
+                ("rejected", "#d62728", series("rewards/rejected")),
+            ],
+        ));
+        html.push_str(&chart(
+            "reward accuracy",
+            &[
+                ("train", "#1f77b4", series("rewards/accuracies")),
+                ("eval", "#d62728", series("eval_rewards/accuracies")),
+            ],
+        ));
+    }
     let tasks: Vec<(&str, &str, Vec<(f64, f64)>)> = [
         ("exact_match", "#9467bd"),
         ("contains", "#8c564b"),

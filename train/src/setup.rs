@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use graft_core::backend::GraftBackend;
 use graft_core::load::{load, LoadOptions, ModelSource};
 use graft_core::text::chat::ChatTemplate;
-use graft_datasets::prepare::{prepare, DataSpec, Prepared};
+use graft_datasets::prepare::{prepare, DataSpec, Prepared, Sample};
 use graft_datasets::tokenize::Tokenizer;
 
 use crate::config::{self, TrainConfig};
@@ -68,11 +68,16 @@ pub fn load_model<B: GraftBackend>(cfg: &TrainConfig, device: &B::Device) -> Res
     Ok(Loaded { model, template })
 }
 
-/// Reads, formats and tokenizes the data (reporting skipped bad rows).
+/// Reads, formats and tokenizes the data into samples of kind `T` (single examples or
+/// preference pairs), reporting skipped bad rows.
 ///
 /// # Errors
-/// Unreadable files, more bad rows than `data.max_bad_rows`, no usable example.
-pub fn prepare_data<B: GraftBackend>(cfg: &TrainConfig, loaded: &Loaded<B>) -> Result<Prepared> {
+/// Unreadable files, rows of the other kind, more bad rows than `data.max_bad_rows`, no usable
+/// example.
+pub fn prepare_data<B: GraftBackend, T: Sample>(
+    cfg: &TrainConfig,
+    loaded: &Loaded<B>,
+) -> Result<Prepared<T>> {
     let tok = loaded
         .model
         .tokenizer

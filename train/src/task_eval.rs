@@ -174,7 +174,7 @@ pub fn evaluate<B: GraftBackend>(
     model: &Model<B>,
     tokenizer: &TokenizerBundle,
     adapter: Option<&Adapter<B>>,
-    examples: &[Tokenized],
+    examples: &[&Tokenized],
     settings: &EvalSettings,
 ) -> Result<TaskReport> {
     let scorer = Scorer::new(settings, tokenizer, model.config.vocab_size)?;

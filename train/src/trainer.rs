@@ -2,11 +2,15 @@
 //!
 //! The base model stays frozen and quantized; the adapter's A/B values live on the host as flat
 //! f32 vectors (with AdamW's moments beside them). Each micro-batch builds the adapter as
-//! gradient-tracked tensors, runs the model over its examples as one ragged batch (no padding,
-//! no attention across examples), takes the cross-entropy of the loss-carrying positions only
-//! (the LM head runs on those rows alone) and back-propagates; gradients of the micro-batches of
-//! a step are summed with the loss normalized by the step's total trained tokens (as
-//! transformers does with `num_items_in_batch`), clipped by global norm, and applied by AdamW.
+//! gradient-tracked tensors, runs the model over its sequences as one ragged batch (no padding,
+//! no attention across sequences; a preference pair is two sequences), takes the
+//! log-probabilities of the scored positions only (the LM head runs on those rows alone), sums
+//! them per sequence, and back-propagates the [`Objective`]'s loss of those sums (SFT's
+//! cross-entropy, DPO or ORPO). Gradients of the micro-batches of a step are summed with the
+//! loss normalized over the whole step (its trained tokens, as transformers does with
+//! `num_items_in_batch`, or its pairs), clipped by global norm, and applied by AdamW. DPO's
+//! reference is the same model with the adapter switched off, run without gradients (or once
+//! before training, `precompute_ref_log_probs`).
 //!
 //! Everything that decides the result — adapter init, data order, dropout masks — is derived
 //! from seeds and the step number, so a run resumed from a checkpoint continues exactly.
@@ -29,11 +33,12 @@ use graft_core::generation::sampling::SamplingParams;
 use graft_core::model::{Model, SeqInput};
 use graft_core::text::tokenizer::TokenizerBundle;
 use graft_datasets::batch::{epoch_order, micro_batches};
-use graft_datasets::prepare::Prepared;
+use graft_datasets::prepare::{Prepared, Sample};
 use graft_datasets::tokenize::Tokenized;
 use serde_json::json;
 
 use crate::config::TrainConfig;
+use crate::objective::{Measured, Objective, PairMetrics, StepSize, Terms};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::run::{self, append_jsonl, Checkpoint, TrainerState};
 
@@ -47,6 +52,19 @@ pub struct Outcome {
     pub interrupted: bool,
 }
 
+/// A step's loss and gradient (see [`Trainer::gradients`]).
+#[derive(Debug, Clone, Default)]
+pub struct Gradients {
+    /// d loss / d parameter, in optimizer order.
+    pub grads: Vec<Vec<f32>>,
+    pub loss: f64,
+    /// Preference metrics summed over the step's pairs (empty for SFT).
+    pub pairs: PairMetrics,
+    /// Seconds in the forward passes and in the backward passes (with gradient read-back).
+    pub forward_secs: f64,
+    pub backward_secs: f64,
+}
+
 /// One adapted projection: where it is and its A/B shapes.
 #[derive(Debug, Clone)]
 struct Module {
@@ -56,24 +74,35 @@ struct Module {
     b: [usize; 2],
 }
 
-pub struct Trainer<'a, B: AutodiffBackend + GraftBackend> {
+/// Where a sample comes from (for DPO's precomputed reference log-probabilities).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Train,
+    Eval,
+}
+
+pub struct Trainer<'a, B: AutodiffBackend + GraftBackend, T: Sample = Tokenized> {
     pub cfg: &'a TrainConfig,
     pub model: &'a Model<B>,
     pub tokenizer: &'a TokenizerBundle,
-    pub data: &'a Prepared,
+    pub data: &'a Prepared<T>,
     pub run_dir: PathBuf,
     pub base_name: String,
     /// Set (by a SIGINT handler) to stop after the current step with a checkpoint.
     pub stop: &'a AtomicBool,
+    objective: Objective,
     modules: Vec<Module>,
+    /// DPO with `precompute_ref_log_probs`: each train and eval sample's reference Σ log p per
+    /// sequence, filled at the start of [`Trainer::run`].
+    reference: std::sync::OnceLock<[Vec<Vec<f64>>; 2]>,
 }
 
-impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
+impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
     pub fn new(
         cfg: &'a TrainConfig,
         model: &'a Model<B>,
         tokenizer: &'a TokenizerBundle,
-        data: &'a Prepared,
+        data: &'a Prepared<T>,
         run_dir: PathBuf,
         base_name: String,
         stop: &'a AtomicBool,
@@ -99,7 +128,9 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             run_dir,
             base_name,
             stop,
+            objective: Objective::new(cfg.train.method, &cfg.preference),
             modules,
+            reference: std::sync::OnceLock::new(),
         }
     }
 
@@ -158,26 +189,58 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         adapter
     }
 
-    /// Summed cross-entropy over the loss-carrying tokens of `examples`, and their count.
-    fn loss_sum(&self, adapter: &Adapter<B>, examples: &[&Tokenized]) -> (Tensor<B, 1>, usize) {
+    /// The sequences of `samples` in forward order: each sample's own, or for pairs every
+    /// chosen sequence, then every rejected one.
+    fn sequences<'s>(samples: &[&'s T]) -> Vec<&'s Tokenized> {
+        if T::PAIRED {
+            (0..2)
+                .flat_map(|k| samples.iter().map(move |s| &s.sequences()[k]))
+                .collect()
+        } else {
+            samples.iter().flat_map(|s| s.sequences()).collect()
+        }
+    }
+
+    /// One forward pass over `seqs` (with `adapter`, or the base): per sequence, Σ log p of
+    /// its trained tokens and, for the first `whole` sequences, Σ log p of every predicted
+    /// token (each `[n_seq]`), with the token counts.
+    #[allow(clippy::type_complexity)]
+    fn forward(
+        &self,
+        adapter: Option<&Adapter<B>>,
+        seqs: &[&Tokenized],
+        whole: usize,
+    ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>, Vec<usize>) {
         let device = self.model.device();
-        let mut seqs: Vec<SeqInput<'_, B>> = examples
+        let mut inputs: Vec<SeqInput<'_, B>> = seqs
             .iter()
             .map(|e| SeqInput {
                 tokens: &e.ids,
                 cache: None,
-                adapter: Some(adapter),
+                adapter,
             })
             .collect();
-        let hidden = self.model.final_hidden(&mut seqs);
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
+        let hidden = self.model.final_hidden(&mut inputs);
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        // (sequence, row) of each trained and each whole-scored position
+        let (mut trained, mut scored) = (Vec::new(), Vec::new());
+        let (mut counts, mut whole_counts) = (vec![0; seqs.len()], vec![0; whole]);
         let mut offset = 0;
-        for e in examples {
+        for (s, e) in seqs.iter().enumerate() {
             for t in 0..e.ids.len() - 1 {
-                if e.trained[t + 1] {
+                let is_trained = e.trained[t + 1];
+                if is_trained || s < whole {
+                    let row = rows.len();
                     rows.push((offset + t) as i32);
                     targets.push(e.ids[t + 1] as i32);
+                    if is_trained {
+                        trained.push((s, row));
+                        counts[s] += 1;
+                    }
+                    if s < whole {
+                        scored.push((s, row));
+                        whole_counts[s] += 1;
+                    }
                 }
             }
             offset += e.ids.len();
@@ -187,23 +250,193 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
         let logits = self.model.logits(hidden.select(0, rows));
         let picked = log_softmax(logits, 1).gather(1, targets);
-        (picked.sum().neg(), n)
+        // per-sequence sums as a [n_seq, n] 0/1 matrix times the picked column
+        let per_seq = |pairs: &[(usize, usize)], n_seq: usize| {
+            let mut m = vec![0f32; n_seq * n];
+            for &(s, r) in pairs {
+                m[s * n + r] = 1.0;
+            }
+            let m = Tensor::<B, 2>::from_data(TensorData::new(m, [n_seq, n]), device);
+            m.matmul(picked.clone()).reshape([n_seq])
+        };
+        let sums = per_seq(&trained, seqs.len());
+        let whole_sums = (whole > 0).then(|| per_seq(&scored, whole));
+        (sums, whole_sums, counts, whole_counts)
     }
 
-    /// Mean loss over the eval examples (untracked forward).
-    fn eval_loss(&self, params: &[Vec<f32>]) -> Option<f64> {
+    /// The reference's Σ log p of each sequence's trained tokens (adapter off, no gradient),
+    /// in forward order.
+    fn reference_logps(&self, samples: &[&T]) -> Vec<f64> {
+        let (sums, ..) = self.forward(None, &Self::sequences(samples), 0);
+        to_f64(sums.detach())
+    }
+
+    /// The reference log-probabilities of `samples` (indices into `split`), in forward order.
+    fn reference_for(&self, split: Split, indices: &[usize]) -> Vec<f64> {
+        let pool = match split {
+            Split::Train => &self.data.train,
+            Split::Eval => &self.data.eval,
+        };
+        let samples: Vec<&T> = indices.iter().map(|&i| &pool[i]).collect();
+        match self.reference.get() {
+            Some(pre) => {
+                let table = &pre[split as usize];
+                (0..2)
+                    .flat_map(|k| indices.iter().map(move |&i| table[i][k]))
+                    .collect()
+            }
+            None => self.reference_logps(&samples),
+        }
+    }
+
+    /// DPO with `precompute_ref_log_probs`: the reference log-probabilities of every sample.
+    pub fn precompute_reference(&self) {
+        if !(self.objective.uses_reference() && self.cfg.preference.precompute_ref_log_probs) {
+            return;
+        }
+        let t0 = Instant::now();
+        let mb = self.cfg.train.micro_batch_size;
+        let table = |pool: &[T]| -> Vec<Vec<f64>> {
+            let mut out = Vec::with_capacity(pool.len());
+            for chunk in pool.chunks(mb) {
+                let refs: Vec<&T> = chunk.iter().collect();
+                let v = self.reference_logps(&refs);
+                let b = chunk.len();
+                out.extend((0..b).map(|i| vec![v[i], v[b + i]]));
+            }
+            out
+        };
+        let pre = [table(&self.data.train), table(&self.data.eval)];
+        tracing::info!(
+            "reference log-probabilities of {} pairs computed in {:.1}s",
+            pre[0].len() + pre[1].len(),
+            t0.elapsed().as_secs_f64()
+        );
+        let _ = self.reference.set(pre);
+    }
+
+    /// The loss terms of the samples `indices` of `split` under `adapter`, and the tensor
+    /// whose gradient is the loss's (`Σ ∂loss/∂sum · sum`).
+    fn micro_batch(
+        &self,
+        adapter: &Adapter<B>,
+        split: Split,
+        indices: &[usize],
+        step: &StepSize,
+    ) -> (Terms, Tensor<B, 1>) {
+        let pool = match split {
+            Split::Train => &self.data.train,
+            Split::Eval => &self.data.eval,
+        };
+        let samples: Vec<&T> = indices.iter().map(|&i| &pool[i]).collect();
+        let seqs = Self::sequences(&samples);
+        let reference = if self.objective.uses_reference() {
+            self.reference_for(split, indices)
+        } else {
+            Vec::new()
+        };
+        let whole = if self.objective.scores_whole_chosen() {
+            samples.len()
+        } else {
+            0
+        };
+        let (sums, whole_sums, counts, whole_counts) = self.forward(Some(adapter), &seqs, whole);
+        let measured = Measured {
+            logps: to_f64(sums.clone()),
+            counts,
+            whole: whole_sums.clone().map(to_f64).unwrap_or_default(),
+            whole_counts,
+            reference,
+        };
+        let terms = self.objective.terms(&measured, step);
+        let device = self.model.device();
+        let weights = |d: &[f64]| {
+            let v: Vec<f32> = d.iter().map(|&x| x as f32).collect();
+            Tensor::<B, 1>::from_data(TensorData::new(v, [d.len()]), device)
+        };
+        let mut surrogate = (sums * weights(&terms.d_logps)).sum();
+        if let Some(w) = whole_sums {
+            surrogate = surrogate + (w * weights(&terms.d_whole)).sum();
+        }
+        (terms, surrogate)
+    }
+
+    /// The size a step over `batches` (indices into `split`) is averaged over.
+    fn step_size(&self, split: Split, batches: &[Vec<usize>]) -> StepSize {
+        let pool = match split {
+            Split::Train => &self.data.train,
+            Split::Eval => &self.data.eval,
+        };
+        let samples = batches.iter().flatten().map(|&i| &pool[i]);
+        StepSize {
+            tokens: samples.clone().map(Sample::n_trained).sum(),
+            pairs: if T::PAIRED {
+                samples.clone().count()
+            } else {
+                0
+            },
+            whole_tokens: if T::PAIRED {
+                samples.map(|s| s.reference().ids.len() - 1).sum()
+            } else {
+                0
+            },
+        }
+    }
+
+    /// The loss of one step over the training samples `batches` (micro-batches of indices)
+    /// with adapter values `params`, and its gradient, in optimizer order.
+    pub fn gradients(&self, params: &[Vec<f32>], batches: &[Vec<usize>]) -> Gradients {
+        let size = self.step_size(Split::Train, batches);
+        let mut out = Gradients {
+            grads: params.iter().map(|p| vec![0.0; p.len()]).collect(),
+            ..Gradients::default()
+        };
+        // The CPU backend runs eagerly, so a clock around each call measures it; reading the
+        // per-sequence sums ends the forward on asynchronous devices.
+        for mb in batches {
+            let t = Instant::now();
+            let adapter = self.adapter(params, true);
+            let (terms, surrogate) = self.micro_batch(&adapter, Split::Train, mb, &size);
+            out.loss += terms.loss;
+            out.pairs.merge(&terms.metrics);
+            out.forward_secs += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let g = surrogate.backward();
+            for (i, (_, _, w)) in adapter.modules().enumerate() {
+                for (k, t) in [(2 * i, &w.a), (2 * i + 1, &w.b)] {
+                    if let Some(gt) = t.grad(&g) {
+                        let v = gt.into_data().to_vec::<f32>().expect("f32 gradients");
+                        out.grads[k]
+                            .iter_mut()
+                            .zip(v)
+                            .for_each(|(acc, x)| *acc += x);
+                    }
+                }
+            }
+            out.backward_secs += t.elapsed().as_secs_f64();
+        }
+        out
+    }
+
+    /// Loss (and pair metrics) over the eval samples (untracked forward).
+    fn eval_loss(&self, params: &[Vec<f32>]) -> Option<(f64, PairMetrics)> {
         if self.data.eval.is_empty() {
             return None;
         }
         let adapter = self.adapter(params, false);
-        let (mut sum, mut n) = (0.0, 0);
-        for chunk in self.data.eval.chunks(self.cfg.train.micro_batch_size) {
-            let refs: Vec<&Tokenized> = chunk.iter().collect();
-            let (s, k) = self.loss_sum(&adapter, &refs);
-            sum += f64::from(s.into_scalar().elem::<f32>());
-            n += k;
+        let batches: Vec<Vec<usize>> = (0..self.data.eval.len())
+            .collect::<Vec<_>>()
+            .chunks(self.cfg.train.micro_batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
+        let size = self.step_size(Split::Eval, &batches);
+        let (mut loss, mut metrics) = (0.0, PairMetrics::default());
+        for b in &batches {
+            let (terms, _) = self.micro_batch(&adapter, Split::Eval, b, &size);
+            loss += terms.loss;
+            metrics.merge(&terms.metrics);
         }
-        Some(sum / n.max(1) as f64)
+        Some((loss, metrics))
     }
 
     /// Greedy answers to the first eval prompts (the text before each example's first
@@ -221,7 +454,12 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
         } else {
             &self.data.eval
         };
-        for (i, ex) in pool.iter().take(self.cfg.train.eval_samples).enumerate() {
+        for (i, ex) in pool
+            .iter()
+            .map(Sample::reference)
+            .take(self.cfg.train.eval_samples)
+            .enumerate()
+        {
             let Some(first) = ex.trained.iter().skip(1).position(|&t| t).map(|p| p + 1) else {
                 continue;
             };
@@ -263,11 +501,12 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             return Ok(());
         }
         let adapter = self.adapter(params, false);
+        let examples: Vec<&Tokenized> = self.data.eval.iter().map(Sample::reference).collect();
         let report = match crate::task_eval::evaluate(
             self.model,
             self.tokenizer,
             Some(&adapter),
-            &self.data.eval,
+            &examples,
             &self.cfg.eval,
         ) {
             Ok(r) => r,
@@ -392,6 +631,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 "the checkpoint's adapter modules differ from the config's",
             ));
         }
+        self.precompute_reference();
         let metrics = self.run_dir.join("metrics.jsonl");
         let bar = progress_bar(total_steps as u64, state.step as u64);
         let started = Instant::now();
@@ -406,37 +646,14 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             let t0 = Instant::now();
             B::seed(&device, cfg.train.seed.wrapping_add(state.step as u64));
             let step_batches = schedule.next_step(&mut state);
-            let n_tokens: usize = step_batches
-                .iter()
-                .flatten()
-                .map(|&i| self.data.train[i].n_trained())
-                .sum();
-            let mut grads: Vec<Vec<f32>> = params.iter().map(|p| vec![0.0; p.len()]).collect();
-            let mut loss_total = 0.0;
-            // Seconds in the forward pass, the backward pass (with gradient read-back) and the
-            // optimizer. The CPU backend runs eagerly, so a clock around each call measures it;
-            // reading the loss scalar ends the forward on asynchronous devices.
-            let (mut fwd, mut bwd) = (0.0, 0.0);
-            for mb in &step_batches {
-                let t = Instant::now();
-                let adapter = self.adapter(&params, true);
-                let examples: Vec<&Tokenized> = mb.iter().map(|&i| &self.data.train[i]).collect();
-                let (sum, _) = self.loss_sum(&adapter, &examples);
-                let loss = sum.div_scalar(n_tokens.max(1) as f32);
-                loss_total += f64::from(loss.clone().into_scalar().elem::<f32>());
-                fwd += t.elapsed().as_secs_f64();
-                let t = Instant::now();
-                let g = loss.backward();
-                for (i, (_, _, w)) in adapter.modules().enumerate() {
-                    for (k, t) in [(2 * i, &w.a), (2 * i + 1, &w.b)] {
-                        if let Some(gt) = t.grad(&g) {
-                            let v = gt.into_data().to_vec::<f32>().expect("f32 gradients");
-                            grads[k].iter_mut().zip(v).for_each(|(acc, x)| *acc += x);
-                        }
-                    }
-                }
-                bwd += t.elapsed().as_secs_f64();
-            }
+            let n_tokens = self.step_size(Split::Train, &step_batches).tokens;
+            let Gradients {
+                mut grads,
+                loss: loss_total,
+                pairs: pair_metrics,
+                forward_secs: fwd,
+                backward_secs: bwd,
+            } = self.gradients(&params, &step_batches);
             let t = Instant::now();
             let grad_norm = clip_grad_norm(&mut grads, cfg.train.max_grad_norm);
             let lr = learning_rate(
@@ -453,7 +670,7 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             let all_tokens: usize = step_batches
                 .iter()
                 .flatten()
-                .map(|&i| self.data.train[i].ids.len())
+                .map(|&i| self.data.train[i].n_tokens())
                 .sum();
             let secs = t0.elapsed().as_secs_f64();
             last_loss = Some(loss_total);
@@ -463,13 +680,16 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
                 all_tokens as f64 / secs
             ));
             if state.step % cfg.train.logging_every == 0 || state.step == total_steps {
-                let rec = json!({
+                let mut rec = json!({
                     "step": state.step, "epoch": state.epoch as f64 + state.batch_in_epoch as f64 / schedule.epoch_len().max(1) as f64,
                     "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": all_tokens as f64 / secs,
                     "trained_tokens": state.tokens_trained, "step_secs": secs,
                     "forward_secs": fwd, "backward_secs": bwd, "optimizer_secs": opt_secs, "tokens": all_tokens,
                     "rss_mib": graft_core::process::rss_bytes().map(|b| b as f64 / 1048576.0),
                 });
+                if let Some(r) = rec.as_object_mut() {
+                    r.extend(pair_metrics.means(""));
+                }
                 append_jsonl(&metrics, &rec)?;
                 if bar.is_hidden() {
                     tracing::info!("step {}/{total_steps} loss {loss_total:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tok/s", state.step, all_tokens as f64 / secs);
@@ -477,11 +697,24 @@ impl<'a, B: AutodiffBackend + GraftBackend> Trainer<'a, B> {
             }
             let last = state.step == total_steps;
             if (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) || last {
-                if let Some(l) = self.eval_loss(&params) {
+                if let Some((l, pairs)) = self.eval_loss(&params) {
                     state.best_eval_loss = Some(state.best_eval_loss.map_or(l, |b: f64| b.min(l)));
                     last_eval = Some(l);
-                    append_jsonl(&metrics, &json!({"step": state.step, "eval_loss": l}))?;
-                    say(&bar, format!("step {}: eval loss {l:.4}", state.step));
+                    let mut rec = json!({"step": state.step, "eval_loss": l});
+                    if let Some(r) = rec.as_object_mut() {
+                        r.extend(pairs.means("eval_"));
+                    }
+                    append_jsonl(&metrics, &rec)?;
+                    let accuracy = pairs
+                        .means("")
+                        .get("rewards/accuracies")
+                        .and_then(serde_json::Value::as_f64)
+                        .map(|a| format!(", reward accuracy {:.1}%", 100.0 * a))
+                        .unwrap_or_default();
+                    say(
+                        &bar,
+                        format!("step {}: eval loss {l:.4}{accuracy}", state.step),
+                    );
                 }
                 self.samples(&params, state.step)?;
                 self.task_metrics(&params, state.step, &metrics, &bar)?;
@@ -530,13 +763,13 @@ pub struct Schedule {
 
 impl Schedule {
     /// The schedule positioned where `state` left it.
-    pub fn new<B: AutodiffBackend + GraftBackend>(
-        t: &Trainer<'_, B>,
+    pub fn new<B: AutodiffBackend + GraftBackend, T: Sample>(
+        t: &Trainer<'_, B, T>,
         state: &TrainerState,
     ) -> Self {
         let cfg = t.cfg;
         let mut s = Schedule {
-            lens: t.data.train.iter().map(|e| e.ids.len()).collect(),
+            lens: t.data.train.iter().map(Sample::n_tokens).collect(),
             micro_batch: cfg.train.micro_batch_size,
             packing: cfg.data.packing.then_some(cfg.data.max_seq_len),
             seed: cfg.data.seed,
@@ -571,6 +804,16 @@ impl Schedule {
         }
         step
     }
+}
+
+fn to_f64<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("converted to f32")
+        .into_iter()
+        .map(f64::from)
+        .collect()
 }
 
 fn host<B: Backend>(t: &Tensor<B, 2>) -> Vec<f32> {

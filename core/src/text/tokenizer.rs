@@ -40,8 +40,8 @@ pub struct TokenizerBundle {
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
-    /// Prepend the BOS id when encoding with special tokens (GGUF `add_bos_token`; an HF
-    /// tokenizer.json does this in its post-processor instead).
+    /// Encodings with special tokens start with the BOS id (GGUF `add_bos_token`; for an HF
+    /// tokenizer.json, whether its post-processor prepends BOS).
     pub add_bos: bool,
     pub bos_id: Option<u32>,
     /// Token ids that end generation (EOS, end-of-turn, generation_config's list).
@@ -176,12 +176,21 @@ impl TokenizerBundle {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let bos_id = bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
+        // Whether the post-processor starts an encoding with BOS (text encoded without
+        // special tokens, e.g. the parts of a training example, then gets it prepended).
+        let first = |special| {
+            tokenizer
+                .encode("a", special)
+                .ok()
+                .and_then(|e| e.get_ids().first().copied())
+        };
+        let add_bos = bos_id.is_some() && first(true) == bos_id && first(false) != bos_id;
         Ok(TokenizerBundle {
             tokenizer,
             chat_template,
             bos_token,
             eos_token,
-            add_bos: false,
+            add_bos,
             bos_id,
             eos_ids,
         })

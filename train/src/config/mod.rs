@@ -16,9 +16,10 @@ use std::path::{Path, PathBuf};
 use graft_core::adapters::lora::LoraConfig;
 
 pub use raw::TaskMetric;
-pub use raw::{RawConfig, Scheduler};
+pub use raw::{DpoLoss, Method, RawConfig, Scheduler};
 pub use settings::{
-    DataSettings, EvalSettings, FieldError, ModelSettings, OutputSettings, TrainSettings,
+    DataSettings, EvalSettings, FieldError, ModelSettings, OutputSettings, PreferenceSettings,
+    TrainSettings,
 };
 
 use settings::InDir;
@@ -181,6 +182,7 @@ pub struct TrainConfig {
     pub train: TrainSettings,
     pub output: OutputSettings,
     pub eval: EvalSettings,
+    pub preference: PreferenceSettings,
 }
 
 impl TrainConfig {
@@ -209,6 +211,15 @@ impl TrainConfig {
         raw.lora.seed.get_or_insert(seed);
         raw.data.seed.get_or_insert(seed);
         let lora = LoraConfig::try_from(&raw.lora).map_err(at)?;
+        let train: TrainSettings = (&raw.train).try_into().map_err(at)?;
+        let data: DataSettings = InDir {
+            raw: &raw.data,
+            dir,
+        }
+        .try_into()
+        .map_err(at)?;
+        settings::check_method_data(train.method, &data).map_err(at)?;
+        let preference = PreferenceSettings::new(&raw.preference, train.method).map_err(at)?;
         // The resolved config names what was trained, not a shorthand for it.
         raw.lora.alpha = Some(f64::from(lora.lora_alpha));
         raw.lora.target_modules = raw::TargetModules::List(lora.target_modules.clone());
@@ -222,13 +233,9 @@ impl TrainConfig {
             .map_err(at)?,
             lora_seed: raw.lora.seed.unwrap_or(seed),
             lora,
-            data: InDir {
-                raw: &raw.data,
-                dir,
-            }
-            .try_into()
-            .map_err(at)?,
-            train: (&raw.train).try_into().map_err(at)?,
+            data,
+            train,
+            preference,
             output: InDir {
                 raw: &raw.output,
                 dir,
@@ -302,6 +309,47 @@ mod tests {
         assert_eq!(b.lora.target_modules, a.lora.target_modules);
         assert_eq!(b.train.scheduler, Scheduler::Cosine);
         assert_eq!(b.data.train_files, a.data.train_files);
+    }
+
+    #[test]
+    fn preference_settings_must_fit_the_method_and_the_data() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = config(dir.path(), "method = \"dpo\"");
+        let ok = load(&path, &["preference.beta=0.2"]).expect("valid");
+        assert_eq!(ok.train.method, Method::Dpo);
+        assert_eq!(ok.preference.beta, 0.2);
+        for (set, expected) in [
+            (
+                vec!["data.format=\"chat\""],
+                "data.format = \"chat\": train.method = \"dpo\" trains on preference rows",
+            ),
+            (vec!["data.train_on=\"all\""], "data.train_on = \"all\""),
+            (
+                vec!["preference.beta=0.0"],
+                "preference.beta = 0: must be positive",
+            ),
+            (
+                vec!["train.method=\"orpo\"", "preference.loss_type=\"ipo\""],
+                "is a DPO loss",
+            ),
+            (
+                vec![
+                    "train.method=\"orpo\"",
+                    "preference.precompute_ref_log_probs=true",
+                ],
+                "ORPO has no reference model",
+            ),
+            (
+                vec!["train.method=\"sft\"", "data.format=\"preference\""],
+                "preference rows are trained with train.method = \"dpo\" or \"orpo\"",
+            ),
+            (vec!["train.method=\"kto\""], "kto"),
+        ] {
+            let e = load(&path, &set)
+                .expect_err(&format!("{set:?}"))
+                .to_string();
+            assert!(e.contains("c.toml") && e.contains(expected), "{set:?}: {e}");
+        }
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct RawConfig {
     pub output: RawOutput,
     #[serde(default)]
     pub eval: RawEval,
+    /// DPO/ORPO settings (`train.method = "dpo"` or `"orpo"`).
+    #[serde(default)]
+    pub preference: RawPreference,
     /// `key = [values]`: one run per combination (keys as in `--set`, e.g. `"lora.r"`).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
@@ -210,6 +213,11 @@ impl Paths {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTrain {
+    /// `sft` (supervised: cross-entropy on the trained tokens), `dpo` (direct preference
+    /// optimization against the base as reference) or `orpo` (odds-ratio preference
+    /// optimization, no reference). DPO and ORPO read preference rows. Default: `sft`.
+    #[serde(default)]
+    pub method: Method,
     /// Passes over the training data. Default: 1 (ignored when max_steps is set).
     #[serde(default = "defaults::one")]
     pub epochs: i64,
@@ -316,6 +324,59 @@ impl Default for RawEval {
     }
 }
 
+/// `[preference]`: DPO and ORPO, as TRL's `DPOConfig` / `ORPOConfig`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPreference {
+    /// DPO: the β of the implicit reward β·log(π/π_ref) (for `ipo`, the τ of the target
+    /// margin 1/(2τ)); ORPO: the λ weighting the odds-ratio term. Default: 0.1.
+    #[serde(default = "defaults::beta")]
+    pub beta: f64,
+    /// DPO loss: `sigmoid` (−log σ(β·Δ)) or `ipo` ((Δ/len − 1/(2β))², length-normalized as
+    /// TRL). Default: `sigmoid`.
+    #[serde(default)]
+    pub loss_type: DpoLoss,
+    /// DPO: compute the reference log-probabilities of every pair once before training
+    /// instead of in every step (one forward per step less). Default: false.
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
+}
+
+impl Default for RawPreference {
+    fn default() -> Self {
+        toml::from_str("").expect("every [preference] key has a default")
+    }
+}
+
+/// The training objective.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    #[default]
+    Sft,
+    Dpo,
+    Orpo,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Sft => "sft",
+            Method::Dpo => "dpo",
+            Method::Orpo => "orpo",
+        }
+    }
+}
+
+/// The DPO loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpoLoss {
+    #[default]
+    Sigmoid,
+    Ipo,
+}
+
 /// A task metric of `[eval]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -386,6 +447,9 @@ impl Default for RawOutput {
 mod defaults {
     use super::*;
 
+    pub fn beta() -> f64 {
+        0.1
+    }
     pub fn eval_max_examples() -> i64 {
         64
     }

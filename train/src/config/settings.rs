@@ -12,7 +12,8 @@ use graft_datasets::format::Format;
 use graft_datasets::tokenize::{TrainOn, Truncation};
 
 use super::raw::{
-    RawData, RawEval, RawLora, RawModel, RawOutput, RawTrain, Scheduler, TargetModules, TaskMetric,
+    DpoLoss, Method, RawData, RawEval, RawLora, RawModel, RawOutput, RawPreference, RawTrain,
+    Scheduler, TargetModules, TaskMetric,
 };
 
 /// A value a section cannot take.
@@ -248,6 +249,7 @@ impl TryFrom<InDir<'_, RawData>> for DataSettings {
 /// `[train]`, checked.
 #[derive(Debug, Clone)]
 pub struct TrainSettings {
+    pub method: Method,
     pub epochs: usize,
     pub max_steps: Option<usize>,
     pub micro_batch_size: usize,
@@ -282,6 +284,7 @@ impl TryFrom<&RawTrain> for TrainSettings {
             ));
         }
         Ok(TrainSettings {
+            method: t.method,
             epochs: f.at_least("epochs", t.epochs, 1)?,
             max_steps: t
                 .max_steps
@@ -431,4 +434,85 @@ impl TryFrom<InDir<'_, RawEval>> for EvalSettings {
             batch_size: f.at_least("batch_size", raw.batch_size, 1)?,
         })
     }
+}
+
+/// `[preference]`, checked against the method it applies to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreferenceSettings {
+    pub beta: f64,
+    pub loss_type: DpoLoss,
+    pub precompute_ref_log_probs: bool,
+}
+
+impl PreferenceSettings {
+    /// The section's settings for a run of `method`.
+    ///
+    /// # Errors
+    /// A non-positive β; a DPO-only setting on an ORPO run.
+    pub fn new(raw: &RawPreference, method: Method) -> Result<Self, FieldError> {
+        let f = Fields("preference");
+        let beta = f.float("beta", raw.beta, |x| x > 0.0, "must be positive")?;
+        if method == Method::Orpo {
+            if raw.loss_type != DpoLoss::Sigmoid {
+                return Err(FieldError::new(
+                    "preference",
+                    "loss_type",
+                    "\"ipo\"",
+                    "is a DPO loss; ORPO has its own (train.method = \"orpo\")",
+                ));
+            }
+            if raw.precompute_ref_log_probs {
+                return Err(FieldError::new(
+                    "preference",
+                    "precompute_ref_log_probs",
+                    "true",
+                    "ORPO has no reference model (train.method = \"orpo\")",
+                ));
+            }
+        }
+        Ok(PreferenceSettings {
+            beta,
+            loss_type: raw.loss_type,
+            precompute_ref_log_probs: raw.precompute_ref_log_probs,
+        })
+    }
+}
+
+/// Checks that the data settings fit the training method: preference rows for DPO/ORPO,
+/// scored on their completions only.
+///
+/// # Errors
+/// A data format of the other kind; `train_on = "all"` with a preference method.
+pub fn check_method_data(method: Method, data: &DataSettings) -> Result<(), FieldError> {
+    let preference = method != Method::Sft;
+    if let Some(format) = &data.format {
+        if format.is_preference() != preference {
+            let why = if preference {
+                format!(
+                    "train.method = \"{}\" trains on preference rows: data.format = \"preference\"",
+                    method.name()
+                )
+            } else {
+                "preference rows are trained with train.method = \"dpo\" or \"orpo\"".to_string()
+            };
+            return Err(FieldError::new(
+                "data",
+                "format",
+                quoted(format.name()),
+                why,
+            ));
+        }
+    }
+    if preference && data.train_on == TrainOn::All {
+        return Err(FieldError::new(
+            "data",
+            "train_on",
+            "\"all\"",
+            format!(
+                "train.method = \"{}\" scores the completions only; use \"assistant\"",
+                method.name()
+            ),
+        ));
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@ mod data;
 mod library;
 mod merge;
 mod ollama;
+mod preference;
 mod resume;
 mod task_eval;
 mod training;
