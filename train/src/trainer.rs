@@ -271,13 +271,16 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         to_f64(sums.detach())
     }
 
-    /// The reference log-probabilities of `samples` (indices into `split`), in forward order.
-    fn reference_for(&self, split: Split, indices: &[usize]) -> Vec<f64> {
-        let pool = match split {
+    /// The samples of `split`.
+    fn pool(&self, split: Split) -> &'a [T] {
+        match split {
             Split::Train => &self.data.train,
             Split::Eval => &self.data.eval,
-        };
-        let samples: Vec<&T> = indices.iter().map(|&i| &pool[i]).collect();
+        }
+    }
+
+    /// The reference log-probabilities of `samples` (indices into `split`), in forward order.
+    fn reference_for(&self, split: Split, indices: &[usize]) -> Vec<f64> {
         match self.reference.get() {
             Some(pre) => {
                 let table = &pre[split as usize];
@@ -285,7 +288,10 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                     .flat_map(|k| indices.iter().map(move |&i| table[i][k]))
                     .collect()
             }
-            None => self.reference_logps(&samples),
+            None => {
+                let pool = self.pool(split);
+                self.reference_logps(&indices.iter().map(|&i| &pool[i]).collect::<Vec<_>>())
+            }
         }
     }
 
@@ -324,10 +330,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         indices: &[usize],
         step: &StepSize,
     ) -> (Terms, Tensor<B, 1>) {
-        let pool = match split {
-            Split::Train => &self.data.train,
-            Split::Eval => &self.data.eval,
-        };
+        let pool = self.pool(split);
         let samples: Vec<&T> = indices.iter().map(|&i| &pool[i]).collect();
         let seqs = Self::sequences(&samples);
         let reference = if self.objective.uses_reference() {
@@ -363,10 +366,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
 
     /// The size a step over `batches` (indices into `split`) is averaged over.
     fn step_size(&self, split: Split, batches: &[Vec<usize>]) -> StepSize {
-        let pool = match split {
-            Split::Train => &self.data.train,
-            Split::Eval => &self.data.eval,
-        };
+        let pool = self.pool(split);
         let samples = batches.iter().flatten().map(|&i| &pool[i]);
         StepSize {
             tokens: samples.clone().map(Sample::n_trained).sum(),
