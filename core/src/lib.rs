@@ -26,6 +26,7 @@ pub mod logging;
 pub mod model;
 pub mod process;
 pub mod quant;
+pub mod recycle;
 mod serde_str;
 pub mod text;
 

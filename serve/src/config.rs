@@ -37,14 +37,19 @@ pub struct ServeArgs {
     #[arg(long = "adapter", value_name = "NAME=PATH")]
     #[serde(deserialize_with = "adapters_table_or_list")]
     pub adapters: Vec<AdapterSpec>,
-    /// Load every adapter in this directory at start (subdirectories with adapter_config.json
-    /// and .gguf files, named after them); runtime loads are restricted to it when given.
+    /// Serve every adapter in this directory (subdirectories with adapter_config.json and .gguf
+    /// files, named after them): indexed at start, each read on its first request; runtime
+    /// loads are restricted to it when given.
     #[arg(long)]
     pub adapters_dir: Option<PathBuf>,
-    /// Poll the adapters directory this often for new, changed and removed adapters
+    /// Apply new, changed and removed adapters in the adapters directory within this long
     /// (milliseconds; 0 disables watching).
     #[arg(long, default_value_t = 1000)]
     pub watch_interval_ms: u64,
+    /// List the adapters directory every watch interval instead of relying on the OS's file
+    /// events (for network filesystems, whose events do not report other machines' writes).
+    #[arg(long)]
+    pub watch_poll: bool,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]

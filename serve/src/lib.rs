@@ -3,6 +3,7 @@
 //! commands. The binary is a thin `main` over [`cli::main`]; tests build the app with
 //! [`server::start`] and drive [`http::router`] without a socket.
 
+pub mod adapter_files;
 pub mod cli;
 pub mod config;
 pub mod engine;

@@ -62,6 +62,21 @@ const LATENCY_BOUNDS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Adapter loads take milliseconds.
+const LOAD_BOUNDS: &[f64] = &[
+    0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The adapter registry's figures at the time of a scrape.
+pub struct AdapterFigures {
+    pub known: usize,
+    pub loaded: usize,
+    pub bytes: usize,
+    pub evictions: u64,
+    pub reloads: u64,
+    pub first_loads: u64,
+}
+
 pub struct Metrics {
     pub requests: AtomicU64,
     pub rejected: AtomicU64,
@@ -97,7 +112,7 @@ impl Default for Metrics {
             prefix_cache_tokens: AtomicU64::new(0),
             ttft: Histogram::new(LATENCY_BOUNDS),
             itl: Histogram::new(LATENCY_BOUNDS),
-            adapter_load_secs: Histogram::new(LATENCY_BOUNDS),
+            adapter_load_secs: Histogram::new(LOAD_BOUNDS),
             per_adapter: Mutex::new(Vec::new()),
         }
     }
@@ -119,13 +134,7 @@ impl Metrics {
         }
     }
 
-    pub fn render(
-        &self,
-        adapters_loaded: usize,
-        adapter_bytes: usize,
-        evictions: u64,
-        reloads: u64,
-    ) -> String {
+    pub fn render(&self, adapters: &AdapterFigures) -> String {
         let mut out = String::new();
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(
@@ -186,9 +195,15 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "graft_adapters_known",
+            "Adapters known by name: in memory, on disk (indexed or evicted) or broken.",
+            adapters.known as u64,
+        );
+        gauge(
+            &mut out,
             "graft_adapters_loaded",
             "Adapters in memory.",
-            adapters_loaded as u64,
+            adapters.loaded as u64,
         );
         counter(
             &mut out,
@@ -206,19 +221,25 @@ impl Metrics {
             &mut out,
             "graft_adapter_memory_bytes",
             "Bytes of adapters in memory.",
-            adapter_bytes as u64,
+            adapters.bytes as u64,
         );
         counter(
             &mut out,
             "graft_adapter_evictions_total",
             "Adapters evicted from memory by the budget.",
-            evictions,
+            adapters.evictions,
         );
         counter(
             &mut out,
             "graft_adapter_reloads_total",
             "Evicted adapters read again on demand.",
-            reloads,
+            adapters.reloads,
+        );
+        counter(
+            &mut out,
+            "graft_adapter_first_loads_total",
+            "Indexed adapters read on their first request.",
+            adapters.first_loads,
         );
         self.ttft.render(
             "graft_time_to_first_token_seconds",

@@ -19,7 +19,7 @@ use crate::config::ServeArgs;
 use crate::engine::EngineConfig;
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
-use crate::registry::{AdapterEntry, Registry};
+use crate::registry::Registry;
 
 /// A server ready to answer: its state (give it to [`router`]) and the engine thread, which
 /// ends once every clone of the state is gone.
@@ -103,12 +103,7 @@ where
             .map(|mb| (mb * 1024.0 * 1024.0) as usize),
         args.pin.clone(),
     ));
-    // What the watcher starts from is taken before the start-up load, on this thread: an
-    // adapter written after it (even before the watcher thread first runs) is new to the
-    // watcher and gets loaded; one loaded at start-up is not loaded twice.
-    let watched_at_start = args.adapters_dir.as_deref().map(crate::watch::snapshot);
-    load_initial_adapters(args, &registry, &model)?;
-
+    let indexed = load_initial_adapters(args, &registry, &model)?;
     let (tx, rx) = std::sync::mpsc::sync_channel(args.max_queue);
     let metrics = Arc::new(Metrics::default());
     let tokenizer = Arc::new(tokenizer);
@@ -125,14 +120,15 @@ where
     };
     if let (Some(dir), Some(applied), true) = (
         args.adapters_dir.clone(),
-        watched_at_start,
+        indexed,
         args.watch_interval_ms > 0,
     ) {
-        let (registry, model) = (Arc::downgrade(&registry), model.clone());
+        let registry = Arc::downgrade(&registry);
         let interval = Duration::from_millis(args.watch_interval_ms);
+        let events = !args.watch_poll;
         std::thread::Builder::new()
             .name("graft-watch".into())
-            .spawn(move || crate::watch::run(registry, model, dir, interval, applied))?;
+            .spawn(move || crate::watch::run(registry, dir, interval, events, applied))?;
     }
     let state = Arc::new(AppState {
         model,
@@ -155,14 +151,18 @@ where
     Ok(Started { state, engine })
 }
 
-/// Adapters named with `--adapter` must load; those found in the adapters directory are
-/// skipped with a message when they cannot (as the watcher does later).
+/// Adapters named with `--adapter` must load; those in the adapters directory are indexed,
+/// not read (read on first use; pinned ones now), and skipped with a message when their name
+/// or link is not acceptable. Returns what was indexed from the directory (the watcher's starting point).
 fn load_initial_adapters<B: GraftBackend>(
     args: &ServeArgs,
     registry: &Registry<B>,
     model: &graft_core::model::Model<B>,
-) -> Result<()> {
-    let show = |e: &AdapterEntry<B>, path: &std::path::Path| {
+) -> Result<Option<crate::watch::Applied>> {
+    for a in &args.adapters {
+        let e = registry
+            .load(&a.name, &a.path, model)
+            .with_context(|| format!("adapter '{}' from {}", a.name, a.path.display()))?;
         tracing::info!(
             event = "adapter_loaded",
             adapter = %e.name,
@@ -170,39 +170,60 @@ fn load_initial_adapters<B: GraftBackend>(
             rank = e.info.rank,
             modules = e.info.modules,
             kib = e.info.bytes / 1024,
-            path = %path.display(),
+            path = %a.path.display(),
             "adapter {} v{}: r={} on {} modules ({} KiB) from {}",
             e.name,
             e.version,
             e.info.rank,
             e.info.modules,
             e.info.bytes / 1024,
-            path.display()
+            a.path.display()
         );
-    };
-    for a in &args.adapters {
-        let e = registry
-            .load(&a.name, &a.path, model)
-            .with_context(|| format!("adapter '{}' from {}", a.name, a.path.display()))?;
-        show(&e, &a.path);
     }
-    if let Some(dir) = &args.adapters_dir {
-        std::fs::read_dir(dir)
-            .with_context(|| format!("reading --adapters-dir {}", dir.display()))?;
-        for (name, path) in crate::watch::scan(dir) {
-            match registry.load(&name, &path, model) {
-                Ok(e) => show(&e, &path),
-                Err(e) => tracing::warn!(
-                    event = "adapter_load_failed",
-                    adapter = %name,
-                    error = %e,
-                    "skipping adapter {name} in {}: {e}",
-                    dir.display()
-                ),
-            }
+    let Some(dir) = &args.adapters_dir else {
+        return Ok(None);
+    };
+    std::fs::read_dir(dir).with_context(|| format!("reading --adapters-dir {}", dir.display()))?;
+    let t0 = Instant::now();
+    let found = crate::adapter_files::scan(dir);
+    let mut indexed = 0;
+    for (name, f) in &found {
+        match registry.index(name, &f.path, f.symlink) {
+            Ok(_) => indexed += 1,
+            Err(e) => tracing::warn!(
+                event = "adapter_index_failed",
+                adapter = %name,
+                error = %e,
+                "skipping adapter {name} in {}: {e}",
+                dir.display()
+            ),
         }
     }
-    Ok(())
+    // Pinned adapters are meant to be in memory: read them now.
+    for name in found.keys().filter(|n| registry.is_pinned(n)) {
+        if let Err(e) = registry.reload(name, model) {
+            tracing::warn!(
+                event = "adapter_load_failed",
+                adapter = %name,
+                error = %e,
+                "pinned adapter {name} not loaded: {e}"
+            );
+        }
+    }
+    tracing::info!(
+        event = "adapters_indexed",
+        count = indexed,
+        dir = %dir.display(),
+        "{indexed} adapters indexed from {} in {:.0} ms (each read on first use)",
+        dir.display(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(Some(
+        found
+            .into_iter()
+            .map(|(name, f)| (name, f.signature))
+            .collect(),
+    ))
 }
 
 fn serve<B: GraftBackend>(args: ServeArgs, device: &B::Device) -> Result<()>

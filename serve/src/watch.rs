@@ -1,134 +1,276 @@
-//! Watching the adapters directory: new adapters are loaded, changed ones reloaded as a new
-//! version, removed ones unloaded. A file set counts only once it has stayed the same (size
-//! and modification time of every file) over two polls, so a partially written adapter is
-//! never read. Problems are logged and retried when the files change again.
+//! Watching the adapters directory: new adapters are indexed, changed ones indexed again as a
+//! new version (the old one leaves memory; running requests keep it), removed ones forgotten.
+//! Nothing is read here — an adapter is read on its first request — so a half-written adapter
+//! costs nothing until someone asks for it (and is then refused as broken until its files
+//! change again).
+//!
+//! Changes come from the OS (inotify on Linux, through the `notify` crate): a change is
+//! applied once its entry has been quiet for a quarter of the watch interval, so it is seen
+//! within one interval of the last write, and the cost does not grow with the number of
+//! adapters. Where the OS cannot watch (no inotify, its watch limit reached), the directory
+//! is listed every interval and each adapter's signature (sizes and modification times)
+//! compared: a few `stat`s per adapter, no file read.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Weak;
+use std::time::{Duration, Instant};
 
 use graft_core::backend::GraftBackend;
-use graft_core::model::Model;
+use notify::{RecursiveMode, Watcher};
 
+use crate::adapter_files::{self, Found, Signature};
 use crate::registry::Registry;
 
-/// Size and modification time of the files that make up an adapter.
-pub type Signature = Vec<(u64, Option<SystemTime>)>;
+/// What the watcher has applied: each adapter's signature when it was last indexed.
+pub type Applied = BTreeMap<String, Signature>;
 
-/// The signatures of the adapters in `dir` now: what the server loads at start-up, so the
-/// watcher does not load them again.
-pub fn snapshot(dir: &Path) -> BTreeMap<String, Signature> {
-    scan(dir)
-        .into_iter()
-        .filter_map(|(name, path)| signature(&path).map(|s| (name, s)))
-        .collect()
-}
-
-fn signature(path: &Path) -> Option<Signature> {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        [
-            graft_core::adapters::peft::CONFIG_FILE,
-            graft_core::adapters::peft::WEIGHTS_FILE,
-        ]
-        .iter()
-        .map(|f| path.join(f))
-        .collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
-    files
-        .iter()
-        .map(|f| {
-            std::fs::metadata(f)
-                .ok()
-                .map(|m| (m.len(), m.modified().ok()))
-        })
-        .collect()
-}
-
-/// Adapters in `dir`: PEFT subdirectories and `.gguf` files, by name.
-pub fn scan(dir: &Path) -> BTreeMap<String, PathBuf> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        let name = p
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if name.starts_with('.') {
-            continue;
-        }
-        if (p.is_dir() && p.join(graft_core::adapters::peft::CONFIG_FILE).is_file())
-            || p.extension().is_some_and(|x| x == "gguf")
-        {
-            out.insert(name, p);
-        }
-    }
-    out
-}
-
-/// Polls `dir` every `interval`, applying changes to `registry`, until the registry is
-/// dropped (the server stopped). `applied` is the [`snapshot`] taken before the start-up
-/// load.
+/// Watches `dir` and applies its changes to `registry` until the registry is dropped (the
+/// server stopped). `applied` is what the start-up scan indexed. `events`: use the OS's
+/// file events where it has them (else list the directory every interval).
 pub fn run<B: GraftBackend>(
     registry: Weak<Registry<B>>,
-    model: Arc<Model<B>>,
     dir: PathBuf,
     interval: Duration,
-    mut applied: BTreeMap<String, Signature>,
+    events: bool,
+    mut applied: Applied,
 ) {
-    // `applied`: what is loaded from the directory; `candidates`: changes waiting to be stable
-    let mut candidates: BTreeMap<String, Signature> = BTreeMap::new();
+    // Events name absolute paths: compare them with the absolute directory.
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let watcher = if events {
+        notify::recommended_watcher(tx).and_then(|mut w| {
+            w.watch(&dir, RecursiveMode::Recursive)?;
+            Ok(w)
+        })
+    } else {
+        Err(notify::Error::generic("--watch-poll"))
+    };
+    let events = match watcher {
+        Ok(w) => {
+            tracing::info!(
+                event = "adapter_watch",
+                dir = %dir.display(),
+                "watching {} for adapter changes",
+                dir.display()
+            );
+            Some((w, rx))
+        }
+        Err(e) => {
+            tracing::info!(
+                event = "adapter_watch_polling",
+                dir = %dir.display(),
+                reason = %e,
+                "listing {} every {} ms for adapter changes ({e})",
+                dir.display(),
+                interval.as_millis()
+            );
+            None
+        }
+    };
+    // Whatever changed between the start-up scan and the watch being in place.
+    if !rescan(&registry, &dir, &mut applied) {
+        return;
+    }
+    if let Some((_watcher, rx)) = events {
+        loop {
+            let Some(changed) = next_changes(&rx, &dir, interval) else {
+                return; // the watcher is gone
+            };
+            let alive = match changed {
+                Changes::Entries(entries) => entries
+                    .iter()
+                    .all(|e| apply(&registry, &dir, e, &mut applied)),
+                Changes::Everything => rescan(&registry, &dir, &mut applied),
+                Changes::None => registry.strong_count() > 0,
+                Changes::OutOfWatches => {
+                    tracing::warn!(
+                        event = "adapter_watch_polling",
+                        dir = %dir.display(),
+                        "the OS's file-watch limit is reached; listing {} every {} ms instead",
+                        dir.display(),
+                        interval.as_millis()
+                    );
+                    break;
+                }
+            };
+            if !alive {
+                return;
+            }
+        }
+    }
+    poll(&registry, &dir, interval, &mut applied);
+}
+
+/// Lists `dir` every `interval` until the server is gone.
+fn poll<B: GraftBackend>(
+    registry: &Weak<Registry<B>>,
+    dir: &Path,
+    interval: Duration,
+    applied: &mut Applied,
+) {
+    // Listings start every interval (a slow listing does not push the next one back).
+    let mut next = Instant::now() + interval;
     loop {
-        std::thread::sleep(interval);
-        let Some(registry) = registry.upgrade() else {
-            return; // the server is gone
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        next = (next + interval).max(Instant::now());
+        if !rescan(registry, dir, applied) {
+            return;
+        }
+    }
+}
+
+enum Changes {
+    /// These directory entries changed.
+    Entries(BTreeSet<PathBuf>),
+    /// Events were lost (the OS queue overflowed): compare everything.
+    Everything,
+    /// Nothing within an interval.
+    None,
+    /// The OS cannot watch more directories: events would be missed from now on.
+    OutOfWatches,
+}
+
+/// Waits up to `interval` for a first event, then gathers events until the entries have been
+/// quiet for a quarter interval (at most one interval in all).
+fn next_changes(
+    rx: &Receiver<notify::Result<notify::Event>>,
+    dir: &Path,
+    interval: Duration,
+) -> Option<Changes> {
+    let settle = (interval / 4).max(Duration::from_millis(1));
+    let mut entries = BTreeSet::new();
+    let mut everything = false;
+    let mut first: Option<Instant> = None;
+    loop {
+        let wait = match first {
+            None => interval,
+            // Quiet for `settle`, or one interval since the first event: apply what came.
+            Some(t0) => match interval.checked_sub(t0.elapsed()) {
+                Some(left) if !left.is_zero() => settle.min(left),
+                _ => break,
+            },
         };
-        let now = scan(&dir);
-        for (name, path) in &now {
-            let Some(sig) = signature(path) else { continue };
-            if applied.get(name) == Some(&sig) {
-                candidates.remove(name);
-                continue;
+        match rx.recv_timeout(wait) {
+            // Reads (the server's own, of adapters it loads) change nothing.
+            Ok(Ok(event)) if matches!(event.kind, notify::EventKind::Access(_)) => {}
+            Ok(Ok(event)) => {
+                first.get_or_insert_with(Instant::now);
+                if event.need_rescan() {
+                    everything = true;
+                }
+                entries.extend(event.paths.iter().filter_map(|p| entry_of(dir, p)));
             }
-            if candidates.get(name) != Some(&sig) {
-                candidates.insert(name.clone(), sig); // seen changing: wait one more poll
-                continue;
+            Ok(Err(e)) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                return Some(Changes::OutOfWatches)
             }
-            candidates.remove(name);
-            match registry.load(name, path, &model) {
-                Ok(e) => tracing::info!(
-                    event = "adapter_loaded",
-                    adapter = %name,
-                    version = e.version,
-                    path = %path.display(),
-                    "adapter loaded from the adapters directory"
-                ),
-                Err(err) => tracing::warn!(
-                    event = "adapter_load_failed",
-                    adapter = %name,
-                    error = %err,
-                    "adapter in the adapters directory not loaded"
-                ),
+            Ok(Err(e)) => {
+                tracing::warn!(event = "adapter_watch_error", error = %e, "{e}");
+                first.get_or_insert_with(Instant::now);
+                everything = true;
             }
-            applied.insert(name.clone(), sig);
+            Err(RecvTimeoutError::Timeout) if first.is_none() => return Some(Changes::None),
+            Err(RecvTimeoutError::Timeout) => break,
+            Err(RecvTimeoutError::Disconnected) => return None,
         }
-        let gone: Vec<String> = applied
-            .keys()
-            .filter(|n| !now.contains_key(*n))
-            .cloned()
-            .collect();
-        for name in gone {
-            applied.remove(&name);
-            candidates.remove(&name);
-            if registry.unload(&name) {
-                tracing::info!(
-                    event = "adapter_unloaded",
-                    adapter = %name,
-                    "adapter removed from the adapters directory"
-                );
+    }
+    Some(if everything {
+        Changes::Everything
+    } else {
+        Changes::Entries(entries)
+    })
+}
+
+/// The entry of `dir` (`dir/<entry>`) that the changed path `path` lies in.
+fn entry_of(dir: &Path, path: &Path) -> Option<PathBuf> {
+    match path.strip_prefix(dir).ok()?.components().next()? {
+        Component::Normal(first) => Some(dir.join(first)),
+        _ => None,
+    }
+}
+
+/// Applies the state of one directory entry; false once the server is gone.
+fn apply<B: GraftBackend>(
+    registry: &Weak<Registry<B>>,
+    dir: &Path,
+    entry: &Path,
+    applied: &mut Applied,
+) -> bool {
+    let Some(registry) = registry.upgrade() else {
+        return false;
+    };
+    let Some(name) = adapter_files::name_of(entry) else {
+        return true;
+    };
+    match adapter_files::found(entry) {
+        Some(found) => index(&registry, &name, found, applied),
+        // Gone (or no longer an adapter) — unless the name's other form is there (`a/` and
+        // `a.gguf` both name `a`).
+        None => {
+            if applied.contains_key(&name) && !adapter_files::holds(dir, &name) {
+                forget(&registry, &name, applied);
             }
         }
+    }
+    true
+}
+
+/// Lists `dir` and applies every difference from `applied`; false once the server is gone.
+fn rescan<B: GraftBackend>(
+    registry: &Weak<Registry<B>>,
+    dir: &Path,
+    applied: &mut Applied,
+) -> bool {
+    let Some(registry) = registry.upgrade() else {
+        return false;
+    };
+    let now = adapter_files::scan(dir);
+    for (name, found) in now.iter() {
+        index(&registry, name, found.clone(), applied);
+    }
+    let gone: Vec<String> = applied
+        .keys()
+        .filter(|n| !now.contains_key(*n))
+        .cloned()
+        .collect();
+    for name in gone {
+        forget(&registry, &name, applied);
+    }
+    true
+}
+
+/// Indexes `found` as `name` if its files differ from what was applied.
+fn index<B: GraftBackend>(registry: &Registry<B>, name: &str, found: Found, applied: &mut Applied) {
+    if applied.get(name) == Some(&found.signature) {
+        return;
+    }
+    match registry.index(name, &found.path, found.symlink) {
+        Ok(version) => tracing::info!(
+            event = "adapter_indexed",
+            adapter = %name,
+            version,
+            path = %found.path.display(),
+            "adapter {name} v{version} indexed from {} (read on first use)",
+            found.path.display()
+        ),
+        Err(err) => tracing::warn!(
+            event = "adapter_index_failed",
+            adapter = %name,
+            error = %err,
+            "adapter {name} in the adapters directory not indexed: {err}"
+        ),
+    }
+    applied.insert(name.to_string(), found.signature);
+}
+
+fn forget<B: GraftBackend>(registry: &Registry<B>, name: &str, applied: &mut Applied) {
+    applied.remove(name);
+    if registry.unload(name) {
+        tracing::info!(
+            event = "adapter_unloaded",
+            adapter = %name,
+            "adapter {name} removed from the adapters directory"
+        );
     }
 }

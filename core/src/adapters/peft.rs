@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::lora::{Adapter, LoraConfig, LoraWeights, TargetModule};
 use crate::backend::GraftBackend;
+use crate::formats::safetensors_read::{Header, ReadError};
 use crate::model::Model;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -225,26 +225,19 @@ pub fn load<B: GraftBackend>(
                 .into(),
         });
     }
-    let bytes = std::fs::read(&weights).map_err(|source| AdapterError::Io {
-        path: weights.clone(),
-        source,
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::Corrupt {
-        path: weights.clone(),
-        message: e.to_string(),
-    })?;
+    let header = Header::read(&weights).map_err(|e| read_error(e, &weights))?;
 
+    // Every name and shape is checked before any data is read.
     let device = model.device();
     let mut adapter = Adapter::empty(model.layers.len());
-    let mut pending: BTreeMap<(usize, TargetModule), (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>)> =
-        BTreeMap::new();
-    for (name, view) in st.tensors() {
+    let mut placed = Vec::new();
+    for t in header.tensors() {
         let bad = |message: String| AdapterError::Tensor {
             path: weights.clone(),
-            tensor: name.clone(),
+            tensor: t.name.to_string(),
             message,
         };
-        let (layer, target, is_a) = parse_key(&name).ok_or_else(|| {
+        let (layer, target, is_a) = parse_key(t.name).ok_or_else(|| {
             bad("not a LoRA A/B weight of a decoder projection (expected \
                  base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_<A|B>.weight)"
                 .into())
@@ -272,7 +265,7 @@ pub fn load<B: GraftBackend>(
                         .join(", ")
                 ))
             })?;
-        let shape = view.shape().to_vec();
+        let shape = t.shape;
         let [rows, cols] = shape[..] else {
             return Err(bad(format!("expected a matrix, found shape {shape:?}")));
         };
@@ -288,13 +281,19 @@ pub fn load<B: GraftBackend>(
                 target.hf_name()
             )));
         }
-        let values = crate::load::hf::to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            bad(format!(
+        if !matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            return Err(bad(format!(
                 "dtype {:?} (expected F32, F16 or BF16)",
-                view.dtype()
-            ))
-        })?;
-        let t = Tensor::from_data(TensorData::new(values, [rows, cols]), device);
+                t.dtype
+            )));
+        }
+        placed.push((layer, target, is_a));
+    }
+    let values = header.read_data().map_err(|e| read_error(e, &weights))?;
+    let mut pending: BTreeMap<(usize, TargetModule), (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>)> =
+        BTreeMap::new();
+    for ((layer, target, is_a), data) in placed.into_iter().zip(values) {
+        let t = Tensor::from_data(data, device);
         let slot = pending.entry((layer, target)).or_default();
         if is_a {
             slot.0 = Some(t);
@@ -343,6 +342,24 @@ pub fn load<B: GraftBackend>(
         });
     }
     Ok((adapter, config))
+}
+
+fn read_error(e: ReadError, weights: &Path) -> AdapterError {
+    match e {
+        ReadError::Io { path, source } => AdapterError::Io { path, source },
+        ReadError::Corrupt { message, .. } => AdapterError::Corrupt {
+            path: weights.to_path_buf(),
+            message,
+        },
+        // Not the file's fault: an I/O error that a retry may not see.
+        ReadError::Changed { path } => AdapterError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "the file changed while it was being read; try again",
+            ),
+        },
+    }
 }
 
 fn check_supported(path: &Path, c: &PeftConfig) -> Result<(), AdapterError> {

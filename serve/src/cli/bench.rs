@@ -130,6 +130,20 @@ struct One {
     ttft: f64,
     gaps: Vec<f64>,
     tokens: usize,
+    /// Seconds the server spent reading this request's adapter first (its `server-timing`).
+    adapter_load: Option<f64>,
+}
+
+/// The `adapter-load` duration of a `server-timing` header, in seconds.
+fn adapter_load(header: &str) -> Option<f64> {
+    header.split(',').find_map(|metric| {
+        let mut parts = metric.trim().split(';');
+        (parts.next()? == "adapter-load").then_some(())?;
+        parts
+            .find_map(|p| p.trim().strip_prefix("dur="))
+            .and_then(|d| d.parse::<f64>().ok())
+            .map(|ms| ms / 1e3)
+    })
 }
 
 /// A greedy streaming chat request for `model` (`lora:K` names llama-server's adapter K).
@@ -191,6 +205,7 @@ fn request_n(args: &BenchArgs, model: &str, max_tokens: usize, t0: Instant) -> R
     let resp = req
         .send_string(&body.to_string())
         .with_context(|| format!("request for {model}"))?;
+    let load = resp.header("server-timing").and_then(adapter_load);
     let mut ttft = None;
     let mut last = t0;
     let mut gaps = Vec::new();
@@ -228,6 +243,7 @@ fn request_n(args: &BenchArgs, model: &str, max_tokens: usize, t0: Instant) -> R
         ttft: ttft.unwrap_or(f64::NAN),
         gaps,
         tokens: if tokens > 0 { tokens } else { counted },
+        adapter_load: load,
     })
 }
 
@@ -404,6 +420,16 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
             ok.iter().flat_map(|o| o.gaps.iter().copied()).collect()
         )
     );
+    let reads: Vec<f64> = ok.iter().filter_map(|o| o.adapter_load).collect();
+    if !reads.is_empty() {
+        println!(
+            "{}",
+            summary(
+                "adapter read before the first token (server-timing, requests that needed one)",
+                reads
+            )
+        );
+    }
     if !load_times.is_empty() {
         println!(
             "{}",
@@ -423,9 +449,15 @@ pub fn run(mut args: BenchArgs) -> Result<()> {
         .and_then(|r| Ok(r.into_string()?))
     {
         for line in m.lines().filter(|l| {
-            l.starts_with("graft_adapter_reloads_total")
-                || l.starts_with("graft_adapter_evictions_total")
-                || l.starts_with("graft_adapters_loaded")
+            [
+                "graft_adapter_reloads_total",
+                "graft_adapter_first_loads_total",
+                "graft_adapter_evictions_total",
+                "graft_adapters_loaded",
+                "graft_adapters_known",
+            ]
+            .iter()
+            .any(|m| l.starts_with(m))
         }) {
             println!("server: {line}");
         }
@@ -462,6 +494,17 @@ mod tests {
         // Same seed, same sequence.
         let (mut a, mut b) = (Zipf::new(10, 1.2, 3), Zipf::new(10, 1.2, 3));
         assert!((0..50).all(|_| a.next() == b.next()));
+    }
+
+    #[test]
+    fn server_timing_gives_the_adapter_read() {
+        assert_eq!(adapter_load("adapter-load;dur=3.5"), Some(0.0035));
+        assert_eq!(
+            adapter_load("db;dur=1, adapter-load;desc=\"x\";dur=12"),
+            Some(0.012)
+        );
+        assert_eq!(adapter_load("db;dur=1"), None);
+        assert_eq!(adapter_load("adapter-load"), None);
     }
 
     #[test]

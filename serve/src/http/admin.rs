@@ -5,13 +5,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use graft_core::backend::GraftBackend;
 
 use super::{check_key, ApiError, AppState};
+use crate::metrics::AdapterFigures;
 use crate::registry::CatalogEntry;
 use crate::wire::{
     self, AdapterCard, List, LoadLoraAdapterRequest, ModelCard, UnloadLoraAdapterRequest,
@@ -29,7 +30,13 @@ impl From<CatalogEntry> for AdapterCard {
             target_modules: e.info.as_ref().map(|i| i.target_modules.clone()),
             modules: e.info.as_ref().map(|i| i.modules),
             bytes: e.info.as_ref().map(|i| i.bytes),
-            location: if e.in_memory { "memory" } else { "disk" }.into(),
+            location: match (e.in_memory, &e.broken) {
+                (true, _) => "memory",
+                (false, None) => "disk",
+                (false, Some(_)) => "broken",
+            }
+            .into(),
+            error: e.broken,
             requests: e.requests,
         }
     }
@@ -45,12 +52,14 @@ fn catalog<B: GraftBackend>(s: &AppState<B>) -> Vec<AdapterCard> {
 
 pub async fn metrics<B: GraftBackend>(State(s): State<Arc<AppState<B>>>) -> Response {
     let r = &s.registry;
-    let body = s.metrics.render(
-        r.list().len(),
-        r.loaded_bytes(),
-        r.evictions.load(Ordering::Relaxed),
-        r.reloads.load(Ordering::Relaxed),
-    );
+    let body = s.metrics.render(&AdapterFigures {
+        known: r.known_count(),
+        loaded: r.list().len(),
+        bytes: r.loaded_bytes(),
+        evictions: r.evictions.load(Ordering::Relaxed),
+        reloads: r.reloads.load(Ordering::Relaxed),
+        first_loads: r.first_loads.load(Ordering::Relaxed),
+    });
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
@@ -86,6 +95,19 @@ pub async fn adapters<B: GraftBackend>(
 ) -> Result<Json<List<AdapterCard>>, ApiError> {
     check_key(&headers, s.admin_key.as_deref().or(s.api_key.as_deref()))?;
     Ok(Json(List::new(catalog(&s))))
+}
+
+/// One adapter's card (cheaper than the whole list when thousands are known).
+pub async fn adapter<B: GraftBackend>(
+    State(s): State<Arc<AppState<B>>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<AdapterCard>, ApiError> {
+    check_key(&headers, s.admin_key.as_deref().or(s.api_key.as_deref()))?;
+    s.registry
+        .catalog_entry(&name)
+        .map(|e| Json(e.into()))
+        .ok_or_else(|| ApiError::NotFound(format!("no adapter named '{name}'")))
 }
 
 pub async fn load_adapter<B: GraftBackend>(

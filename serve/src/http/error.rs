@@ -75,6 +75,10 @@ impl From<RegistryError> for ApiError {
             }
             RegistryError::OutsideRoots(_) => ApiError::bad_field("lora_path", e.to_string()),
             RegistryError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            RegistryError::Broken { .. } => ApiError::InvalidAdapter {
+                message: e.to_string(),
+                param: None,
+            },
             RegistryError::Adapter(a) => match a {
                 // A file the adapter needs is missing: the adapter is incomplete.
                 AdapterError::Io { source, .. }

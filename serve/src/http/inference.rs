@@ -3,7 +3,7 @@
 //! the request to [`super::respond`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -22,34 +22,40 @@ const MAX_TOP_LOGPROBS: usize = 20;
 /// Most choices per prompt, and most prompts per completions request.
 const MAX_N: usize = 16;
 
-/// The adapter `model` names (None for the base).
+/// The adapter `model` names (None for the base), and how long reading it took if this
+/// request had to.
 async fn resolve<B: GraftBackend>(
     s: &Arc<AppState<B>>,
     model: &str,
-) -> Result<Option<Arc<crate::registry::AdapterEntry<B>>>, ApiError>
+) -> Result<
+    (
+        Option<Arc<crate::registry::AdapterEntry<B>>>,
+        Option<Duration>,
+    ),
+    ApiError,
+>
 where
     B::Device: Send + Sync,
 {
     if model == s.base_name {
-        return Ok(None);
+        return Ok((None, None));
     }
     match s.registry.lookup(model) {
-        Lookup::Loaded(e) => Ok(Some(e)),
+        Lookup::Loaded(e) => Ok((Some(e), None)),
         Lookup::Unknown => Err(ApiError::NotFound(format!(
             "the model '{model}' does not exist"
         ))),
         Lookup::OnDisk => {
-            // Evicted: read it again, off the async runtime, so other requests go on.
+            // Indexed or evicted: read it, off the async runtime, so other requests go on.
             let (state, name) = (s.clone(), model.to_string());
             let t0 = Instant::now();
             let e = tokio::task::spawn_blocking(move || state.registry.reload(&name, &state.model))
                 .await
                 .map_err(|e| ApiError::Internal(format!("adapter reload task: {e}")))?
                 .map_err(|e| ApiError::from(e).in_field("model"))?;
-            s.metrics
-                .adapter_load_secs
-                .observe(t0.elapsed().as_secs_f64());
-            Ok(Some(e))
+            let took = t0.elapsed();
+            s.metrics.adapter_load_secs.observe(took.as_secs_f64());
+            Ok((Some(e), Some(took)))
         }
     }
 }
@@ -63,7 +69,7 @@ async fn prepare<B: GraftBackend>(
 where
     B::Device: Send + Sync,
 {
-    let adapter = resolve(s, &sp.model).await?;
+    let (adapter, adapter_load) = resolve(s, &sp.model).await?;
     let constraint = match structured::requested(&sp)? {
         Some((grammar, param)) => Some(structured::compile(s, grammar, param).await?),
         None => None,
@@ -123,6 +129,7 @@ where
     Ok(Prepared {
         model_name: sp.model,
         adapter,
+        adapter_load,
         params,
         stream: sp.stream,
         include_usage: sp.stream_options.is_some_and(|o| o.include_usage),

@@ -75,6 +75,7 @@ where
         .route("/v1/load_lora_adapter", post(admin::load_adapter::<B>))
         .route("/v1/unload_lora_adapter", post(admin::unload_adapter::<B>))
         .route("/v1/adapters", get(admin::adapters::<B>))
+        .route("/v1/adapters/{name}", get(admin::adapter::<B>))
         .route("/tokenize", post(tokens::tokenize::<B>))
         .route("/detokenize", post(tokens::detokenize::<B>))
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))

@@ -2,12 +2,13 @@
 //! as one JSON object, with log-probabilities, `echo`ed prompt scores and parsed tool calls
 //! when asked for. A request with several prompts or `n` > 1 becomes
 //! one engine request per choice (choice `k·n + j` is prompt `k`'s `j`-th), decoded together.
-//! Every answer carries `x-request-id` and `x-graft-adapter` (`name@vN` or the base's name).
+//! Every answer carries `x-request-id` and `x-graft-adapter` (`name@vN` or the base's name);
+//! one whose adapter had to be read first carries `server-timing: adapter-load;dur=<ms>`.
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::TrySendError;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
@@ -32,6 +33,8 @@ pub struct Prepared<B: GraftBackend> {
     /// The name the client asked for.
     pub model_name: String,
     pub adapter: Option<Arc<AdapterEntry<B>>>,
+    /// How long this request waited for its adapter to be read (it was not in memory).
+    pub adapter_load: Option<Duration>,
     pub params: SamplingParams,
     pub stream: bool,
     /// With `stream`: a last chunk with the usage and no choices.
@@ -207,6 +210,13 @@ pub async fn respond<B: GraftBackend>(
     };
     resp.headers_mut().insert("x-graft-adapter", adapter_header);
     resp.headers_mut().insert("x-request-id", request_id);
+    if let Some(took) = p.adapter_load {
+        // W3C Server-Timing: clients and benchmarks see what the cold adapter cost.
+        let timing = format!("adapter-load;dur={:.3}", took.as_secs_f64() * 1e3);
+        if let Ok(v) = HeaderValue::from_str(&timing) {
+            resp.headers_mut().insert("server-timing", v);
+        }
+    }
     Ok(resp)
 }
 

@@ -61,8 +61,12 @@ pub struct AdapterCard {
     pub modules: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes: Option<usize>,
-    /// `memory` or `disk` (evicted; read again when requested).
+    /// `memory`, `disk` (indexed or evicted: read when requested) or `broken` (its files are
+    /// not a valid adapter; requests are refused until they change).
     pub location: String,
+    /// Why a broken adapter could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     /// Requests served by every version under this name.
     pub requests: u64,
 }

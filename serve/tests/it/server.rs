@@ -42,9 +42,27 @@ fn start(extra: &[&str]) -> Server {
     start_model(&gguf(), "smollm2", extra)
 }
 
+/// A server started in the directory `cwd` (relative paths in `extra` are relative to it).
+fn start_in(cwd: &std::path::Path, extra: &[&str]) -> Server {
+    spawn_server(&gguf(), "smollm2", extra, Some(cwd))
+}
+
 /// A server on `model`, answering to `name`.
 fn start_model(model: &std::path::Path, name: &str, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_graft-serve"))
+    spawn_server(model, name, extra, None)
+}
+
+fn spawn_server(
+    model: &std::path::Path,
+    name: &str,
+    extra: &[&str],
+    cwd: Option<&std::path::Path>,
+) -> Server {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft-serve"));
+    if let Some(cwd) = cwd {
+        cmd.current_dir(cwd);
+    }
+    let mut child = cmd
         .arg("--model")
         .arg(model)
         .args(["--served-model-name", name, "--port", "0"])
@@ -241,6 +259,14 @@ fn openai_endpoints_answer_and_stream() {
     );
 }
 
+/// A copy of the PEFT adapter directory `from` at `to` (created).
+fn copy_adapter(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(from.join(f), to.join(f)).expect("copy");
+    }
+}
+
 /// The PEFT fixture adapter with `lora_alpha` raised so that it changes greedy answers.
 fn strong_adapter(dir: &std::path::Path) -> PathBuf {
     let out = dir.join("strong");
@@ -316,10 +342,7 @@ fn adapters_load_replace_and_unload_at_runtime() {
     ]);
     // A PEFT directory inside the allowed root.
     let peft_dir = dir.path().join("p");
-    std::fs::create_dir(&peft_dir).expect("mkdir");
-    for f in ["adapter_config.json", "adapter_model.safetensors"] {
-        std::fs::copy(fixture("peft_adapter").join(f), peft_dir.join(f)).expect("copy");
-    }
+    copy_adapter(&fixture("peft_adapter"), &peft_dir);
     let (status, v, _) = post(
         &s,
         "/v1/load_lora_adapter",
@@ -707,6 +730,136 @@ fn more_adapters_than_the_memory_budget_are_evicted_and_reloaded_on_demand() {
     assert!(value("graft_adapter_memory_bytes") <= 1.5 * 1024.0 * 1024.0);
 }
 
+/// The `server-timing` header of a chat request's answer (present when its adapter was read).
+fn adapter_load_timing(s: &Server, model: &str) -> Option<String> {
+    ureq::post(&format!("{}/v1/chat/completions", s.url))
+        .send_string(&chat_body(model, "Hi").to_string())
+        .expect("request")
+        .header("server-timing")
+        .map(str::to_string)
+}
+
+/// `GET /v1/adapters/{name}`.
+fn adapter_entry(s: &Server, name: &str) -> Value {
+    get_json(s, &format!("/v1/adapters/{name}"))
+}
+
+#[test]
+fn an_adapters_dir_is_indexed_at_start_and_each_adapter_read_on_first_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strong = strong_adapter(dir.path());
+    let root = dir.path().join("adapters");
+    std::fs::create_dir(&root).expect("mkdir");
+    for name in ["good1", "good2", "broken"] {
+        copy_adapter(&strong, &root.join(name));
+    }
+    let weights = root.join("broken/adapter_model.safetensors");
+    std::fs::write(&weights, b"not a safetensors file").expect("corrupt");
+    // ~0.6 MiB per adapter: the budget holds one.
+    let s = start(&[
+        "--adapters-dir",
+        root.to_str().expect("utf-8"),
+        "--watch-interval-ms",
+        "0",
+        "--adapter-memory-mb",
+        "1",
+    ]);
+    // Known by name at start, nothing read: the broken one is not found out yet.
+    for name in ["good1", "good2", "broken"] {
+        let e = adapter_entry(&s, name);
+        assert_eq!(e["location"], "disk", "{e}");
+        assert!(e.get("rank").is_none(), "not read yet: {e}");
+    }
+    let listed = get_json(&s, "/v1/adapters");
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        listed["data"][1],
+        adapter_entry(&s, "good1"),
+        "one card = its list entry"
+    );
+    match ureq::get(&format!("{}/v1/adapters/nope", s.url)).call() {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("unknown adapter: {other:?}"),
+    }
+    let m = get_text(&s, "/metrics");
+    assert_eq!(metric(&m, "graft_adapters_known"), 3.0);
+    assert_eq!(metric(&m, "graft_adapters_loaded"), 0.0);
+
+    // First use reads it, and the answer says what that cost.
+    let timing = adapter_load_timing(&s, "good1").expect("a cold adapter's answer is timed");
+    assert!(timing.starts_with("adapter-load;dur="), "{timing}");
+    assert!(adapter_load_timing(&s, "good1").is_none(), "in memory now");
+    let (_, first, tag) = post(&s, "/v1/chat/completions", &chat_body("good1", "Hi"), None);
+    let v1 = adapter_entry(&s, "good1")["version"]
+        .as_u64()
+        .expect("version");
+    assert_eq!(tag, Some(format!("good1@v{v1}")));
+    assert_eq!(adapter_entry(&s, "good1")["rank"], json!(4));
+
+    // Broken files: a 400 naming the file, and the catalog says why.
+    let (status, v, _) = post(&s, "/v1/chat/completions", &chat_body("broken", "Hi"), None);
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_adapter", "{v}");
+    assert_eq!(v["error"]["param"], "model", "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("adapter_model.safetensors"), "{msg}");
+    let e = adapter_entry(&s, "broken");
+    assert_eq!(e["location"], "broken", "{e}");
+    assert!(
+        e["error"].as_str().is_some_and(|m| m.contains("corrupt")),
+        "{e}"
+    );
+    // Refused again at once while the files stay the same; served once they are mended.
+    let (status, v, _) = post(&s, "/v1/chat/completions", &chat_body("broken", "Hi"), None);
+    assert_eq!(status, 400);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("broken")),
+        "{v}"
+    );
+    std::fs::copy(strong.join("adapter_model.safetensors"), &weights).expect("mend");
+    let (status, v, _) = post(&s, "/v1/chat/completions", &chat_body("broken", "Hi"), None);
+    assert_eq!((status, answer(&v)), (200, answer(&first)), "{v}");
+    assert_eq!(adapter_entry(&s, "broken")["location"], "memory");
+
+    // good1 was evicted by the budget; asked for again, it is read again at its version.
+    assert_eq!(adapter_entry(&s, "good1")["location"], "disk");
+    let (status, again, tag) = post(&s, "/v1/chat/completions", &chat_body("good1", "Hi"), None);
+    assert_eq!((status, tag), (200, Some(format!("good1@v{v1}"))));
+    assert_eq!(answer(&again), answer(&first));
+    let m = get_text(&s, "/metrics");
+    assert_eq!(metric(&m, "graft_adapter_first_loads_total"), 2.0, "{m}");
+    assert!(metric(&m, "graft_adapter_reloads_total") >= 1.0, "{m}");
+    assert!(metric(&m, "graft_adapter_evictions_total") >= 2.0, "{m}");
+}
+
+#[test]
+fn concurrent_first_requests_read_an_adapter_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strong = strong_adapter(dir.path());
+    let root = dir.path().join("adapters");
+    std::fs::create_dir(&root).expect("mkdir");
+    copy_adapter(&strong, &root.join("hot"));
+    let s = start(&[
+        "--adapters-dir",
+        root.to_str().expect("utf-8"),
+        "--watch-interval-ms",
+        "0",
+    ]);
+    let e = adapter_entry(&s, "hot");
+    assert_eq!(e["location"], "disk", "{e}");
+    let timings: Vec<Option<String>> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..6)
+            .map(|_| sc.spawn(|| adapter_load_timing(&s, "hot")))
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("client")).collect()
+    });
+    assert!(timings.iter().any(Option::is_some), "{timings:?}");
+    let m = get_text(&s, "/metrics");
+    assert_eq!(metric(&m, "graft_adapter_first_loads_total"), 1.0, "{m}");
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let s = start(&["--max-batch", "1", "--max-queue", "1"]);
@@ -843,42 +996,78 @@ fn wait_adapter(s: &Server, name: &str, pred: impl Fn(Option<&Value>) -> bool) -
 }
 
 #[test]
-fn the_watched_directory_loads_replaces_and_removes_adapters() {
+fn the_watched_directory_indexes_replaces_and_removes_adapters() {
+    watched_directory(false);
+}
+
+#[test]
+fn the_polled_directory_indexes_replaces_and_removes_adapters() {
+    watched_directory(true);
+}
+
+/// New, changed (while in memory and while not) and removed adapters, through the OS's file
+/// events or (`poll`) by listing the directory. The directory is given relative to the
+/// server's working directory, as in `configs/serve.toml`.
+fn watched_directory(poll: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let watched = dir.path().join("adapters");
     std::fs::create_dir(&watched).expect("mkdir");
-    let s = start(&[
-        "--adapters-dir",
-        watched.to_str().expect("utf-8"),
-        "--watch-interval-ms",
-        "200",
-    ]);
+    let mut args = vec!["--adapters-dir", "./adapters", "--watch-interval-ms", "200"];
+    if poll {
+        args.push("--watch-poll");
+    }
+    let s = start_in(dir.path(), &args);
     let staged = strong_adapter(dir.path());
     let target = watched.join("w1");
-    std::fs::create_dir(&target).expect("mkdir");
-    for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        std::fs::copy(staged.join(f), target.join(f)).expect("copy");
-    }
-    let v1 = wait_adapter(&s, "w1", |e| e.is_some()).expect("loaded")["version"]
+    // Staged in a hidden directory and renamed into place, as graft-train writes adapters.
+    let hidden = watched.join(".w1.tmp");
+    copy_adapter(&staged, &hidden);
+    std::fs::rename(&hidden, &target).expect("rename");
+    let v1 = wait_adapter(&s, "w1", |e| e.is_some()).expect("indexed")["version"]
         .as_u64()
         .expect("version");
-    let (status, _, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
+    let (status, v, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
     assert_eq!((status, tag), (200, Some(format!("w1@v{v1}"))));
+    let strong_answer = answer(&v);
 
-    // Changing the config (alpha) makes a new version.
-    let mut cfg: Value = serde_json::from_str(
-        &std::fs::read_to_string(target.join("adapter_config.json")).expect("config"),
-    )
-    .expect("json");
-    cfg["lora_alpha"] = json!(100);
-    std::fs::write(target.join("adapter_config.json"), format!("{cfg}\n")).expect("write");
-    let v2 = wait_adapter(&s, "w1", |e| {
+    // Changing the config (alpha) makes a new version; the old one leaves memory.
+    let set_alpha = |alpha: f64| {
+        let mut cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(target.join("adapter_config.json")).expect("config"),
+        )
+        .expect("json");
+        cfg["lora_alpha"] = json!(alpha);
+        let tmp = target.join(".adapter_config.json.tmp");
+        std::fs::write(&tmp, format!("{cfg}\n")).expect("write");
+        std::fs::rename(&tmp, target.join("adapter_config.json")).expect("rename");
+    };
+    set_alpha(100.0);
+    let e = wait_adapter(&s, "w1", |e| {
         e.is_some_and(|e| e["version"].as_u64() != Some(v1))
     })
-    .expect("reloaded")["version"]
+    .expect("re-indexed");
+    let v2 = e["version"].as_u64().expect("version");
+    assert!(v2 > v1);
+    assert_eq!(e["location"], "disk", "read again on first use: {e}");
+
+    // Replaced again while not in memory: the next request reads the new files.
+    set_alpha(0.0);
+    let v3 = wait_adapter(&s, "w1", |e| {
+        e.is_some_and(|e| e["version"].as_u64() != Some(v2))
+    })
+    .expect("re-indexed")["version"]
         .as_u64()
         .expect("version");
-    assert!(v2 > v1);
+    let (status, v, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
+    assert_eq!((status, tag), (200, Some(format!("w1@v{v3}"))));
+    let (_, base, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &chat_body("smollm2", "Hi"),
+        None,
+    );
+    assert_eq!(answer(&v), answer(&base), "alpha 0: the base's answer");
+    assert_ne!(answer(&v), strong_answer);
 
     std::fs::remove_dir_all(&target).expect("remove");
     wait_adapter(&s, "w1", |e| e.is_none());
