@@ -755,7 +755,7 @@ fn an_adapters_dir_is_indexed_at_start_and_each_adapter_read_on_first_use() {
     }
     let weights = root.join("broken/adapter_model.safetensors");
     std::fs::write(&weights, b"not a safetensors file").expect("corrupt");
-    // ~0.6 MiB per adapter: the budget holds one.
+    // ~0.6 MiB per adapter: the budget holds one besides the pinned one.
     let s = start(&[
         "--adapters-dir",
         root.to_str().expect("utf-8"),
@@ -763,13 +763,17 @@ fn an_adapters_dir_is_indexed_at_start_and_each_adapter_read_on_first_use() {
         "0",
         "--adapter-memory-mb",
         "1",
+        "--pin",
+        "good2",
     ]);
-    // Known by name at start, nothing read: the broken one is not found out yet.
-    for name in ["good1", "good2", "broken"] {
+    // Known by name at start, nothing read (the broken one is not found out yet) but the
+    // pinned one.
+    for name in ["good1", "broken"] {
         let e = adapter_entry(&s, name);
         assert_eq!(e["location"], "disk", "{e}");
         assert!(e.get("rank").is_none(), "not read yet: {e}");
     }
+    assert_eq!(adapter_entry(&s, "good2")["location"], "memory");
     let listed = get_json(&s, "/v1/adapters");
     assert_eq!(listed["data"].as_array().map(Vec::len), Some(3));
     assert_eq!(
@@ -783,7 +787,7 @@ fn an_adapters_dir_is_indexed_at_start_and_each_adapter_read_on_first_use() {
     }
     let m = get_text(&s, "/metrics");
     assert_eq!(metric(&m, "graft_adapters_known"), 3.0);
-    assert_eq!(metric(&m, "graft_adapters_loaded"), 0.0);
+    assert_eq!(metric(&m, "graft_adapters_loaded"), 1.0);
 
     // First use reads it, and the answer says what that cost.
     let timing = adapter_load_timing(&s, "good1").expect("a cold adapter's answer is timed");
@@ -829,7 +833,7 @@ fn an_adapters_dir_is_indexed_at_start_and_each_adapter_read_on_first_use() {
     assert_eq!((status, tag), (200, Some(format!("good1@v{v1}"))));
     assert_eq!(answer(&again), answer(&first));
     let m = get_text(&s, "/metrics");
-    assert_eq!(metric(&m, "graft_adapter_first_loads_total"), 2.0, "{m}");
+    assert_eq!(metric(&m, "graft_adapter_first_loads_total"), 3.0, "{m}");
     assert!(metric(&m, "graft_adapter_reloads_total") >= 1.0, "{m}");
     assert!(metric(&m, "graft_adapter_evictions_total") >= 2.0, "{m}");
 }
