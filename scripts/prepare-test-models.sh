@@ -11,9 +11,10 @@ gguf=$("$here/fetch-model.sh")
 "$here/fetch-model.sh" gemma3 >/dev/null
 "$here/fetch-model.sh" qwen2.5-coder >/dev/null
 venv="$cache/venv-tools"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import gguf, numpy, safetensors, openai, jsonschema' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import gguf, numpy, safetensors, openai, jsonschema, prometheus_client' 2>/dev/null; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0 openai==3.54.0 jsonschema==4.25.1
+  "$venv/bin/pip" install --quiet gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0 openai==3.54.0 jsonschema==4.25.1 \
+    prometheus_client==0.23.1
 fi
 "$venv/bin/python" "$here/gguf_to_hf.py" "$gguf" "$cache/models/SmolLM2-135M-Instruct-f32-sharded" \
   --max-shard-bytes 200000000 >/dev/null

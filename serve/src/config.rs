@@ -251,6 +251,27 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_example_passes_flags_graft_serve_has() {
+        let yaml = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/graft-serve.yaml"),
+        )
+        .expect("deploy/graft-serve.yaml");
+        let args: Vec<&str> = yaml
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- --"))
+            .collect();
+        assert!(args.len() >= 5, "{args:?}");
+        let mut argv = vec!["graft-serve".to_string()];
+        argv.extend(args.iter().map(|a| format!("--{a}")));
+        let matches = Cli::command()
+            .try_get_matches_from(argv)
+            .expect("the manifest's flags parse");
+        let a = ServeArgs::from_matches(&matches).expect("settings");
+        assert_eq!((a.host.as_str(), a.port), ("0.0.0.0", 8000));
+        assert!(yaml.contains("kind: InferencePool") && yaml.contains("number: 8000"));
+    }
+
+    #[test]
     fn the_command_line_wins_over_the_file_and_lists_join() {
         let a = settings(
             "port = 9000\nmax_batch = 3\npin = [\"a\"]\nadapters = { a = \"ad/a\" }\nquantize = \"nf4\"\n",

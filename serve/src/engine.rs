@@ -77,6 +77,11 @@ pub struct Request<B: GraftBackend> {
 }
 
 impl<B: GraftBackend> Request<B> {
+    /// The adapter's name (None for the base).
+    pub fn adapter_name(&self) -> Option<&str> {
+        self.adapter.as_ref().map(|a| a.name.as_str())
+    }
+
     /// KV cache positions the request may fill.
     fn kv_tokens(&self) -> usize {
         self.prompt.len() + self.params.max_new_tokens
@@ -136,6 +141,11 @@ pub fn run<B: GraftBackend>(
             }
             open
         });
+        metrics.set_running(
+            active.len(),
+            active.iter().map(|a| a.req.kv_tokens()).sum(),
+            active.iter().filter_map(|a| a.req.adapter_name()),
+        );
         if active.is_empty() {
             continue;
         }
@@ -175,6 +185,7 @@ fn admit<B: GraftBackend>(
         let Some(mut req) = next else { break };
         if req.events.is_closed() {
             metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+            metrics.waiting_remove(req.adapter_name());
             continue;
         }
         // KV cache budget: a request whose prompt and max_tokens do not fit next to the
@@ -189,6 +200,7 @@ fn admit<B: GraftBackend>(
                 break;
             }
         }
+        metrics.waiting_remove(req.adapter_name());
         let constraint = req.constraint.take();
         // Scoring needs logits at every prompt position: it always prefills in full.
         let reused = (!req.score_prompt)

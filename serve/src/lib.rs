@@ -7,6 +7,7 @@ pub mod adapter_files;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod gateway;
 pub mod http;
 pub mod metrics;
 pub mod prefix_cache;

@@ -3,6 +3,7 @@
 //! size, adapter loads and load time, and requests per adapter (at most `MAX_ADAPTER_LABELS`
 //! adapters get their own label; the rest are summed under `other`).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -94,6 +95,13 @@ pub struct Metrics {
     pub ttft: Histogram,
     pub itl: Histogram,
     pub adapter_load_secs: Histogram,
+    /// Requests the engine is decoding (its batch), and the KV positions they reserve.
+    pub running: AtomicU64,
+    pub kv_reserved: AtomicU64,
+    /// Adapters of the running requests, sorted, each once.
+    pub running_adapters: Mutex<Vec<String>>,
+    /// Requests submitted and not yet running, per adapter.
+    pub waiting_adapters: Mutex<BTreeMap<String, usize>>,
     per_adapter: Mutex<Vec<(String, u64)>>,
 }
 
@@ -113,12 +121,62 @@ impl Default for Metrics {
             ttft: Histogram::new(LATENCY_BOUNDS),
             itl: Histogram::new(LATENCY_BOUNDS),
             adapter_load_secs: Histogram::new(LOAD_BOUNDS),
+            running: AtomicU64::new(0),
+            kv_reserved: AtomicU64::new(0),
+            running_adapters: Mutex::new(Vec::new()),
+            waiting_adapters: Mutex::new(BTreeMap::new()),
             per_adapter: Mutex::new(Vec::new()),
         }
     }
 }
 
 impl Metrics {
+    /// A request for `adapter` (None: the base) starts waiting for the engine.
+    pub fn waiting_add(&self, adapter: Option<&str>) {
+        if let Some(a) = adapter {
+            let mut w = self
+                .waiting_adapters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            *w.entry(a.to_string()).or_default() += 1;
+        }
+    }
+
+    /// A request for `adapter` stops waiting (admitted, dropped or refused).
+    pub fn waiting_remove(&self, adapter: Option<&str>) {
+        if let Some(a) = adapter {
+            let mut w = self
+                .waiting_adapters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = w.get_mut(a) {
+                *n -= 1;
+                if *n == 0 {
+                    w.remove(a);
+                }
+            }
+        }
+    }
+
+    /// The engine's batch after admission: its size, reserved KV positions and adapters.
+    pub fn set_running<'a>(
+        &self,
+        count: usize,
+        kv_reserved: usize,
+        adapters: impl Iterator<Item = &'a str>,
+    ) {
+        let mut names: Vec<String> = adapters.map(str::to_string).collect();
+        names.sort_unstable();
+        names.dedup();
+        self.running.store(count as u64, Ordering::Relaxed);
+        self.kv_reserved
+            .store(kv_reserved as u64, Ordering::Relaxed);
+        *self
+            .running_adapters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
     /// Counts a request for `model` (the base or an adapter name).
     pub fn request_for(&self, model: &str) {
         self.requests.fetch_add(1, Ordering::Relaxed);

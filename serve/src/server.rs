@@ -104,6 +104,13 @@ where
         args.pin.clone(),
     ));
     let indexed = load_initial_adapters(args, &registry, &model)?;
+    let gateway = crate::gateway::GatewayLabels {
+        model_name: base_name.clone(),
+        max_lora: args.max_batch.max(1),
+        kv_capacity: args
+            .kv_cache_tokens
+            .unwrap_or(args.max_batch.max(1) * model.config.max_position_embeddings),
+    };
     let (tx, rx) = std::sync::mpsc::sync_channel(args.max_queue);
     let metrics = Arc::new(Metrics::default());
     let tokenizer = Arc::new(tokenizer);
@@ -147,6 +154,7 @@ where
         request_timeout: Duration::from_secs(args.request_timeout),
         metrics,
         started: crate::http::now_secs(),
+        gateway,
     });
     Ok(Started { state, engine })
 }

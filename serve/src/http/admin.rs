@@ -59,8 +59,15 @@ pub async fn metrics<B: GraftBackend>(State(s): State<Arc<AppState<B>>>) -> Resp
         evictions: r.evictions.load(Ordering::Relaxed),
         reloads: r.reloads.load(Ordering::Relaxed),
         first_loads: r.first_loads.load(Ordering::Relaxed),
-    });
+    }) + &crate::gateway::render(&s.metrics, &s.gateway, unix_time());
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Unix time in seconds, with its fraction (`vllm:lora_requests_info`).
+fn unix_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 pub async fn models<B: GraftBackend>(

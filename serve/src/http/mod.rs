@@ -58,6 +58,8 @@ pub struct AppState<B: GraftBackend> {
     /// Unix seconds at start (`created` of the model cards).
     pub started: u64,
     pub metrics: Arc<Metrics>,
+    /// What `/metrics` reports under vLLM's names for the inference gateway.
+    pub gateway: crate::gateway::GatewayLabels,
 }
 
 /// The HTTP app over `state`; serve it with `axum::serve`, or drive it in tests with

@@ -224,15 +224,21 @@ pub async fn respond<B: GraftBackend>(
 fn submit<B: GraftBackend>(s: &AppState<B>, req: Request<B>) -> Result<(), ApiError> {
     // Counted before the engine can finish it (the engine decrements).
     s.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
+    let adapter = req.adapter_name().map(str::to_string);
+    s.metrics.waiting_add(adapter.as_deref());
+    let refused = |s: &AppState<B>| {
+        s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+        s.metrics.waiting_remove(adapter.as_deref());
+    };
     match s.engine.try_send(req) {
         Ok(()) => Ok(()),
         Err(TrySendError::Full(_)) => {
-            s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+            refused(s);
             s.metrics.rejected.fetch_add(1, Ordering::Relaxed);
             Err(ApiError::TooManyRequests)
         }
         Err(TrySendError::Disconnected(_)) => {
-            s.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+            refused(s);
             Err(ApiError::Unavailable)
         }
     }

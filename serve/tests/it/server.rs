@@ -1320,3 +1320,103 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
         "no longer serving"
     );
 }
+
+/// Samples of a `/metrics` text, parsed by prometheus_client (the reference parser).
+fn prometheus_samples(text: &str) -> Vec<Value> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("metrics.txt");
+    std::fs::write(&path, text).expect("write");
+    let v = python_client("prometheus_parse.py", &[path.to_str().expect("utf-8")]);
+    v["samples"].as_array().expect("samples").clone()
+}
+
+/// The first `/metrics` text (polled every 20 ms, for up to a minute) with the line `line`.
+fn metrics_once(s: &Server, line: &str) -> String {
+    let t0 = std::time::Instant::now();
+    loop {
+        let text = get_text(s, "/metrics");
+        if text.lines().any(|l| l == line) {
+            return text;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "never {line}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sample_value(samples: &[Value], name: &str) -> f64 {
+    sample(samples, name)["value"].as_f64().expect("a number")
+}
+
+fn sample<'a>(samples: &'a [Value], name: &str) -> &'a Value {
+    samples
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {samples:?}"))
+}
+
+#[test]
+fn metrics_carry_the_inference_gateways_vllm_names() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strong = strong_adapter(dir.path());
+    let a1 = format!("a1={}", strong.display());
+    let a2 = format!("a2={}", strong.display());
+    let s = start(&["--max-batch", "1", "--adapter", &a1, "--adapter", &a2]);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64()
+    };
+    let check_idle = |samples: &[Value]| {
+        assert_eq!(sample_value(samples, "vllm:num_requests_running"), 0.0);
+        assert_eq!(sample_value(samples, "vllm:num_requests_waiting"), 0.0);
+        assert_eq!(sample_value(samples, "vllm:kv_cache_usage_perc"), 0.0);
+        let info = sample(samples, "vllm:lora_requests_info");
+        assert_eq!(
+            info["labels"],
+            json!({"max_lora": "1", "running_lora_adapters": "", "waiting_lora_adapters": ""})
+        );
+        let at = sample_value(samples, "vllm:lora_requests_info");
+        assert!((at - now()).abs() < 60.0, "{info}");
+    };
+    let samples = prometheus_samples(&get_text(&s, "/metrics"));
+    check_idle(&samples);
+    assert_eq!(
+        sample(&samples, "vllm:num_requests_running")["labels"],
+        json!({"model_name": "smollm2"})
+    );
+    assert_eq!(
+        sample(&samples, "vllm:num_requests_running")["type"],
+        "gauge"
+    );
+
+    // One slot, three long requests (a1, a2, a1 in that order): one runs, two wait.
+    let busy = std::thread::scope(|sc| {
+        for (i, model) in ["a1", "a2", "a1"].into_iter().enumerate() {
+            let s = &s;
+            sc.spawn(move || {
+                std::thread::sleep(Duration::from_millis(150 * i as u64));
+                let body = json!({"model": model, "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 150, "ignore_eos": true, "temperature": 0});
+                let (status, v, _) = post(s, "/v1/chat/completions", &body, None);
+                assert_eq!(status, 200, "{v}");
+            });
+        }
+        metrics_once(&s, "vllm:num_requests_waiting{model_name=\"smollm2\"} 2")
+    });
+    let samples = prometheus_samples(&busy);
+    assert_eq!(sample_value(&samples, "vllm:num_requests_running"), 1.0);
+    assert_eq!(sample_value(&samples, "vllm:num_requests_waiting"), 2.0);
+    let usage = sample_value(&samples, "vllm:kv_cache_usage_perc");
+    assert!(usage > 0.0 && usage <= 1.0, "{usage}");
+    assert_eq!(
+        sample(&samples, "vllm:lora_requests_info")["labels"],
+        json!({"max_lora": "1", "running_lora_adapters": "a1", "waiting_lora_adapters": "a1,a2"})
+    );
+    // All answered (the scope waited for the clients); the engine empties its batch next.
+    let idle = metrics_once(&s, "vllm:num_requests_running{model_name=\"smollm2\"} 0");
+    check_idle(&prometheus_samples(&idle));
+}
