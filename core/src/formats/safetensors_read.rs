@@ -14,10 +14,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{AllocationProperty, Bytes, DType, TensorData};
-use half::{bf16, f16};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
+use crate::load::hf::f32_values;
 use crate::recycle::READ_BUFFERS;
 
 /// Bytes per reading thread below which one thread reads everything.
@@ -189,11 +189,12 @@ impl Header {
         for ((_, info), size) in self.tensors.iter().zip(&sizes) {
             if let Some(size) = *size {
                 let (start, end) = info.data_offsets;
-                to_f32(
-                    info.dtype,
-                    &region[start..end],
-                    &mut f32s.bytes_mut()[at..at + size],
-                );
+                let values =
+                    f32_values(info.dtype, &region[start..end]).expect("dtypes checked above");
+                let out = &mut f32s.bytes_mut()[at..at + size];
+                for (v, o) in values.zip(out.chunks_exact_mut(4)) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
                 at += size;
             }
         }
@@ -258,19 +259,14 @@ impl Header {
             source,
         };
         let mut f = File::open(&self.path).map_err(io)?;
-        if identity(&f.metadata().map_err(io)?) != self.identity {
-            return Err(ReadError::Changed {
-                path: self.path.clone(),
-            });
-        }
         f.seek(SeekFrom::Start(at)).map_err(io)?;
+        // The header was checked against the file's length: a short read means it shrank
+        // since. (Other replacements and rewrites are caught by `read_data`'s check after
+        // the read.)
         f.read_exact(out).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                ReadError::Corrupt {
+                ReadError::Changed {
                     path: self.path.clone(),
-                    message: "the file ended before the data its header describes (was it \
-                              truncated while being read?)"
-                        .into(),
                 }
             } else {
                 io(e)
@@ -279,21 +275,10 @@ impl Header {
     }
 }
 
-/// Little-endian F32, F16 or BF16 bytes `b` as little-endian f32 bytes into `out`.
-fn to_f32(dtype: Dtype, b: &[u8], out: &mut [u8]) {
-    let value = |c: &[u8]| match dtype {
-        Dtype::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
-        Dtype::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
-        _ => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-    };
-    let width = if dtype == Dtype::F32 { 4 } else { 2 };
-    for (c, o) in b.chunks_exact(width).zip(out.chunks_exact_mut(4)) {
-        o.copy_from_slice(&value(c).to_le_bytes());
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use half::{bf16, f16};
+
     use super::*;
 
     fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {

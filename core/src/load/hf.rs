@@ -365,19 +365,19 @@ pub(crate) fn proj_module(layer: usize, t: TargetModule) -> String {
 /// Little-endian safetensors data of an F32, F16 or BF16 tensor as f32 values; `None` for other
 /// dtypes.
 pub(crate) fn to_f32(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+    Some(f32_values(dtype, b)?.collect())
+}
+
+/// The f32 values of little-endian F32, F16 or BF16 data, in order; `None` for other dtypes.
+pub(crate) fn f32_values(dtype: Dtype, b: &[u8]) -> Option<impl Iterator<Item = f32> + '_> {
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 | Dtype::BF16 => 2,
         _ => return None,
-    })
+    };
+    Some(b.chunks_exact(width).map(move |c| match dtype {
+        Dtype::F16 => f16::from_le_bytes([c[0], c[1]]).to_f32(),
+        Dtype::BF16 => bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+        _ => f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+    }))
 }
