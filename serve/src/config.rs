@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// Seconds a request may run.
     #[arg(long, default_value_t = 600)]
     pub request_timeout: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM or SIGINT (new connections are
+    /// refused at once); the server then exits, cutting what is left.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
     /// Base weight storage: keep, nf4 or none.
     #[arg(long, default_value = "keep")]
     pub quantize: QuantKind,

@@ -81,6 +81,12 @@ pub struct AdapterFigures {
 pub struct Metrics {
     pub requests: AtomicU64,
     pub rejected: AtomicU64,
+    /// Requests ended by an engine fault (a panic, a failed read-back, non-finite logits).
+    pub failed: AtomicU64,
+    /// Batched steps that failed and were re-run one request at a time.
+    pub step_faults: AtomicU64,
+    /// Times the engine loop itself failed and was restarted.
+    pub engine_restarts: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     /// Requests submitted and not yet finished (running + waiting).
@@ -110,6 +116,9 @@ impl Default for Metrics {
         Metrics {
             requests: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            step_faults: AtomicU64::new(0),
+            engine_restarts: AtomicU64::new(0),
             generated_tokens: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
@@ -214,6 +223,24 @@ impl Metrics {
             "graft_requests_rejected_total",
             "Requests refused because the queue was full.",
             self.rejected.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_requests_failed_total",
+            "Requests ended by an engine fault (answered 500 with their request id).",
+            self.failed.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_engine_step_faults_total",
+            "Batched engine steps that failed and were re-run one request at a time.",
+            self.step_faults.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "graft_engine_restarts_total",
+            "Times the engine loop failed outside a step and was restarted.",
+            self.engine_restarts.load(Ordering::Relaxed),
         );
         counter(
             &mut out,

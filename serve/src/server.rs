@@ -16,7 +16,7 @@ use graft_core::text::chat::ChatTemplate;
 use graft_core::text::tool_calls::ToolFormat;
 
 use crate::config::ServeArgs;
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, FaultHook};
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -52,6 +52,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
 /// # Errors
 /// No `--model`, a model or adapter that does not load, an unreadable adapters directory.
 pub fn start<B: GraftBackend>(args: &ServeArgs, device: &B::Device) -> Result<Started<B>>
+where
+    B::Device: Send + Sync,
+{
+    start_with_faults(args, device, None)
+}
+
+/// [`start`], with a hook that makes chosen requests meet engine faults (tests of recovery).
+///
+/// # Errors
+/// As [`start`].
+#[doc(hidden)]
+pub fn start_with_faults<B: GraftBackend>(
+    args: &ServeArgs,
+    device: &B::Device,
+    faults: Option<FaultHook>,
+) -> Result<Started<B>>
 where
     B::Device: Send + Sync,
 {
@@ -123,7 +139,7 @@ where
         };
         std::thread::Builder::new()
             .name("graft-engine".into())
-            .spawn(move || crate::engine::run(model, tokenizer, rx, config, metrics))?
+            .spawn(move || crate::engine::run(model, tokenizer, rx, config, metrics, faults))?
     };
     if let (Some(dir), Some(applied), true) = (
         args.adapters_dir.clone(),
@@ -245,7 +261,8 @@ where
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let grace = Duration::from_secs(args.shutdown_timeout);
+    let cut = rt.block_on(async move {
         let addr = format!("{}:{}", args.host, args.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
@@ -256,11 +273,33 @@ where
             listener.local_addr()?,
             t0.elapsed().as_secs_f64()
         );
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
-        anyhow::Ok(())
+        let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
+        let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            let _ = signalled.send(true);
+        });
+        let deadline = async move {
+            // Never fires unless the signal came (a closed channel waits forever).
+            if on_signal.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            served = server => { served?; anyhow::Ok(false) }
+            () = deadline => anyhow::Ok(true),
+        }
     })?;
+    if cut {
+        tracing::warn!(
+            event = "shutdown_timeout",
+            "graft-serve: requests still running after --shutdown-timeout {}s were cut",
+            grace.as_secs()
+        );
+        // Connection tasks are dropped; the engine thread ends with the process.
+        rt.shutdown_timeout(Duration::from_secs(1));
+        return Ok(());
+    }
     // The router (and its engine sender) is gone: the engine drains and stops.
     let _ = engine.join();
     Ok(())

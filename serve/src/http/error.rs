@@ -29,6 +29,12 @@ pub enum ApiError {
     Unavailable,
     /// Logged with its cause; the client sees only that it happened.
     Internal(String),
+    /// The engine could not finish a request: `message` is meant for the client (the engine
+    /// logged the cause), and the answer carries the request id to report.
+    Failed {
+        request_id: String,
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -149,6 +155,27 @@ impl IntoResponse for ApiError {
                 "the server is shutting down".into(),
                 None,
             ),
+            ApiError::Failed {
+                request_id,
+                message,
+            } => {
+                let mut resp = (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(ErrorResponse {
+                        error: ErrorObject {
+                            message,
+                            kind: "server_error".into(),
+                            param: None,
+                            code: "internal_error".into(),
+                        },
+                    }),
+                )
+                    .into_response();
+                if let Ok(id) = HeaderValue::from_str(&request_id) {
+                    resp.headers_mut().insert("x-request-id", id);
+                }
+                return resp;
+            }
             ApiError::Internal(cause) => {
                 tracing::error!(event = "internal_error", cause = %cause, "internal error");
                 (

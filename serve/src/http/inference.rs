@@ -21,6 +21,11 @@ use crate::wire::{ChatCompletionRequest, CompletionRequest, Sampling};
 const MAX_TOP_LOGPROBS: usize = 20;
 /// Most choices per prompt, and most prompts per completions request.
 const MAX_N: usize = 16;
+/// Most stop strings, and the longest one in bytes.
+const MAX_STOPS: usize = 16;
+const MAX_STOP_BYTES: usize = 256;
+/// Most `logit_bias` entries (OpenAI's limit).
+const MAX_LOGIT_BIAS: usize = 300;
 
 /// The adapter `model` names (None for the base), and how long reading it took if this
 /// request had to.
@@ -60,7 +65,9 @@ where
     }
 }
 
-/// Checks the sampling fields and resolves the model: a request ready but for its tokens.
+/// Checks the sampling fields, then resolves the model and compiles any output grammar: a
+/// request ready but for its tokens. The limits are checked first, so a refused request costs
+/// no adapter read and no grammar compile.
 async fn prepare<B: GraftBackend>(
     s: &Arc<AppState<B>>,
     sp: Sampling,
@@ -69,11 +76,6 @@ async fn prepare<B: GraftBackend>(
 where
     B::Device: Send + Sync,
 {
-    let (adapter, adapter_load) = resolve(s, &sp.model).await?;
-    let constraint = match structured::requested(&sp)? {
-        Some((grammar, param)) => Some(structured::compile(s, grammar, param).await?),
-        None => None,
-    };
     let n = sp.n.unwrap_or(1);
     if !(1..=MAX_N).contains(&n) {
         return Err(ApiError::bad_field(
@@ -82,6 +84,15 @@ where
         ));
     }
     let vocab = s.model.config.vocab_size;
+    let bias_entries = sp.logit_bias.as_ref().map_or(0, |b| b.len());
+    if bias_entries > MAX_LOGIT_BIAS {
+        return Err(ApiError::bad_field(
+            "logit_bias",
+            format!("logit_bias has {bias_entries} entries; at most {MAX_LOGIT_BIAS}"),
+        ));
+    }
+    let stop_strings = sp.stop.clone().into_vec();
+    check_stops(&stop_strings)?;
     let mut logit_bias = Vec::new();
     for (token, &bias) in sp.logit_bias.iter().flatten() {
         match token.parse::<u32>() {
@@ -119,13 +130,19 @@ where
         min_tokens: sp.min_tokens.unwrap_or(0),
         seed: sp.seed,
         max_new_tokens: max_tokens,
-        stop_strings: sp.stop.into_vec(),
+        stop_strings,
         ignore_eos: sp.ignore_eos,
         ..SamplingParams::default()
     };
     params
         .validate()
         .map_err(|e| ApiError::bad_field(e.field, e.to_string()))?;
+    let grammar = structured::requested(&sp)?;
+    let (adapter, adapter_load) = resolve(s, &sp.model).await?;
+    let constraint = match grammar {
+        Some((grammar, param)) => Some(structured::compile(s, grammar, param).await?),
+        None => None,
+    };
     Ok(Prepared {
         model_name: sp.model,
         adapter,
@@ -138,6 +155,28 @@ where
         user: sp.user,
         constraint,
     })
+}
+
+/// Stop strings: a few, short, none empty (an empty one would end every answer at once).
+fn check_stops(stops: &[String]) -> Result<(), ApiError> {
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::bad_field(
+            "stop",
+            format!("{} stop strings; at most {MAX_STOPS}", stops.len()),
+        ));
+    }
+    for (i, stop) in stops.iter().enumerate() {
+        if stop.is_empty() || stop.len() > MAX_STOP_BYTES {
+            return Err(ApiError::bad_field(
+                &format!("stop[{i}]"),
+                format!(
+                    "stop string of {} bytes; each must have 1 to {MAX_STOP_BYTES}",
+                    stop.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub async fn completions<B: GraftBackend>(

@@ -84,14 +84,16 @@ where
         .with_state(state)
 }
 
-/// `Authorization: Bearer <key>` when a key is set.
+/// `Authorization: Bearer <key>` when a key is set. The key is compared in constant time
+/// (`subtle`): how long a refusal takes says nothing about how much of a guess was right.
 fn check_key(headers: &HeaderMap, key: Option<&str>) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq;
     let Some(key) = key else { return Ok(()) };
     let given = headers
         .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key) {
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    if bool::from(given.ct_eq(key.as_bytes())) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)

@@ -259,6 +259,7 @@ async fn gather<B: GraftBackend>(
     s: &AppState<B>,
     mut rx: UnboundedReceiver<Event>,
     logprobs: bool,
+    request_id: &str,
 ) -> Result<Outcome, ApiError> {
     let named = |t: &TokenScore| ScoredText {
         token: s.tokenizer.decode(&[t.id], false).unwrap_or_default(),
@@ -284,7 +285,12 @@ async fn gather<B: GraftBackend>(
     while let Some(ev) = rx.recv().await {
         match ev {
             Event::PromptScores(p) => out.prompt_scores = p.iter().map(named).collect(),
-            Event::Failed(message) => return Err(ApiError::Internal(message)),
+            Event::Failed(message) => {
+                return Err(ApiError::Failed {
+                    request_id: request_id.into(),
+                    message,
+                })
+            }
             Event::Token {
                 score,
                 text,
@@ -325,7 +331,7 @@ async fn collect<B: GraftBackend>(
     for c in choices {
         // The engine runs every choice at once; reading them in turn only orders the answer.
         let (index, prompt_index) = (c.index, c.prompt);
-        let o = gather(s, c.events, answer.logprobs()).await?;
+        let o = gather(s, c.events, answer.logprobs(), &header.id).await?;
         let prompt = if std::mem::replace(&mut counted[prompt_index], true) {
             0
         } else {

@@ -11,6 +11,8 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+mod faults;
+mod limits;
 mod prefix;
 mod sampling;
 mod structured;

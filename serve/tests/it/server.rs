@@ -1285,26 +1285,56 @@ fn a_symlink_out_of_the_adapters_dir_is_refused() {
     assert!(status == 400 || status == 404);
 }
 
-#[test]
-fn sigterm_lets_in_flight_requests_finish_then_exits() {
-    let mut s = start(&[]);
-    let url = s.url.clone();
-    let pid = s.child.id();
-    let client = std::thread::spawn(move || {
-        let mut body = chat_body("smollm2", "Write a poem about autumn.");
-        body["max_tokens"] = json!(24);
-        body["stream"] = json!(true);
-        let resp = ureq::post(&format!("{url}/v1/chat/completions"))
-            .send_string(&body.to_string())
-            .expect("stream");
-        resp.into_string().expect("whole stream")
-    });
-    std::thread::sleep(Duration::from_millis(1500));
+/// Starts a streamed completion of `tokens` tokens; returns once its first chunk arrived, with
+/// a thread that reads the rest (the whole stream's text; cut or not).
+fn stream_in_flight(s: &Server, tokens: usize) -> std::thread::JoinHandle<String> {
+    let body = json!({"model": "smollm2", "prompt": "Once upon a time", "max_tokens": tokens,
+                      "ignore_eos": true, "temperature": 0, "stream": true});
+    let resp = ureq::post(&format!("{}/v1/completions", s.url))
+        .send_string(&body.to_string())
+        .expect("stream");
+    let mut reader = BufReader::new(resp.into_reader());
+    let mut text = String::new();
+    while !text.contains("\"text\"") {
+        assert!(reader.read_line(&mut text).expect("a line") > 0, "{text}");
+    }
+    std::thread::spawn(move || {
+        // A cut connection ends the read with an error: what arrived is the answer.
+        let _ = std::io::Read::read_to_string(&mut reader, &mut text);
+        text
+    })
+}
+
+fn sigterm(s: &Server) {
     let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args(["-TERM", &s.child.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
+}
+
+#[test]
+fn sigterm_refuses_new_requests_lets_in_flight_ones_finish_then_exits() {
+    let mut s = start(&[]);
+    let client = stream_in_flight(&s, 120);
+    sigterm(&s);
+    // New connections are refused at once, while the stream still runs.
+    let mut refused = false;
+    for _ in 0..50 {
+        let r = ureq::get(&format!("{}/health", s.url))
+            .timeout(Duration::from_secs(2))
+            .call();
+        if matches!(r, Err(ureq::Error::Transport(_))) {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(refused, "a new connection was still accepted after SIGTERM");
+    assert!(
+        !client.is_finished(),
+        "the stream ended before the refusal was seen: lengthen it"
+    );
     let text = client.join().expect("client");
     assert!(
         text.trim_end().ends_with("data: [DONE]"),
@@ -1312,13 +1342,23 @@ fn sigterm_lets_in_flight_requests_finish_then_exits() {
     );
     let exit = s.child.wait().expect("wait");
     assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn a_request_still_running_at_the_shutdown_timeout_is_cut_and_the_server_exits() {
+    let mut s = start(&["--shutdown-timeout", "1"]);
+    let client = stream_in_flight(&s, 4000);
+    let t0 = std::time::Instant::now();
+    sigterm(&s);
+    let exit = s.child.wait().expect("wait");
+    let took = t0.elapsed();
+    assert!(exit.success(), "{exit:?}");
     assert!(
-        ureq::get(&format!("{}/health", s.url))
-            .timeout(Duration::from_secs(2))
-            .call()
-            .is_err(),
-        "no longer serving"
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "exited {took:?} after SIGTERM with --shutdown-timeout 1"
     );
+    let text = client.join().expect("client");
+    assert!(!text.contains("[DONE]"), "the stream was not cut: {text}");
 }
 
 /// Samples of a `/metrics` text, parsed by prometheus_client (the reference parser).
