@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use arrow::record_batch::RecordBatch;
 use serde_json::{Map, Value};
 
 use crate::DataError;
@@ -116,9 +117,18 @@ pub fn read_file(path: &Path) -> Result<(Vec<Row>, Vec<BadRow>), DataError> {
         "json" => read_json_array(path, &std::fs::read_to_string(path).map_err(io)?),
         "csv" | "parquet" | "arrow" | "feather" | "ipc" => {
             let batches = columnar::read_batches(path, &ext)?;
+            let bytes = std::fs::metadata(path).map_err(io)?.len();
+            let n_rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+            check_row_count(path, n_rows as u64, bytes)?;
             let mut rows = Vec::new();
-            for batch in &batches {
-                let objects = columnar::to_json_objects(path, batch)?;
+            // Converted a slice at a time, so no one conversion grows with the whole file.
+            let slices = batches.iter().flat_map(|b| {
+                (0..b.num_rows())
+                    .step_by(CONVERT_ROWS)
+                    .map(move |at| b.slice(at, CONVERT_ROWS.min(b.num_rows() - at)))
+            });
+            for batch in slices {
+                let objects = columnar::to_json_objects(path, &batch)?;
                 for fields in objects {
                     rows.push(Row {
                         file: path.to_path_buf(),
@@ -136,7 +146,29 @@ pub fn read_file(path: &Path) -> Result<(Vec<Row>, Vec<BadRow>), DataError> {
     }
 }
 
+/// Rows of a columnar file converted to JSON at a time.
+const CONVERT_ROWS: usize = 1024;
+
+/// A columnar file may declare at most a row per byte. Null columns and run-length or
+/// dictionary encodings make rows nearly free to declare, and each becomes a [`Row`] when
+/// read: without a bound, a hostile kilobyte could ask for billions. A training set of text
+/// is far below it.
+fn check_row_count(path: &Path, rows: u64, bytes: u64) -> Result<(), DataError> {
+    if rows > bytes {
+        return Err(DataError::Parse {
+            path: path.to_path_buf(),
+            message: format!(
+                "{rows} rows declared in a file of {bytes} bytes (at most one row per byte)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+mod ipc;
+
 /// Columnar formats through arrow: record batches, then JSON objects.
+
 mod columnar {
     use std::fs::File;
 
@@ -148,7 +180,34 @@ mod columnar {
     use arrow::record_batch::RecordBatch;
     use serde_json::{Map, Value};
 
+    /// `f`, with a panic turned into `path`'s error. The Arrow and Parquet readers can panic on
+    /// malformed files (found by fuzzing).
+    fn guarded<T>(
+        path: &Path,
+        what: &str,
+        f: impl FnOnce() -> Result<T, DataError>,
+    ) -> Result<T, DataError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a malformed file");
+            Err(DataError::Parse {
+                path: path.to_path_buf(),
+                message: format!("{what} failed: {why}"),
+            })
+        })
+    }
+
+    /// The record batches of a CSV, Parquet or Arrow IPC file.
     pub fn read_batches(path: &Path, ext: &str) -> Result<Vec<RecordBatch>, DataError> {
+        guarded(path, &format!("the {ext} reader"), || {
+            read_batches_unguarded(path, ext)
+        })
+    }
+
+    fn read_batches_unguarded(path: &Path, ext: &str) -> Result<Vec<RecordBatch>, DataError> {
         let parse = |message: String| DataError::Parse {
             path: path.to_path_buf(),
             message,
@@ -175,35 +234,42 @@ mod columnar {
                     .collect()
             }
             "parquet" => {
-                let reader =
+                let builder =
                     parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open()?)
-                        .map_err(|e| parse(format!("not a readable Parquet file: {e}")))?
-                        .build()
-                        .map_err(|e| parse(e.to_string()))?;
+                        .map_err(|e| parse(format!("not a readable Parquet file: {e}")))?;
+                // Run-length encoding makes rows cheap to declare: the count is checked (as
+                // for every columnar file, see `read_file`) before any is decoded.
+                let declared: i64 = builder
+                    .metadata()
+                    .row_groups()
+                    .iter()
+                    .map(|g| g.num_rows().max(0))
+                    .fold(0i64, i64::saturating_add);
+                let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
+                super::check_row_count(path, declared as u64, bytes)?;
+                let reader = builder.build().map_err(|e| parse(e.to_string()))?;
                 reader
                     .map(|b| b.map_err(|e| parse(format!("Parquet: {e}"))))
                     .collect()
             }
-            _ => match arrow::ipc::reader::FileReader::try_new(open()?, None) {
-                Ok(reader) => reader
-                    .map(|b| b.map_err(|e| parse(format!("Arrow IPC: {e}"))))
-                    .collect(),
-                Err(file_err) => {
-                    let reader =
-                        arrow::ipc::reader::StreamReader::try_new(open()?, None).map_err(|e| {
-                            parse(format!(
-                                "not an Arrow IPC file ({file_err}) or stream ({e})"
-                            ))
-                        })?;
-                    reader
-                        .map(|b| b.map_err(|e| parse(format!("Arrow IPC: {e}"))))
-                        .collect()
-                }
-            },
+            _ => {
+                let bytes = std::fs::read(path).map_err(|e| parse(e.to_string()))?;
+                super::ipc::read(bytes).map_err(parse)
+            }
         }
     }
 
+    /// The rows of `batch` as JSON objects.
     pub fn to_json_objects(
+        path: &Path,
+        batch: &RecordBatch,
+    ) -> Result<Vec<Map<String, Value>>, DataError> {
+        guarded(path, "converting rows", || {
+            to_json_objects_unguarded(path, batch)
+        })
+    }
+
+    fn to_json_objects_unguarded(
         path: &Path,
         batch: &RecordBatch,
     ) -> Result<Vec<Map<String, Value>>, DataError> {

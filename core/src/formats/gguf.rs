@@ -428,7 +428,7 @@ impl Reader<'_> {
             return Err(GgufError::Truncated {
                 path: self.path.to_path_buf(),
                 what: format!("{what} {count}"),
-                needed: self.pos as u64 + count.saturating_mul(min_size),
+                needed: (self.pos as u64).saturating_add(count.saturating_mul(min_size)),
                 len: self.bytes.len() as u64,
             });
         }

@@ -113,6 +113,15 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
     let usize_key = |k: &str| f.u64(&key(k)).map(|v| v as usize);
     let hidden_size = usize_key("embedding_length")?;
     let num_layers = usize_key("block_count")?;
+    // Each layer has tensors: a count beyond the file's tensors is a hostile header, and would
+    // size the per-layer tables below.
+    if num_layers > f.tensors.len() {
+        return Err(ConfigError::Invalid(format!(
+            "{} = {num_layers}, but the file holds {} tensors",
+            key("block_count"),
+            f.tensors.len()
+        )));
+    }
     let num_heads = usize_key("attention.head_count")?;
     let num_kv_heads = f
         .opt_u64(&key("attention.head_count_kv"))?

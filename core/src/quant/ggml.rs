@@ -120,7 +120,8 @@ impl GgmlType {
     /// Bytes needed for `n` elements, or `None` if `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let bs = self.block_size() as u64;
-        (n % bs == 0).then(|| n / bs * self.type_size() as u64)
+        // None also when the byte count does not fit a u64 (a hostile header's dimensions).
+        (n % bs == 0).then(|| (n / bs).checked_mul(self.type_size() as u64))?
     }
 
     /// Dequantizes `bytes` (a whole number of blocks) into `out`, which must hold exactly the

@@ -45,6 +45,10 @@ pub struct ChatTemplate {
     eos_token: String,
 }
 
+/// Instructions one render may run, and the deepest nesting (macros, includes, recursion).
+const TEMPLATE_FUEL: u64 = 20_000_000;
+const TEMPLATE_RECURSION: usize = 100;
+
 impl ChatTemplate {
     /// Compiles `source`.
     ///
@@ -56,6 +60,11 @@ impl ChatTemplate {
         eos_token: Option<&str>,
     ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
+        // Templates come inside downloaded model files: bound every render's work (minijinja
+        // counts instructions as fuel) and its nesting. A long conversation with tools takes
+        // well under a tenth of this.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_RECURSION);
         let syntax = minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
             .lstrip_blocks(true)
@@ -202,6 +211,35 @@ mod tests {
     use super::*;
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn a_template_from_a_file_is_bounded_and_reads_no_files_or_environment() {
+        let hi = [Message::new("user", "hi")];
+        let render = |src: &str| {
+            let t = std::time::Instant::now();
+            let out = ChatTemplate::new(src, None, None).and_then(|c| c.render(&hi, true));
+            (out, t.elapsed())
+        };
+        // 10^5 × 10^5 iterations would run for hours: fuel stops it.
+        let (out, took) = render(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
+        );
+        let e = out.expect_err("out of fuel").to_string();
+        assert!(e.contains("fuel"), "{e}");
+        assert!(took.as_secs() < 10, "{took:?}");
+        let (out, _) = render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
+        assert!(out.is_err(), "unbounded recursion rendered");
+        for src in [
+            "{% include '/etc/passwd' %}",
+            "{% import '/etc/hosts' as h %}",
+            "{{ env }}{{ environ }}{{ os }}",
+        ] {
+            let (out, _) = render(src);
+            if let Ok(text) = out {
+                assert!(text.trim().is_empty(), "{src} rendered {text:?}");
+            }
+        }
+    }
 
     #[test]
     fn chatml_renders() {
