@@ -308,6 +308,12 @@ impl Metrics {
             "Bytes of adapters in memory.",
             adapters.bytes as u64,
         );
+        gauge(
+            &mut out,
+            "graft_adapter_read_buffers_free_bytes",
+            "Bytes of freed adapter buffers kept for the next reads (at most 256 MiB).",
+            graft_core::recycle::READ_BUFFERS.free_bytes() as u64,
+        );
         counter(
             &mut out,
             "graft_adapter_evictions_total",

@@ -129,7 +129,7 @@ pub enum RegistryError {
 impl RegistryError {
     /// Whether the files themselves are at fault (the adapter is broken until they change),
     /// as opposed to a name, a path or a read that failed for reasons of the server's own.
-    fn is_bad_files(&self) -> bool {
+    pub fn is_bad_files(&self) -> bool {
         match self {
             RegistryError::Adapter(AdapterError::Io { source, .. }) => {
                 source.kind() == std::io::ErrorKind::NotFound
@@ -329,7 +329,8 @@ impl<B: GraftBackend> Registry<B> {
                 info: Some(e.info.clone()),
                 requests: k.requests.load(Ordering::Relaxed),
                 in_memory: true,
-                broken: None,
+                // Files that changed into something unreadable while this version serves.
+                broken: k.broken.as_ref().map(|b| b.message.clone()),
             },
             None => CatalogEntry {
                 name: name.into(),
@@ -434,6 +435,23 @@ impl<B: GraftBackend> Registry<B> {
                 }
                 Err(err)
             }
+        }
+    }
+
+    /// Records that the files of `name` changed into something that is not a valid adapter
+    /// while `version` is in memory (the watcher read them and kept `version` in service): the
+    /// card shows why, and should `version` leave memory, the files are refused without
+    /// reading until they change (`signature`: theirs when they were read).
+    pub fn mark_bad_files(
+        &self,
+        name: &str,
+        version: u64,
+        message: String,
+        signature: Option<Signature>,
+    ) {
+        let mut known = self.known.write().expect("registry lock");
+        if let Some(k) = known.get_mut(name).filter(|k| k.version == version) {
+            k.broken = Some(Box::new(Broken { message, signature }));
         }
     }
 

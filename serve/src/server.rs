@@ -146,12 +146,15 @@ where
         indexed,
         args.watch_interval_ms > 0,
     ) {
-        let registry = Arc::downgrade(&registry);
+        let served = crate::watch::Served {
+            registry: Arc::downgrade(&registry),
+            model: Arc::downgrade(&model),
+        };
         let interval = Duration::from_millis(args.watch_interval_ms);
         let events = !args.watch_poll;
         std::thread::Builder::new()
             .name("graft-watch".into())
-            .spawn(move || crate::watch::run(registry, dir, interval, events, applied))?;
+            .spawn(move || crate::watch::run(served, dir, interval, events, applied))?;
     }
     let state = Arc::new(AppState {
         model,

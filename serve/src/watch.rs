@@ -1,8 +1,12 @@
 //! Watching the adapters directory: new adapters are indexed, changed ones indexed again as a
-//! new version (the old one leaves memory; running requests keep it), removed ones forgotten.
-//! Nothing is read here — an adapter is read on its first request — so a half-written adapter
-//! costs nothing until someone asks for it (and is then refused as broken until its files
-//! change again).
+//! new version, removed ones forgotten. An adapter that is not in memory is not read here — it
+//! is read on its first request — so a half-written new adapter costs nothing until someone
+//! asks for it (and is then refused as broken until its files change again). An adapter in
+//! memory whose files change is read here, and replaced only if the new files are a valid
+//! adapter: a partial or bad write does not take a good version out of service (running and new
+//! requests keep it until the files change again and read well). Should that version leave
+//! memory meanwhile (evicted by the budget), the bad files are all there is: it is refused as
+//! broken, as any adapter whose files are bad.
 //!
 //! Changes come from the OS (inotify on Linux, through the `notify` crate): a change is
 //! applied once its entry has been quiet for a quarter of the watch interval, so it is seen
@@ -14,10 +18,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use graft_core::backend::GraftBackend;
+use graft_core::model::Model;
 use notify::{RecursiveMode, Watcher};
 
 use crate::adapter_files::{self, Found, Signature};
@@ -26,11 +31,18 @@ use crate::registry::Registry;
 /// What the watcher has applied: each adapter's signature when it was last indexed.
 pub type Applied = BTreeMap<String, Signature>;
 
-/// Watches `dir` and applies its changes to `registry` until the registry is dropped (the
+/// What changes are applied to: the server's registry, and its model (adapters in memory are
+/// checked against it when their files change). Weak: the watcher ends with the server.
+pub struct Served<B: GraftBackend> {
+    pub registry: Weak<Registry<B>>,
+    pub model: Weak<Model<B>>,
+}
+
+/// Watches `dir` and applies its changes to `served` until the registry is dropped (the
 /// server stopped). `applied` is what the start-up scan indexed. `events`: use the OS's
 /// file events where it has them (else list the directory every interval).
 pub fn run<B: GraftBackend>(
-    registry: Weak<Registry<B>>,
+    served: Served<B>,
     dir: PathBuf,
     interval: Duration,
     events: bool,
@@ -70,7 +82,7 @@ pub fn run<B: GraftBackend>(
         }
     };
     // Whatever changed between the start-up scan and the watch being in place.
-    if !rescan(&registry, &dir, &mut applied) {
+    if !rescan(&served, &dir, &mut applied) {
         return;
     }
     if let Some((_watcher, rx)) = events {
@@ -81,9 +93,9 @@ pub fn run<B: GraftBackend>(
             let alive = match changed {
                 Changes::Entries(entries) => entries
                     .iter()
-                    .all(|e| apply(&registry, &dir, e, &mut applied)),
-                Changes::Everything => rescan(&registry, &dir, &mut applied),
-                Changes::None => registry.strong_count() > 0,
+                    .all(|e| apply(&served, &dir, e, &mut applied)),
+                Changes::Everything => rescan(&served, &dir, &mut applied),
+                Changes::None => served.registry.strong_count() > 0,
                 Changes::OutOfWatches => {
                     tracing::warn!(
                         event = "adapter_watch_polling",
@@ -100,12 +112,12 @@ pub fn run<B: GraftBackend>(
             }
         }
     }
-    poll(&registry, &dir, interval, &mut applied);
+    poll(&served, &dir, interval, &mut applied);
 }
 
 /// Lists `dir` every `interval` until the server is gone.
 fn poll<B: GraftBackend>(
-    registry: &Weak<Registry<B>>,
+    served: &Served<B>,
     dir: &Path,
     interval: Duration,
     applied: &mut Applied,
@@ -115,7 +127,7 @@ fn poll<B: GraftBackend>(
     loop {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         next = (next + interval).max(Instant::now());
-        if !rescan(registry, dir, applied) {
+        if !rescan(served, dir, applied) {
             return;
         }
     }
@@ -192,19 +204,19 @@ fn entry_of(dir: &Path, path: &Path) -> Option<PathBuf> {
 
 /// Applies the state of one directory entry; false once the server is gone.
 fn apply<B: GraftBackend>(
-    registry: &Weak<Registry<B>>,
+    served: &Served<B>,
     dir: &Path,
     entry: &Path,
     applied: &mut Applied,
 ) -> bool {
-    let Some(registry) = registry.upgrade() else {
+    let Some(registry) = served.registry.upgrade() else {
         return false;
     };
     let Some(name) = adapter_files::name_of(entry) else {
         return true;
     };
     match adapter_files::found(entry) {
-        Some(found) => index(&registry, &name, found, applied),
+        Some(found) => index(&registry, served, &name, found, applied),
         // Gone (or no longer an adapter) — unless the name's other form is there (`a/` and
         // `a.gguf` both name `a`).
         None => {
@@ -217,17 +229,13 @@ fn apply<B: GraftBackend>(
 }
 
 /// Lists `dir` and applies every difference from `applied`; false once the server is gone.
-fn rescan<B: GraftBackend>(
-    registry: &Weak<Registry<B>>,
-    dir: &Path,
-    applied: &mut Applied,
-) -> bool {
-    let Some(registry) = registry.upgrade() else {
+fn rescan<B: GraftBackend>(served: &Served<B>, dir: &Path, applied: &mut Applied) -> bool {
+    let Some(registry) = served.registry.upgrade() else {
         return false;
     };
     let now = adapter_files::scan(dir);
     for (name, found) in now.iter() {
-        index(&registry, name, found.clone(), applied);
+        index(&registry, served, name, found.clone(), applied);
     }
     let gone: Vec<String> = applied
         .keys()
@@ -240,9 +248,22 @@ fn rescan<B: GraftBackend>(
     true
 }
 
-/// Indexes `found` as `name` if its files differ from what was applied.
-fn index<B: GraftBackend>(registry: &Registry<B>, name: &str, found: Found, applied: &mut Applied) {
+/// Indexes `found` as `name` if its files differ from what was applied; an adapter in memory
+/// is read at once instead, and replaced only if its new files read well.
+fn index<B: GraftBackend>(
+    registry: &Registry<B>,
+    served: &Served<B>,
+    name: &str,
+    found: Found,
+    applied: &mut Applied,
+) {
     if applied.get(name) == Some(&found.signature) {
+        return;
+    }
+    let in_memory = registry.catalog_entry(name).filter(|e| e.in_memory);
+    if let (Some(old), Some(model)) = (in_memory, served.model.upgrade()) {
+        replace(registry, &model, name, old.version, &found);
+        applied.insert(name.to_string(), found.signature);
         return;
     }
     match registry.index(name, &found.path, found.symlink) {
@@ -262,6 +283,43 @@ fn index<B: GraftBackend>(registry: &Registry<B>, name: &str, found: Found, appl
         ),
     }
     applied.insert(name.to_string(), found.signature);
+}
+
+/// Reads the changed files of `name` (in memory as `version`) and installs them as a new
+/// version; when they do not read as a valid adapter, `version` stays in service.
+fn replace<B: GraftBackend>(
+    registry: &Registry<B>,
+    model: &Arc<Model<B>>,
+    name: &str,
+    version: u64,
+    found: &Found,
+) {
+    match registry.load(name, &found.path, model) {
+        Ok(e) => tracing::info!(
+            event = "adapter_replaced",
+            adapter = %name,
+            version = e.version,
+            path = %found.path.display(),
+            "adapter {name} v{} read from {} (its files changed while in memory)",
+            e.version,
+            found.path.display()
+        ),
+        Err(err) => {
+            tracing::warn!(
+                event = "adapter_replace_failed",
+                adapter = %name,
+                version,
+                error = %err,
+                "adapter {name}: its changed files do not read as an adapter ({err}); v{version} \
+                 stays in service until they change again"
+            );
+            // Files still being written are read again on their next change, unmarked.
+            let now = adapter_files::signature(&found.path);
+            if err.is_bad_files() && now.as_ref() == Some(&found.signature) {
+                registry.mark_bad_files(name, version, err.to_string(), now);
+            }
+        }
+    }
 }
 
 fn forget<B: GraftBackend>(registry: &Registry<B>, name: &str, applied: &mut Applied) {

@@ -70,14 +70,25 @@ pub fn resume_cmd(run_dir: &Path) -> Result<()> {
         .into_iter()
         .next()
         .expect("at least one run");
-    let last = run::checkpoints(run_dir)
-        .pop()
-        .with_context(|| format!("{}: no checkpoint to resume from", run_dir.display()))?;
-    let ckpt = run::load_checkpoint(&last)?;
-    tracing::info!("resuming {} from {}", run_dir.display(), last.display());
+    // A run stopped before its first checkpoint starts over in the same directory.
+    let ckpt = match run::checkpoints(run_dir).pop() {
+        Some(last) => {
+            tracing::info!("resuming {} from {}", run_dir.display(), last.display());
+            Some(run::load_checkpoint(&last)?)
+        }
+        None if run_dir.join("summary.json").exists() => bail!(
+            "{}: the run has ended (summary.json) and has no checkpoint to resume from",
+            run_dir.display()
+        ),
+        None => {
+            tracing::info!("{}: no checkpoint yet; starting over", run_dir.display());
+            None
+        }
+    };
     // Steps after the checkpoint will run again: drop what they logged the first time.
+    let step = ckpt.as_ref().map_or(0, |c| c.state.step);
     for log in ["metrics.jsonl", "samples.jsonl", "task_eval.jsonl"] {
-        run::truncate_after_step(&run_dir.join(log), ckpt.state.step)
+        run::truncate_after_step(&run_dir.join(log), step)
             .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
     }
     train_on_device(&cfg, Target::Resume(run_dir, ckpt))
@@ -87,8 +98,8 @@ pub fn resume_cmd(run_dir: &Path) -> Result<()> {
 enum Target<'a> {
     /// A fresh run directory (created once model and data are ready), with its sweep index.
     New(Option<usize>),
-    /// An existing run continued from a checkpoint.
-    Resume(&'a Path, run::Checkpoint),
+    /// An existing run continued from its last checkpoint, or from the start when it has none.
+    Resume(&'a Path, Option<run::Checkpoint>),
     /// A fresh run that also records its workload and prints bench figures.
     Bench,
 }
@@ -148,12 +159,12 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
     }
     let fresh = |sweep_index| -> Result<PathBuf> {
         let dir = new_run_dir(cfg, sweep_index)?;
-        std::fs::write(dir.join(run::CONFIG_FILE), resolved(cfg, &dir))
+        run::write_atomic(&dir.join(run::CONFIG_FILE), resolved(cfg, &dir).as_bytes())
             .with_context(|| format!("writing {}", dir.display()))?;
         Ok(dir)
     };
     let (run_dir, resume) = match target {
-        Target::Resume(dir, ckpt) => (dir.to_path_buf(), Some(ckpt)),
+        Target::Resume(dir, ckpt) => (dir.to_path_buf(), ckpt),
         Target::New(sweep_index) => (fresh(sweep_index)?, None),
         Target::Bench => (fresh(None)?, None),
     };

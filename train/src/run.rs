@@ -31,14 +31,18 @@ pub use graft_core::atomic::write_atomic;
 /// # Errors
 /// Any I/O failure.
 pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
+    // One write per line: a process killed mid-line leaves at most one torn last line, which
+    // [`truncate_after_step`] drops on resume.
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)?;
-    writeln!(f, "{value}")
+        .open(path)
+        .and_then(|mut f| f.write_all(format!("{value}\n").as_bytes()))
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
-/// Drops the JSON lines of `path` whose `step` is after `step` (a missing file is fine).
+/// Drops the JSON lines of `path` whose `step` is after `step`, and any torn line a crash left
+/// (a missing file is fine).
 ///
 /// # Errors
 /// Any I/O failure.
@@ -51,10 +55,12 @@ pub fn truncate_after_step(path: &Path, step: usize) -> std::io::Result<()> {
     let kept: String = text
         .lines()
         .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
-                .is_none_or(|s| s as usize <= step)
+            // A line that does not parse was torn by a crash while it was written.
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                v.get("step")
+                    .and_then(serde_json::Value::as_u64)
+                    .is_none_or(|s| s as usize <= step)
+            })
         })
         .map(|l| format!("{l}\n"))
         .collect();

@@ -544,8 +544,17 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        self.save_adapter(&tmp.join("adapter"), params)?;
-        run::save_state(&tmp, state, opt, params)?;
+        let written = self
+            .save_adapter(&tmp.join("adapter"), params)
+            .and_then(|()| run::save_state(&tmp, state, opt, params));
+        if let Err(e) = written {
+            // A full disk: leave the earlier checkpoints as they were, and no partial one.
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("writing checkpoint {}: {e}", dir.display()),
+            ));
+        }
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
         }

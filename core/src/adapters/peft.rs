@@ -126,6 +126,12 @@ impl PeftConfig {
     }
 }
 
+/// The error of an I/O failure on `path`.
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AdapterError {
+    let path = path.to_path_buf();
+    move |source| AdapterError::Io { path, source }
+}
+
 /// Writes `adapter` as a PEFT directory at `dir`, atomically: the files are written into a
 /// temporary sibling directory that is then renamed into place (replacing an older `dir`).
 ///
@@ -136,10 +142,6 @@ pub fn save<B: GraftBackend>(
     adapter: &Adapter<B>,
     config: &PeftConfig,
 ) -> Result<(), AdapterError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| AdapterError::Io { path, source }
-    };
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     let name = dir
@@ -151,6 +153,28 @@ pub fn save<B: GraftBackend>(
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
+    // On a failed write (a full disk) the partial temporary directory goes; `dir` is untouched.
+    if let Err(e) = write_files(&tmp, adapter, config) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(io(dir))?;
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+        std::fs::remove_dir_all(&old).map_err(io(&old))?;
+    } else {
+        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// Writes the weights and config of `adapter` into `tmp`, each synced to disk.
+fn write_files<B: GraftBackend>(
+    tmp: &Path,
+    adapter: &Adapter<B>,
+    config: &PeftConfig,
+) -> Result<(), AdapterError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (li, t, w) in adapter.modules() {
         let key = format!("{PREFIX}{li}.{}.{}", t.hf_parent(), t.hf_name());
@@ -183,14 +207,10 @@ pub fn save<B: GraftBackend>(
     let cfg_path = tmp.join(CONFIG_FILE);
     let json = serde_json::to_string_pretty(config).expect("config serializes");
     std::fs::write(&cfg_path, json).map_err(io(&cfg_path))?;
-
-    if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old).map_err(io(dir))?;
-        std::fs::rename(&tmp, dir).map_err(io(dir))?;
-        std::fs::remove_dir_all(&old).map_err(io(&old))?;
-    } else {
-        std::fs::rename(&tmp, dir).map_err(io(dir))?;
+    for path in [&weights, &cfg_path] {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(io(path))?;
     }
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! The `graft-serve` command line: serving (the default), and the one-shot `generate`,
-//! `score` and `bench` commands. `main` only parses and reports errors; everything runs
+//! `score`, `bench` and `load` commands. `main` only parses and reports errors; everything runs
 //! from here.
 
 mod bench;
 mod generate;
+mod load;
 mod score;
 
 pub use bench::read_bandwidth;
@@ -36,6 +37,9 @@ enum Command {
     Score(score::ScoreArgs),
     /// Drive a running server with concurrent clients and print latency and throughput.
     Bench(bench::BenchArgs),
+    /// Load and soak test a running server: a mix of requests, disconnects and adapter
+    /// replacements; fails on any 5xx or lost request.
+    Load(load::LoadArgs),
 }
 
 /// Parses the process arguments and runs the command. The server logs JSON lines (its
@@ -60,6 +64,7 @@ pub fn main() -> Result<()> {
                 Command::Generate(args) => generate::run(args),
                 Command::Score(args) => score::run(args),
                 Command::Bench(args) => bench::run(args),
+                Command::Load(args) => load::run(args),
             }
         }
     }

@@ -64,7 +64,8 @@ pub struct AdapterCard {
     /// `memory`, `disk` (indexed or evicted: read when requested) or `broken` (its files are
     /// not a valid adapter; requests are refused until they change).
     pub location: String,
-    /// Why a broken adapter could not be read.
+    /// Why its files could not be read: a broken adapter's, or, for one in memory, changed
+    /// files the watcher did not take (the version in memory stays in service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Requests served by every version under this name.

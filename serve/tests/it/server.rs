@@ -1011,7 +1011,8 @@ fn the_polled_directory_indexes_replaces_and_removes_adapters() {
 
 /// New, changed (while in memory and while not) and removed adapters, through the OS's file
 /// events or (`poll`) by listing the directory. The directory is given relative to the
-/// server's working directory, as in `configs/serve.toml`.
+/// server's working directory, as in `configs/serve.toml`. A partial write over an adapter in
+/// memory does not take its good version out of service.
 fn watched_directory(poll: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let watched = dir.path().join("adapters");
@@ -1030,11 +1031,12 @@ fn watched_directory(poll: bool) {
     let v1 = wait_adapter(&s, "w1", |e| e.is_some()).expect("indexed")["version"]
         .as_u64()
         .expect("version");
-    let (status, v, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
-    assert_eq!((status, tag), (200, Some(format!("w1@v{v1}"))));
-    let strong_answer = answer(&v);
-
-    // Changing the config (alpha) makes a new version; the old one leaves memory.
+    let version_after = |v: u64| {
+        wait_adapter(&s, "w1", |e| {
+            e.is_some_and(|e| e["version"].as_u64() != Some(v))
+        })
+        .expect("re-indexed")
+    };
     let set_alpha = |alpha: f64| {
         let mut cfg: Value = serde_json::from_str(
             &std::fs::read_to_string(target.join("adapter_config.json")).expect("config"),
@@ -1045,33 +1047,55 @@ fn watched_directory(poll: bool) {
         std::fs::write(&tmp, format!("{cfg}\n")).expect("write");
         std::fs::rename(&tmp, target.join("adapter_config.json")).expect("rename");
     };
-    set_alpha(100.0);
-    let e = wait_adapter(&s, "w1", |e| {
-        e.is_some_and(|e| e["version"].as_u64() != Some(v1))
-    })
-    .expect("re-indexed");
-    let v2 = e["version"].as_u64().expect("version");
-    assert!(v2 > v1);
-    assert_eq!(e["location"], "disk", "read again on first use: {e}");
-
-    // Replaced again while not in memory: the next request reads the new files.
-    set_alpha(0.0);
-    let v3 = wait_adapter(&s, "w1", |e| {
-        e.is_some_and(|e| e["version"].as_u64() != Some(v2))
-    })
-    .expect("re-indexed")["version"]
-        .as_u64()
-        .expect("version");
-    let (status, v, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
-    assert_eq!((status, tag), (200, Some(format!("w1@v{v3}"))));
     let (_, base, _) = post(
         &s,
         "/v1/chat/completions",
         &chat_body("smollm2", "Hi"),
         None,
     );
+
+    // Changed while not in memory: indexed as a new version, the next request reads it.
+    set_alpha(0.0);
+    let e = version_after(v1);
+    assert_eq!(e["location"], "disk", "not read until used: {e}");
+    let v2 = e["version"].as_u64().expect("version");
+    assert!(v2 > v1);
+    let (status, v, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
+    assert_eq!((status, tag), (200, Some(format!("w1@v{v2}"))));
     assert_eq!(answer(&v), answer(&base), "alpha 0: the base's answer");
-    assert_ne!(answer(&v), strong_answer);
+
+    // Changed while in memory: read at once and replaced by the new version.
+    set_alpha(400.0);
+    let e = version_after(v2);
+    assert_eq!(e["location"], "memory", "read by the watcher: {e}");
+    let v3 = e["version"].as_u64().expect("version");
+    let (status, v, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
+    assert_eq!((status, tag), (200, Some(format!("w1@v{v3}"))));
+    let strong_answer = answer(&v);
+    assert_ne!(strong_answer, answer(&base));
+
+    // A partial write over it (half the weights, in place): v3 stays in service, its card
+    // says why the files were not taken; once the write completes, they are.
+    let weights = std::fs::read(target.join("adapter_model.safetensors")).expect("weights");
+    std::fs::write(
+        target.join("adapter_model.safetensors"),
+        &weights[..weights.len() / 2],
+    )
+    .expect("partial write");
+    let e = wait_adapter(&s, "w1", |e| e.is_some_and(|e| e["error"].is_string()))
+        .expect("the failed read is reported");
+    assert_eq!(
+        (e["version"].as_u64(), e["location"].as_str()),
+        (Some(v3), Some("memory")),
+        "the good version stays: {e}"
+    );
+    let (status, v, tag) = post(&s, "/v1/chat/completions", &chat_body("w1", "Hi"), None);
+    assert_eq!((status, tag), (200, Some(format!("w1@v{v3}"))));
+    assert_eq!(answer(&v), strong_answer);
+    std::fs::write(target.join("adapter_model.safetensors"), &weights).expect("complete write");
+    let e = version_after(v3);
+    assert!(e["error"].is_null(), "{e}");
+    assert_eq!(e["location"], "memory", "{e}");
 
     std::fs::remove_dir_all(&target).expect("remove");
     wait_adapter(&s, "w1", |e| e.is_none());

@@ -119,3 +119,87 @@ fn sigkill_between_checkpoints_resumes_from_the_last_one_and_matches() {
         "steps re-run after the checkpoint are logged once"
     );
 }
+
+/// The names of a run's checkpoint directories, temporary ones included.
+fn checkpoint_entries(run: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .expect("checkpoints dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_full_disk_while_checkpointing_fails_clearly_and_keeps_the_previous_checkpoint() {
+    let (_a, full) = uninterrupted();
+    let (_b, run, exit) = interrupted("-INT");
+    assert!(exit.success(), "{exit:?}");
+    let before = checkpoint_entries(&run);
+    assert!(!before.is_empty());
+    // A 3 MiB file-size limit: the adapter files (~1.9 MB) fit, the optimizer state (~5.8 MB)
+    // does not, so the next checkpoint fails part-way (EFBIG, with SIGXFSZ ignored).
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            "trap '' XFSZ; ulimit -f 3072; exec \"$0\" resume \"$1\"",
+            env!("CARGO_BIN_EXE_graft-train"),
+            run.to_str().expect("utf-8 path"),
+        ])
+        .output()
+        .expect("spawn graft-train under a file-size limit");
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "the checkpoint write should fail: {err}"
+    );
+    assert!(
+        err.contains("writing checkpoint") && err.contains("step-") && err.contains("too large"),
+        "the error names the checkpoint and the cause: {err}"
+    );
+    assert_eq!(
+        checkpoint_entries(&run),
+        before,
+        "no partial checkpoint, the earlier ones untouched"
+    );
+    for c in graft_train::run::checkpoints(&run) {
+        graft_train::run::load_checkpoint(&c).expect("every checkpoint still loads");
+    }
+    // With room again, the run resumes and ends as an uninterrupted one.
+    let out = graft_train(&["resume", run.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d = max_abs_diff(&full.join("adapter"), &run.join("adapter"));
+    assert!(d <= 1e-6, "resumed adapter differs by {d}");
+}
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_starts_over_and_a_torn_log_line_is_dropped() {
+    let (_a, full) = uninterrupted();
+    let (_b, run, _) = interrupted("-KILL");
+    // As if the kill came before the first checkpoint, mid-way through a metrics line.
+    std::fs::remove_dir_all(run.join("checkpoints")).expect("remove checkpoints");
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(run.join("metrics.jsonl"))
+        .expect("metrics");
+    std::io::Write::write_all(&mut metrics, b"{\"step\": 3, \"lo").expect("torn line");
+    drop(metrics);
+    let out = graft_train(&["resume", run.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("starting over"), "{}", stderr(&out));
+    let d = max_abs_diff(&full.join("adapter"), &run.join("adapter"));
+    assert!(d <= 1e-6, "restarted adapter differs by {d}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    let steps: Vec<u64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every line parses"))
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| v["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>());
+    // A run that has ended is not started over, even without checkpoints.
+    std::fs::remove_dir_all(full.join("checkpoints")).expect("remove checkpoints");
+    let out = graft_train(&["resume", full.to_str().expect("utf-8 path")]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("has ended"), "{}", stderr(&out));
+}
