@@ -9,7 +9,8 @@
 #   scripts/load.sh                      # 10,000 requests
 #   scripts/load.sh --duration 1800      # a 30-minute soak (the same mix, for a time)
 #
-# Extra arguments go to `graft-serve load`. The adapter is a one-step run of configs/bench.toml
+# Extra arguments go to `graft-serve load`; $GRAFT_LOAD_SERVE_ARGS adds server flags (e.g.
+# "--prefix-cache-tokens 0"). The adapter is a one-step run of configs/bench.toml
 # (r=16, all linear), kept in $GRAFT_LOAD_WORK (default /tmp/graft-load).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,8 @@ for n in a0 a1 a2 a3 a4 a5 a6 a7 r0 r1; do
 done
 port=${GRAFT_LOAD_PORT:-8131}
 $bin/graft-serve --model "$model" --port "$port" --adapters-dir "$work/adapters" \
-    --max-batch 8 --max-queue 32 --kv-cache-tokens 4096 >"$work/server.log" 2>&1 &
+    --max-batch 8 --max-queue 32 --kv-cache-tokens 4096 ${GRAFT_LOAD_SERVE_ARGS:-} \
+    >"$work/server.log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do

@@ -98,6 +98,8 @@ pub struct Metrics {
     /// Requests that started from a kept prompt prefix, and the prompt tokens not recomputed.
     pub prefix_cache_hits: AtomicU64,
     pub prefix_cache_tokens: AtomicU64,
+    /// Tokens of prompts the prefix cache keeps now (a gauge; its budget bounds it).
+    pub prefix_cache_kept_tokens: AtomicU64,
     pub ttft: Histogram,
     pub itl: Histogram,
     pub adapter_load_secs: Histogram,
@@ -127,6 +129,7 @@ impl Default for Metrics {
             adapter_unloads: AtomicU64::new(0),
             prefix_cache_hits: AtomicU64::new(0),
             prefix_cache_tokens: AtomicU64::new(0),
+            prefix_cache_kept_tokens: AtomicU64::new(0),
             ttft: Histogram::new(LATENCY_BOUNDS),
             itl: Histogram::new(LATENCY_BOUNDS),
             adapter_load_secs: Histogram::new(LOAD_BOUNDS),
@@ -265,6 +268,12 @@ impl Metrics {
             "graft_prefix_cache_hit_tokens_total",
             "Prompt tokens taken from the prefix cache instead of computed.",
             self.prefix_cache_tokens.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "graft_prefix_cache_kept_tokens",
+            "Tokens of prompts the prefix cache keeps (at most --prefix-cache-tokens).",
+            self.prefix_cache_kept_tokens.load(Ordering::Relaxed),
         );
         gauge(
             &mut out,

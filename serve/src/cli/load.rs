@@ -630,9 +630,11 @@ fn report(
     println!("highest KV-cache usage reported: {:.1}%", kv_max * 100.0);
     let mib = |name| metric(args, name).map_or(f64::NAN, |b| b / 1048576.0);
     println!(
-        "at the end: adapters in memory {:.0} MiB, freed adapter buffers kept for reuse {:.0} MiB",
+        "at the end: adapters in memory {:.0} MiB, freed adapter buffers kept for reuse {:.0} MiB, \
+         prompt tokens in the prefix cache {:.0}",
         mib("graft_adapter_memory_bytes"),
-        mib("graft_adapter_read_buffers_free_bytes")
+        mib("graft_adapter_read_buffers_free_bytes"),
+        metric(args, "graft_prefix_cache_kept_tokens").unwrap_or(f64::NAN)
     );
     if rss.len() >= 2 {
         // After warm-up: the first tenth of the run is excluded.

@@ -258,6 +258,9 @@ fn admit<B: GraftBackend>(
             let need = reserved + req.kv_tokens();
             // Kept prompts give way to running requests.
             prefixes.shrink_to(cap.saturating_sub(need));
+            metrics
+                .prefix_cache_kept_tokens
+                .store(prefixes.tokens() as u64, Ordering::Relaxed);
             if need > cap && !active.is_empty() {
                 *held = Some(req);
                 break;

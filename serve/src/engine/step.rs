@@ -97,6 +97,9 @@ fn advance<B: GraftBackend>(
     let vocab = ctx.model.config.vocab_size;
     if a.prefill {
         prefixes.insert(cache_key(&a.req), &a.req.prompt, &a.cache);
+        ctx.metrics
+            .prefix_cache_kept_tokens
+            .store(prefixes.tokens() as u64, Ordering::Relaxed);
     }
     a.prefill = false;
     if scored {

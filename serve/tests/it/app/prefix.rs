@@ -71,6 +71,11 @@ async fn a_repeated_system_prompt_is_prefilled_once_and_answers_do_not_change() 
         reused >= 2.0 * 200.0,
         "the shared system prompt was reused: {reused} tokens"
     );
+    let kept = metric(m.as_str().expect("text"), "graft_prefix_cache_kept_tokens");
+    assert!(
+        (200.0..=4096.0).contains(&kept),
+        "kept prompt tokens within the budget: {kept}"
+    );
     let (_, m) = call(&plain, "GET", "/metrics", None).await;
     assert_eq!(
         metric(m.as_str().expect("text"), "graft_prefix_cache_hits_total"),
@@ -120,6 +125,8 @@ async fn kept_prompts_give_way_to_running_requests_under_the_kv_budget() {
         metric(m.as_str().expect("text"), "graft_prefix_cache_hits_total"),
         0.0
     );
+    let kept = metric(m.as_str().expect("text"), "graft_prefix_cache_kept_tokens");
+    assert!(kept <= 450.0, "kept prompts within the KV budget: {kept}");
     let roomy = app_budget(4096, Some(2000));
     for q in [
         "What is the capital of France?",
