@@ -24,6 +24,7 @@ pub mod generation;
 pub mod load;
 pub mod logging;
 pub mod model;
+pub mod panic;
 pub mod process;
 pub mod quant;
 pub mod recycle;

@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 
-use arrow::record_batch::RecordBatch;
 use serde_json::{Map, Value};
 
 use crate::DataError;
@@ -117,9 +116,6 @@ pub fn read_file(path: &Path) -> Result<(Vec<Row>, Vec<BadRow>), DataError> {
         "json" => read_json_array(path, &std::fs::read_to_string(path).map_err(io)?),
         "csv" | "parquet" | "arrow" | "feather" | "ipc" => {
             let batches = columnar::read_batches(path, &ext)?;
-            let bytes = std::fs::metadata(path).map_err(io)?.len();
-            let n_rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-            check_row_count(path, n_rows as u64, bytes)?;
             let mut rows = Vec::new();
             // Converted a slice at a time, so no one conversion grows with the whole file.
             let slices = batches.iter().flat_map(|b| {
@@ -168,7 +164,6 @@ fn check_row_count(path: &Path, rows: u64, bytes: u64) -> Result<(), DataError> 
 mod ipc;
 
 /// Columnar formats through arrow: record batches, then JSON objects.
-
 mod columnar {
     use std::fs::File;
 
@@ -188,11 +183,8 @@ mod columnar {
         f: impl FnOnce() -> Result<T, DataError>,
     ) -> Result<T, DataError> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("a malformed file");
+            let why = graft_core::panic::message(panic.as_ref())
+                .unwrap_or_else(|| "a malformed file".into());
             Err(DataError::Parse {
                 path: path.to_path_buf(),
                 message: format!("{what} failed: {why}"),
@@ -200,14 +192,28 @@ mod columnar {
         })
     }
 
-    /// The record batches of a CSV, Parquet or Arrow IPC file.
+    /// The record batches of a CSV, Parquet or Arrow IPC file, within the row bound.
     pub fn read_batches(path: &Path, ext: &str) -> Result<Vec<RecordBatch>, DataError> {
-        guarded(path, &format!("the {ext} reader"), || {
-            read_batches_unguarded(path, ext)
-        })
+        let bytes = std::fs::metadata(path)
+            .map_err(|source| DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let batches = guarded(path, &format!("the {ext} reader"), || {
+            read_batches_unguarded(path, ext, bytes)
+        })?;
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        super::check_row_count(path, rows as u64, bytes)?;
+        Ok(batches)
     }
 
-    fn read_batches_unguarded(path: &Path, ext: &str) -> Result<Vec<RecordBatch>, DataError> {
+    /// `bytes`: the file's length, which bounds the rows Parquet's metadata may declare.
+    fn read_batches_unguarded(
+        path: &Path,
+        ext: &str,
+        bytes: u64,
+    ) -> Result<Vec<RecordBatch>, DataError> {
         let parse = |message: String| DataError::Parse {
             path: path.to_path_buf(),
             message,
@@ -237,15 +243,14 @@ mod columnar {
                 let builder =
                     parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(open()?)
                         .map_err(|e| parse(format!("not a readable Parquet file: {e}")))?;
-                // Run-length encoding makes rows cheap to declare: the count is checked (as
-                // for every columnar file, see `read_file`) before any is decoded.
+                // Run-length encoding makes rows cheap to declare: here the count is checked
+                // before any is decoded (for every format, after: `read_batches`).
                 let declared: i64 = builder
                     .metadata()
                     .row_groups()
                     .iter()
                     .map(|g| g.num_rows().max(0))
                     .fold(0i64, i64::saturating_add);
-                let bytes = std::fs::metadata(path).map_or(0, |m| m.len());
                 super::check_row_count(path, declared as u64, bytes)?;
                 let reader = builder.build().map_err(|e| parse(e.to_string()))?;
                 reader
@@ -512,6 +517,31 @@ mod columnar_tests {
         let f = crate::format::Format::named("chat").expect("known");
         assert!(
             matches!(f.example(&rows[0]), Ok(crate::format::Example::Conversation(m)) if m.len() == 2)
+        );
+    }
+
+    #[test]
+    fn a_parquet_file_declaring_more_rows_than_bytes_is_refused_before_decoding() {
+        // 200,000 identical rows: dictionary and run-length encoding make them a few KB.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("dense.parquet");
+        let text: arrow::array::ArrayRef =
+            Arc::new(arrow::array::StringArray::from(vec!["hi"; 200_000]));
+        let b = arrow::record_batch::RecordBatch::try_from_iter([("text", text)]).expect("batch");
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            std::fs::File::create(&path).expect("create"),
+            b.schema(),
+            None,
+        )
+        .expect("writer");
+        w.write(&b).expect("write");
+        w.close().expect("close");
+        let bytes = std::fs::metadata(&path).expect("size").len();
+        assert!(bytes < 200_000, "{bytes} bytes");
+        let e = read_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("dense.parquet") && e.contains("200000 rows declared"),
+            "{e}"
         );
     }
 

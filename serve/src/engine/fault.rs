@@ -22,11 +22,7 @@ pub enum Fault {
 #[doc(hidden)]
 pub type FaultHook = Arc<dyn Fn(Option<&str>) -> Option<Fault> + Send + Sync>;
 
-/// The message a panic carried (`panic!` payloads are `&str` or `String`).
+/// The message a panic carried.
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
+    graft_core::panic::message(payload).unwrap_or_else(|| "a panic without a message".into())
 }
