@@ -3,7 +3,8 @@
 # Gemma 3 270M, Qwen2.5-Coder-0.5B) and SmolLM2 dequantized into a sharded f32 Hugging Face
 # directory (scripts/gguf_to_hf.py).
 # The converter runs in a small venv with pinned numpy-only tools (no torch), which also holds
-# the OpenAI Python client the server tests drive graft-serve with. Idempotent.
+# the OpenAI Python client the server tests drive graft-serve with, and moto's S3 server the
+# adapter-source tests download from. Idempotent.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${GRAFT_CACHE:-$HOME/.cache/graft}"
@@ -11,10 +12,10 @@ gguf=$("$here/fetch-model.sh")
 "$here/fetch-model.sh" gemma3 >/dev/null
 "$here/fetch-model.sh" qwen2.5-coder >/dev/null
 venv="$cache/venv-tools"
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import gguf, numpy, safetensors, openai, jsonschema, prometheus_client' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import gguf, numpy, safetensors, openai, jsonschema, prometheus_client, moto.server' 2>/dev/null; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet gguf==0.19.0 numpy==2.4.6 safetensors==0.8.0 openai==3.54.0 jsonschema==4.25.1 \
-    prometheus_client==0.23.1
+    prometheus_client==0.23.1 'moto[server]==5.2.6'
 fi
 "$venv/bin/python" "$here/gguf_to_hf.py" "$gguf" "$cache/models/SmolLM2-135M-Instruct-f32-sharded" \
   --max-shard-bytes 200000000 >/dev/null

@@ -42,6 +42,16 @@ pub struct ServeArgs {
     /// loads are restricted to it when given.
     #[arg(long)]
     pub adapters_dir: Option<PathBuf>,
+    /// Where a requested adapter the server does not know is looked for, in order (repeatable):
+    /// s3://bucket/prefix (adapter NAME at prefix/NAME/ or prefix/NAME.gguf; AWS's environment
+    /// variables for credentials and region) or hf://owner (the hub repository owner/NAME).
+    /// It is downloaded into the adapters directory (required), validated, then served.
+    #[arg(long = "adapter-source", value_name = "URL")]
+    pub adapter_sources: Vec<crate::source::SourceSpec>,
+    /// An S3-compatible server for s3:// adapter sources (MinIO, Ceph, moto), addressed
+    /// path-style; default: AWS's regional endpoint.
+    #[arg(long, env = "AWS_ENDPOINT_URL_S3")]
+    pub s3_endpoint: Option<String>,
     /// Apply new, changed and removed adapters in the adapters directory within this long
     /// (milliseconds; 0 disables watching).
     #[arg(long, default_value_t = 1000)]
@@ -272,6 +282,7 @@ mod tests {
             .expect("the manifest's flags parse");
         let a = ServeArgs::from_matches(&matches).expect("settings");
         assert_eq!((a.host.as_str(), a.port), ("0.0.0.0", 8000));
+        assert_eq!(a.adapter_sources[0].to_string(), "s3://my-adapters/prod");
         assert!(yaml.contains("kind: InferencePool") && yaml.contains("number: 8000"));
     }
 

@@ -14,5 +14,6 @@ pub mod prefix_cache;
 pub mod registry;
 pub mod scoring;
 pub mod server;
+pub mod source;
 pub mod watch;
 pub mod wire;

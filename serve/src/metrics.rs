@@ -76,6 +76,10 @@ pub struct AdapterFigures {
     pub evictions: u64,
     pub reloads: u64,
     pub first_loads: u64,
+    /// Adapters downloaded from `--adapter-source`s, names none had, and failed downloads.
+    pub fetched: u64,
+    pub fetch_missing: u64,
+    pub fetch_failed: u64,
 }
 
 pub struct Metrics {
@@ -340,6 +344,24 @@ impl Metrics {
             "graft_adapter_first_loads_total",
             "Indexed adapters read on their first request.",
             adapters.first_loads,
+        );
+        counter(
+            &mut out,
+            "graft_adapter_fetches_total",
+            "Adapters downloaded from an adapter source, validated and served.",
+            adapters.fetched,
+        );
+        counter(
+            &mut out,
+            "graft_adapter_fetch_missing_total",
+            "Requested adapters that no adapter source has.",
+            adapters.fetch_missing,
+        );
+        counter(
+            &mut out,
+            "graft_adapter_fetch_failures_total",
+            "Adapter downloads that failed or gave an invalid adapter.",
+            adapters.fetch_failed,
         );
         self.ttft.render(
             "graft_time_to_first_token_seconds",

@@ -253,7 +253,11 @@ impl<B: GraftBackend> Registry<B> {
         Ok(version)
     }
 
-    fn check_name(&self, name: &str) -> Result<(), RegistryError> {
+    /// Whether `name` may name an adapter (letters, digits, `-_.`, not the base's name).
+    ///
+    /// # Errors
+    /// Why it may not.
+    pub fn check_name(&self, name: &str) -> Result<(), RegistryError> {
         if !valid_name(name) {
             return Err(RegistryError::BadName(name.into()));
         }
@@ -466,14 +470,54 @@ impl<B: GraftBackend> Registry<B> {
         which: Install,
     ) -> Result<(Arc<AdapterEntry<B>>, bool), RegistryError> {
         let real = self.inside_roots(path)?;
-        let (adapter, format) =
-            if real.is_dir() && real.join(graft_core::adapters::peft::CONFIG_FILE).is_file() {
-                (graft_core::adapters::peft::load(&real, model)?.0, "peft")
-            } else if real.is_file() && real.extension().is_some_and(|e| e == "gguf") {
-                (graft_core::adapters::gguf_lora::load(&real, model)?, "gguf")
-            } else {
-                return Err(RegistryError::NotFound(path.display().to_string()));
-            };
+        let (adapter, format) = Self::read(&real, model)?;
+        Ok(self.put(name, real, adapter, format, which))
+    }
+
+    /// Reads and validates the adapter at `path` for `model`: a PEFT directory or a GGUF-LoRA
+    /// file. Returns it with its format (`peft` or `gguf`).
+    ///
+    /// # Errors
+    /// Nothing that reads as an adapter at `path`, or one that does not fit `model`.
+    pub fn read(
+        path: &Path,
+        model: &Model<B>,
+    ) -> Result<(Adapter<B>, &'static str), RegistryError> {
+        if path.is_dir() && path.join(graft_core::adapters::peft::CONFIG_FILE).is_file() {
+            Ok((graft_core::adapters::peft::load(path, model)?.0, "peft"))
+        } else if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            Ok((graft_core::adapters::gguf_lora::load(path, model)?, "gguf"))
+        } else {
+            Err(RegistryError::NotFound(path.display().to_string()))
+        }
+    }
+
+    /// Installs an adapter already read (with [`Registry::read`]) from `path` as a new version
+    /// of `name`.
+    ///
+    /// # Errors
+    /// A bad name, or a path outside the roots.
+    pub fn adopt(
+        &self,
+        name: &str,
+        path: &Path,
+        adapter: Adapter<B>,
+        format: &'static str,
+    ) -> Result<Arc<AdapterEntry<B>>, RegistryError> {
+        self.check_name(name)?;
+        let real = self.inside_roots(path)?;
+        Ok(self.put(name, real, adapter, format, Install::New).0)
+    }
+
+    /// Installs `adapter`, read from `real`, as `name` (see [`Registry::install`]).
+    fn put(
+        &self,
+        name: &str,
+        real: PathBuf,
+        adapter: Adapter<B>,
+        format: &'static str,
+        which: Install,
+    ) -> (Arc<AdapterEntry<B>>, bool) {
         let mut targets: Vec<String> = adapter
             .modules()
             .map(|(_, t, _)| t.hf_name().to_string())
@@ -514,7 +558,7 @@ impl<B: GraftBackend> Registry<B> {
             last_used: AtomicU64::new(self.clock.fetch_add(1, Ordering::Relaxed)),
         });
         if !installed {
-            return Ok((entry, false));
+            return (entry, false);
         }
         let k = known.entry(name.into()).or_insert_with(|| Known {
             source: real.clone(),
@@ -531,7 +575,7 @@ impl<B: GraftBackend> Registry<B> {
         self.evict_over_budget(&mut loaded, name, &mut leaving);
         drop((loaded, known));
         drop(leaving);
-        Ok((entry, true))
+        (entry, true)
     }
 
     /// Moves least recently used, unpinned adapters (never `keep`) out of `loaded` into

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use graft_core::backend::GraftBackend;
 use graft_core::device::{run_on, OnDevice};
 use graft_core::generation::constraint::GrammarCompiler;
@@ -141,9 +141,11 @@ where
             .name("graft-engine".into())
             .spawn(move || crate::engine::run(model, tokenizer, rx, config, metrics, faults))?
     };
+    let applied = indexed.map(|a| Arc::new(std::sync::Mutex::new(a)));
+    let resolver = resolver(args, applied.as_ref())?;
     if let (Some(dir), Some(applied), true) = (
         args.adapters_dir.clone(),
-        indexed,
+        applied,
         args.watch_interval_ms > 0,
     ) {
         let served = crate::watch::Served {
@@ -174,8 +176,43 @@ where
         metrics,
         started: crate::http::now_secs(),
         gateway,
+        resolver,
     });
     Ok(Started { state, engine })
+}
+
+/// The resolver of `--adapter-source`s, which download into the adapters directory
+/// (`applied`: what the watcher has applied there).
+fn resolver(
+    args: &ServeArgs,
+    applied: Option<&Arc<std::sync::Mutex<crate::watch::Applied>>>,
+) -> Result<Option<Arc<crate::source::resolver::Resolver>>> {
+    if args.adapter_sources.is_empty() {
+        return Ok(None);
+    }
+    let (Some(dir), Some(applied)) = (&args.adapters_dir, applied) else {
+        bail!("--adapter-source needs --adapters-dir: adapters are downloaded into it");
+    };
+    let sources = args
+        .adapter_sources
+        .iter()
+        .map(|spec| {
+            crate::source::Source::new(spec, args.s3_endpoint.as_deref())
+                .with_context(|| format!("--adapter-source {spec}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    tracing::info!(
+        event = "adapter_sources",
+        sources = %args.adapter_sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        "adapters not in {} are looked for in {}",
+        dir.display(),
+        args.adapter_sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    );
+    Ok(Some(Arc::new(crate::source::resolver::Resolver::new(
+        sources,
+        dir.clone(),
+        applied.clone(),
+    ))))
 }
 
 /// Adapters named with `--adapter` must load; those in the adapters directory are indexed,

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use graft_core::backend::GraftBackend;
@@ -39,15 +39,18 @@ pub struct Served<B: GraftBackend> {
 }
 
 /// Watches `dir` and applies its changes to `served` until the registry is dropped (the
-/// server stopped). `applied` is what the start-up scan indexed. `events`: use the OS's
-/// file events where it has them (else list the directory every interval).
+/// server stopped). `applied` is what the start-up scan indexed, shared with whatever else
+/// puts adapters into `dir` (the resolver of adapter sources), which records there what it
+/// installed. `events`: use the OS's file events where it has them (else list the directory
+/// every interval).
 pub fn run<B: GraftBackend>(
     served: Served<B>,
     dir: PathBuf,
     interval: Duration,
     events: bool,
-    mut applied: Applied,
+    applied: Arc<Mutex<Applied>>,
 ) {
+    let lock = || applied.lock().unwrap_or_else(PoisonError::into_inner);
     // Events name absolute paths: compare them with the absolute directory.
     let dir = dir.canonicalize().unwrap_or(dir);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -82,7 +85,7 @@ pub fn run<B: GraftBackend>(
         }
     };
     // Whatever changed between the start-up scan and the watch being in place.
-    if !rescan(&served, &dir, &mut applied) {
+    if !rescan(&served, &dir, &mut lock()) {
         return;
     }
     if let Some((_watcher, rx)) = events {
@@ -91,10 +94,13 @@ pub fn run<B: GraftBackend>(
                 return; // the watcher is gone
             };
             let alive = match changed {
-                Changes::Entries(entries) => entries
-                    .iter()
-                    .all(|e| apply(&served, &dir, e, &mut applied)),
-                Changes::Everything => rescan(&served, &dir, &mut applied),
+                Changes::Entries(entries) => {
+                    let mut applied = lock();
+                    entries
+                        .iter()
+                        .all(|e| apply(&served, &dir, e, &mut applied))
+                }
+                Changes::Everything => rescan(&served, &dir, &mut lock()),
                 Changes::None => served.registry.strong_count() > 0,
                 Changes::OutOfWatches => {
                     tracing::warn!(
@@ -112,7 +118,7 @@ pub fn run<B: GraftBackend>(
             }
         }
     }
-    poll(&served, &dir, interval, &mut applied);
+    poll(&served, &dir, interval, &applied);
 }
 
 /// Lists `dir` every `interval` until the server is gone.
@@ -120,14 +126,15 @@ fn poll<B: GraftBackend>(
     served: &Served<B>,
     dir: &Path,
     interval: Duration,
-    applied: &mut Applied,
+    applied: &Mutex<Applied>,
 ) {
     // Listings start every interval (a slow listing does not push the next one back).
     let mut next = Instant::now() + interval;
     loop {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         next = (next + interval).max(Instant::now());
-        if !rescan(served, dir, applied) {
+        let mut applied = applied.lock().unwrap_or_else(PoisonError::into_inner);
+        if !rescan(served, dir, &mut applied) {
             return;
         }
     }

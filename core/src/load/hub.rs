@@ -62,53 +62,24 @@ pub fn resolve(
         repo: repo_id.to_string(),
         message,
     };
-    let repo = match revision {
-        Some(r) => Repo::with_revision(repo_id.to_string(), RepoType::Model, r.to_string()),
-        None => Repo::new(repo_id.to_string(), RepoType::Model),
-    };
-    let cache = match &s.cache_dir {
-        Some(dir) => Cache::new(dir.clone()),
-        None => Cache::from_env(),
-    };
-    let get: Box<dyn Fn(&str) -> Result<Option<PathBuf>, String>> = if s.offline {
-        let cached = cache.repo(repo.clone());
-        Box::new(move |f: &str| Ok(cached.get(f)))
-    } else {
-        let mut b = ApiBuilder::from_cache(cache.clone()).with_progress(false);
-        if let Some(e) = &s.endpoint {
-            b = b.with_endpoint(e.trim_end_matches('/').to_string());
-        }
-        if s.token.is_some() {
-            b = b.with_token(s.token.clone());
-        }
-        let api = b
-            .build()
-            .map_err(|e| hub_err(e.to_string()))?
-            .repo(repo.clone());
-        Box::new(move |f: &str| match api.get(f) {
-            Ok(p) => Ok(Some(p)),
-            Err(hf_hub::api::sync::ApiError::RequestError(e))
-                if matches!(*e, ureq::Error::Status(404, _)) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(format!("downloading '{f}': {e}")),
-        })
-    };
+    let get = files(repo_id, revision, s)?;
     let need = |f: &str| -> Result<PathBuf, LoadError> {
-        get(f).map_err(&hub_err)?.ok_or_else(|| {
+        get(f)?.ok_or_else(|| {
             hub_err(if s.offline {
                 format!("'{f}' is not in the cache and HF_HUB_OFFLINE is set")
             } else {
-                format!("the repository has no '{f}'")
+                format!(
+                    "the repository has no '{f}' (or does not exist, or is not visible with \
+                     the token given)"
+                )
             })
         })
     };
     let config = need(REQUIRED[0])?;
     for f in OPTIONAL {
-        get(f).map_err(&hub_err)?;
+        get(f)?;
     }
-    if get("model.safetensors").map_err(&hub_err)?.is_none() {
+    if get("model.safetensors")?.is_none() {
         let index = need("model.safetensors.index.json")?;
         let text = std::fs::read_to_string(&index)
             .map_err(|e| hub_err(format!("{}: {e}", index.display())))?;
@@ -125,4 +96,56 @@ pub fn resolve(
         .parent()
         .map(PathBuf::from)
         .ok_or_else(|| hub_err("cache path has no parent".into()))
+}
+
+/// A file of a hub repository: its local path (downloaded into the cache, or found there when
+/// offline) or `None` when the repository has no such file; a repository that does not exist
+/// (or is private) has no files.
+pub type FileGetter = Box<dyn Fn(&str) -> Result<Option<PathBuf>, LoadError> + Send + Sync>;
+
+/// The files of `repo_id` at `revision` (default `main`), through the cache.
+///
+/// # Errors
+/// [`LoadError::Hub`] when the client cannot be built; the getter's errors name the file.
+pub fn files(
+    repo_id: &str,
+    revision: Option<&str>,
+    s: &HubSettings,
+) -> Result<FileGetter, LoadError> {
+    let id = repo_id.to_string();
+    let hub_err = move |message: String| LoadError::Hub {
+        repo: id.clone(),
+        message,
+    };
+    let repo = match revision {
+        Some(r) => Repo::with_revision(repo_id.to_string(), RepoType::Model, r.to_string()),
+        None => Repo::new(repo_id.to_string(), RepoType::Model),
+    };
+    let cache = match &s.cache_dir {
+        Some(dir) => Cache::new(dir.clone()),
+        None => Cache::from_env(),
+    };
+    if s.offline {
+        let cached = cache.repo(repo);
+        return Ok(Box::new(move |f: &str| Ok(cached.get(f))));
+    }
+    let mut b = ApiBuilder::from_cache(cache).with_progress(false);
+    if let Some(e) = &s.endpoint {
+        b = b.with_endpoint(e.trim_end_matches('/').to_string());
+    }
+    if s.token.is_some() {
+        b = b.with_token(s.token.clone());
+    }
+    let api = b.build().map_err(|e| hub_err(e.to_string()))?.repo(repo);
+    Ok(Box::new(move |f: &str| match api.get(f) {
+        Ok(p) => Ok(Some(p)),
+        // The hub answers 401 for a repository that does not exist (or is not visible
+        // with the token given), 404 for a file a repository does not have.
+        Err(hf_hub::api::sync::ApiError::RequestError(e))
+            if matches!(*e, ureq::Error::Status(401 | 404, _)) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(hub_err(format!("downloading '{f}': {e}"))),
+    }))
 }

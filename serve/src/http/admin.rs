@@ -1,7 +1,7 @@
 //! Model and adapter listing, vLLM's runtime adapter loading and unloading, and Prometheus
 //! metrics.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -59,8 +59,21 @@ pub async fn metrics<B: GraftBackend>(State(s): State<Arc<AppState<B>>>) -> Resp
         evictions: r.evictions.load(Ordering::Relaxed),
         reloads: r.reloads.load(Ordering::Relaxed),
         first_loads: r.first_loads.load(Ordering::Relaxed),
+        fetched: fetches(&s, |c| &c.fetched),
+        fetch_missing: fetches(&s, |c| &c.missing),
+        fetch_failed: fetches(&s, |c| &c.failed),
     }) + &crate::gateway::render(&s.metrics, &s.gateway, unix_time());
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// A count of the adapter-source resolver (0 without sources).
+fn fetches<B: GraftBackend>(
+    s: &AppState<B>,
+    which: impl Fn(&crate::source::resolver::FetchCounts) -> &AtomicU64,
+) -> u64 {
+    s.resolver
+        .as_ref()
+        .map_or(0, |r| which(&r.counts).load(Ordering::Relaxed))
 }
 
 /// Unix time in seconds, with its fraction (`vllm:lora_requests_info`).

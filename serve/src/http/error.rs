@@ -8,6 +8,8 @@ use axum::Json;
 use graft_core::adapters::peft::AdapterError;
 
 use crate::registry::RegistryError;
+use crate::source::resolver::ResolveError;
+use crate::source::SourceError;
 use crate::wire::{ErrorObject, ErrorResponse, WireError};
 
 #[derive(Debug)]
@@ -25,6 +27,12 @@ pub enum ApiError {
     },
     Unauthorized,
     NotFound(String),
+    /// A source the server depends on (an adapter store) failed: `message` is for the
+    /// client, `cause` (which names the source and its answer) for the log.
+    Upstream {
+        message: String,
+        cause: String,
+    },
     TooManyRequests,
     Unavailable,
     /// Logged with its cause; the client sees only that it happened.
@@ -69,6 +77,32 @@ impl From<WireError> for ApiError {
         ApiError::BadRequest {
             message: e.message,
             param: e.param,
+        }
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::Registry(e) => e.into(),
+            // Downloaded, but not an adapter for this model (or half of one): the adapter is
+            // at fault.
+            ResolveError::Invalid { .. }
+            | ResolveError::Fetch {
+                source: SourceError::Incomplete { .. },
+                ..
+            } => ApiError::InvalidAdapter {
+                message: e.to_string(),
+                param: None,
+            },
+            // The source answered with an error, or could not be reached.
+            ResolveError::Fetch { ref name, .. } => ApiError::Upstream {
+                message: format!(
+                    "adapter '{name}' could not be downloaded from its source; try again later"
+                ),
+                cause: e.to_string(),
+            },
+            ResolveError::Local { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -141,6 +175,16 @@ impl IntoResponse for ApiError {
                 m,
                 None,
             ),
+            ApiError::Upstream { message, cause } => {
+                tracing::error!(event = "upstream_error", cause = %cause, "{cause}");
+                (
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    "upstream_error",
+                    message,
+                    None,
+                )
+            }
             ApiError::TooManyRequests => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",

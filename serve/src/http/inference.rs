@@ -47,9 +47,31 @@ where
     }
     match s.registry.lookup(model) {
         Lookup::Loaded(e) => Ok((Some(e), None)),
-        Lookup::Unknown => Err(ApiError::NotFound(format!(
-            "the model '{model}' does not exist"
-        ))),
+        Lookup::Unknown => {
+            let Some(resolver) = s.resolver.clone() else {
+                return Err(ApiError::NotFound(format!(
+                    "the model '{model}' does not exist"
+                )));
+            };
+            // Downloaded off the async runtime, so other requests go on.
+            let (state, name) = (s.clone(), model.to_string());
+            let t0 = Instant::now();
+            let found = tokio::task::spawn_blocking(move || {
+                resolver.resolve(&name, &state.registry, &state.model)
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("adapter fetch task: {e}")))?
+            .map_err(|e| ApiError::from(e).in_field("model"))?;
+            match found {
+                Some(e) => Ok((Some(e), Some(t0.elapsed()))),
+                None => Err(ApiError::NotFound(format!(
+                    "the model '{model}' does not exist (looked for in {})",
+                    s.resolver
+                        .as_ref()
+                        .map_or(String::new(), |r| r.locations(model))
+                ))),
+            }
+        }
         Lookup::OnDisk => {
             // Indexed or evicted: read it, off the async runtime, so other requests go on.
             let (state, name) = (s.clone(), model.to_string());

@@ -60,6 +60,8 @@ pub struct AppState<B: GraftBackend> {
     pub metrics: Arc<Metrics>,
     /// What `/metrics` reports under vLLM's names for the inference gateway.
     pub gateway: crate::gateway::GatewayLabels,
+    /// Resolves adapters the server does not know from `--adapter-source`s.
+    pub resolver: Option<Arc<crate::source::resolver::Resolver>>,
 }
 
 /// The HTTP app over `state`; serve it with `axum::serve`, or drive it in tests with

@@ -3,7 +3,9 @@
 
 mod app;
 mod generate_cli;
+mod replicas;
 mod server;
+mod sources;
 
 /// The SmolLM2 GGUF from `scripts/fetch-model.sh`; the tests fail, rather than skip, without it.
 pub fn gguf() -> std::path::PathBuf {

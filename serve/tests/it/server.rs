@@ -26,9 +26,9 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// A running `graft-serve`; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) url: String,
 }
 
 impl Drop for Server {
@@ -38,18 +38,23 @@ impl Drop for Server {
     }
 }
 
-fn start(extra: &[&str]) -> Server {
+pub(crate) fn start(extra: &[&str]) -> Server {
     start_model(&gguf(), "smollm2", extra)
+}
+
+/// A server on SmolLM2 with `env` added to its environment.
+pub(crate) fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+    spawn_server(&gguf(), "smollm2", extra, None, env)
 }
 
 /// A server started in the directory `cwd` (relative paths in `extra` are relative to it).
 fn start_in(cwd: &std::path::Path, extra: &[&str]) -> Server {
-    spawn_server(&gguf(), "smollm2", extra, Some(cwd))
+    spawn_server(&gguf(), "smollm2", extra, Some(cwd), &[])
 }
 
 /// A server on `model`, answering to `name`.
 fn start_model(model: &std::path::Path, name: &str, extra: &[&str]) -> Server {
-    spawn_server(model, name, extra, None)
+    spawn_server(model, name, extra, None, &[])
 }
 
 fn spawn_server(
@@ -57,8 +62,10 @@ fn spawn_server(
     name: &str,
     extra: &[&str],
     cwd: Option<&std::path::Path>,
+    env: &[(&str, &str)],
 ) -> Server {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft-serve"));
+    cmd.envs(env.iter().copied());
     if let Some(cwd) = cwd {
         cmd.current_dir(cwd);
     }
@@ -91,7 +98,7 @@ fn spawn_server(
     Server { child, url }
 }
 
-fn get_text(s: &Server, path: &str) -> String {
+pub(crate) fn get_text(s: &Server, path: &str) -> String {
     ureq::get(&format!("{}{path}", s.url))
         .call()
         .expect("GET")
@@ -99,13 +106,18 @@ fn get_text(s: &Server, path: &str) -> String {
         .expect("body")
 }
 
-fn get_json(s: &Server, path: &str) -> Value {
+pub(crate) fn get_json(s: &Server, path: &str) -> Value {
     serde_json::from_str(&get_text(s, path)).expect("json")
 }
 
 /// The value of an unlabelled Prometheus sample `name` in `text`.
 
-fn post(s: &Server, path: &str, body: &Value, key: Option<&str>) -> (u16, Value, Option<String>) {
+pub(crate) fn post(
+    s: &Server,
+    path: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> (u16, Value, Option<String>) {
     let mut req = ureq::post(&format!("{}{path}", s.url)).timeout(Duration::from_secs(300));
     if let Some(k) = key {
         req = req.set("Authorization", &format!("Bearer {k}"));
@@ -128,11 +140,11 @@ fn post(s: &Server, path: &str, body: &Value, key: Option<&str>) -> (u16, Value,
     )
 }
 
-fn chat_body(model: &str, question: &str) -> Value {
+pub(crate) fn chat_body(model: &str, question: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 12})
 }
 
-fn answer(v: &Value) -> String {
+pub(crate) fn answer(v: &Value) -> String {
     v["choices"][0]["message"]["content"]
         .as_str()
         .unwrap_or_else(|| panic!("no answer in {v}"))
@@ -268,7 +280,7 @@ fn copy_adapter(from: &std::path::Path, to: &std::path::Path) {
 }
 
 /// The PEFT fixture adapter with `lora_alpha` raised so that it changes greedy answers.
-fn strong_adapter(dir: &std::path::Path) -> PathBuf {
+pub(crate) fn strong_adapter(dir: &std::path::Path) -> PathBuf {
     let out = dir.join("strong");
     std::fs::create_dir_all(&out).expect("mkdir");
     std::fs::copy(
@@ -586,7 +598,7 @@ fn hot_swaps_while_8_clients_stream_fail_no_request() {
 }
 
 /// Runs a client script from `tests/clients` with the tools venv's Python; its one JSON line.
-fn python_client(script: &str, args: &[&str]) -> Value {
+pub(crate) fn python_client(script: &str, args: &[&str]) -> Value {
     let python = graft_core::cache::cache_dir().join("venv-tools/bin/python");
     assert!(
         python.is_file(),
@@ -1386,7 +1398,7 @@ fn a_request_still_running_at_the_shutdown_timeout_is_cut_and_the_server_exits()
 }
 
 /// Samples of a `/metrics` text, parsed by prometheus_client (the reference parser).
-fn prometheus_samples(text: &str) -> Vec<Value> {
+pub(crate) fn prometheus_samples(text: &str) -> Vec<Value> {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("metrics.txt");
     std::fs::write(&path, text).expect("write");
@@ -1395,7 +1407,7 @@ fn prometheus_samples(text: &str) -> Vec<Value> {
 }
 
 /// The first `/metrics` text (polled every 20 ms, for up to a minute) with the line `line`.
-fn metrics_once(s: &Server, line: &str) -> String {
+pub(crate) fn metrics_once(s: &Server, line: &str) -> String {
     let t0 = std::time::Instant::now();
     loop {
         let text = get_text(s, "/metrics");
@@ -1410,11 +1422,11 @@ fn metrics_once(s: &Server, line: &str) -> String {
     }
 }
 
-fn sample_value(samples: &[Value], name: &str) -> f64 {
+pub(crate) fn sample_value(samples: &[Value], name: &str) -> f64 {
     sample(samples, name)["value"].as_f64().expect("a number")
 }
 
-fn sample<'a>(samples: &'a [Value], name: &str) -> &'a Value {
+pub(crate) fn sample<'a>(samples: &'a [Value], name: &str) -> &'a Value {
     samples
         .iter()
         .find(|s| s["name"] == name)
