@@ -31,6 +31,10 @@ for n in a0 a1 a2 a3 a4 a5 a6 a7 r0 r1; do
     cp -r "$work/adapter" "$work/adapters/$n"
 done
 port=${GRAFT_LOAD_PORT:-8131}
+if curl -s -o /dev/null "http://127.0.0.1:$port/health"; then
+    echo "something already answers on port $port (an earlier server?); set GRAFT_LOAD_PORT" >&2
+    exit 1
+fi
 $bin/graft-serve --model "$model" --port "$port" --adapters-dir "$work/adapters" \
     --max-batch 8 --max-queue 32 --kv-cache-tokens 4096 ${GRAFT_LOAD_SERVE_ARGS:-} \
     >"$work/server.log" 2>&1 &

@@ -1,5 +1,7 @@
 //! Writes that must never leave a half-written file: the bytes go to a temporary sibling, are
-//! synced, and the file is renamed into place.
+//! synced, and the file is renamed into place; the directory is then synced too, so that the
+//! rename itself survives a power cut (a synced file under a name the directory never
+//! recorded is lost with it).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -41,7 +43,20 @@ pub fn write_atomic_with<E: From<std::io::Error>>(
         .map_err(std::io::IntoInnerError::into_error)?;
     f.sync_all()?;
     std::fs::rename(&tmp.0, path)?;
+    sync_parent(path)?;
     Ok(())
+}
+
+/// Syncs the directory holding `path`, making a rename or creation in it durable.
+///
+/// # Errors
+/// The directory cannot be opened or synced.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
 }
 
 /// A temporary file removed when dropped: after an error, or a panic in the writer (after a

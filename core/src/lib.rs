@@ -14,6 +14,7 @@
 //!   names, [`process`] memory.
 
 pub mod adapters;
+pub mod alloc;
 pub mod atomic;
 pub mod backend;
 pub mod cache;

@@ -11,17 +11,46 @@
 //! what a full prefill would compute (up to rounding: a prefill of a different length can sum
 //! in a different order).
 
+use std::sync::Weak;
+
 use graft_core::backend::GraftBackend;
 use graft_core::model::SeqCache;
+
+use crate::registry::AdapterEntry;
 
 /// Shortest prefix worth reusing (shorter ones are cheaper to recompute than to look up).
 const MIN_REUSE: usize = 16;
 
-/// Which weights made a cache: the base (None) or an adapter version.
-pub type CacheKey = Option<(String, u64)>;
+/// Which weights made a cache: the base, or one adapter version in memory, held weakly. An
+/// entry lives no longer than its adapter version: once that version is replaced, unloaded
+/// or evicted and no request holds it, no request can use the entry again and it is dropped
+/// (a server that replaces adapters all day would otherwise fill the cache's budget with
+/// prompts of versions gone). A version read again after an eviction starts afresh.
+pub enum CacheKey<B: GraftBackend> {
+    Base,
+    Adapter(Weak<AdapterEntry<B>>),
+}
+
+impl<B: GraftBackend> CacheKey<B> {
+    fn same(&self, other: &Self) -> bool {
+        match (self, other) {
+            (CacheKey::Base, CacheKey::Base) => true,
+            // The same allocation is the same version (a Weak keeps it from being reused).
+            (CacheKey::Adapter(a), CacheKey::Adapter(b)) => a.ptr_eq(b),
+            _ => false,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        match self {
+            CacheKey::Base => true,
+            CacheKey::Adapter(a) => a.strong_count() > 0,
+        }
+    }
+}
 
 struct Entry<B: GraftBackend> {
-    key: CacheKey,
+    key: CacheKey<B>,
     tokens: Vec<u32>,
     cache: SeqCache<B>,
     last_used: u64,
@@ -46,12 +75,13 @@ impl<B: GraftBackend> PrefixCache<B> {
 
     /// The longest kept prefix of `prompt` under `key`, leaving at least one token to feed
     /// (its logits start generation): the cache of that prefix and its length.
-    pub fn lookup(&mut self, key: &CacheKey, prompt: &[u32]) -> Option<(SeqCache<B>, usize)> {
+    pub fn lookup(&mut self, key: &CacheKey<B>, prompt: &[u32]) -> Option<(SeqCache<B>, usize)> {
+        self.drop_dead();
         let limit = prompt.len().saturating_sub(1);
         let (best, n) = self
             .entries
             .iter_mut()
-            .filter(|e| &e.key == key)
+            .filter(|e| e.key.same(key))
             .map(|e| {
                 let common = e
                     .tokens
@@ -71,18 +101,23 @@ impl<B: GraftBackend> PrefixCache<B> {
     }
 
     /// Keeps the cache of a prefilled `prompt` (the cache holds exactly its tokens).
-    pub fn insert(&mut self, key: CacheKey, prompt: &[u32], cache: &SeqCache<B>) {
-        if prompt.len() < MIN_REUSE || prompt.len() > self.budget || cache.len() != prompt.len() {
+    pub fn insert(&mut self, key: CacheKey<B>, prompt: &[u32], cache: &SeqCache<B>) {
+        self.drop_dead();
+        if prompt.len() < MIN_REUSE
+            || prompt.len() > self.budget
+            || cache.len() != prompt.len()
+            || !key.alive()
+        {
             return;
         }
         self.clock += 1;
         // A kept prompt that this one extends is superseded by it.
         self.entries
-            .retain(|e| !(e.key == key && prompt.starts_with(&e.tokens)));
+            .retain(|e| !(e.key.same(&key) && prompt.starts_with(&e.tokens)));
         if self
             .entries
             .iter()
-            .any(|e| e.key == key && e.tokens.starts_with(prompt))
+            .any(|e| e.key.same(&key) && e.tokens.starts_with(prompt))
         {
             return; // already covered by a longer one
         }
@@ -110,6 +145,11 @@ impl<B: GraftBackend> PrefixCache<B> {
             };
             self.entries.swap_remove(lru);
         }
+    }
+
+    /// Drops the entries of adapter versions no longer in use.
+    fn drop_dead(&mut self) {
+        self.entries.retain(|e| e.key.alive());
     }
 
     /// Tokens kept.

@@ -71,7 +71,7 @@ pub fn resume_cmd(run_dir: &Path) -> Result<()> {
         .next()
         .expect("at least one run");
     // A run stopped before its first checkpoint starts over in the same directory.
-    let ckpt = match run::checkpoints(run_dir).pop() {
+    let ckpt = match run::checkpoints(run_dir)?.pop() {
         Some(last) => {
             tracing::info!("resuming {} from {}", run_dir.display(), last.display());
             Some(run::load_checkpoint(&last)?)

@@ -223,12 +223,26 @@ pub fn load_checkpoint(dir: &Path) -> Result<Checkpoint, CheckpointError> {
     })
 }
 
-/// The checkpoints of a run, oldest first.
-pub fn checkpoints(run: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
+/// The checkpoints of a run, oldest first (none before the first is written).
+///
+/// # Errors
+/// `checkpoints/` exists but cannot be listed (a resume must not mistake that for "no
+/// checkpoint yet" and start over).
+pub fn checkpoints(run: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let dir = run.join("checkpoints");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("listing {}: {e}", dir.display()),
+            ))
+        }
+    };
+    let mut out: Vec<PathBuf> = entries
+        .collect::<std::io::Result<Vec<_>>>()?
         .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
             p.is_dir()
@@ -239,7 +253,7 @@ pub fn checkpoints(run: &Path) -> Vec<PathBuf> {
         })
         .collect();
     out.sort();
-    out
+    Ok(out)
 }
 
 /// Removes all but the newest `keep` checkpoints.
@@ -247,7 +261,7 @@ pub fn checkpoints(run: &Path) -> Vec<PathBuf> {
 /// # Errors
 /// Any I/O failure.
 pub fn prune_checkpoints(run: &Path, keep: usize) -> std::io::Result<()> {
-    let all = checkpoints(run);
+    let all = checkpoints(run)?;
     for old in &all[..all.len().saturating_sub(keep)] {
         std::fs::remove_dir_all(old)?;
     }

@@ -559,6 +559,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             std::fs::remove_dir_all(&dir)?;
         }
         std::fs::rename(&tmp, &dir)?;
+        graft_core::atomic::sync_parent(&dir)?;
         run::prune_checkpoints(&self.run_dir, self.cfg.train.keep_last)?;
         Ok(dir)
     }

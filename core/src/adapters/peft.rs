@@ -166,7 +166,7 @@ pub fn save<B: GraftBackend>(
     } else {
         std::fs::rename(&tmp, dir).map_err(io(dir))?;
     }
-    Ok(())
+    crate::atomic::sync_parent(dir).map_err(io(parent))
 }
 
 /// Writes the weights and config of `adapter` into `tmp`, each synced to disk.

@@ -64,6 +64,11 @@ pub struct LoadArgs {
     server_pid: Option<u32>,
     #[arg(long, default_value_t = 10.0)]
     sample_secs: f64,
+    /// Seconds at the start whose memory samples the trend leaves out (default: the first
+    /// tenth of the run). A soak's warm-up lasts until the bounded caches (the prefix cache,
+    /// freed adapter buffers) have filled.
+    #[arg(long)]
+    warm_up: Option<f64>,
     /// Seed of the request mix.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -528,11 +533,15 @@ pub fn run(args: LoadArgs) -> Result<()> {
         if last_print.elapsed().as_secs_f64() >= 60.0 {
             last_print = Instant::now();
             eprintln!(
-                "{:>6.0} s: {} requests done{}",
+                "{:>6.0} s: {} requests done{}, prefix cache {:.0} tokens, freed adapter \
+                 buffers {:.0} MiB",
                 t,
                 done.load(Ordering::Relaxed),
                 rss.last()
-                    .map_or(String::new(), |(_, m)| format!(", server RSS {m:.0} MiB"))
+                    .map_or(String::new(), |(_, m)| format!(", server RSS {m:.0} MiB")),
+                metric(&args, "graft_prefix_cache_kept_tokens").unwrap_or(f64::NAN),
+                metric(&args, "graft_adapter_read_buffers_free_bytes")
+                    .map_or(f64::NAN, |b| b / 1048576.0),
             );
         }
         let until = Instant::now() + Duration::from_secs_f64(args.sample_secs);
@@ -637,19 +646,16 @@ fn report(
         metric(args, "graft_prefix_cache_kept_tokens").unwrap_or(f64::NAN)
     );
     if rss.len() >= 2 {
-        // After warm-up: the first tenth of the run is excluded.
-        let warm: Vec<(f64, f64)> = rss
-            .iter()
-            .copied()
-            .filter(|(t, _)| *t >= wall / 10.0)
-            .collect();
+        // After warm-up: by default the first tenth of the run is excluded.
+        let warm_up = args.warm_up.unwrap_or(wall / 10.0);
+        let warm: Vec<(f64, f64)> = rss.iter().copied().filter(|(t, _)| *t >= warm_up).collect();
         let warm = if warm.len() >= 2 { warm } else { rss.to_vec() };
         let ys = warm.iter().map(|p| p.1);
         let (lo, hi) = ys
             .clone()
             .fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
         println!(
-            "server RSS after warm-up: {:.0} → {:.0} MiB (min {lo:.0}, max {hi:.0}, {} samples), \
+            "server RSS after {warm_up:.0} s of warm-up: {:.0} → {:.0} MiB (min {lo:.0}, max {hi:.0}, {} samples), \
              trend {:+.2} MiB/min",
             warm.first().map_or(f64::NAN, |p| p.1),
             warm.last().map_or(f64::NAN, |p| p.1),

@@ -295,6 +295,8 @@ fn admit<B: GraftBackend>(
 }
 
 /// The weights a request's keys and values depend on: the base or its adapter version.
-fn cache_key<B: GraftBackend>(req: &Request<B>) -> CacheKey {
-    req.adapter.as_ref().map(|a| (a.name.clone(), a.version))
+fn cache_key<B: GraftBackend>(req: &Request<B>) -> CacheKey<B> {
+    req.adapter
+        .as_ref()
+        .map_or(CacheKey::Base, |a| CacheKey::Adapter(Arc::downgrade(a)))
 }

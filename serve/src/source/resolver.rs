@@ -253,9 +253,7 @@ impl Resolver {
         }
         // One rename within the directory: the watcher never sees a partial adapter.
         std::fs::rename(&from, &to).map_err(local(&to))?;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(local(&self.dir))?;
+        graft_core::atomic::sync_parent(&to).map_err(local(&self.dir))?;
         let entry = registry.adopt(name, &to, adapter, format)?;
         if let Some(signature) = adapter_files::signature(&to) {
             applied.insert(name.to_string(), signature);

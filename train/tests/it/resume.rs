@@ -162,7 +162,7 @@ fn a_full_disk_while_checkpointing_fails_clearly_and_keeps_the_previous_checkpoi
         before,
         "no partial checkpoint, the earlier ones untouched"
     );
-    for c in graft_train::run::checkpoints(&run) {
+    for c in graft_train::run::checkpoints(&run).expect("listed") {
         graft_train::run::load_checkpoint(&c).expect("every checkpoint still loads");
     }
     // With room again, the run resumes and ends as an uninterrupted one.

@@ -140,3 +140,66 @@ async fn kept_prompts_give_way_to_running_requests_under_the_kv_budget() {
         1.0
     );
 }
+
+/// Kept prompts of an adapter version that was replaced or unloaded are dropped (nothing can
+/// use them again), so a server that replaces adapters all day keeps only live versions'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_of_replaced_and_unloaded_adapter_versions_are_dropped() {
+    let system = "You are a meticulous geography tutor. ".repeat(30);
+    let ask = |model: &str, q: &str| {
+        json!({"model": model, "messages": [{"role": "system", "content": system},
+               {"role": "user", "content": q}], "max_tokens": 4, "temperature": 0})
+    };
+    let app = app_with(100_000);
+    let kept =
+        |m: &serde_json::Value| metric(m.as_str().expect("text"), "graft_prefix_cache_kept_tokens");
+    let adapter = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../core/tests/fixtures/peft_adapter");
+    let load = json!({"lora_name": "a", "lora_path": adapter.display().to_string()});
+    let base_q = "What is the capital of France?";
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(ask("smollm2", base_q)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let base_only = kept(&call(&app, "GET", "/metrics", None).await.1);
+    assert!(base_only >= 200.0, "{base_only}");
+
+    // Loads `a` (a new version each time), asks it, and returns the kept prompt tokens.
+    let load_and_ask = async |app: &Started<Cpu>| {
+        let (status, v) = call(app, "POST", "/v1/load_lora_adapter", Some(load.clone())).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let body = ask("a", "Name a river.");
+        let (status, _) = call(app, "POST", "/v1/chat/completions", Some(body)).await;
+        assert_eq!(status, StatusCode::OK);
+        kept(&call(app, "GET", "/metrics", None).await.1)
+    };
+    let with_v1 = load_and_ask(&app).await;
+    assert!(with_v1 > base_only + 200.0, "{with_v1} vs {base_only}");
+    // A new version: the old one's prompt goes when the new one's is kept.
+    let with_v2 = load_and_ask(&app).await;
+    assert_eq!(with_v2, with_v1, "one version's prompt kept, not two");
+
+    // Unloaded: its prompt goes at the next request.
+    let (status, v) = call(
+        &app,
+        "POST",
+        "/v1/unload_lora_adapter",
+        Some(json!({"lora_name": "a"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(ask("smollm2", base_q)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let after = kept(&call(&app, "GET", "/metrics", None).await.1);
+    assert_eq!(after, base_only, "the unloaded adapter's prompt is gone");
+}
