@@ -4,7 +4,9 @@
 # directory (scripts/gguf_to_hf.py).
 # The converter runs in a small venv with pinned numpy-only tools (no torch), which also holds
 # the OpenAI Python client the server tests drive graft-serve with, and moto's S3 server the
-# adapter-source tests download from. Idempotent.
+# adapter-source tests download from. MLflow's tracking server (for the tracking tests) gets a
+# venv of its own (its dependencies pin numpy and friends differently), and Debian's Chromium
+# renders the run report and the comparison page for the report tests. Idempotent.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${GRAFT_CACHE:-$HOME/.cache/graft}"
@@ -19,3 +21,12 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import gguf, numpy, s
 fi
 "$venv/bin/python" "$here/gguf_to_hf.py" "$gguf" "$cache/models/SmolLM2-135M-Instruct-f32-sharded" \
   --max-shard-bytes 200000000 >/dev/null
+mlflow_venv="$cache/venv-mlflow"
+if ! ls -d "$mlflow_venv"/lib/python3*/site-packages/mlflow-3.17.2.dist-info >/dev/null 2>&1; then
+  python3 -m venv "$mlflow_venv"
+  "$mlflow_venv/bin/pip" install --quiet mlflow==3.17.2
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+fi

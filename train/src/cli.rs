@@ -11,6 +11,7 @@
 //! graft-train eval <run dir> --data FILE [--base]   task metrics without training
 //! graft-train merge <run dir> --gguf m.gguf [--quant q4_k_m]   base + adapter as one GGUF
 //! graft-train merge <run dir> --out DIR [--dtype bf16]         base + adapter as an HF dir
+//! graft-train compare <run dirs | runs dir>... [--html F]      runs side by side
 //! ```
 
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use clap::{Parser, Subcommand};
 use graft_core::logging::{self, LogFormat};
 
 use crate::merge::{self, MergeTarget};
+use crate::report::compare::{self, Comparison};
 use crate::{evaluate, export, inspect, launch};
 use graft_core::formats::safetensors_write::FloatDtype;
 use graft_core::quant::mix::FileType;
@@ -139,6 +141,19 @@ enum Command {
         #[arg(long)]
         no_check: bool,
     },
+    /// Compare runs: the config keys that differ and each run's final and best metrics as a
+    /// table, and an HTML page with their curves overlaid.
+    Compare {
+        /// Run directories, or directories holding runs (a sweep's runs_dir).
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Where to write the HTML page.
+        #[arg(long, default_value = "compare.html")]
+        html: PathBuf,
+        /// Print the comparison as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses the process arguments and runs the command.
@@ -198,6 +213,7 @@ pub fn main() -> Result<()> {
             };
             merge::merge_cmd(&source, &target, model, !no_check).map(|_| ())
         }
+        Some(Command::Compare { runs, html, json }) => compare_cmd(&runs, &html, json),
         None => match cli.config {
             Some(config) => launch::train_cmd(&config, &cli.set),
             None => Err(anyhow::anyhow!(
@@ -205,4 +221,18 @@ pub fn main() -> Result<()> {
             )),
         },
     }
+}
+
+fn compare_cmd(runs: &[PathBuf], html: &std::path::Path, json: bool) -> Result<()> {
+    use anyhow::Context;
+    let c = Comparison::new(compare::collect(runs)?);
+    graft_core::atomic::write_atomic(html, c.html().as_bytes())
+        .with_context(|| format!("writing {}", html.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c.json())?);
+    } else {
+        print!("{}", c.table());
+        eprintln!("curves: {}", html.display());
+    }
+    Ok(())
 }

@@ -20,6 +20,7 @@ use graft_datasets::tokenize::Tokenized;
 use crate::config::raw::Paths;
 use crate::config::{Method, TrainConfig};
 use crate::setup::{configs, load_model, prepare_data};
+use crate::tracking::{self, Status, Tracker};
 use crate::{bench, report, run, trainer};
 
 /// `graft-train <config>`: one run per sweep combination, each checked before any starts.
@@ -30,13 +31,59 @@ use crate::{bench, report, run, trainer};
 pub fn train_cmd(path: &Path, set: &[String]) -> Result<()> {
     let cfgs = configs(path, set)?;
     let sweep = cfgs.len() > 1;
+    let tracker = tracker(&cfgs[0], None);
+    // A sweep is one parent run on the tracker, with a child per combination.
+    let parent = tracker.as_ref().filter(|_| sweep).map(|t| {
+        let stem = path
+            .file_stem()
+            .map_or("sweep".into(), |s| s.to_string_lossy().into_owned());
+        let mut tags = tracking::source_tags(path);
+        tags.push(("graft.sweep_runs".into(), cfgs.len().to_string()));
+        t.start(tracking::RunSpec {
+            name: format!("{stem}-sweep-{}", timestamp()),
+            parent: None,
+            tags,
+            params: Vec::new(),
+            run_dir: None,
+            continue_run: None,
+        })
+    });
+    let mut result = Ok(());
     for (i, cfg) in cfgs.iter().enumerate() {
         if sweep {
             tracing::info!("sweep run {}/{}", i + 1, cfgs.len());
         }
-        train_on_device(cfg, Target::New(sweep.then_some(i)))?;
+        let track = tracker.as_ref().map(|t| (t, parent.clone()));
+        result = train_on_device(cfg, Target::New(sweep.then_some(i)), track);
+        if result.is_err() {
+            break;
+        }
     }
-    Ok(())
+    if let Some(p) = parent {
+        p.end(if result.is_ok() {
+            Status::Finished
+        } else {
+            Status::Failed
+        });
+    }
+    if let Some(t) = tracker {
+        t.close();
+    }
+    result
+}
+
+/// The tracker `cfg` reports to (`[tracking]`, or the server a resumed run reported to).
+fn tracker(cfg: &TrainConfig, recorded: Option<&str>) -> Option<Tracker> {
+    let uri = cfg.tracking.mlflow.as_deref().or(recorded)?;
+    tracing::info!(
+        "reporting to MLflow at {uri}, experiment {}",
+        cfg.tracking.experiment
+    );
+    Some(Tracker::mlflow(
+        uri,
+        &cfg.tracking.experiment,
+        cfg.tracking.wait,
+    ))
 }
 
 /// `graft-train bench`: `steps` optimizer steps of one configuration, then the figures.
@@ -57,7 +104,7 @@ pub fn bench_cmd(path: &Path, set: &[String], steps: usize) -> Result<()> {
             cfgs.len()
         );
     }
-    train_on_device(&cfgs[0], Target::Bench)
+    train_on_device(&cfgs[0], Target::Bench, None)
 }
 
 /// `graft-train resume`: continues a run from its newest checkpoint.
@@ -91,7 +138,24 @@ pub fn resume_cmd(run_dir: &Path) -> Result<()> {
         run::truncate_after_step(&run_dir.join(log), step)
             .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
     }
-    train_on_device(&cfg, Target::Resume(run_dir, ckpt))
+    // Continue the tracker's run where the first part of this one reported.
+    let recorded: Option<serde_json::Value> =
+        std::fs::read_to_string(run_dir.join(tracking::RUN_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+    let recorded_uri = recorded
+        .as_ref()
+        .and_then(|r| r.get("tracking_uri")?.as_str().map(str::to_string));
+    let tracker = tracker(&cfg, recorded_uri.as_deref());
+    let result = train_on_device(
+        &cfg,
+        Target::Resume(run_dir, ckpt),
+        tracker.as_ref().map(|t| (t, None)),
+    );
+    if let Some(t) = tracker {
+        t.close();
+    }
+    result
 }
 
 /// Where a training run goes.
@@ -104,24 +168,28 @@ enum Target<'a> {
     Bench,
 }
 
-fn train_on_device(cfg: &TrainConfig, target: Target<'_>) -> Result<()> {
-    struct Train<'a>(&'a TrainConfig, Target<'a>);
+/// The tracker a run reports to, and its parent run (a sweep's).
+type Track<'a> = Option<(&'a Tracker, Option<tracking::Run>)>;
+
+fn train_on_device(cfg: &TrainConfig, target: Target<'_>, track: Track<'_>) -> Result<()> {
+    struct Train<'a>(&'a TrainConfig, Target<'a>, Track<'a>);
     impl OnDevice for Train<'_> {
         type Output = Result<()>;
         fn run<B: GraftBackend>(self, device: B::Device) -> Result<()> {
-            train::<Autodiff<B>>(self.0, self.1, &device)
+            train::<Autodiff<B>>(self.0, self.1, self.2, &device)
         }
     }
-    run_on(cfg.model.device, Train(cfg, target))?
+    run_on(cfg.model.device, Train(cfg, target, track))?
 }
 
 fn train<B: AutodiffBackend + GraftBackend>(
     cfg: &TrainConfig,
     target: Target<'_>,
+    track: Track<'_>,
     device: &B::Device,
 ) -> Result<()> {
     if cfg.train.method == Method::Sft {
-        train_on::<B, Tokenized>(cfg, target, device)
+        train_on::<B, Tokenized>(cfg, target, track, device)
     } else {
         if matches!(target, Target::Bench) {
             bail!(
@@ -130,13 +198,14 @@ fn train<B: AutodiffBackend + GraftBackend>(
                 cfg.train.method.name()
             );
         }
-        train_on::<B, Pair>(cfg, target, device)
+        train_on::<B, Pair>(cfg, target, track, device)
     }
 }
 
 fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
     cfg: &TrainConfig,
     target: Target<'_>,
+    track: Track<'_>,
     device: &B::Device,
 ) -> Result<()> {
     let loaded = load_model::<B>(cfg, device)?;
@@ -176,7 +245,8 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         .expect("checked by load_model");
     let stop = Arc::new(AtomicBool::new(false));
     install_sigint(stop.clone());
-    let trainer = trainer::Trainer::new(
+    let tracked = track.map(|(t, parent)| t.start(run_spec(cfg, run_dir, t.uri(), parent)));
+    let mut trainer = trainer::Trainer::new(
         cfg,
         &loaded.model.model,
         tok,
@@ -202,9 +272,16 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
     if bench {
         bench::write_inputs(&trainer, run_dir, cfg.train.max_steps.unwrap_or(0))?;
     }
-    let outcome = trainer
-        .run(resume)
-        .with_context(|| format!("writing run {}", run_dir.display()))?;
+    trainer.tracking = tracked.clone();
+    let outcome = match trainer.run(resume) {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(t) = &tracked {
+                t.end(Status::Failed);
+            }
+            return Err(e).with_context(|| format!("writing run {}", run_dir.display()));
+        }
+    };
     let summary = json!({
         "run": run_dir.file_name().map(|n| n.to_string_lossy().into_owned()),
         "steps": outcome.state.step,
@@ -227,6 +304,19 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         .with_context(|| format!("writing {}/metrics.parquet", run_dir.display()))?;
     report::write_html(run_dir, &summary)
         .with_context(|| format!("writing {}/report.html", run_dir.display()))?;
+    if let Some(t) = &tracked {
+        let mut last = json!({"step": outcome.state.step});
+        for k in ["peak_rss_mib", "wall_secs", "tokens_trained"] {
+            last[k] = summary[k].clone();
+        }
+        t.metrics(&last);
+        t.artifacts(tracking::run_artifacts(run_dir));
+        t.end(if outcome.interrupted {
+            Status::Killed
+        } else {
+            Status::Finished
+        });
+    }
     if bench {
         return bench::report(cfg, run_dir);
     }
@@ -235,6 +325,40 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         tracing::info!("resume with: graft-train resume {}", run_dir.display());
     }
     Ok(())
+}
+
+/// What the tracker's run for `run_dir` is made of: its name, params (the resolved config as
+/// written in the run directory), tags, and the tracker run to continue after a resume.
+fn run_spec(
+    cfg: &TrainConfig,
+    run_dir: &Path,
+    uri: &str,
+    parent: Option<tracking::Run>,
+) -> tracking::RunSpec {
+    let config = std::fs::read_to_string(run_dir.join(run::CONFIG_FILE)).unwrap_or_default();
+    let mut tags = tracking::source_tags(&cfg.path);
+    tags.push((
+        "graft.run_dir".into(),
+        std::path::absolute(run_dir)
+            .unwrap_or_else(|_| run_dir.to_path_buf())
+            .display()
+            .to_string(),
+    ));
+    let continue_run = std::fs::read_to_string(run_dir.join(tracking::RUN_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .filter(|r| r.get("tracking_uri").and_then(|u| u.as_str()) == Some(uri))
+        .and_then(|r| r.get("run_id")?.as_str().map(str::to_string));
+    tracking::RunSpec {
+        name: run_dir
+            .file_name()
+            .map_or_else(|| "run".into(), |n| n.to_string_lossy().into_owned()),
+        parent,
+        tags,
+        params: tracking::params_of(&config),
+        run_dir: Some(run_dir.to_path_buf()),
+        continue_run,
+    }
 }
 
 /// Sets `stop` on the first SIGINT; a second SIGINT ends the process as usual.

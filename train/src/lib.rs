@@ -1,5 +1,6 @@
 //! graft-train as a library: the training config, data preparation, the trainer with its
-//! optimizer, run directories (checkpoints, metrics, report) and the commands of the
+//! optimizer, run directories (checkpoints, metrics, report, comparison), reporting to an
+//! experiment tracker (MLflow) and the commands of the
 //! `graft-train` binary, which is a thin `main` over [`cli::main`].
 
 pub mod bench;
@@ -16,4 +17,5 @@ pub mod report;
 pub mod run;
 pub mod setup;
 pub mod task_eval;
+pub mod tracking;
 pub mod trainer;

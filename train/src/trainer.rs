@@ -90,6 +90,8 @@ pub struct Trainer<'a, B: AutodiffBackend + GraftBackend, T: Sample = Tokenized>
     pub base_name: String,
     /// Set (by a SIGINT handler) to stop after the current step with a checkpoint.
     pub stop: &'a AtomicBool,
+    /// The tracker run that gets every metrics record too (see [`crate::tracking`]).
+    pub tracking: Option<crate::tracking::Run>,
     objective: Objective,
     modules: Vec<Module>,
     /// DPO with `precompute_ref_log_probs`: each train and eval sample's reference Σ log p per
@@ -128,10 +130,24 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             run_dir,
             base_name,
             stop,
+            tracking: None,
             objective: Objective::new(cfg.train.method, &cfg.preference),
             modules,
             reference: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Appends a record to `metrics.jsonl` and queues it for the tracker.
+    fn log_metrics(
+        &self,
+        path: &std::path::Path,
+        record: &serde_json::Value,
+    ) -> std::io::Result<()> {
+        append_jsonl(path, record)?;
+        if let Some(t) = &self.tracking {
+            t.metrics(record);
+        }
+        Ok(())
     }
 
     /// Parameter names in optimizer order (`layers.3.q_proj.lora_A`, …).
@@ -517,7 +533,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         };
         let mut record = report.record();
         record.insert("step".into(), step.into());
-        append_jsonl(metrics, &serde_json::Value::Object(record))?;
+        self.log_metrics(metrics, &serde_json::Value::Object(record))?;
         for a in &report.answers {
             let mut v = serde_json::to_value(a).unwrap_or_default();
             v["step"] = step.into();
@@ -700,7 +716,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 if let Some(r) = rec.as_object_mut() {
                     r.extend(pair_metrics.means(""));
                 }
-                append_jsonl(&metrics, &rec)?;
+                self.log_metrics(&metrics, &rec)?;
                 if bar.is_hidden() {
                     tracing::info!("step {}/{total_steps} loss {loss_total:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {:.0} tok/s", state.step, all_tokens as f64 / secs);
                 }
@@ -714,7 +730,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                     if let Some(r) = rec.as_object_mut() {
                         r.extend(pairs.means("eval_"));
                     }
-                    append_jsonl(&metrics, &rec)?;
+                    self.log_metrics(&metrics, &rec)?;
                     let accuracy = pairs
                         .means("")
                         .get("rewards/accuracies")

@@ -19,7 +19,7 @@ pub use raw::TaskMetric;
 pub use raw::{DpoLoss, Method, RawConfig, Scheduler};
 pub use settings::{
     DataSettings, EvalSettings, FieldError, ModelSettings, OutputSettings, PreferenceSettings,
-    TrainSettings,
+    TrackingSettings, TrainSettings,
 };
 
 use settings::InDir;
@@ -183,6 +183,7 @@ pub struct TrainConfig {
     pub output: OutputSettings,
     pub eval: EvalSettings,
     pub preference: PreferenceSettings,
+    pub tracking: TrackingSettings,
 }
 
 impl TrainConfig {
@@ -236,6 +237,7 @@ impl TrainConfig {
             data,
             train,
             preference,
+            tracking: (&raw.tracking).try_into().map_err(at)?,
             output: InDir {
                 raw: &raw.output,
                 dir,

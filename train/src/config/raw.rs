@@ -29,6 +29,9 @@ pub struct RawConfig {
     /// DPO/ORPO settings (`train.method = "dpo"` or `"orpo"`).
     #[serde(default)]
     pub preference: RawPreference,
+    /// An experiment tracker to report the run to, beside its run directory.
+    #[serde(default)]
+    pub tracking: RawTracking,
     /// `key = [values]`: one run per combination (keys as in `--set`, e.g. `"lora.r"`).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
@@ -435,6 +438,22 @@ pub struct RawOutput {
     /// Run name. Default: the config file's stem plus a UTC timestamp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracking {
+    /// An MLflow tracking server (`http://host:5000`). Default: the `MLFLOW_TRACKING_URI`
+    /// environment variable; neither: no tracker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlflow: Option<String>,
+    /// The MLflow experiment. Default: `MLFLOW_EXPERIMENT_NAME`, else `Default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    /// Seconds the run waits at its end for an unreachable tracker to take what is queued.
+    /// Default: 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_secs: Option<f64>,
 }
 
 impl Default for RawOutput {

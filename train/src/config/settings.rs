@@ -12,8 +12,8 @@ use graft_datasets::format::Format;
 use graft_datasets::tokenize::{TrainOn, Truncation};
 
 use super::raw::{
-    DpoLoss, Method, RawData, RawEval, RawLora, RawModel, RawOutput, RawPreference, RawTrain,
-    Scheduler, TargetModules, TaskMetric,
+    DpoLoss, Method, RawData, RawEval, RawLora, RawModel, RawOutput, RawPreference, RawTracking,
+    RawTrain, Scheduler, TargetModules, TaskMetric,
 };
 
 /// A value a section cannot take.
@@ -365,6 +365,56 @@ impl TryFrom<InDir<'_, RawOutput>> for OutputSettings {
         Ok(OutputSettings {
             runs_dir: o.dir.join(&o.raw.runs_dir),
             name: o.raw.name.clone(),
+        })
+    }
+}
+
+/// `[tracking]`, checked, with the MLflow environment variables applied.
+#[derive(Debug, Clone)]
+pub struct TrackingSettings {
+    /// The MLflow server, if any.
+    pub mlflow: Option<String>,
+    pub experiment: String,
+    pub wait: std::time::Duration,
+}
+
+impl TryFrom<&RawTracking> for TrackingSettings {
+    type Error = FieldError;
+    fn try_from(t: &RawTracking) -> Result<Self, FieldError> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mlflow = t.mlflow.clone().or_else(|| env("MLFLOW_TRACKING_URI"));
+        if let Some(uri) = &mlflow {
+            if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+                let key = if t.mlflow.is_some() {
+                    "mlflow"
+                } else {
+                    "mlflow (from MLFLOW_TRACKING_URI)"
+                };
+                return Err(FieldError::new(
+                    "tracking",
+                    key,
+                    quoted(uri),
+                    "must be an MLflow server's http:// or https:// address (file stores and databricks are not supported)",
+                ));
+            }
+        }
+        let wait = t.wait_secs.unwrap_or(30.0);
+        if !(wait.is_finite() && wait >= 0.0) {
+            return Err(FieldError::new(
+                "tracking",
+                "wait_secs",
+                wait.to_string(),
+                "must be a number of seconds ≥ 0",
+            ));
+        }
+        Ok(TrackingSettings {
+            mlflow,
+            experiment: t
+                .experiment
+                .clone()
+                .or_else(|| env("MLFLOW_EXPERIMENT_NAME"))
+                .unwrap_or_else(|| "Default".into()),
+            wait: std::time::Duration::from_secs_f64(wait),
         })
     }
 }

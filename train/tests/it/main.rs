@@ -8,8 +8,10 @@ mod library;
 mod merge;
 mod ollama;
 mod preference;
+mod report;
 mod resume;
 mod task_eval;
+mod tracking;
 mod training;
 
 use std::path::{Path, PathBuf};

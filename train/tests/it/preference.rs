@@ -234,6 +234,9 @@ fn a_dpo_run_on_the_real_model_learns_the_held_out_preference() {
     // the parquet file and the report carry the preference metrics
     assert!(run.join("adapter/adapter_model.safetensors").is_file());
     let report = std::fs::read_to_string(run.join("report.html")).expect("report");
-    assert!(report.contains("Preference rewards"));
+    assert!(
+        report.contains("<title>Rewards</title>")
+            && report.contains("<title>Reward accuracy</title>")
+    );
     eprintln!("held-out after the run: {eval}");
 }
