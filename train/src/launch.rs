@@ -19,6 +19,7 @@ use graft_datasets::tokenize::Tokenized;
 
 use crate::config::raw::Paths;
 use crate::config::{Method, TrainConfig};
+use crate::dist::{self, Group};
 use crate::setup::{configs, load_model, prepare_data};
 use crate::tracking::{self, Status, Tracker};
 use crate::{bench, report, run, trainer};
@@ -30,8 +31,9 @@ use crate::{bench, report, run, trainer};
 /// written.
 pub fn train_cmd(path: &Path, set: &[String]) -> Result<()> {
     let cfgs = configs(path, set)?;
+    let group = dist::from_env()?;
     let sweep = cfgs.len() > 1;
-    let tracker = tracker(&cfgs[0], None);
+    let tracker = tracker(&cfgs[0], None, group.as_ref());
     // A sweep is one parent run on the tracker, with a child per combination.
     let parent = tracker.as_ref().filter(|_| sweep).map(|t| {
         let stem = path
@@ -53,8 +55,11 @@ pub fn train_cmd(path: &Path, set: &[String]) -> Result<()> {
         if sweep {
             tracing::info!("sweep run {}/{}", i + 1, cfgs.len());
         }
-        let track = tracker.as_ref().map(|t| (t, parent.clone()));
-        result = train_on_device(cfg, Target::New(sweep.then_some(i)), track);
+        let ctx = Ctx {
+            group: group.as_ref(),
+            track: tracker.as_ref().map(|t| (t, parent.clone())),
+        };
+        result = train_on_device(cfg, Target::New(sweep.then_some(i)), ctx);
         if result.is_err() {
             break;
         }
@@ -73,7 +78,10 @@ pub fn train_cmd(path: &Path, set: &[String]) -> Result<()> {
 }
 
 /// The tracker `cfg` reports to (`[tracking]`, or the server a resumed run reported to).
-fn tracker(cfg: &TrainConfig, recorded: Option<&str>) -> Option<Tracker> {
+fn tracker(cfg: &TrainConfig, recorded: Option<&str>, group: &dyn Group) -> Option<Tracker> {
+    if !group.leads() {
+        return None;
+    }
     let uri = cfg.tracking.mlflow.as_deref().or(recorded)?;
     tracing::info!(
         "reporting to MLflow at {uri}, experiment {}",
@@ -104,7 +112,12 @@ pub fn bench_cmd(path: &Path, set: &[String], steps: usize) -> Result<()> {
             cfgs.len()
         );
     }
-    train_on_device(&cfgs[0], Target::Bench, None)
+    let group = dist::from_env()?;
+    let ctx = Ctx {
+        group: group.as_ref(),
+        track: None,
+    };
+    train_on_device(&cfgs[0], Target::Bench, ctx)
 }
 
 /// `graft-train resume`: continues a run from its newest checkpoint.
@@ -132,9 +145,16 @@ pub fn resume_cmd(run_dir: &Path) -> Result<()> {
             None
         }
     };
+    let group = dist::from_env()?;
     // Steps after the checkpoint will run again: drop what they logged the first time.
     let step = ckpt.as_ref().map_or(0, |c| c.state.step);
-    for log in ["metrics.jsonl", "samples.jsonl", "task_eval.jsonl"] {
+    // (Only rank 0 writes the run directory.)
+    let logs = if group.leads() {
+        &["metrics.jsonl", "samples.jsonl", "task_eval.jsonl"][..]
+    } else {
+        &[]
+    };
+    for log in logs {
         run::truncate_after_step(&run_dir.join(log), step)
             .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
     }
@@ -146,12 +166,12 @@ pub fn resume_cmd(run_dir: &Path) -> Result<()> {
     let recorded_uri = recorded
         .as_ref()
         .and_then(|r| r.get("tracking_uri")?.as_str().map(str::to_string));
-    let tracker = tracker(&cfg, recorded_uri.as_deref());
-    let result = train_on_device(
-        &cfg,
-        Target::Resume(run_dir, ckpt),
-        tracker.as_ref().map(|t| (t, None)),
-    );
+    let tracker = tracker(&cfg, recorded_uri.as_deref(), group.as_ref());
+    let ctx = Ctx {
+        group: group.as_ref(),
+        track: tracker.as_ref().map(|t| (t, None)),
+    };
+    let result = train_on_device(&cfg, Target::Resume(run_dir, ckpt), ctx);
     if let Some(t) = tracker {
         t.close();
     }
@@ -168,28 +188,32 @@ enum Target<'a> {
     Bench,
 }
 
-/// The tracker a run reports to, and its parent run (a sweep's).
-type Track<'a> = Option<(&'a Tracker, Option<tracking::Run>)>;
+/// What a run trains with besides its config: the processes training together, and the
+/// tracker it reports to with its parent run (a sweep's).
+struct Ctx<'a> {
+    group: &'a dyn Group,
+    track: Option<(&'a Tracker, Option<tracking::Run>)>,
+}
 
-fn train_on_device(cfg: &TrainConfig, target: Target<'_>, track: Track<'_>) -> Result<()> {
-    struct Train<'a>(&'a TrainConfig, Target<'a>, Track<'a>);
+fn train_on_device(cfg: &TrainConfig, target: Target<'_>, ctx: Ctx<'_>) -> Result<()> {
+    struct Train<'a>(&'a TrainConfig, Target<'a>, Ctx<'a>);
     impl OnDevice for Train<'_> {
         type Output = Result<()>;
         fn run<B: GraftBackend>(self, device: B::Device) -> Result<()> {
             train::<Autodiff<B>>(self.0, self.1, self.2, &device)
         }
     }
-    run_on(cfg.model.device, Train(cfg, target, track))?
+    run_on(cfg.model.device, Train(cfg, target, ctx))?
 }
 
 fn train<B: AutodiffBackend + GraftBackend>(
     cfg: &TrainConfig,
     target: Target<'_>,
-    track: Track<'_>,
+    ctx: Ctx<'_>,
     device: &B::Device,
 ) -> Result<()> {
     if cfg.train.method == Method::Sft {
-        train_on::<B, Tokenized>(cfg, target, track, device)
+        train_on::<B, Tokenized>(cfg, target, ctx, device)
     } else {
         if matches!(target, Target::Bench) {
             bail!(
@@ -198,14 +222,14 @@ fn train<B: AutodiffBackend + GraftBackend>(
                 cfg.train.method.name()
             );
         }
-        train_on::<B, Pair>(cfg, target, track, device)
+        train_on::<B, Pair>(cfg, target, ctx, device)
     }
 }
 
 fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
     cfg: &TrainConfig,
     target: Target<'_>,
-    track: Track<'_>,
+    ctx: Ctx<'_>,
     device: &B::Device,
 ) -> Result<()> {
     let loaded = load_model::<B>(cfg, device)?;
@@ -226,7 +250,15 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
             names(layout)
         );
     }
+    let lead = ctx.group.leads();
     let fresh = |sweep_index| -> Result<PathBuf> {
+        if !lead {
+            // Only rank 0 writes the run directory; the others name none.
+            return Ok(cfg
+                .output
+                .runs_dir
+                .join(format!(".rank-{}", ctx.group.rank())));
+        }
         let dir = new_run_dir(cfg, sweep_index)?;
         run::write_atomic(&dir.join(run::CONFIG_FILE), resolved(cfg, &dir).as_bytes())
             .with_context(|| format!("writing {}", dir.display()))?;
@@ -245,7 +277,9 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         .expect("checked by load_model");
     let stop = Arc::new(AtomicBool::new(false));
     install_sigint(stop.clone());
-    let tracked = track.map(|(t, parent)| t.start(run_spec(cfg, run_dir, t.uri(), parent)));
+    let tracked = ctx
+        .track
+        .map(|(t, parent)| t.start(run_spec(cfg, run_dir, t.uri(), parent)));
     let mut trainer = trainer::Trainer::new(
         cfg,
         &loaded.model.model,
@@ -269,10 +303,19 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         loaded.model.name,
         loaded.model.model.base_bytes() as f64 / 1048576.0,
     );
-    if bench {
+    if bench && lead {
         bench::write_inputs(&trainer, run_dir, cfg.train.max_steps.unwrap_or(0))?;
     }
     trainer.tracking = tracked.clone();
+    trainer.group = ctx.group;
+    if ctx.group.size() > 1 && lead {
+        tracing::info!(
+            "data parallel: {} ranks, {} micro-batches of {} per step",
+            ctx.group.size(),
+            ctx.group.size() * cfg.train.grad_accum,
+            cfg.train.micro_batch_size
+        );
+    }
     let outcome = match trainer.run(resume) {
         Ok(o) => o,
         Err(e) => {
@@ -295,7 +338,15 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         "base_weights_mib": loaded.model.model.base_bytes() as f64 / 1048576.0,
         "interrupted": outcome.interrupted,
         "adapter": (!outcome.interrupted).then(|| run_dir.join("adapter")),
+        "ranks": outcome.ranks,
+        "ranks_identical": outcome.ranks_identical,
     });
+    if !outcome.ranks_identical {
+        tracing::error!("the {} ranks ended with different adapters", outcome.ranks);
+    }
+    if !lead {
+        return Ok(());
+    }
     run::write_atomic(
         &run_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -323,6 +374,13 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
     eprintln!("{}", serde_json::to_string_pretty(&summary)?);
     if outcome.interrupted {
         tracing::info!("resume with: graft-train resume {}", run_dir.display());
+    }
+    if !outcome.ranks_identical {
+        bail!(
+            "{}: the {} data-parallel ranks ended with different adapters (summary.json has rank 0's)",
+            run_dir.display(),
+            outcome.ranks
+        );
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod dist;
 pub mod evaluate;
 pub mod export;
 pub mod inspect;

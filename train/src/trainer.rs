@@ -38,6 +38,7 @@ use graft_datasets::tokenize::Tokenized;
 use serde_json::json;
 
 use crate::config::TrainConfig;
+use crate::dist::{Group, Single};
 use crate::objective::{Measured, Objective, PairMetrics, StepSize, Terms};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
 use crate::run::{self, append_jsonl, Checkpoint, TrainerState};
@@ -50,6 +51,10 @@ pub struct Outcome {
     pub final_eval_loss: Option<f64>,
     /// Whether the run stopped early on request (SIGINT) after saving a checkpoint.
     pub interrupted: bool,
+    /// Processes that trained together (data parallel), and whether they all ended with the
+    /// same adapter, bit for bit.
+    pub ranks: usize,
+    pub ranks_identical: bool,
 }
 
 /// A step's loss and gradient (see [`Trainer::gradients`]).
@@ -92,6 +97,8 @@ pub struct Trainer<'a, B: AutodiffBackend + GraftBackend, T: Sample = Tokenized>
     pub stop: &'a AtomicBool,
     /// The tracker run that gets every metrics record too (see [`crate::tracking`]).
     pub tracking: Option<crate::tracking::Run>,
+    /// The processes training together ([`crate::dist`]); only the leader writes.
+    pub group: &'a dyn Group,
     objective: Objective,
     modules: Vec<Module>,
     /// DPO with `precompute_ref_log_probs`: each train and eval sample's reference Σ log p per
@@ -131,6 +138,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             base_name,
             stop,
             tracking: None,
+            group: &Single,
             objective: Objective::new(cfg.train.method, &cfg.preference),
             modules,
             reference: std::sync::OnceLock::new(),
@@ -402,7 +410,18 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
     /// The loss of one step over the training samples `batches` (micro-batches of indices)
     /// with adapter values `params`, and its gradient, in optimizer order.
     pub fn gradients(&self, params: &[Vec<f32>], batches: &[Vec<usize>]) -> Gradients {
-        let size = self.step_size(Split::Train, batches);
+        self.gradients_in(params, batches, &self.step_size(Split::Train, batches))
+    }
+
+    /// [`Trainer::gradients`] of some of a step's micro-batches, normalized as the whole
+    /// step's `size` (a data-parallel rank's share).
+    fn gradients_in(
+        &self,
+        params: &[Vec<f32>],
+        batches: &[Vec<usize>],
+        size: &StepSize,
+    ) -> Gradients {
+        let size = *size;
         let mut out = Gradients {
             grads: params.iter().map(|p| vec![0.0; p.len()]).collect(),
             ..Gradients::default()
@@ -617,7 +636,8 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             }
         }
         let per_epoch = Schedule::new(self, &TrainerState::default()).epoch_len();
-        let steps_per_epoch = per_epoch.div_ceil(cfg.train.grad_accum);
+        let (ranks, lead) = (self.group.size(), self.group.leads());
+        let steps_per_epoch = per_epoch.div_ceil(cfg.train.grad_accum * ranks);
         let total_steps = cfg
             .train
             .max_steps
@@ -659,7 +679,11 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         }
         self.precompute_reference();
         let metrics = self.run_dir.join("metrics.jsonl");
-        let bar = progress_bar(total_steps as u64, state.step as u64);
+        let bar = if lead {
+            progress_bar(total_steps as u64, state.step as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         let started = Instant::now();
         let elapsed_before = state.elapsed_secs;
         let mut schedule = Schedule::new(self, &state);
@@ -672,14 +696,42 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             let t0 = Instant::now();
             B::seed(&device, cfg.train.seed.wrapping_add(state.step as u64));
             let step_batches = schedule.next_step(&mut state);
-            let n_tokens = self.step_size(Split::Train, &step_batches).tokens;
+            let size = self.step_size(Split::Train, &step_batches);
+            let n_tokens = size.tokens;
+            // This rank's share of the step: micro-batches rank, rank + N, …
+            let mine: Vec<Vec<usize>> = step_batches
+                .iter()
+                .skip(self.group.rank())
+                .step_by(ranks)
+                .cloned()
+                .collect();
             let Gradients {
                 mut grads,
-                loss: loss_total,
-                pairs: pair_metrics,
+                loss: mut loss_total,
+                pairs: mut pair_metrics,
                 forward_secs: fwd,
                 backward_secs: bwd,
-            } = self.gradients(&params, &step_batches);
+            } = self.gradients_in(&params, &mine, &size);
+            // Every rank stops at the same step when any was asked to.
+            let mut stop_votes = 0.0;
+            if ranks > 1 {
+                for g in &mut grads {
+                    self.group.sum_f32(g);
+                }
+                let mut scalars = vec![
+                    loss_total,
+                    f64::from(u8::from(self.stop.load(Ordering::SeqCst))),
+                    pair_metrics.pairs as f64,
+                ];
+                scalars.extend(pair_metrics.sums.values());
+                self.group.sum_f64(&mut scalars);
+                loss_total = scalars[0];
+                stop_votes = scalars[1];
+                pair_metrics.pairs = scalars[2] as usize;
+                for (v, s) in pair_metrics.sums.values_mut().zip(&scalars[3..]) {
+                    *v = *s;
+                }
+            }
             let t = Instant::now();
             let grad_norm = clip_grad_norm(&mut grads, cfg.train.max_grad_norm);
             let lr = learning_rate(
@@ -705,7 +757,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 "loss {loss_total:.4} lr {lr:.2e} {:.0} tok/s",
                 all_tokens as f64 / secs
             ));
-            if state.step % cfg.train.logging_every == 0 || state.step == total_steps {
+            if lead && (state.step % cfg.train.logging_every == 0 || state.step == total_steps) {
                 let mut rec = json!({
                     "step": state.step, "epoch": state.epoch as f64 + state.batch_in_epoch as f64 / schedule.epoch_len().max(1) as f64,
                     "loss": loss_total, "lr": lr, "grad_norm": grad_norm, "tokens_per_sec": all_tokens as f64 / secs,
@@ -722,7 +774,9 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 }
             }
             let last = state.step == total_steps;
-            if (cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) || last {
+            if lead
+                && ((cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) || last)
+            {
                 if let Some((l, pairs)) = self.eval_loss(&params) {
                     state.best_eval_loss = Some(state.best_eval_loss.map_or(l, |b: f64| b.min(l)));
                     last_eval = Some(l);
@@ -745,10 +799,15 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 self.samples(&params, state.step)?;
                 self.task_metrics(&params, state.step, &metrics, &bar)?;
             }
-            let stopping = self.stop.load(Ordering::SeqCst);
-            if (cfg.train.save_every > 0 && state.step % cfg.train.save_every == 0)
-                || last
-                || stopping
+            let stopping = if ranks > 1 {
+                stop_votes > 0.0
+            } else {
+                self.stop.load(Ordering::SeqCst)
+            };
+            if lead
+                && ((cfg.train.save_every > 0 && state.step % cfg.train.save_every == 0)
+                    || last
+                    || stopping)
             {
                 state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
                 self.checkpoint(&state, &opt, &params)?;
@@ -764,7 +823,8 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         }
         bar.finish_and_clear();
         state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
-        if !interrupted {
+        let ranks_identical = self.group.all_equal(crate::dist::fingerprint(&params));
+        if lead && !interrupted {
             self.save_adapter(&self.run_dir.join("adapter"), &params)?;
         }
         Ok(Outcome {
@@ -772,6 +832,8 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             final_loss: last_loss,
             final_eval_loss: last_eval,
             interrupted,
+            ranks,
+            ranks_identical,
         })
     }
 }
@@ -799,7 +861,7 @@ impl Schedule {
             micro_batch: cfg.train.micro_batch_size,
             packing: cfg.data.packing.then_some(cfg.data.max_seq_len),
             seed: cfg.data.seed,
-            grad_accum: cfg.train.grad_accum,
+            grad_accum: cfg.train.grad_accum * t.group.size(),
             batches: Vec::new(),
         };
         s.batches = s.epoch(state.epoch);

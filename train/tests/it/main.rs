@@ -4,6 +4,7 @@
 mod bench;
 mod configs;
 mod data;
+mod dist;
 mod library;
 mod merge;
 mod ollama;
