@@ -82,7 +82,7 @@ fn two_replicas_report_the_gateways_metric_contract_for_their_own_adapters() {
     // Idle: nothing running or waiting, the LoRA info gauge carries the time.
     for r in [&r1, &r2] {
         // Answered; the engine empties its batch at its next turn.
-        let idle = metrics_once(r, "vllm:num_requests_running{model_name=\"smollm2\"} 0");
+        let idle = metrics_once(r, &["vllm:num_requests_running{model_name=\"smollm2\"} 0"]);
         let samples = prometheus_samples(&idle);
         assert_eq!(sample_value(&samples, "vllm:num_requests_waiting"), 0.0);
         assert_eq!(
@@ -108,7 +108,15 @@ fn two_replicas_report_the_gateways_metric_contract_for_their_own_adapters() {
             }
         }
         for (r, model) in [(&r1, "chat"), (&r2, "sql")] {
-            let text = metrics_once(r, "vllm:num_requests_waiting{model_name=\"smollm2\"} 1");
+            // One scrape with the first request running and the second queued (the first may
+            // itself wait a moment while its adapter is read).
+            let text = metrics_once(
+                r,
+                &[
+                    "vllm:num_requests_waiting{model_name=\"smollm2\"} 1",
+                    "vllm:num_requests_running{model_name=\"smollm2\"} 1",
+                ],
+            );
             let samples = prometheus_samples(&text);
             assert_eq!(
                 sample(&samples, "vllm:num_requests_waiting")["type"],
@@ -126,7 +134,7 @@ fn two_replicas_report_the_gateways_metric_contract_for_their_own_adapters() {
         }
     });
     for r in [&r1, &r2] {
-        let idle = metrics_once(r, "vllm:num_requests_running{model_name=\"smollm2\"} 0");
+        let idle = metrics_once(r, &["vllm:num_requests_running{model_name=\"smollm2\"} 0"]);
         let samples = prometheus_samples(&idle);
         assert_eq!(sample_value(&samples, "vllm:num_requests_waiting"), 0.0);
         assert_eq!(sample_value(&samples, "vllm:kv_cache_usage_perc"), 0.0);

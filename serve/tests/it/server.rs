@@ -1407,16 +1407,16 @@ pub(crate) fn prometheus_samples(text: &str) -> Vec<Value> {
 }
 
 /// The first `/metrics` text (polled every 20 ms, for up to a minute) with the line `line`.
-pub(crate) fn metrics_once(s: &Server, line: &str) -> String {
+pub(crate) fn metrics_once(s: &Server, lines: &[&str]) -> String {
     let t0 = std::time::Instant::now();
     loop {
         let text = get_text(s, "/metrics");
-        if text.lines().any(|l| l == line) {
+        if lines.iter().all(|line| text.lines().any(|l| l == *line)) {
             return text;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "never {line}:\n{text}"
+            "never {lines:?} in one scrape:\n{text}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1481,7 +1481,7 @@ fn metrics_carry_the_inference_gateways_vllm_names() {
                 assert_eq!(status, 200, "{v}");
             });
         }
-        metrics_once(&s, "vllm:num_requests_waiting{model_name=\"smollm2\"} 2")
+        metrics_once(&s, &["vllm:num_requests_waiting{model_name=\"smollm2\"} 2"])
     });
     let samples = prometheus_samples(&busy);
     assert_eq!(sample_value(&samples, "vllm:num_requests_running"), 1.0);
@@ -1493,6 +1493,6 @@ fn metrics_carry_the_inference_gateways_vllm_names() {
         json!({"max_lora": "1", "running_lora_adapters": "a1", "waiting_lora_adapters": "a1,a2"})
     );
     // All answered (the scope waited for the clients); the engine empties its batch next.
-    let idle = metrics_once(&s, "vllm:num_requests_running{model_name=\"smollm2\"} 0");
+    let idle = metrics_once(&s, &["vllm:num_requests_running{model_name=\"smollm2\"} 0"]);
     check_idle(&prometheus_samples(&idle));
 }
