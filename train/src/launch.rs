@@ -159,14 +159,8 @@ pub fn resume_cmd(run_dir: &Path) -> Result<()> {
             .with_context(|| format!("rewriting {}", run_dir.join(log).display()))?;
     }
     // Continue the tracker's run where the first part of this one reported.
-    let recorded: Option<serde_json::Value> =
-        std::fs::read_to_string(run_dir.join(tracking::RUN_FILE))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok());
-    let recorded_uri = recorded
-        .as_ref()
-        .and_then(|r| r.get("tracking_uri")?.as_str().map(str::to_string));
-    let tracker = tracker(&cfg, recorded_uri.as_deref(), group.as_ref());
+    let recorded = tracking::recorded(run_dir).map(|(uri, _)| uri);
+    let tracker = tracker(&cfg, recorded.as_deref(), group.as_ref());
     let ctx = Ctx {
         group: group.as_ref(),
         track: tracker.as_ref().map(|t| (t, None)),
@@ -402,11 +396,9 @@ fn run_spec(
             .display()
             .to_string(),
     ));
-    let continue_run = std::fs::read_to_string(run_dir.join(tracking::RUN_FILE))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .filter(|r| r.get("tracking_uri").and_then(|u| u.as_str()) == Some(uri))
-        .and_then(|r| r.get("run_id")?.as_str().map(str::to_string));
+    let continue_run = tracking::recorded(run_dir)
+        .filter(|(recorded, _)| recorded == uri)
+        .map(|(_, run_id)| run_id);
     tracking::RunSpec {
         name: run_dir
             .file_name()

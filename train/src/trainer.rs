@@ -715,8 +715,14 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             // Every rank stops at the same step when any was asked to.
             let mut stop_votes = 0.0;
             if ranks > 1 {
+                // One all-reduce for the whole adapter's gradient, not one per tensor.
+                let mut flat: Vec<f32> = grads.iter().flatten().copied().collect();
+                self.group.sum_f32(&mut flat);
+                let mut rest = &flat[..];
                 for g in &mut grads {
-                    self.group.sum_f32(g);
+                    let (mine, tail) = rest.split_at(g.len());
+                    g.copy_from_slice(mine);
+                    rest = tail;
                 }
                 let mut scalars = vec![
                     loss_total,

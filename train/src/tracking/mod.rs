@@ -207,6 +207,16 @@ impl Run {
     }
 }
 
+/// The tracker run a run directory reported to, from its `mlflow.json`: (server, run id).
+pub fn recorded(run_dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string(run_dir.join(RUN_FILE)).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    Some((
+        v.get("tracking_uri")?.as_str()?.to_string(),
+        v.get("run_id")?.as_str()?.to_string(),
+    ))
+}
+
 /// The files of a run directory worth keeping on the tracker: the adapter, report, config,
 /// summary and metrics table.
 pub fn run_artifacts(run_dir: &Path) -> Vec<(PathBuf, String)> {
