@@ -283,20 +283,23 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         cfg.model.base.clone(),
         &stop,
     );
-    tracing::info!(
-        "run {}: {} {} train / {} eval {}, {} trained tokens, adapter r={} on {} modules ({} parameters), base {} ({:.1} MiB)",
-        run_dir.display(),
-        cfg.train.method.name(),
-        data.train.len(),
-        data.eval.len(),
-        if T::PAIRED { "pairs" } else { "examples" },
-        data.stats.trained_tokens,
-        cfg.lora.r,
-        trainer.param_names().len() / 2,
-        trainer.n_params(),
-        loaded.model.name,
-        loaded.model.model.base_bytes() as f64 / 1048576.0,
-    );
+    // One line per job, not per rank: the others' placeholder directory is never written.
+    if lead {
+        tracing::info!(
+            "run {}: {} {} train / {} eval {}, {} trained tokens, adapter r={} on {} modules ({} parameters), base {} ({:.1} MiB)",
+            run_dir.display(),
+            cfg.train.method.name(),
+            data.train.len(),
+            data.eval.len(),
+            if T::PAIRED { "pairs" } else { "examples" },
+            data.stats.trained_tokens,
+            cfg.lora.r,
+            trainer.param_names().len() / 2,
+            trainer.n_params(),
+            loaded.model.name,
+            loaded.model.model.base_bytes() as f64 / 1048576.0,
+        );
+    }
     if bench && lead {
         bench::write_inputs(&trainer, run_dir, cfg.train.max_steps.unwrap_or(0))?;
     }

@@ -478,3 +478,51 @@ pub fn source_tags(config: &Path) -> Vec<(String, String)> {
     }
     tags
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag<'a>(tags: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_config_in_a_git_work_tree_is_tagged_with_its_commit_and_whether_it_changed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = dir.path().join("run.toml");
+        std::fs::write(&cfg, "[train]\n").expect("write");
+        // Outside any work tree: no commit.
+        let tags = source_tags(&cfg);
+        assert_eq!(tag(&tags, "graft.version"), Some(env!("CARGO_PKG_VERSION")));
+        assert!(tag(&tags, "mlflow.source.git.commit").is_none(), "{tags:?}");
+
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .status()
+                .expect("git")
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        git(&["add", "run.toml"]);
+        git(&["commit", "-q", "-m", "config"]);
+        let head = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir.path())
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .expect("git");
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        let tags = source_tags(&cfg);
+        assert_eq!(tag(&tags, "mlflow.source.git.commit"), Some(head.as_str()));
+        assert_eq!(tag(&tags, "graft.config_modified"), Some("false"));
+        std::fs::write(&cfg, "[train]\nmax_steps = 2\n").expect("write");
+        let tags = source_tags(&cfg);
+        assert_eq!(tag(&tags, "graft.config_modified"), Some("true"));
+    }
+}

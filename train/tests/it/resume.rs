@@ -35,8 +35,20 @@ fn interrupted(
 ) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = write_config(dir.path(), STEPS);
+    let (run, exit) = interrupt_after_step_2(dir.path(), &path, signal, |_| true);
+    (dir, run, exit)
+}
+
+/// Trains `config` (its runs under `dir/runs`), waits for the step-2 checkpoint and for `ready`
+/// of the run directory, then sends `signal`; returns the run directory and the exit status.
+pub fn interrupt_after_step_2(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    signal: &str,
+    ready: impl Fn(&std::path::Path) -> bool,
+) -> (std::path::PathBuf, std::process::ExitStatus) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_graft-train"))
-        .arg(&path)
+        .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -47,11 +59,12 @@ fn interrupted(
             start.elapsed() < Duration::from_secs(300),
             "no checkpoint appeared"
         );
-        if let Ok(mut entries) = std::fs::read_dir(dir.path().join("runs")) {
+        if let Ok(mut entries) = std::fs::read_dir(dir.join("runs")) {
             if let Some(Ok(e)) = entries.next() {
                 if e.path()
                     .join("checkpoints/step-000002/trainer_state.json")
                     .is_file()
+                    && ready(&e.path())
                 {
                     break e.path();
                 }
@@ -65,7 +78,7 @@ fn interrupted(
         .expect("kill");
     assert!(status.success());
     let exit = child.wait().expect("wait");
-    (dir, run, exit)
+    (run, exit)
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! scripts/prepare-test-models.sh into its own venv, started here on loopback): a sweep is a
 //! parent run with a child per combination, each with the resolved config as params, every
 //! logged metric, tags and artifacts; a tracker that is down when training starts gets
-//! everything once it is back; one that never answers does not stop training.
+//! everything once it is back; one that never answers does not stop training; a run
+//! interrupted and resumed stays one MLflow run.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -408,6 +409,66 @@ fn a_tracker_that_is_down_gets_everything_when_it_is_back_and_one_that_never_ans
     );
     assert!(!run.join("mlflow.json").exists(), "no MLflow run was made");
     eprintln!("run with an unreachable tracker: {:.1?}", t0.elapsed());
+}
+
+#[test]
+fn an_interrupted_run_resumed_continues_the_same_mlflow_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let server = start_mlflow(dir.path());
+    let path = config_with_tracking(
+        dir.path(),
+        &server.url,
+        "graft-resume",
+        "max_steps = 6\nsave_every = 2\nkeep_last_checkpoints = 5\nlogging_every = 1\neval_samples = 0",
+    );
+    let (run, exit) =
+        crate::resume::interrupt_after_step_2(dir.path(), &path, "-INT", |r: &Path| {
+            r.join("mlflow.json").is_file()
+        });
+    assert!(exit.success());
+    assert!(!run.join("adapter").exists(), "the run was interrupted");
+    let (_, first_id) = graft_train::tracking::recorded(&run).expect("mlflow.json");
+    let runs = search_runs(&server.url, "graft-resume");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        runs[0]["info"]["status"], "KILLED",
+        "interrupted: {runs:#?}"
+    );
+    let before = history(&server.url, &first_id, "loss").len();
+    assert!(
+        (2..6).contains(&before),
+        "{before} steps before the interruption"
+    );
+
+    let out = graft_train(&["resume", run.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, id) = graft_train::tracking::recorded(&run).expect("mlflow.json");
+    assert_eq!(id, first_id, "mlflow.json still names the first run");
+    let runs = search_runs(&server.url, "graft-resume");
+    assert_eq!(runs.len(), 1, "no second MLflow run: {runs:#?}");
+    assert_eq!(runs[0]["info"]["run_id"].as_str(), Some(id.as_str()));
+    assert_eq!(runs[0]["info"]["status"], "FINISHED");
+    // Each step once, equal to metrics.jsonl, the steps before and after the resume together.
+    let want = local(&run, "loss");
+    let got = history(&server.url, &id, "loss");
+    assert_eq!(want.len(), 6);
+    assert_eq!(
+        got.iter().map(|p| p.0).collect::<Vec<_>>(),
+        want.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g.1 - w.1).abs() <= 1e-9 * w.1.abs().max(1.0),
+            "{g:?} vs {w:?}"
+        );
+    }
+    let root = api(&server.url, "artifacts/list", &[("run_id", id.as_str())]);
+    assert!(
+        root["files"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["path"] == "adapter")),
+        "the final adapter reached the resumed run: {root}"
+    );
 }
 
 #[test]
