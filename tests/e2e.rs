@@ -187,9 +187,20 @@ fn train_then_generate_with_the_adapter() {
 }
 
 /// The tiny random models of every family (`core/tests/fixtures/families`, made by
-/// `scripts/reference/families.py`), as llama.cpp's converter wrote them to GGUF.
-const FAMILIES: [&str; 8] = [
-    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2",
+/// `scripts/reference/families.py` and, for the MoE ones, `moe.py`), as llama.cpp's converter
+/// wrote them to GGUF.
+const FAMILIES: [&str; 11] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+    "mixtral",
+    "qwen3_moe",
+    "olmoe",
 ];
 
 fn family_model(family: &str) -> PathBuf {

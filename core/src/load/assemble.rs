@@ -4,6 +4,7 @@
 
 use crate::adapters::lora::TargetModule;
 use crate::backend::GraftBackend;
+use crate::model::moe::{Expert, Experts};
 use crate::model::proj::Proj;
 use crate::model::{Block, Model, ModelConfig, NormSlot, QkNorm, RmsNorm};
 
@@ -19,6 +20,11 @@ pub(crate) enum Role {
     Norm(usize, NormSlot),
     QNorm(usize),
     KNorm(usize),
+    /// A sparse layer's router, `[experts, hidden]`.
+    Router(usize),
+    /// Expert `e`'s gate, up or down projection (`TargetModule::Gate`/`Up`/`Down`) in a
+    /// sparse layer.
+    Expert(usize, usize, TargetModule),
 }
 
 impl Role {
@@ -50,6 +56,21 @@ pub(crate) trait WeightSource<B: GraftBackend> {
 
     /// An RMSNorm weight of `len` values, as the multiplier the model applies.
     fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError>;
+
+    /// Projection `t` (gate, up or down) of each of a sparse layer's `n` experts, each
+    /// `[rows, cols]`: one tensor per expert unless the format stacks them.
+    fn experts(
+        &self,
+        layer: usize,
+        t: TargetModule,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<Proj<B>>, LoadError> {
+        (0..n)
+            .map(|e| self.proj(Role::Expert(layer, e, t), rows, cols, true))
+            .collect()
+    }
 }
 
 /// Reads every tensor `config` implies from `src`.
@@ -67,7 +88,7 @@ pub(crate) fn assemble<B: GraftBackend>(
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let mut projs: [Option<Proj<B>>; TargetModule::COUNT] = Default::default();
-        for &t in c.targets() {
+        for &t in c.layer_targets(i) {
             let (rows, cols) = c
                 .proj_shape(t)
                 .unwrap_or_else(|| unreachable!("targets() lists the layout's projections"));
@@ -92,11 +113,31 @@ pub(crate) fn assemble<B: GraftBackend>(
         } else {
             (None, None)
         };
+        let experts = match c.sparse_moe(i) {
+            Some(m) => {
+                let (h, ei) = (c.hidden_size, m.expert_intermediate);
+                let part = |t, rows, cols| src.experts(i, t, m.num_experts, rows, cols);
+                let gates = part(TargetModule::Gate, ei, h)?;
+                let ups = part(TargetModule::Up, ei, h)?;
+                let downs = part(TargetModule::Down, h, ei)?;
+                Some(Experts {
+                    router: src.proj(Role::Router(i), m.num_experts, h, false)?,
+                    experts: gates
+                        .into_iter()
+                        .zip(ups)
+                        .zip(downs)
+                        .map(|((gate, up), down)| Expert { gate, up, down })
+                        .collect(),
+                })
+            }
+            None => None,
+        };
         layers.push(Block {
             projs,
             norms,
             q_norm,
             k_norm,
+            experts,
         });
     }
     let lm_head = if c.tie_word_embeddings {

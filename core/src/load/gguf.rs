@@ -18,11 +18,14 @@ use burn::tensor::TensorData;
 
 use super::assemble::{assemble, Role, WeightSource};
 use super::{LoadError, LoadOptions, LoadedModel};
+use crate::adapters::lora::TargetModule;
 use crate::formats::gguf::{GgufFile, GgufTensorInfo, GgufValue};
 use crate::model::config::InvalidConfig;
 use crate::model::family::SlidingPattern;
 use crate::model::proj::{BaseWeight, Proj};
-use crate::model::{Family, LayerConfig, ModelConfig, NormSlot, RmsNorm, RopeConfig, RopeScaling};
+use crate::model::{
+    Family, LayerConfig, ModelConfig, MoeConfig, NormSlot, RmsNorm, RopeConfig, RopeScaling,
+};
 use crate::quant::{GgmlType, PackedWeight, QuantKind};
 use crate::text::tokenizer::TokenizerBundle;
 
@@ -50,6 +53,11 @@ pub fn load_gguf<B: GraftBackend>(
                 .collect::<Vec<_>>()
                 .join(", "),
         });
+    };
+    // llama.cpp writes Mixtral as `llama` with an expert count.
+    let family = match file.opt_u64(&format!("{arch}.expert_count"))? {
+        Some(n) if n > 0 => family.with_experts(),
+        _ => family,
     };
     let config = read_config(&file, family).map_err(|e| match e {
         ConfigError::Gguf(e) => LoadError::Gguf(e),
@@ -263,6 +271,28 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
         })
         .collect();
     let scale_dim = family.gguf_query_scale_dim(num_layers, hidden_size, num_heads, head_dim);
+    let feed_forward = usize_key("feed_forward_length")?;
+    let moe = if family.is_moe() {
+        Some(MoeConfig {
+            num_experts: usize_key("expert_count")?,
+            top_k: usize_key("expert_used_count")?,
+            expert_intermediate: f
+                .opt_u64(&key("expert_feed_forward_length"))?
+                .map_or(feed_forward, |v| v as usize),
+            norm_topk: f
+                .opt_bool(&key("expert_weights_norm"))?
+                .unwrap_or(family.default_norm_topk()),
+            // A layer with a router has experts; the others (dense layers first) an MLP.
+            sparse: (0..num_layers)
+                .map(|i| {
+                    f.tensor_info(&format!("blk.{i}.ffn_gate_inp.weight"))
+                        .is_some()
+                })
+                .collect(),
+        })
+    } else {
+        None
+    };
     let softcap = |k: &str| -> Result<Option<f32>, ConfigError> {
         Ok(f.opt_f64(&key(k))?.map(|v| v as f32).filter(|v| *v > 0.0))
     };
@@ -270,7 +300,7 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
         family,
         vocab_size,
         hidden_size,
-        intermediate_size: usize_key("feed_forward_length")?,
+        intermediate_size: feed_forward,
         num_layers,
         num_heads,
         num_kv_heads,
@@ -293,6 +323,7 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
         qk_norm: family.qk_norm(),
         activation: family.activation(),
         fused_projections: family.fused_projections(),
+        moe,
     };
     config.validate()?;
     Ok(config)
@@ -312,7 +343,37 @@ struct Loader<'a, B: GraftBackend> {
     device: &'a B::Device,
 }
 
+/// llama.cpp's name of a layer's stacked experts for projection `t` (gate, up or down).
+fn experts_tensor(t: TargetModule) -> &'static str {
+    match t {
+        TargetModule::Gate => "ffn_gate_exps",
+        TargetModule::Up => "ffn_up_exps",
+        _ => "ffn_down_exps",
+    }
+}
+
 impl<B: GraftBackend> Loader<'_, B> {
+    /// A tensor's blocks as a `[rows, cols]` packed weight, with llama.cpp's q/k row
+    /// permutation undone when `heads` is given.
+    fn packed(
+        &self,
+        info: &GgufTensorInfo,
+        rows: usize,
+        cols: usize,
+        heads: Option<usize>,
+    ) -> Result<PackedWeight, LoadError> {
+        let bytes = self.file.tensor_bytes(info);
+        let bytes: Arc<[u8]> = match heads {
+            Some(h) => permute_rows(bytes, rows, h, true).into(),
+            None => bytes.into(),
+        };
+        PackedWeight::ggml(info.ty, rows, cols, bytes).map_err(|e| LoadError::Tensor {
+            path: self.file.path().into(),
+            tensor: info.name.clone(),
+            message: e.to_string(),
+        })
+    }
+
     /// llama.cpp's tensor name (without `.weight`).
     fn name(role: Role) -> String {
         match role {
@@ -331,6 +392,9 @@ impl<B: GraftBackend> Loader<'_, B> {
             ),
             Role::QNorm(i) => format!("blk.{i}.attn_q_norm"),
             Role::KNorm(i) => format!("blk.{i}.attn_k_norm"),
+            Role::Router(i) => format!("blk.{i}.ffn_gate_inp"),
+            // All experts' weights are one 3-D tensor (see `experts`).
+            Role::Expert(i, _, t) => format!("blk.{i}.{}", experts_tensor(t)),
         }
     }
 
@@ -378,6 +442,43 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
         })
     }
 
+    /// llama.cpp stacks a layer's experts in one 3-D tensor, `[experts, rows, cols]`: each
+    /// expert is a view of its rows, sharing the tensor's one copy of the blocks.
+    fn experts(
+        &self,
+        layer: usize,
+        t: TargetModule,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<Proj<B>>, LoadError> {
+        let name = format!("blk.{layer}.{}.weight", experts_tensor(t));
+        let info = self.info(&name, &[n, rows, cols])?;
+        let all = self.packed(info, n * rows, cols, None)?;
+        let dense = matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+            || self.opts.quantize == QuantKind::None;
+        let all_dense = (dense && self.opts.quantize != QuantKind::Nf4).then(|| {
+            Tensor::<B, 2>::from_data(
+                TensorData::new(all.dequantize(), [n * rows, cols]),
+                self.device,
+            )
+        });
+        Ok((0..n)
+            .map(|e| {
+                let base = match (&all_dense, self.opts.quantize) {
+                    (Some(w), _) => BaseWeight::Dense(w.clone().slice([e * rows..(e + 1) * rows])),
+                    (None, QuantKind::Nf4) => {
+                        let mut w = vec![0f32; rows * cols];
+                        all.dequantize_rows(e * rows, rows, &mut w);
+                        BaseWeight::Packed(PackedWeight::nf4(rows, cols, &w))
+                    }
+                    (None, _) => BaseWeight::Packed(all.rows_view(e * rows, rows)),
+                };
+                Proj::new(base, None)
+            })
+            .collect())
+    }
+
     fn proj(
         &self,
         role: Role,
@@ -392,17 +493,7 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
             _ => None,
         };
         let info = self.info(&format!("{name}.weight"), &[rows, cols])?;
-        let bytes = self.file.tensor_bytes(info);
-        let bytes: Arc<[u8]> = match heads {
-            Some(h) => permute_rows(bytes, rows, h, true).into(),
-            None => bytes.into(),
-        };
-        let packed =
-            PackedWeight::ggml(info.ty, rows, cols, bytes).map_err(|e| LoadError::Tensor {
-                path: self.file.path().into(),
-                tensor: info.name.clone(),
-                message: e.to_string(),
-            })?;
+        let packed = self.packed(info, rows, cols, heads)?;
         let dense = matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
             || self.opts.quantize == QuantKind::None;
         let base = match (dense, quantize && self.opts.quantize == QuantKind::Nf4) {

@@ -237,6 +237,16 @@ pub(crate) fn module_name(role: Role, config: &ModelConfig) -> String {
         ),
         Role::QNorm(i) => layer(i, "self_attn.q_norm"),
         Role::KNorm(i) => layer(i, "self_attn.k_norm"),
+        Role::Router(i) => layer(i, &format!("{}.gate", config.family.hf_experts().0)),
+        Role::Expert(i, e, t) => {
+            let (module, [gate, up, down]) = config.family.hf_experts();
+            let name = match t {
+                TargetModule::Gate => gate,
+                TargetModule::Up => up,
+                _ => down,
+            };
+            layer(i, &format!("{module}.experts.{e}.{name}"))
+        }
     }
 }
 
@@ -274,6 +284,19 @@ pub(crate) fn hf_tensors<B: GraftBackend>(model: &Model<B>) -> Vec<(String, HfTe
                     format!("{}.weight", module_name(Role::Norm(i, slot), c)),
                     HfTensor::Norm(n),
                 ));
+            }
+        }
+        if let Some(x) = &block.experts {
+            let weight = |role| format!("{}.weight", module_name(role, c));
+            out.push((weight(Role::Router(i)), HfTensor::Weight(&x.router, None)));
+            for (e, ex) in x.experts.iter().enumerate() {
+                for (t, p) in [
+                    (TargetModule::Gate, &ex.gate),
+                    (TargetModule::Up, &ex.up),
+                    (TargetModule::Down, &ex.down),
+                ] {
+                    out.push((weight(Role::Expert(i, e, t)), HfTensor::Weight(p, None)));
+                }
             }
         }
         for (role, norm) in [

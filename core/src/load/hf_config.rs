@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::model::config::InvalidConfig;
 use crate::model::family::{supported_model_types, Family};
-use crate::model::{Activation, LayerConfig, ModelConfig, RopeConfig, RopeScaling};
+use crate::model::{Activation, LayerConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
 
 /// The keys graft reads (others are ignored).
 #[derive(Debug, Clone, Deserialize)]
@@ -70,6 +70,23 @@ pub struct HfConfig {
     pub final_logit_softcapping: Option<f64>,
     #[serde(default)]
     pub use_bidirectional_attention: Option<bool>,
+    /// Routed experts: Mixtral's and transformers 5's name, and Qwen3-MoE's and OLMoE's.
+    #[serde(default)]
+    pub num_local_experts: Option<usize>,
+    #[serde(default)]
+    pub num_experts: Option<usize>,
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
+    #[serde(default)]
+    pub norm_topk_prob: Option<bool>,
+    #[serde(default)]
+    pub decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    pub mlp_only_layers: Option<Vec<usize>>,
+    #[serde(default)]
+    pub clip_qkv: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -140,6 +157,12 @@ impl TryFrom<HfConfig> for ModelConfig {
                 window,
             })
             .collect();
+        if let Some(v) = c.clip_qkv {
+            return Err(InvalidConfig(format!(
+                "clip_qkv = {v} is not supported (OLMoE checkpoints leave it null)"
+            )));
+        }
+        let moe = moe_config(&c, family)?;
         let cfg = ModelConfig {
             family,
             vocab_size: c.vocab_size,
@@ -167,10 +190,54 @@ impl TryFrom<HfConfig> for ModelConfig {
             qk_norm: family.qk_norm(),
             activation,
             fused_projections: family.fused_projections(),
+            moe,
         };
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// The routed experts of an MoE family's config: all layers sparse, except Qwen3-MoE's
+/// `mlp_only_layers` and those `decoder_sparse_step` skips (transformers' rule: layer `i` is
+/// sparse when `(i + 1) % step == 0`).
+fn moe_config(c: &HfConfig, family: Family) -> Result<Option<MoeConfig>, InvalidConfig> {
+    let experts = c.num_local_experts.or(c.num_experts);
+    if !family.is_moe() {
+        return match experts {
+            Some(n) if n > 0 => Err(InvalidConfig(format!(
+                "num_experts = {n}: {family} has no routed experts in graft"
+            ))),
+            _ => Ok(None),
+        };
+    }
+    let num_experts = experts.ok_or("num_local_experts (or num_experts) is missing")?;
+    let top_k = c
+        .num_experts_per_tok
+        .ok_or("num_experts_per_tok is missing")?;
+    let step = c.decoder_sparse_step.unwrap_or(1);
+    if step == 0 {
+        return Err("decoder_sparse_step must be positive, got 0".into());
+    }
+    let dense = c.mlp_only_layers.clone().unwrap_or_default();
+    if let Some(l) = dense.iter().find(|&&l| l >= c.num_hidden_layers) {
+        return Err(InvalidConfig(format!(
+            "mlp_only_layers names layer {l} of {}",
+            c.num_hidden_layers
+        )));
+    }
+    Ok(Some(MoeConfig {
+        num_experts,
+        top_k,
+        // Mixtral's experts are `intermediate_size` wide.
+        expert_intermediate: c.moe_intermediate_size.unwrap_or(c.intermediate_size),
+        norm_topk: match family {
+            Family::Mixtral => true,
+            _ => c.norm_topk_prob.unwrap_or(false),
+        },
+        sparse: (0..c.num_hidden_layers)
+            .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
+            .collect(),
+    }))
 }
 
 /// The sliding window of each layer: `layer_types` when given, else the family's pattern
@@ -527,6 +594,20 @@ pub fn to_hf_json(c: &ModelConfig) -> Result<Value, InvalidConfig> {
     obj.insert("query_pre_attn_scalar".into(), scalar);
     obj.insert("attn_logit_softcapping".into(), json!(c.attn_softcap));
     obj.insert("final_logit_softcapping".into(), json!(c.final_softcap));
+    if let Some(m) = &c.moe {
+        obj.insert("num_local_experts".into(), json!(m.num_experts));
+        obj.insert("num_experts".into(), json!(m.num_experts));
+        obj.insert("num_experts_per_tok".into(), json!(m.top_k));
+        obj.insert("moe_intermediate_size".into(), json!(m.expert_intermediate));
+        obj.insert("norm_topk_prob".into(), json!(m.norm_topk));
+        obj.insert("decoder_sparse_step".into(), json!(1));
+        let dense: Vec<usize> = (0..c.num_layers).filter(|&l| !m.sparse[l]).collect();
+        obj.insert("mlp_only_layers".into(), json!(dense));
+        if c.family == Family::Mixtral {
+            // Mixtral's experts are `intermediate_size` wide.
+            obj.insert("intermediate_size".into(), json!(m.expert_intermediate));
+        }
+    }
     Ok(j)
 }
 

@@ -1,12 +1,14 @@
 //! One decoder layer, assembled from what [`ModelConfig`] says: up to four norm slots around
 //! attention and MLP (pre, sandwich or post placement), split or fused projections, optional
-//! q/k norm, and a SiLU or GELU-tanh gated MLP. Matches transformers' `*DecoderLayer`s.
+//! q/k norm, and a SiLU or GELU-tanh gated MLP or routed experts ([`super::moe`]). Matches
+//! transformers' `*DecoderLayer`s.
 
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use super::attention::{attend, AttnSeq};
 use super::config::{Activation, ModelConfig, NormSlot, QkNorm};
+use super::moe::{Experts, Routes};
 use super::norm::RmsNorm;
 use super::rope::Rope;
 use crate::adapters::lora::TargetModule;
@@ -27,6 +29,8 @@ pub struct Block<B: GraftBackend> {
     pub norms: [Option<RmsNorm<B>>; 4],
     pub q_norm: Option<RmsNorm<B>>,
     pub k_norm: Option<RmsNorm<B>>,
+    /// Routed experts in place of the MLP's projections (a sparse layer of an MoE model).
+    pub experts: Option<Experts<B>>,
 }
 
 /// What a layer's forward needs besides its input.
@@ -38,6 +42,8 @@ pub(crate) struct LayerCtx<'a, 'b, B: GraftBackend> {
     pub q_tables: &'a (Tensor<B, 2>, Tensor<B, 2>),
     pub k_tables: &'a (Tensor<B, 2>, Tensor<B, 2>),
     pub seqs: &'a mut [AttnSeq<'b, B>],
+    /// Where a sparse layer records its tokens' expert choices, when asked.
+    pub routes: Option<&'a mut Vec<Routes>>,
 }
 
 impl<B: GraftBackend> Block<B> {
@@ -78,6 +84,7 @@ impl<B: GraftBackend> Block<B> {
                 .flatten()
                 .map(RmsNorm::n_bytes)
                 .sum::<usize>()
+            + self.experts.as_ref().map_or(0, Experts::n_bytes)
     }
 
     /// `proj(t)·x` with each row run's adapter; a layout without `t` is a loader bug.
@@ -145,6 +152,13 @@ impl<B: GraftBackend> Block<B> {
         let attn = self.project(TargetModule::O, attn, &runs(TargetModule::O));
         let x = x + self.normed(NormSlot::AttnOut, attn);
         let h = self.normed(NormSlot::MlpIn, x.clone());
+        if let (Some(experts), Some(moe)) = (&self.experts, c.sparse_moe(ctx.layer)) {
+            let (mlp, routes) = experts.forward(h, moe, c.activation);
+            if let Some(r) = ctx.routes {
+                r.push(routes);
+            }
+            return x + self.normed(NormSlot::MlpOut, mlp);
+        }
         let (gate, up) = if c.fused_projections {
             let gu = self.project(TargetModule::GateUp, h, &runs(TargetModule::GateUp));
             let i = c.intermediate_size;

@@ -165,6 +165,23 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// The routed experts that replace the MLP of a Mixture-of-Experts layer: a router scores
+/// every expert for each token, the `top_k` best run, and their outputs are summed weighted by
+/// the router's softmax probabilities (renormalized over the chosen ones when `norm_topk`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    /// Experts run per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Intermediate size of each expert (`moe_intermediate_size`).
+    pub expert_intermediate: usize,
+    /// Renormalize the chosen experts' weights to sum to 1 (`norm_topk_prob`; always in
+    /// Mixtral).
+    pub norm_topk: bool,
+    /// Per layer: routed experts (`true`) or the dense MLP of `intermediate_size`.
+    pub sparse: Vec<bool>,
+}
+
 /// Validated hyper-parameters of a decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
@@ -196,6 +213,8 @@ pub struct ModelConfig {
     pub activation: Activation,
     /// q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3).
     pub fused_projections: bool,
+    /// Routed experts in place of the MLP (on the layers it marks sparse).
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelConfig {
@@ -266,6 +285,27 @@ impl ModelConfig {
                 self.attention_scale
             )));
         }
+        if let Some(m) = &self.moe {
+            if m.num_experts == 0 || m.expert_intermediate == 0 {
+                return Err(InvalidConfig(format!(
+                    "num_experts ({}) and moe_intermediate_size ({}) must be positive",
+                    m.num_experts, m.expert_intermediate
+                )));
+            }
+            if m.top_k == 0 || m.top_k > m.num_experts {
+                return Err(InvalidConfig(format!(
+                    "num_experts_per_tok must be in 1..={}, got {}",
+                    m.num_experts, m.top_k
+                )));
+            }
+            if m.sparse.len() != self.num_layers {
+                return Err(InvalidConfig(format!(
+                    "{} layers marked sparse or dense for num_hidden_layers {}",
+                    m.sparse.len(),
+                    self.num_layers
+                )));
+            }
+        }
         for (i, l) in self.layers.iter().enumerate() {
             if l.window == Some(0) {
                 return Err(InvalidConfig(format!(
@@ -301,13 +341,26 @@ impl ModelConfig {
             QkNorm::PerHead => 2 * self.head_dim,
             QkNorm::Full => q + kv,
         };
-        let layer = attn + bias + 3 * h * i + norms + qk_norm;
+        let layer = attn + bias + norms + qk_norm;
+        let mlps: usize = (0..self.num_layers)
+            .map(|l| match self.sparse_moe(l) {
+                Some(m) => m.num_experts * (3 * h * m.expert_intermediate + h),
+                None => 3 * h * i,
+            })
+            .sum();
         let head = if self.tie_word_embeddings {
             0
         } else {
             self.vocab_size * h
         };
-        self.vocab_size * h + self.num_layers * layer + h + head
+        self.vocab_size * h + self.num_layers * layer + mlps + h + head
+    }
+
+    /// The routed experts of layer `layer`, if it has them (else it has the dense MLP).
+    pub fn sparse_moe(&self, layer: usize) -> Option<&MoeConfig> {
+        self.moe
+            .as_ref()
+            .filter(|m| m.sparse.get(layer).copied().unwrap_or(false))
     }
 }
 
@@ -405,6 +458,16 @@ impl ModelConfig {
                 TargetModule::Up,
                 TargetModule::Down,
             ]
+        }
+    }
+
+    /// The projections of layer `layer`: [`Self::targets`] without the MLP's on a layer of
+    /// routed experts (those are per expert, see [`MoeConfig`]).
+    pub fn layer_targets(&self, layer: usize) -> &'static [TargetModule] {
+        if self.sparse_moe(layer).is_some() {
+            &self.targets()[..self.targets().len() - if self.fused_projections { 2 } else { 3 }]
+        } else {
+            self.targets()
         }
     }
 

@@ -8,7 +8,7 @@ use std::fmt;
 
 use super::config::{Activation, NormPlacement, QkNorm};
 
-/// A dense decoder family.
+/// A decoder family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
     /// Llama 2/3, SmolLM, and anything with the Llama block.
@@ -29,6 +29,15 @@ pub enum Family {
     Phi3,
     /// Norms after attention and MLP instead of before, q/k RMSNorm over the whole projection.
     Olmo2,
+    /// Mistral's attention with routed experts (softmax top-k, renormalized) for the MLP;
+    /// llama.cpp writes it as `llama` with an expert count.
+    Mixtral,
+    /// Qwen3's attention with routed experts (`norm_topk_prob`, dense layers by
+    /// `mlp_only_layers` / `decoder_sparse_step`).
+    Qwen3Moe,
+    /// Pre-norm layers with q/k RMSNorm over the whole projection and routed experts (softmax
+    /// top-k, not renormalized by default).
+    Olmoe,
 }
 
 /// Which layers use the sliding window when a config does not list them (`layer_types`).
@@ -41,7 +50,7 @@ pub enum SlidingPattern {
 }
 
 impl Family {
-    pub const ALL: [Family; 8] = [
+    pub const ALL: [Family; 11] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
@@ -50,6 +59,9 @@ impl Family {
         Family::Gemma3,
         Family::Phi3,
         Family::Olmo2,
+        Family::Mixtral,
+        Family::Qwen3Moe,
+        Family::Olmoe,
     ];
 
     /// From `config.json`'s `model_type`.
@@ -63,11 +75,15 @@ impl Family {
             "gemma3" | "gemma3_text" => Family::Gemma3,
             "phi3" => Family::Phi3,
             "olmo2" => Family::Olmo2,
+            "mixtral" => Family::Mixtral,
+            "qwen3_moe" => Family::Qwen3Moe,
+            "olmoe" => Family::Olmoe,
             _ => return None,
         })
     }
 
-    /// From GGUF's `general.architecture` (llama.cpp writes Mistral models as `llama`).
+    /// From GGUF's `general.architecture` (llama.cpp writes Mistral models as `llama`, and
+    /// Mixtral as `llama` with `llama.expert_count`: see [`Family::with_experts`]).
     pub fn from_gguf_arch(a: &str) -> Option<Family> {
         Some(match a {
             "llama" => Family::Llama,
@@ -77,8 +93,44 @@ impl Family {
             "gemma3" => Family::Gemma3,
             "phi3" => Family::Phi3,
             "olmo2" => Family::Olmo2,
+            "qwen3moe" => Family::Qwen3Moe,
+            "olmoe" => Family::Olmoe,
             _ => return None,
         })
+    }
+
+    /// The family of a GGUF file of this architecture that has routed experts (`llama` with
+    /// experts is Mixtral).
+    pub fn with_experts(self) -> Family {
+        match self {
+            Family::Llama => Family::Mixtral,
+            f => f,
+        }
+    }
+
+    /// Whether the family's MLP is routed experts.
+    pub fn is_moe(self) -> bool {
+        matches!(self, Family::Mixtral | Family::Qwen3Moe | Family::Olmoe)
+    }
+
+    /// Whether the chosen experts' weights are renormalized when the config does not say
+    /// (`norm_topk_prob`; what llama.cpp hard-codes per architecture for GGUF files).
+    pub fn default_norm_topk(self) -> bool {
+        match self {
+            // Mixtral always renormalizes; llama.cpp does for qwen3moe (transformers' class
+            // default is false, but Qwen3-MoE checkpoints set it).
+            Family::Mixtral | Family::Qwen3Moe => true,
+            _ => false,
+        }
+    }
+
+    /// transformers' module of a layer's routed experts and their router, and the names of
+    /// an expert's gate, up and down projections in the checkpoint.
+    pub fn hf_experts(self) -> (&'static str, [&'static str; 3]) {
+        match self {
+            Family::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
+            _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        }
     }
 
     /// `model_type` in `config.json`.
@@ -92,6 +144,9 @@ impl Family {
             Family::Gemma3 => "gemma3_text",
             Family::Phi3 => "phi3",
             Family::Olmo2 => "olmo2",
+            Family::Mixtral => "mixtral",
+            Family::Qwen3Moe => "qwen3_moe",
+            Family::Olmoe => "olmoe",
         }
     }
 
@@ -106,25 +161,30 @@ impl Family {
             Family::Gemma3 => "Gemma3ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
             Family::Olmo2 => "Olmo2ForCausalLM",
+            Family::Mixtral => "MixtralForCausalLM",
+            Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Family::Olmoe => "OlmoeForCausalLM",
         }
     }
 
     /// llama.cpp's architecture name.
     pub fn gguf_arch(self) -> &'static str {
         match self {
-            Family::Llama | Family::Mistral => "llama",
+            Family::Llama | Family::Mistral | Family::Mixtral => "llama",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Gemma2 => "gemma2",
             Family::Gemma3 => "gemma3",
             Family::Phi3 => "phi3",
             Family::Olmo2 => "olmo2",
+            Family::Qwen3Moe => "qwen3moe",
+            Family::Olmoe => "olmoe",
         }
     }
 
     /// llama.cpp stores q/k rows permuted for its adjacent-pair rope (`LlamaModel.permute`).
     pub fn gguf_permutes_qk(self) -> bool {
-        matches!(self, Family::Llama | Family::Mistral)
+        matches!(self, Family::Llama | Family::Mistral | Family::Mixtral)
     }
 
     pub fn norm_placement(self) -> NormPlacement {
@@ -137,8 +197,8 @@ impl Family {
 
     pub fn qk_norm(self) -> QkNorm {
         match self {
-            Family::Qwen3 | Family::Gemma3 => QkNorm::PerHead,
-            Family::Olmo2 => QkNorm::Full,
+            Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 => QkNorm::PerHead,
+            Family::Olmo2 | Family::Olmoe => QkNorm::Full,
             _ => QkNorm::None,
         }
     }
@@ -189,7 +249,7 @@ impl Family {
     /// Whether `config.json`'s `sliding_window` applies when `use_sliding_window` is absent
     /// (transformers' Qwen2/Qwen3 default it to off).
     pub fn sliding_window_by_default(self) -> bool {
-        !matches!(self, Family::Qwen2 | Family::Qwen3)
+        !matches!(self, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe)
     }
 
     /// The layers with a sliding window when the config gives a window but no per-layer list.
@@ -267,8 +327,11 @@ mod tests {
         for f in Family::ALL {
             assert_eq!(Family::from_model_type(f.model_type()), Some(f));
             let back = Family::from_gguf_arch(f.gguf_arch()).unwrap();
-            // Mistral files are written as llama by llama.cpp.
+            // Mistral files are written as llama by llama.cpp, Mixtral as llama with experts.
             assert_eq!(back.gguf_arch(), f.gguf_arch());
+            if f.is_moe() {
+                assert_eq!(back.with_experts(), f);
+            }
         }
     }
 

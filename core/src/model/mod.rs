@@ -16,6 +16,7 @@ mod attention;
 mod block;
 pub mod config;
 pub mod family;
+pub mod moe;
 mod norm;
 pub mod proj;
 mod rope;
@@ -32,7 +33,8 @@ use attention::AttnSeq;
 pub use block::Block;
 use block::{LayerCtx, Runs};
 pub use config::{
-    Activation, LayerConfig, ModelConfig, NormPlacement, NormSlot, QkNorm, RopeConfig, RopeScaling,
+    Activation, LayerConfig, ModelConfig, MoeConfig, NormPlacement, NormSlot, QkNorm, RopeConfig,
+    RopeScaling,
 };
 pub use family::Family;
 pub use norm::RmsNorm;
@@ -365,7 +367,33 @@ impl<B: GraftBackend> Model<B> {
         on_pool(|| self.final_hidden_on_pool(seqs))
     }
 
+    /// The experts each sparse layer chooses for each of `tokens` (run as one fresh
+    /// sequence): per sparse layer in order, `top_k` expert ids per token by descending
+    /// weight. Empty for a dense model.
+    pub fn expert_choices(&self, tokens: &[u32]) -> Vec<moe::Routes> {
+        let mut routes = Vec::new();
+        on_pool(|| {
+            self.hidden_traced(
+                &mut [SeqInput {
+                    tokens,
+                    cache: None,
+                    adapter: None,
+                }],
+                Some(&mut routes),
+            )
+        });
+        routes
+    }
+
     fn final_hidden_on_pool(&self, seqs: &mut [SeqInput<'_, B>]) -> Tensor<B, 2> {
+        self.hidden_traced(seqs, None)
+    }
+
+    fn hidden_traced(
+        &self,
+        seqs: &mut [SeqInput<'_, B>],
+        mut routes: Option<&mut Vec<moe::Routes>>,
+    ) -> Tensor<B, 2> {
         assert!(
             seqs.iter().all(|s| !s.tokens.is_empty()),
             "every sequence needs a new token"
@@ -414,6 +442,7 @@ impl<B: GraftBackend> Model<B> {
                 q_tables: &tables[ri].0,
                 k_tables: &tables[ri].1,
                 seqs: &mut attn_seqs,
+                routes: routes.as_deref_mut(),
             };
             let runs = |t: TargetModule| row_runs(&spans, &adapters, li, t);
             x = layer.forward(x, ctx, &runs);

@@ -149,7 +149,7 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
     let work = |(c, part): (usize, &mut [f32])| {
         let first = c * chunk_rows;
         for (i, ys) in part.chunks_exact_mut(n).enumerate() {
-            let o = first + i;
+            let o = w.first_row + first + i;
             let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
             let sc = row_scales(o);
             for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
@@ -681,6 +681,47 @@ mod tests {
             let w = ggml_weight(ty, ROWS, COLS);
             assert_eq!(kernel_name(&w), "portable", "{ty:?}");
             check_matmul_t(&w);
+        }
+    }
+
+    /// A view of some rows (one expert of a stacked expert tensor) computes what those rows of
+    /// the whole weight compute, on the SIMD and the portable paths, and holds its share of
+    /// the bytes.
+    #[test]
+    fn a_rows_view_is_those_rows_of_the_whole_weight() {
+        let dense: Vec<f32> = activations(ROWS, COLS).iter().map(|v| v / 3.0).collect();
+        for w in [
+            ggml_weight(GgmlType::Q4_K, ROWS, COLS),
+            ggml_weight(GgmlType::Q8_0, ROWS, COLS),
+            ggml_weight(GgmlType::Q3_K, ROWS, COLS),
+            PackedWeight::nf4(ROWS, COLS, &dense),
+        ] {
+            let (start, n) = (50, 30);
+            let view = w.rows_view(start, n);
+            let x = activations(3, COLS);
+            let whole = w.matmul_t(&x, 3);
+            let part = view.matmul_t(&x, 3);
+            let portable = view.matmul_t_portable(&x, 3);
+            for r in 0..3 {
+                let want = &whole[r * ROWS + start..r * ROWS + start + n];
+                assert_eq!(&part[r * n..(r + 1) * n], want, "{}", w.kind_name());
+                for (a, b) in portable[r * n..(r + 1) * n].iter().zip(want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "{}",
+                        w.kind_name()
+                    );
+                }
+            }
+            assert_eq!(
+                view.dequantize(),
+                w.dequantize()[start * COLS..(start + n) * COLS]
+            );
+            assert_eq!(
+                view.rows_view(10, 5).dequantize(),
+                w.rows_view(60, 5).dequantize()
+            );
+            assert_eq!(w.n_bytes() * n / ROWS, view.n_bytes(), "{}", w.kind_name());
         }
     }
 }

@@ -70,11 +70,15 @@ pub enum LayoutError {
     },
 }
 
-/// A frozen 2-D weight `[rows, cols]` kept packed in memory.
+/// A frozen 2-D weight `[rows, cols]` kept packed in memory: the whole of its storage, or a
+/// run of rows of a larger weight sharing that storage (one expert of a GGUF 3-D expert
+/// tensor, see [`PackedWeight::rows_view`]).
 #[derive(Debug, Clone)]
 pub struct PackedWeight {
     pub rows: usize,
     pub cols: usize,
+    /// The first row of `data` this weight is (0 unless it is a view).
+    first_row: usize,
     data: PackedData,
 }
 
@@ -118,6 +122,7 @@ impl PackedWeight {
         Ok(PackedWeight {
             rows,
             cols,
+            first_row: 0,
             data: PackedData::Ggml { ty, bytes },
         })
     }
@@ -129,6 +134,7 @@ impl PackedWeight {
         PackedWeight {
             rows,
             cols,
+            first_row: 0,
             data: PackedData::Nf4 {
                 q: Arc::new(q),
                 absmax,
@@ -144,17 +150,44 @@ impl PackedWeight {
         }
     }
 
-    /// Bytes of memory the packed weight holds.
+    /// Rows `start..start + n` as a weight of their own that shares this one's storage (no
+    /// copy): e.g. expert `e` of a `[experts · rows, cols]` stack is `rows_view(e · rows, rows)`.
+    ///
+    /// # Panics
+    /// When the rows are not all inside this weight.
+    pub fn rows_view(&self, start: usize, n: usize) -> PackedWeight {
+        assert!(
+            start + n <= self.rows,
+            "rows {start}..{} of a weight with {} rows",
+            start + n,
+            self.rows
+        );
+        PackedWeight {
+            rows: n,
+            cols: self.cols,
+            first_row: self.first_row + start,
+            data: self.data.clone(),
+        }
+    }
+
+    /// Bytes of memory the packed weight's rows hold (a view's share of its storage).
     pub fn n_bytes(&self) -> usize {
         match &self.data {
-            PackedData::Ggml { bytes, .. } => bytes.len(),
-            PackedData::Nf4 { q, absmax } => q.n_bytes() + absmax.len() * 4,
+            PackedData::Ggml { ty, .. } => {
+                ty.bytes_for(self.cols as u64).unwrap_or(0) as usize * self.rows
+            }
+            PackedData::Nf4 { q, absmax } => {
+                let all = q.n_bytes() + absmax.len() * 4;
+                let total_rows = (q.len / self.cols.max(1)).max(1);
+                all * self.rows / total_rows
+            }
         }
     }
 
     /// Dequantizes rows `start..start + n` into a row-major buffer of `n * cols` values.
     pub fn dequantize_rows(&self, start: usize, n: usize, out: &mut [f32]) {
         debug_assert_eq!(out.len(), n * self.cols);
+        let start = self.first_row + start;
         match &self.data {
             PackedData::Ggml { ty, bytes } => {
                 let rb = ty.bytes_for(self.cols as u64).unwrap_or(0) as usize;

@@ -10,10 +10,19 @@ use serde::Deserialize;
 use crate::reference::{f32s, fixture, read_fixture};
 use crate::{all_logits, max_abs_diff, values, B};
 
-/// The families with a tiny reference model (directory names under `fixtures/families`).
+/// The dense families with a tiny reference model (directory names under
+/// `fixtures/families`, made by `scripts/reference/families.py`).
 pub const FAMILIES: [&str; 8] = [
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2",
 ];
+
+/// The Mixture-of-Experts families with a tiny reference model (`scripts/reference/moe.py`).
+pub const MOE_FAMILIES: [&str; 3] = ["mixtral", "qwen3_moe", "olmoe"];
+
+/// Dense and MoE families.
+pub fn all_families() -> impl Iterator<Item = &'static str> {
+    FAMILIES.into_iter().chain(MOE_FAMILIES)
+}
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -55,6 +64,11 @@ fn case(family: &str) -> Case {
     }
 }
 
+pub(crate) fn case_of(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let c = case(family);
+    (c.prompts, c.logits)
+}
+
 pub fn load_family(family: &str, gguf: bool) -> LoadedModel<B> {
     let dir = fixture(&format!("families/{family}"));
     let dev = Default::default();
@@ -69,7 +83,7 @@ pub fn load_family(family: &str, gguf: bool) -> LoadedModel<B> {
 #[test]
 fn every_family_matches_transformers_from_safetensors_and_gguf() {
     let mut report = Vec::new();
-    for family in FAMILIES {
+    for family in all_families() {
         let c = case(family);
         for gguf in [false, true] {
             let m = load_family(family, gguf).model;
@@ -94,7 +108,7 @@ fn every_family_matches_transformers_from_safetensors_and_gguf() {
 
 #[test]
 fn cached_decoding_and_ragged_batches_equal_one_full_forward() {
-    for family in FAMILIES {
+    for family in all_families() {
         let c = case(family);
         let m = load_family(family, false).model;
         let vocab = m.config.vocab_size;
@@ -163,7 +177,7 @@ fn cached_decoding_and_ragged_batches_equal_one_full_forward() {
 /// along) gives the logits of one forward over the whole sequence.
 #[test]
 fn long_cached_decoding_across_the_cache_joins_equals_one_full_forward() {
-    for family in FAMILIES {
+    for family in all_families() {
         let m = load_family(family, false).model;
         if matches!(
             m.config.layers[0].rope.scaling,
@@ -252,16 +266,15 @@ pub fn random_adapter(m: &Model<B>, seed: u64) -> graft_core::adapters::lora::Ad
 #[test]
 fn mixed_adapter_batches_equal_each_request_alone_in_every_family() {
     <B as burn::tensor::backend::Backend>::seed(&Default::default(), 7);
-    for family in FAMILIES {
+    for family in all_families() {
         let c = case(family);
         let m = load_family(family, false).model;
-        let layout = m.config.targets().len();
+        // Every projection of every layer (attention only on a layer of routed experts).
+        let layout: usize = (0..m.config.num_layers)
+            .map(|l| m.config.layer_targets(l).len())
+            .sum();
         let (a1, a2) = (random_adapter(&m, 1), random_adapter(&m, 2));
-        assert_eq!(
-            a1.modules().count(),
-            layout * m.config.num_layers,
-            "{family}"
-        );
+        assert_eq!(a1.modules().count(), layout, "{family}");
         let adapters = [Some(&a1), None, Some(&a2)];
         let mut seqs: Vec<SeqInput<'_, B>> = c
             .prompts

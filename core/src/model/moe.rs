@@ -1,0 +1,163 @@
+//! Routed experts, the MLP of a Mixture-of-Experts layer (Mixtral, Qwen3-MoE, OLMoE): a router
+//! scores every expert for each token, the `top_k` best run on that token, and their outputs
+//! are summed weighted by the router's softmax probabilities (renormalized over the chosen
+//! ones when the config says so), as transformers' `*SparseMoeBlock`s do.
+//!
+//! Tokens are grouped by expert: each chosen expert runs once over the rows that chose it, so
+//! a step reads the weights of the experts some token chose and no others. The routing weights
+//! stay tensors (a softmax and a gather of the router's logits), so gradients reach the hidden
+//! state through them as through the experts; only the choice itself (the top-k) is made on
+//! the host.
+
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{IndexingUpdateOp, TensorData};
+
+use super::block::gelu_tanh;
+use super::config::{Activation, MoeConfig};
+use crate::backend::GraftBackend;
+use crate::model::proj::Proj;
+
+/// One expert: a gated MLP of its own.
+#[derive(Debug, Clone)]
+pub struct Expert<B: GraftBackend> {
+    pub gate: Proj<B>,
+    pub up: Proj<B>,
+    pub down: Proj<B>,
+}
+
+/// A layer's router and routed experts.
+#[derive(Debug, Clone)]
+pub struct Experts<B: GraftBackend> {
+    /// `[num_experts, hidden]`: a token's score for each expert.
+    pub router: Proj<B>,
+    pub experts: Vec<Expert<B>>,
+}
+
+/// The experts a batch's tokens chose: per token, `top_k` expert ids by descending weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routes {
+    pub top_k: usize,
+    /// `[tokens · top_k]`, row-major.
+    pub experts: Vec<u32>,
+}
+
+impl<B: GraftBackend> Expert<B> {
+    /// Bytes held by the expert's weights.
+    pub fn n_bytes(&self) -> usize {
+        self.gate.n_bytes() + self.up.n_bytes() + self.down.n_bytes()
+    }
+
+    /// `down(act(gate(x)) · up(x))`.
+    ///
+    /// # Shapes
+    /// `x: [m, hidden]` → `[m, hidden]`
+    fn forward(&self, x: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
+        let gate = self.gate.forward(x.clone(), &[]);
+        let up = self.up.forward(x, &[]);
+        let gate = match act {
+            Activation::Silu => silu(gate),
+            Activation::GeluTanh => gelu_tanh(gate),
+        };
+        self.down.forward(gate * up, &[])
+    }
+}
+
+impl<B: GraftBackend> Experts<B> {
+    /// Bytes held by the router and the experts.
+    pub fn n_bytes(&self) -> usize {
+        self.router.n_bytes() + self.experts.iter().map(Expert::n_bytes).sum::<usize>()
+    }
+
+    /// The weighted sum of each token's chosen experts, and the choices.
+    ///
+    /// # Shapes
+    /// `h: [n, hidden]` → `[n, hidden]`
+    pub(crate) fn forward(
+        &self,
+        h: Tensor<B, 2>,
+        moe: &MoeConfig,
+        act: Activation,
+    ) -> (Tensor<B, 2>, Routes) {
+        let [n, hidden] = h.dims();
+        let k = moe.top_k;
+        let device = h.device();
+        let probs = softmax(self.router.forward(h.clone(), &[]), 1);
+        let chosen = top_k(&probs, k);
+        // The chosen probabilities, `[n, k]`, renormalized if asked, then flattened so that
+        // entry `t·k + j` weighs token t's j-th expert.
+        let idx: Vec<i32> = chosen.iter().map(|&e| e as i32).collect();
+        let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [n, k]), &device);
+        let mut weights = probs.gather(1, idx);
+        if moe.norm_topk {
+            weights = weights.clone() / weights.sum_dim(1);
+        }
+        let weights = weights.reshape([n * k]);
+        // By expert, the (token, slot) pairs that chose it, tokens ascending.
+        let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); self.experts.len()];
+        for (pair, &e) in chosen.iter().enumerate() {
+            by_expert[e as usize].push(pair);
+        }
+        let mut out = Tensor::<B, 2>::zeros([n, hidden], &device);
+        for (expert, pairs) in self.experts.iter().zip(&by_expert) {
+            if pairs.is_empty() {
+                continue;
+            }
+            let m = pairs.len();
+            let rows: Vec<i32> = pairs.iter().map(|&p| (p / k) as i32).collect();
+            let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), &device);
+            let slots: Vec<i32> = pairs.iter().map(|&p| p as i32).collect();
+            let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [m]), &device);
+            let y = expert.forward(h.clone().select(0, rows.clone()), act);
+            let w = weights.clone().select(0, slots).reshape([m, 1]);
+            out = out.select_assign(0, rows, y * w, IndexingUpdateOp::Add);
+        }
+        (
+            out,
+            Routes {
+                top_k: k,
+                experts: chosen,
+            },
+        )
+    }
+}
+
+/// Per row of `probs` (`[n, experts]`), the `k` largest entries' columns by descending value
+/// (ties: the lower column first), `[n · k]`.
+fn top_k<B: Backend>(probs: &Tensor<B, 2>, k: usize) -> Vec<u32> {
+    let [n, e] = probs.dims();
+    let values: Vec<f32> = probs
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_else(|e| unreachable!("an f32 tensor reads back as f32: {e:?}"));
+    let mut out = Vec::with_capacity(n * k);
+    let mut order: Vec<u32> = Vec::with_capacity(e);
+    for row in values.chunks_exact(e) {
+        order.clear();
+        order.extend(0..e as u32);
+        // Stable: equal values keep the lower column first.
+        order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        out.extend_from_slice(&order[..k]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = burn::backend::Flex;
+
+    #[test]
+    fn top_k_takes_the_largest_by_descending_value_and_the_lower_index_on_ties() {
+        let dev = Default::default();
+        let p = Tensor::<B, 2>::from_data(
+            TensorData::new(vec![0.1f32, 0.4, 0.2, 0.3, 0.25, 0.25, 0.4, 0.1], [2, 4]),
+            &dev,
+        );
+        assert_eq!(top_k(&p, 2), vec![1, 3, 2, 0]);
+        assert_eq!(top_k(&p, 4), vec![1, 3, 2, 0, 2, 0, 1, 3]);
+    }
+}

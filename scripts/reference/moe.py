@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Tiny random Mixture-of-Experts models (Mixtral, Qwen3-MoE, OLMoE) as HF dirs, llama.cpp GGUFs,
+transformers logits and router choices.
+
+Fixtures for graft-core's MoE parity tests, made like families.py's dense ones (same pinned
+versions, same llama.cpp converter from the llama-cpp-python sdist, same tokenizers and prompts):
+
+    /tmp/refenv/bin/python scripts/reference/moe.py \\
+        /tmp/lcpp/llama_cpp_python-0.3.36.tar.gz core/tests/fixtures/families
+
+Each model: hidden 64, 4 heads, 2 KV heads, head_dim 16, vocab 512, 2 layers, 8 routed experts of
+intermediate 32, 2 active per token. Family features, each shown to change the logits in
+reference.json's feature_checks:
+  mixtral    softmax over all experts, top-2, the two weights renormalized (always, in Mixtral);
+             SentencePiece tokenizer (Mistral's); GGUF architecture `llama` with q/k rows permuted
+  qwen3_moe  per-head q/k RMSNorm, norm_topk_prob = true (renormalized top-k)
+  olmoe      q/k RMSNorm over the whole projection, norm_topk_prob = false (the top-k softmax
+             probabilities used as they are); rms_norm_eps 1e-5, which llama.cpp's converter
+             writes for every olmoe model
+
+transformers 5 keeps routed experts as 3-D parameters (`mlp.experts.gate_up_proj` [E, 2I, H],
+`mlp.experts.down_proj` [E, H, I]) but save_pretrained writes them back per expert as the hub's
+checkpoints have them (Mixtral `block_sparse_moe.experts.{e}.w1/w2/w3`, Qwen3-MoE and OLMoE
+`mlp.experts.{e}.gate_proj/up_proj/down_proj`); llama.cpp's converter stacks them into 3-D
+`ffn_{gate,up,down}_exps` tensors.
+
+Writes, per family, core/tests/fixtures/families/<family>/: config.json, generation_config.json,
+model.safetensors, tokenizer files, model.gguf (--outtype f32), reference.json (prompts, versions,
+feature checks, GGUF metadata of the MoE keys and the layer-0 tensor names and shapes) and
+reference.safetensors: `p{i}.logits` f32 [len, vocab] and `p{i}.experts{l}` i32 [len, top_k], the
+experts transformers' router picks for each token at layer l, in its order (descending weight).
+"""
+import os
+import shutil
+import sys
+import tempfile
+from importlib.metadata import version
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import families as F  # noqa: E402  (sets the env, seeds and thread count as for the dense fixtures)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+TOKENIZER = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmo2"}
+MOE = dict(num_hidden_layers=2, head_dim=16, tie_word_embeddings=False)
+
+
+def moe_configs():
+    from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+
+    return {
+        "mixtral": (MixtralConfig, dict(
+            MOE, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+            sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+        "qwen3_moe": (Qwen3MoeConfig, dict(
+            MOE, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            use_sliding_window=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+        "olmoe": (OlmoeConfig, dict(
+            MOE, intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+            # OLMoE's own epsilon: llama.cpp's converter writes 1e-5 for olmoe whatever the config says
+            rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    }
+
+
+STD = 0.15
+
+
+def build_model(family, special_ids, seed):
+    from transformers import AutoModelForCausalLM
+
+    cls, kw = moe_configs()[family]
+    cfg = dict(F.COMMON, **special_ids) | kw
+    cfg["initializer_range"] = STD
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cls(**cfg), attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + 1.0)
+            elif name.endswith("mlp.gate.weight"):
+                # A router with logits of O(1): the choices are clear-cut (no near ties), and
+                # each token's weights still differ.
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif p.dim() in (2, 3):
+                p.copy_(torch.randn_like(p) * STD)
+    return model.eval()
+
+
+def forward(model, prompts):
+    """Logits and, per layer, the experts chosen for each token (transformers' own router)."""
+    logits, experts = [], []
+    k = model.config.num_experts_per_tok
+    with torch.no_grad():
+        for ids in prompts:
+            out = model(torch.tensor([ids]), use_cache=False, output_router_logits=True)
+            logits.append(out.logits[0].float())
+            per_layer = []
+            for r in out.router_logits:
+                probs = torch.softmax(r.float(), dim=-1)
+                top = torch.topk(probs, k, dim=-1)
+                # No near-ties: graft must make the same choice in f32.
+                gap = (top.values[:, -1] - torch.sort(probs, dim=-1, descending=True).values[:, k]).min()
+                assert gap > 1e-4, ("near tie in the router", float(gap))
+                per_layer.append(top.indices.to(torch.int32))
+            experts.append(per_layer)
+    return logits, experts
+
+
+def feature_checks(family, model, prompts, ref):
+    checks = {}
+    c = model.config
+    if family in ("qwen3_moe", "olmoe"):
+        checks["norm_topk_prob_flipped"] = F.variant(model, prompts, {"norm_topk_prob": not c.norm_topk_prob})
+    checks["top_k_1"] = F.variant(model, prompts, {"num_experts_per_tok": 1})
+    checks["qk_norm_neutral" if family != "mixtral" else "norm_weights_neutral"] = F.variant(
+        model, prompts, state_fn=lambda sd: {k: torch.ones_like(v) if "norm" in k else v for k, v in sd.items()})
+    return {name: [round(float((x - y).abs().max()), 4) for x, y in zip(logits, ref)]
+            for name, logits in checks.items()}
+
+
+def gguf_summary(path):
+    meta, tensors = F.gguf_contents(path)
+    keys = {k: F.fmt_value(v[1]) for k, v in meta.items()
+            if any(s in k for s in ("expert", "architecture", "block_count", "feed_forward", "head_count",
+                                    "rope", "embedding_length", "norm"))}
+    layer0 = {n: f"{t} {shape}" for n, (t, shape, _) in tensors.items() if n.startswith("blk.0.")}
+    return keys, layer0, tensors
+
+
+def check_gguf_experts(model_dir, tensors, family, n_layers, n_experts):
+    """The GGUF's 3-D expert tensors are the saved per-expert weights stacked (exact)."""
+    from safetensors.numpy import load_file
+
+    st = load_file(os.path.join(model_dir, "model.safetensors"))
+    names = {"mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
+                         "block_sparse_moe.experts.{e}.w2")}.get(
+        family, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj"))
+    for layer in range(n_layers):
+        for g, hf in zip(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), names):
+            stacked = np.stack([st[f"model.layers.{layer}.{hf.format(e=e)}.weight"] for e in range(n_experts)])
+            got = tensors[f"blk.{layer}.{g}.weight"][2].reshape(stacked.shape)
+            assert np.array_equal(got, stacked), (family, layer, g)
+    return "ffn_{gate,up,down}_exps = the per-expert weights stacked along a new first axis (exact)"
+
+
+def moe_fixture(family, seed, root, out_root):
+    d = os.path.join(out_root, family)
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    tok = TOKENIZER[family]
+    special_ids = F.bpe_tokenizer(tok, d) if tok in F.BPE else F.spm_tokenizer(tok, d)
+    model = build_model(family, special_ids, seed)
+    model.save_pretrained(d)
+    pre = F.BPE[tok][1] if tok in F.BPE else "-"
+    F.convert(root, d, os.path.join(d, "model.gguf"), pre)
+
+    g = np.random.default_rng(seed)
+    prompts = [g.integers(0, F.VOCAB, n).tolist() for n in F.PROMPT_LENGTHS]
+    ref, experts = forward(model, prompts)
+    tensors = {f"p{i}.logits": x.contiguous() for i, x in enumerate(ref)}
+    for i, per_layer in enumerate(experts):
+        for layer, e in enumerate(per_layer):
+            tensors[f"p{i}.experts{layer}"] = e.contiguous()
+    save_file(tensors, os.path.join(d, "reference.safetensors"))
+    stds = [round(float(x.std()), 3) for x in ref]
+    assert min(stds) >= 0.5, (family, stds)
+    used = sorted({int(e) for per_layer in experts for t in per_layer for e in t.flatten()})
+    assert len(used) == 8, ("every expert is chosen somewhere", used)
+    checks = feature_checks(family, model, prompts, ref)
+    for name, deltas in checks.items():
+        assert max(deltas) > 1e-2, (family, name, deltas)
+
+    keys, layer0, gt = gguf_summary(os.path.join(d, "model.gguf"))
+    c = model.config
+    stacked = check_gguf_experts(d, gt, family, c.num_hidden_layers, 8)
+    verify = F.check_transformers_gguf(d, prompts, ref)
+    F.write_json(os.path.join(d, "reference.json"), {
+        "family": family,
+        "generator": "scripts/reference/moe.py",
+        "versions": {p: version(p) for p in ("torch", "transformers", "tokenizers", "sentencepiece",
+                                             "safetensors", "numpy", "gguf")}
+                    | {"llama-cpp-python (convert_hf_to_gguf.py)": F.LLAMA_CPP_PYTHON},
+        "seed": seed,
+        "dtype": "float32",
+        "prompts": prompts,
+        "logits": "reference.safetensors p{i}.logits[pos, :] = transformers logits (eval, eager attention, "
+                  "use_cache=False, one forward of the whole prompt, no BOS added)",
+        "experts": "reference.safetensors p{i}.experts{layer}[pos, :] = the top-k experts of transformers' "
+                   "router for that token, by descending weight",
+        "config_notes": {
+            "architecture": type(model).__name__,
+            "init": f"linear/embedding/expert weights N(0, {STD}), router N(0, 0.5), norm weights N(1, 0.3)",
+            "logits_std": stds,
+            "saved_expert_keys": sorted({k.split(".experts.")[1].split(".", 1)[1]
+                                         for k in _saved_keys(d) if ".experts." in k}),
+        },
+        "feature_checks": {"meaning": "max |d logits| per prompt when the feature is changed", **checks},
+        "gguf": {"metadata": keys, "layer0_tensors": layer0, "experts": stacked},
+        "gguf_checks": verify,
+    })
+    print(f"{family}: logits std {stds}; transformers GGUF {verify}; checks {checks}")
+
+
+def _saved_keys(d):
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(d, "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def main():
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
+    out_root = sys.argv[2] if len(sys.argv) == 3 else "core/tests/fixtures/families"
+    os.makedirs(out_root, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = F.llama_cpp_root(sys.argv[1], tmp)
+        for seed, family in enumerate(moe_configs(), start=100):
+            moe_fixture(family, seed, root, out_root)
+
+
+if __name__ == "__main__":
+    main()
