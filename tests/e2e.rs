@@ -247,6 +247,13 @@ fn every_family_trains_an_adapter_that_serving_applies() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     for family in FAMILIES {
         let model = family_model(family);
+        // On MoE models: attention, the routers and every expert (PEFT's target_parameters).
+        let moe = ["mixtral", "qwen3_moe", "olmoe"].contains(&family);
+        let targets = if moe {
+            r#"lora.target_modules=["q_proj","k_proj","v_proj","o_proj","router","experts.gate_up_proj","experts.down_proj"]"#
+        } else {
+            r#"lora.target_modules="all-linear""#
+        };
         let out = Command::new(bin("graft-train"))
             .arg(repo.join("configs/quickstart.toml"))
             .args([
@@ -262,6 +269,7 @@ fn every_family_trains_an_adapter_that_serving_applies() {
             .args(["--set", "data.max_seq_len=24"])
             .args(["--set", "data.eval_fraction=0.0"])
             .args(["--set", "lora.r=4"])
+            .args(["--set", targets])
             .args(["--set", "train.max_steps=6"])
             .args(["--set", "train.warmup_steps=0"])
             .args(["--set", "train.learning_rate=1e-2"])
@@ -311,6 +319,31 @@ fn every_family_trains_an_adapter_that_serving_applies() {
             "{family}: {targets:?}"
         );
         assert_eq!(targets.contains(&"q_proj"), !fused, "{family}: {targets:?}");
+        if moe {
+            assert_eq!(
+                cfg["target_parameters"],
+                serde_json::json!([
+                    "mlp.gate.weight",
+                    "mlp.experts.gate_up_proj",
+                    "mlp.experts.down_proj"
+                ]),
+                "{family}"
+            );
+            // B starts at zero: the experts' B moved only if gradients reached them.
+            let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).expect("weights");
+            let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+            for key in ["experts.base_layer.lora_B", "experts.lora_B", "gate.lora_B"] {
+                let t = st
+                    .tensor(&format!("base_model.model.model.layers.1.mlp.{key}.weight"))
+                    .unwrap_or_else(|e| panic!("{family}: {key}: {e}"));
+                let largest = t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).abs())
+                    .fold(0f32, f32::max);
+                assert!(largest > 0.0, "{family}: {key} did not train");
+            }
+        }
         // Serving applies it: the adapter moves the logits of a prompt.
         let prompt = "graft 3 counts: one two";
         let base = score(&model, None, prompt, &dir.path().join("base.safetensors"));

@@ -520,7 +520,7 @@ impl<B: GraftBackend> Registry<B> {
     ) -> (Arc<AdapterEntry<B>>, bool) {
         let mut targets: Vec<String> = adapter
             .modules()
-            .map(|(_, t, _)| t.hf_name().to_string())
+            .map(|(_, t, _)| t.name().to_string())
             .collect();
         targets.sort();
         targets.dedup();

@@ -67,7 +67,7 @@ fn settings(cfg: &TrainConfig) -> Value {
         "r": cfg.lora.r,
         "lora_alpha": cfg.lora.lora_alpha,
         "lora_dropout": cfg.lora.lora_dropout,
-        "target_modules": cfg.lora.target_modules.iter().map(|t| t.hf_name()).collect::<Vec<_>>(),
+        "target_modules": cfg.lora.target_modules.iter().map(|t| t.name()).collect::<Vec<_>>(),
         "micro_batch_size": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "max_seq_len": cfg.data.max_seq_len,

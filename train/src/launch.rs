@@ -229,19 +229,16 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
     let loaded = load_model::<B>(cfg, device)?;
     let data = prepare_data::<B, T>(cfg, &loaded)?;
     let bench = matches!(target, Target::Bench);
-    let layout = loaded.model.model.config.targets();
+    let layout = loaded.model.model.config.adapter_targets();
     if !cfg.lora.target_modules.iter().any(|t| layout.contains(t)) {
         let names = |ts: &[graft_core::adapters::lora::TargetModule]| {
-            ts.iter()
-                .map(|t| t.hf_name())
-                .collect::<Vec<_>>()
-                .join(", ")
+            ts.iter().map(|t| t.name()).collect::<Vec<_>>().join(", ")
         };
         anyhow::bail!(
             "lora.target_modules [{}]: none is a projection of this {} model (its layers have {})",
             names(&cfg.lora.target_modules),
             loaded.model.model.config.family,
-            names(layout)
+            names(&layout)
         );
     }
     let lead = ctx.group.leads();

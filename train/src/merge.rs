@@ -74,15 +74,21 @@ pub fn merge_cmd(
                     unreachable!("gguf_file() is Some for these")
                 }
             };
-            merge::merge_hf(&base_dir, &adapter, *dtype, dir, *max_shard_bytes).with_context(
-                || {
-                    format!(
-                        "merging {} into {}",
-                        adapter_dir.display(),
-                        base_dir.display()
-                    )
-                },
-            )?
+            merge::merge_hf(
+                &base_dir,
+                &loaded.model.config,
+                &adapter,
+                *dtype,
+                dir,
+                *max_shard_bytes,
+            )
+            .with_context(|| {
+                format!(
+                    "merging {} into {}",
+                    adapter_dir.display(),
+                    base_dir.display()
+                )
+            })?
         }
         (
             MergeTarget::Hf {

@@ -77,6 +77,8 @@ struct Module {
     target: TargetModule,
     a: [usize; 2],
     b: [usize; 2],
+    /// 1, or the routed experts whose pairs A and B stack.
+    experts: usize,
 }
 
 /// Where a sample comes from (for DPO's precomputed reference log-probabilities).
@@ -117,16 +119,19 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         stop: &'a AtomicBool,
     ) -> Self {
         // The adapted projections in the order Adapter::modules yields them (layer, then
-        // target); A is [r, in] and B is [out, r].
-        let r = cfg.lora.r;
+        // target); A is [r, in] and B is [out, r], or stacked per expert.
         let modules = model
             .adapter_shapes(&cfg.lora.target_modules)
             .into_iter()
-            .map(|(layer, target, out_f, in_f)| Module {
-                layer,
-                target,
-                a: [r, in_f],
-                b: [out_f, r],
+            .map(|s| {
+                let (a, b) = s.dims(cfg.lora.r);
+                Module {
+                    layer: s.layer,
+                    target: s.target,
+                    a,
+                    b,
+                    experts: s.experts,
+                }
             })
             .collect();
         Trainer {
@@ -163,8 +168,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         self.modules
             .iter()
             .flat_map(|m| {
-                ["lora_A", "lora_B"]
-                    .map(|w| format!("layers.{}.{}.{w}", m.layer, m.target.hf_name()))
+                ["lora_A", "lora_B"].map(|w| format!("layers.{}.{}.{w}", m.layer, m.target.name()))
             })
             .collect()
     }
@@ -208,6 +212,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 } else {
                     0.0
                 },
+                experts: m.experts,
             });
         }
         adapter

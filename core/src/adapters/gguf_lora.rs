@@ -14,7 +14,7 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use crate::adapters::lora::{Adapter, LoraWeights};
+use crate::adapters::lora::{Adapter, LoraWeights, TargetModule};
 use crate::adapters::peft::AdapterError;
 use crate::backend::GraftBackend;
 use crate::formats::gguf::{GgufFile, GgufValue};
@@ -36,6 +36,15 @@ pub fn save<B: GraftBackend>(
     let mut alpha: Option<f32> = None;
     let mut tensors = Vec::new();
     for (layer, t, w) in adapter.modules() {
+        if t.per_expert() || t == TargetModule::Router {
+            return Err(AdapterError::Unsupported {
+                path: path.into(),
+                message: format!(
+                    "layer {layer} {t}: writing adapters on a router or routed experts as \
+                     GGUF-LoRA is not implemented; save as PEFT, or merge the adapter into the base"
+                ),
+            });
+        }
         let r = w.rank();
         let a_alpha = w.scale * r as f32;
         match alpha {
@@ -197,6 +206,7 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Model<B>) -> Result<Adapter<B>
                 b: Tensor::from_data(TensorData::new(b, [proj.out_features, r]), device),
                 scale: if alpha > 0.0 { alpha / r as f32 } else { 1.0 },
                 dropout: 0.0,
+                experts: 1,
             });
         }
     }

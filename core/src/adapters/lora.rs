@@ -2,6 +2,14 @@
 //! target modules are named as in HF (`q_proj` … `down_proj`, Phi-3's fused `qkv_proj` and
 //! `gate_up_proj`), `lora_A: [r, in]`,
 //! `lora_B: [out, r]`, `scaling = lora_alpha / r` (rsLoRA: `lora_alpha / √r`).
+//!
+//! On a Mixture-of-Experts layer the router and the routed experts are targets too, as PEFT's
+//! `target_parameters` makes them on transformers' 3-D expert parameters: one adapter holds a
+//! rank-`r` pair per expert, stacked as PEFT stores it, `lora_A: [E·r, in]` (expert `e`'s
+//! rows `e·r..(e+1)·r`) and `lora_B: [out, E·r]` (expert `e`'s columns `e, e+E, e+2E, …`:
+//! interleaved, not blocked). Expert `e`'s change is `scaling·B_e·A_e`; on the fused
+//! `gate_up_proj` its first `I` rows change the gate and the last `I` the up projection, which
+//! therefore share one `A_e`.
 
 use std::fmt;
 use std::ops::Range;
@@ -26,11 +34,18 @@ pub enum TargetModule {
     Qkv,
     /// gate and up as one projection (Phi-3), rows in that order.
     GateUp,
+    /// A sparse layer's router, `[experts, hidden]` (transformers' `mlp.gate`).
+    Router,
+    /// Every routed expert's gate and up projections (transformers' 3-D
+    /// `mlp.experts.gate_up_proj`): a rank-`r` pair per expert, stacked.
+    ExpertsGateUp,
+    /// Every routed expert's down projection (`mlp.experts.down_proj`), stacked likewise.
+    ExpertsDown,
 }
 
 impl TargetModule {
     /// Number of kinds of target.
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 12;
 
     pub const ALL: [TargetModule; Self::COUNT] = [
         TargetModule::Q,
@@ -42,7 +57,35 @@ impl TargetModule {
         TargetModule::Down,
         TargetModule::Qkv,
         TargetModule::GateUp,
+        TargetModule::Router,
+        TargetModule::ExpertsGateUp,
+        TargetModule::ExpertsDown,
     ];
+
+    /// The targets that are linear modules, PEFT's `"all-linear"` (on an MoE model the router
+    /// and experts are parameters, targeted only by name).
+    pub fn linear() -> &'static [TargetModule] {
+        &Self::ALL[..9]
+    }
+
+    /// The name in configs and in parameter names: the HF module name (`q_proj`, …) or, for
+    /// an MoE layer's parameters, `router`, `experts.gate_up_proj`, `experts.down_proj`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetModule::Router => "router",
+            TargetModule::ExpertsGateUp => "experts.gate_up_proj",
+            TargetModule::ExpertsDown => "experts.down_proj",
+            t => t.hf_name(),
+        }
+    }
+
+    /// Whether the adapter holds one pair per routed expert, stacked.
+    pub fn per_expert(self) -> bool {
+        matches!(
+            self,
+            TargetModule::ExpertsGateUp | TargetModule::ExpertsDown
+        )
+    }
 
     /// HF module name (`q_proj`, …).
     pub fn hf_name(self) -> &'static str {
@@ -56,6 +99,8 @@ impl TargetModule {
             TargetModule::Down => "down_proj",
             TargetModule::Qkv => "qkv_proj",
             TargetModule::GateUp => "gate_up_proj",
+            TargetModule::Router => "gate",
+            TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => "experts",
         }
     }
 
@@ -84,6 +129,9 @@ impl TargetModule {
             TargetModule::Down => "ffn_down",
             TargetModule::Qkv => "attn_qkv",
             TargetModule::GateUp => "ffn_up",
+            TargetModule::Router => "ffn_gate_inp",
+            TargetModule::ExpertsGateUp => "ffn_gate_up_exps",
+            TargetModule::ExpertsDown => "ffn_down_exps",
         }
     }
 
@@ -94,7 +142,7 @@ impl TargetModule {
 
 impl fmt::Display for TargetModule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.hf_name())
+        f.write_str(self.name())
     }
 }
 
@@ -103,13 +151,16 @@ crate::serde_as_str!(TargetModule);
 impl FromStr for TargetModule {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        // PEFT names the experts' parameters with their parent (`mlp.experts.down_proj`).
+        let s = s.strip_prefix("mlp.").unwrap_or(s);
         TargetModule::ALL
             .into_iter()
-            .find(|t| t.hf_name() == s)
+            .find(|t| t.name() == s)
             .ok_or_else(|| {
                 format!(
                     "unknown target module '{s}' (modules: q_proj, k_proj, v_proj, o_proj, \
-                     gate_proj, up_proj, down_proj, and Phi-3's qkv_proj, gate_up_proj)"
+                     gate_proj, up_proj, down_proj, Phi-3's qkv_proj, gate_up_proj, and on \
+                     MoE models router, experts.gate_up_proj, experts.down_proj)"
                 )
             })
     }
@@ -127,11 +178,14 @@ pub struct LoraWeights<B: Backend> {
     /// Dropout probability on the adapter's input; applied only when the backend records
     /// gradients (training).
     pub dropout: f32,
+    /// 1, or the number of routed experts whose pairs `a` and `b` stack (module docs).
+    pub experts: usize,
 }
 
 impl<B: Backend> LoraWeights<B> {
+    /// The rank `r` (of each expert's pair, for a per-expert adapter).
     pub fn rank(&self) -> usize {
-        self.a.dims()[0]
+        self.a.dims()[0] / self.experts.max(1)
     }
 
     /// `scale·(x·Aᵀ)·Bᵀ`.
@@ -149,6 +203,30 @@ impl<B: Backend> LoraWeights<B> {
         x.matmul(self.a.clone().transpose())
             .matmul(self.b.clone().transpose())
             .mul_scalar(self.scale)
+    }
+}
+
+impl<B: Backend> LoraWeights<B> {
+    /// Expert `e`'s own pair out of a stacked per-expert adapter (module docs), restricted to
+    /// the output rows `rows`: `A_e: [r, in]`, `B_e[rows]: [rows, r]`.
+    pub fn expert(&self, e: usize, rows: Range<usize>) -> LoraWeights<B> {
+        let [_, cols] = self.a.dims();
+        let [out, _] = self.b.dims();
+        let (r, experts) = (self.rank(), self.experts);
+        let a = self.a.clone().slice([e * r..(e + 1) * r, 0..cols]);
+        let b = self
+            .b
+            .clone()
+            .reshape([out, r, experts])
+            .slice([rows.clone(), 0..r, e..e + 1])
+            .reshape([rows.len(), r]);
+        LoraWeights {
+            a,
+            b,
+            scale: self.scale,
+            dropout: self.dropout,
+            experts: 1,
+        }
     }
 }
 
@@ -213,31 +291,52 @@ impl LoraConfig {
     }
 }
 
+/// The shape of one module's adapter: `lora_A: [experts·r, in]`, `lora_B: [out, experts·r]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraShape {
+    pub layer: usize,
+    pub target: TargetModule,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// 1, or the number of routed experts for a per-expert target.
+    pub experts: usize,
+}
+
+impl LoraShape {
+    /// `(lora_A, lora_B)` shapes at rank `r` (per expert).
+    pub fn dims(&self, r: usize) -> ([usize; 2], [usize; 2]) {
+        let rows = self.experts * r;
+        ([rows, self.in_features], [self.out_features, rows])
+    }
+}
+
 impl<B: Backend> Adapter<B> {
     /// A fresh adapter initialized as PEFT does by default (`init_lora_weights=True`): `A`
     /// kaiming-uniform with `a = √5`, i.e. uniform in `±1/√in`, and `B = 0`, so the adapter
-    /// starts as a no-op. `shapes` lists `(layer, target, out, in)` of the projections to adapt
-    /// in layer then target order (`Model::adapter_shapes`); the values come from a ChaCha8
-    /// stream seeded with `seed`, drawn in that order (they differ from torch's generator).
+    /// starts as a no-op. `shapes` lists the modules to adapt in layer then target order
+    /// (`Model::adapter_shapes`); the values come from a ChaCha8 stream seeded with `seed`,
+    /// drawn in that order (they differ from torch's generator).
     pub fn init_peft(
         num_layers: usize,
-        shapes: &[(usize, TargetModule, usize, usize)],
+        shapes: &[LoraShape],
         config: &LoraConfig,
         seed: u64,
         device: &B::Device,
     ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut adapter = Adapter::empty(num_layers);
-        for &(li, t, out_features, in_features) in shapes {
-            let bound = 1.0 / (in_features as f32).sqrt();
-            let a: Vec<f32> = (0..config.r * in_features)
+        for s in shapes {
+            let (a_dims, b_dims) = s.dims(config.r);
+            let bound = 1.0 / (s.in_features as f32).sqrt();
+            let a: Vec<f32> = (0..a_dims[0] * a_dims[1])
                 .map(|_| rng.random_range(-bound..bound))
                 .collect();
-            adapter.layers[li][t.index()] = Some(LoraWeights {
-                a: Tensor::from_data(TensorData::new(a, [config.r, in_features]), device),
-                b: Tensor::zeros([out_features, config.r], device),
+            adapter.layers[s.layer][s.target.index()] = Some(LoraWeights {
+                a: Tensor::from_data(TensorData::new(a, a_dims), device),
+                b: Tensor::zeros(b_dims, device),
                 scale: config.scale(),
                 dropout: config.lora_dropout,
+                experts: s.experts,
             });
         }
         adapter

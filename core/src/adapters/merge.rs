@@ -15,7 +15,8 @@
 //!   `config.json` and the tokenizer files written from what the model holds.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -26,8 +27,9 @@ use crate::backend::GraftBackend;
 use crate::formats::gguf::{GgufError, GgufFile, GgufValue};
 use crate::formats::gguf_write::{self, TensorSpec};
 use crate::formats::safetensors_write::{self, FloatDtype, SafetensorSpec};
+use crate::load::assemble::Role;
 use crate::load::gguf::{permute_rows, proj_tensor};
-use crate::load::hf::{hf_tensors, proj_module, to_f32, HfTensor, Weights};
+use crate::load::hf::{hf_tensor, hf_tensors, to_f32, HfTensor, Weights};
 use crate::load::hf_config::to_hf_json;
 use crate::load::LoadError;
 use crate::model::Model;
@@ -137,14 +139,145 @@ fn writable(ty: GgmlType, cols: usize) -> GgmlType {
     crate::quant::mix::fallback(up, cols)
 }
 
-fn adapted<B: Backend>(
+/// One piece of an adapter's change to a base tensor: rows `rows` of module
+/// `(layer, target)`'s change (expert `expert`'s, for a per-expert module), added to the
+/// tensor's rows from `at` on.
+#[derive(Debug, Clone)]
+struct Patch {
+    layer: usize,
+    target: TargetModule,
+    expert: Option<usize>,
+    rows: Range<usize>,
+    at: usize,
+}
+
+impl Patch {
+    /// `scale·B·A` of the patch's rows, `[rows, in]` row-major.
+    fn delta<B: Backend>(&self, adapter: &Adapter<B>) -> Vec<f32> {
+        let w = adapter
+            .get(self.layer, self.target)
+            .expect("patches come from modules()");
+        match self.expert {
+            Some(e) => delta(&w.expert(e, self.rows.clone())),
+            None => {
+                let d = delta(w);
+                let cols = w.a.dims()[1];
+                d[self.rows.start * cols..self.rows.end * cols].to_vec()
+            }
+        }
+    }
+}
+
+/// The base tensors an adapter changes and how, by tensor name. `name` names a role's
+/// tensor; with `stacked`, a layer's experts are one 3-D tensor (GGUF's `ffn_*_exps`), expert
+/// `e`'s rows following those of the experts before it.
+fn patches<B: Backend>(
     adapter: &Adapter<B>,
-    name_of: impl Fn(usize, TargetModule) -> String,
-) -> HashMap<String, (usize, TargetModule)> {
-    adapter
-        .modules()
-        .map(|(l, t, _)| (name_of(l, t), (l, t)))
-        .collect()
+    name: impl Fn(Role) -> String,
+    stacked: bool,
+) -> BTreeMap<String, Vec<Patch>> {
+    let mut out: BTreeMap<String, Vec<Patch>> = BTreeMap::new();
+    for (layer, target, w) in adapter.modules() {
+        let out_f = w.b.dims()[0];
+        let mut add = |role: Role, expert: Option<usize>, rows: Range<usize>, at: usize| {
+            out.entry(name(role)).or_default().push(Patch {
+                layer,
+                target,
+                expert,
+                rows,
+                at,
+            })
+        };
+        match target {
+            TargetModule::Router => add(Role::Router(layer), None, 0..out_f, 0),
+            TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => {
+                let parts: &[(TargetModule, Range<usize>)] = match target {
+                    TargetModule::ExpertsGateUp => &[
+                        (TargetModule::Gate, 0..out_f / 2),
+                        (TargetModule::Up, out_f / 2..out_f),
+                    ],
+                    _ => &[(TargetModule::Down, 0..out_f)],
+                };
+                for e in 0..w.experts {
+                    for (t, rows) in parts {
+                        let at = if stacked { e * rows.len() } else { 0 };
+                        add(Role::Expert(layer, e, *t), Some(e), rows.clone(), at);
+                    }
+                }
+            }
+            t => add(Role::Proj(layer, t), None, 0..out_f, 0),
+        }
+    }
+    out
+}
+
+/// The name of a role's tensor in a GGUF file; a layer's experts share one 3-D tensor.
+fn gguf_tensor(role: Role) -> String {
+    match role {
+        Role::Proj(l, t) => proj_tensor(l, t),
+        Role::Router(l) => format!("blk.{l}.ffn_gate_inp.weight"),
+        Role::Expert(l, _, t) => {
+            let stem = match t {
+                TargetModule::Gate => "ffn_gate_exps",
+                TargetModule::Up => "ffn_up_exps",
+                _ => "ffn_down_exps",
+            };
+            format!("blk.{l}.{stem}.weight")
+        }
+        _ => unreachable!("adapters change projections, routers and experts only"),
+    }
+}
+
+/// Checks that each patch fits its tensor of `rows` × `cols` (`None`: the base lacks it).
+fn check_patches<B: Backend>(
+    patches: &BTreeMap<String, Vec<Patch>>,
+    adapter: &Adapter<B>,
+    shape_of: impl Fn(&str) -> Option<(Vec<usize>, usize, usize)>,
+    error: impl Fn(&str, String) -> MergeError,
+) -> Result<(), MergeError> {
+    for (name, list) in patches {
+        for p in list {
+            let w = adapter.get(p.layer, p.target).expect("listed by modules()");
+            let what = match p.expert {
+                Some(e) => format!("layer {} {} (expert {e})", p.layer, p.target),
+                None => format!("layer {} {}", p.layer, p.target),
+            };
+            let Some((shape, rows, cols)) = shape_of(name) else {
+                return Err(error(name, format!("missing: the adapter changes {what}")));
+            };
+            let in_f = w.a.dims()[1];
+            if cols != in_f || p.at + p.rows.len() > rows {
+                return Err(error(
+                    name,
+                    format!(
+                        "shape {shape:?} does not hold the adapter's {what}: {} rows of {in_f} \
+                         columns from row {}",
+                        p.rows.len(),
+                        p.at
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds `patches`' changes to the row-major tensor `w` of `cols` columns; `permute` maps a
+/// whole module's change to the file's row order (llama.cpp's q/k rows).
+fn apply<B: Backend>(
+    w: &mut [f32],
+    cols: usize,
+    patches: &[Patch],
+    adapter: &Adapter<B>,
+    permute: impl Fn(&Patch, Vec<f32>) -> Vec<f32>,
+) {
+    for p in patches {
+        let d = permute(p, p.delta(adapter));
+        w[p.at * cols..(p.at + p.rows.len()) * cols]
+            .iter_mut()
+            .zip(&d)
+            .for_each(|(w, d)| *w += d);
+    }
 }
 
 /// Writes `base` with `adapter` merged into it as the GGUF file `out`.
@@ -159,29 +292,22 @@ pub fn merge_gguf<B: Backend>(
     quant: Option<FileType>,
     out: &Path,
 ) -> Result<MergeSummary, MergeError> {
-    let targets = adapted(adapter, proj_tensor);
-    let tensor_error = |tensor: &str, message: String| MergeError::Tensor {
-        path: base.path().into(),
-        tensor: tensor.into(),
-        message,
-    };
-    for (name, &(l, t)) in &targets {
-        let info = base.tensor_info(name).ok_or_else(|| {
-            tensor_error(name, format!("missing: the adapter changes layer {l} {t}"))
-        })?;
-        let w = adapter.get(l, t).expect("listed by modules()");
-        let [rows, _] = w.b.dims();
-        let [_, cols] = w.a.dims();
-        if info.torch_shape() != [rows, cols] {
-            return Err(tensor_error(
-                name,
-                format!(
-                    "shape {:?}, the adapter's {t} is [{rows}, {cols}]",
-                    info.torch_shape()
-                ),
-            ));
-        }
-    }
+    let targets = patches(adapter, gguf_tensor, true);
+    check_patches(
+        &targets,
+        adapter,
+        |name| {
+            let info = base.tensor_info(name)?;
+            let shape = info.torch_shape();
+            let cols = *shape.last().unwrap_or(&1);
+            Some((shape, info.n_elements() as usize / cols.max(1), cols))
+        },
+        |tensor, message| MergeError::Tensor {
+            path: base.path().into(),
+            tensor: tensor.into(),
+            message,
+        },
+    )?;
     // llama-quantize's order when re-encoding every tensor (its mix rules count in it), the
     // file's own otherwise.
     let names: Vec<&str> = base.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -242,13 +368,16 @@ pub fn merge_gguf<B: Backend>(
         }
         let mut w = vec![0f32; info.n_elements() as usize];
         info.ty.dequantize(bytes, &mut w);
-        let (rows, cols) = (spec.shape[0], w.len() / spec.shape[0].max(1));
-        if let Some(&(l, t)) = target {
-            let mut d = delta(adapter.get(l, t).expect("listed by modules()"));
-            if let Some(heads) = config.gguf_permuted_heads(t) {
-                d = permute_rows(&d, rows, heads, false);
-            }
-            w.iter_mut().zip(&d).for_each(|(w, d)| *w += d);
+        let cols = *spec.shape.last().unwrap_or(&1);
+        if let Some(list) = target {
+            apply(&mut w, cols, list, adapter, |p, d| {
+                match config.gguf_permuted_heads(p.target) {
+                    Some(heads) if p.expert.is_none() => {
+                        permute_rows(&d, p.rows.len(), heads, false)
+                    }
+                    _ => d,
+                }
+            });
         }
         encode_rows(spec.ty, &w, cols)
             .map(Cow::Owned)
@@ -301,13 +430,32 @@ pub fn merge_to_hf<B: GraftBackend>(
     }
     let device = model.device();
     let tensors = hf_tensors(model);
+    let targets = patches(adapter, |role| hf_tensor(role, &model.config), false);
+    check_patches(
+        &targets,
+        adapter,
+        |name| {
+            tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, t)| match t {
+                    HfTensor::Weight(p) => Some((
+                        vec![p.out_features, p.in_features],
+                        p.out_features,
+                        p.in_features,
+                    )),
+                    _ => None,
+                })
+        },
+        |tensor, message| output(format!("tensor '{tensor}': {message}")),
+    )?;
     let specs: Vec<SafetensorSpec> = tensors
         .iter()
         .map(|(name, t)| SafetensorSpec {
             name: name.clone(),
             dtype: dtype.safetensors(),
             shape: match t {
-                HfTensor::Weight(p, _) => vec![p.out_features, p.in_features],
+                HfTensor::Weight(p) => vec![p.out_features, p.in_features],
                 HfTensor::Bias(b) => b.dims().to_vec(),
                 HfTensor::Norm(n) => n.weight.dims().to_vec(),
             },
@@ -324,10 +472,10 @@ pub fn merge_to_hf<B: GraftBackend>(
     let files = into_fresh_dir(out_dir, || {
         let files = safetensors_write::write_sharded(out_dir, &specs, max_shard_bytes, |i| {
             let w: Vec<f32> = match &tensors[i].1 {
-                HfTensor::Weight(p, target) => {
+                HfTensor::Weight(p) => {
                     let mut w = values(p.weight(&device).flatten(0, 1));
-                    if let Some(lw) = target.and_then(|(l, t)| adapter.get(l, t)) {
-                        w.iter_mut().zip(&delta(lw)).for_each(|(w, d)| *w += d);
+                    if let Some(list) = targets.get(&tensors[i].0) {
+                        apply(&mut w, p.in_features, list, adapter, |_, d| d);
                         merged += 1;
                     }
                     w
@@ -412,6 +560,7 @@ fn is_weights_file(name: &str) -> bool {
 /// unwritable `out_dir`, an unreadable base file.
 pub fn merge_hf<B: Backend>(
     base_dir: &Path,
+    config: &ModelConfig,
     adapter: &Adapter<B>,
     dtype: Option<FloatDtype>,
     out_dir: &Path,
@@ -419,7 +568,7 @@ pub fn merge_hf<B: Backend>(
 ) -> Result<MergeSummary, MergeError> {
     check_fresh(out_dir)?;
     let weights = Weights::open(base_dir)?;
-    let targets = adapted(adapter, |l, t| format!("{}.weight", proj_module(l, t)));
+    let targets = patches(adapter, |role| hf_tensor(role, config), false);
     // (name, stored dtype, shape) of every tensor, read once
     let stored = weights
         .names()
@@ -453,25 +602,17 @@ pub fn merge_hf<B: Backend>(
         tensor: tensor.into(),
         message,
     };
-    for (name, &(l, t)) in &targets {
-        let w = adapter.get(l, t).expect("listed by modules()");
-        let expected = [w.b.dims()[0], w.a.dims()[1]];
-        match specs.iter().find(|s| &s.name == name) {
-            None => {
-                return Err(tensor_error(
-                    name,
-                    format!("missing: the adapter changes layer {l} {t}"),
-                ))
-            }
-            Some(s) if s.shape != expected => {
-                return Err(tensor_error(
-                    name,
-                    format!("shape {:?}, the adapter's {t} is {expected:?}", s.shape),
-                ))
-            }
-            Some(_) => {}
-        }
-    }
+    check_patches(
+        &targets,
+        adapter,
+        |name| {
+            let s = specs.iter().find(|s| s.name == name)?;
+            let cols = *s.shape.last().unwrap_or(&1);
+            let rows = s.shape.iter().product::<usize>() / cols.max(1);
+            Some((s.shape.clone(), rows, cols))
+        },
+        tensor_error,
+    )?;
     let files = into_fresh_dir(out_dir, || {
         let files = safetensors_write::write_sharded(out_dir, &specs, max_shard_bytes, |i| {
             let spec = &specs[i];
@@ -483,9 +624,9 @@ pub fn merge_hf<B: Backend>(
             let mut w = to_f32(src, bytes).ok_or_else(|| {
                 tensor_error(&spec.name, format!("dtype {src:?} cannot be converted"))
             })?;
-            if let Some(&(l, t)) = target {
-                let d = delta(adapter.get(l, t).expect("listed by modules()"));
-                w.iter_mut().zip(&d).for_each(|(w, d)| *w += d);
+            if let Some(list) = target {
+                let cols = *spec.shape.last().unwrap_or(&1);
+                apply(&mut w, cols, list, adapter, |_, d| d);
             }
             Ok::<_, MergeError>(Cow::Owned(dtype.encode(&w)))
         })

@@ -3,6 +3,14 @@
 //! graft load the same files. Only this module knows PEFT's key names:
 //! `base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj…}.lora_{A|B}.weight`, with
 //! `lora_A: [r, in]` and `lora_B: [out, r]`.
+//!
+//! On an MoE model PEFT (0.17 and later, on transformers 5's 3-D expert parameters) adapts the
+//! router and the experts through `target_parameters`, one wrapper per parameter, nested when
+//! one module has two: with both of the experts' parameters targeted, `gate_up_proj` is the
+//! inner wrapper, saved as `mlp.experts.base_layer.lora_{A|B}.weight`, and `down_proj` the
+//! outer one, `mlp.experts.lora_{A|B}.weight`; with one of them targeted, it is
+//! `mlp.experts.lora_*`. The router is `mlp.gate.lora_*`. Their tensors stack one pair per
+//! expert (layout in [`crate::adapters::lora`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -61,6 +69,10 @@ pub struct PeftConfig {
     pub lora_dropout: f32,
     #[serde(default)]
     pub target_modules: Option<serde_json::Value>,
+    /// Parameters adapted in place (the router and experts of an MoE model), by name or dotted
+    /// suffix: `mlp.gate.weight`, `mlp.experts.gate_up_proj`, `mlp.experts.down_proj`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_parameters: Option<Vec<String>>,
     #[serde(default)]
     pub use_rslora: bool,
     #[serde(default)]
@@ -94,7 +106,14 @@ fn default_bias() -> String {
 impl PeftConfig {
     /// The config PEFT would write for `config` on `base_model`.
     pub fn from_lora(config: &LoraConfig, base_model: &str) -> Self {
-        let targets: Vec<&str> = config.target_modules.iter().map(|t| t.hf_name()).collect();
+        let mut targets: Vec<&str> = Vec::new();
+        let mut params: Vec<String> = Vec::new();
+        for t in &config.target_modules {
+            match param_name(*t) {
+                Some(p) => params.push(p.into()),
+                None => targets.push(t.hf_name()),
+            }
+        }
         PeftConfig {
             peft_type: "LORA".into(),
             task_type: Some("CAUSAL_LM".into()),
@@ -103,7 +122,8 @@ impl PeftConfig {
             r: config.r,
             lora_alpha: config.lora_alpha,
             lora_dropout: config.lora_dropout,
-            target_modules: Some(serde_json::json!(targets)),
+            target_modules: (!targets.is_empty()).then(|| serde_json::json!(targets)),
+            target_parameters: (!params.is_empty()).then_some(params),
             use_rslora: config.use_rslora,
             use_dora: false,
             fan_in_fan_out: false,
@@ -124,6 +144,26 @@ impl PeftConfig {
             .find(|(k, _)| name == k.as_str() || name.ends_with(&format!(".{k}")))
             .map_or(self.lora_alpha, |(_, &a)| a)
     }
+}
+
+/// PEFT's `target_parameters` entry for a target that is a parameter, not a module.
+fn param_name(t: TargetModule) -> Option<&'static str> {
+    match t {
+        TargetModule::Router => Some("mlp.gate.weight"),
+        TargetModule::ExpertsGateUp => Some("mlp.experts.gate_up_proj"),
+        TargetModule::ExpertsDown => Some("mlp.experts.down_proj"),
+        _ => None,
+    }
+}
+
+/// The module path (after `base_model.model.`) under which PEFT saves layer `layer`'s
+/// adapter on `t`; `nested` says that the layer's experts have both parameters adapted.
+fn module_path(layer: usize, t: TargetModule, nested: bool) -> String {
+    let module = match t {
+        TargetModule::ExpertsGateUp if nested => "experts.base_layer",
+        t => t.hf_name(),
+    };
+    format!("model.layers.{layer}.{}.{module}", t.hf_parent())
 }
 
 /// The error of an I/O failure on `path`.
@@ -177,7 +217,9 @@ fn write_files<B: GraftBackend>(
 ) -> Result<(), AdapterError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (li, t, w) in adapter.modules() {
-        let key = format!("{PREFIX}{li}.{}.{}", t.hf_parent(), t.hf_name());
+        let nested = adapter.get(li, TargetModule::ExpertsGateUp).is_some()
+            && adapter.get(li, TargetModule::ExpertsDown).is_some();
+        let key = format!("base_model.model.{}", module_path(li, t, nested));
         for (which, tensor) in [("lora_A", &w.a), ("lora_B", &w.b)] {
             let dims = tensor.dims().to_vec();
             let values = tensor
@@ -250,55 +292,63 @@ pub fn load<B: GraftBackend>(
     // Every name and shape is checked before any data is read.
     let device = model.device();
     let mut adapter = Adapter::empty(model.layers.len());
-    let mut placed = Vec::new();
+    let mut keys = Vec::new();
     for t in header.tensors() {
+        let key = parse_key(t.name).ok_or_else(|| AdapterError::Tensor {
+            path: weights.clone(),
+            tensor: t.name.to_string(),
+            message: "not a LoRA A/B weight of a decoder projection (expected \
+                      base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_<A|B>.weight)"
+                .into(),
+        })?;
+        keys.push(key);
+    }
+    let targets = resolve_experts(&keys, &header, &config, model);
+    let mut placed = Vec::new();
+    for ((t, &(layer, _, is_a)), target) in header.tensors().zip(&keys).zip(targets) {
         let bad = |message: String| AdapterError::Tensor {
             path: weights.clone(),
             tensor: t.name.to_string(),
             message,
         };
-        let (layer, target, is_a) = parse_key(t.name).ok_or_else(|| {
-            bad("not a LoRA A/B weight of a decoder projection (expected \
-                 base_model.model.model.layers.N.<self_attn|mlp>.<proj>.lora_<A|B>.weight)"
-                .into())
+        let block = model.layers.get(layer).ok_or_else(|| {
+            bad(format!(
+                "layer {layer} but the base model has {}",
+                model.layers.len()
+            ))
         })?;
-        let proj = model
-            .layers
-            .get(layer)
-            .ok_or_else(|| {
-                bad(format!(
-                    "layer {layer} but the base model has {}",
-                    model.layers.len()
-                ))
-            })?
-            .proj(target)
-            .ok_or_else(|| {
-                bad(format!(
-                    "the base model ({}) has no {target}; its layers have {}",
-                    model.config.family,
-                    model
-                        .config
-                        .targets()
-                        .iter()
-                        .map(|t| t.hf_name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ))
-            })?;
+        let (out_f, in_f, experts) = block.adapter_shape(target).ok_or_else(|| {
+            bad(format!(
+                "the base model ({}) has no {target} in layer {layer}; its layers have {}",
+                model.config.family,
+                model
+                    .config
+                    .adapter_targets()
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
         let shape = t.shape;
         let [rows, cols] = shape[..] else {
             return Err(bad(format!("expected a matrix, found shape {shape:?}")));
         };
         let (want_other, what) = if is_a {
-            (proj.in_features, "columns (the projection's input size)")
+            (in_f, "columns (the projection's input size)")
         } else {
-            (proj.out_features, "rows (the projection's output size)")
+            (out_f, "rows (the projection's output size)")
         };
-        let other = if is_a { cols } else { rows };
+        let (other, rank_all) = if is_a { (cols, rows) } else { (rows, cols) };
         if other != want_other {
             return Err(bad(format!(
-                "shape {shape:?} has {other} {what} but the base model's {} has {want_other}",
-                target.hf_name()
+                "shape {shape:?} has {other} {what} but the base model's {target} has {want_other}"
+            )));
+        }
+        if rank_all % experts != 0 {
+            return Err(bad(format!(
+                "shape {shape:?}: {rank_all} is not a multiple of the {experts} experts \
+                 (PEFT stacks one rank-r pair per expert)"
             )));
         }
         if !matches!(t.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
@@ -307,26 +357,26 @@ pub fn load<B: GraftBackend>(
                 t.dtype
             )));
         }
-        placed.push((layer, target, is_a));
+        placed.push((layer, target, is_a, experts));
     }
     let values = header.read_data().map_err(|e| read_error(e, &weights))?;
-    let mut pending: BTreeMap<(usize, TargetModule), (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>)> =
-        BTreeMap::new();
-    for ((layer, target, is_a), data) in placed.into_iter().zip(values) {
+    type Pair<B> = (Option<Tensor<B, 2>>, Option<Tensor<B, 2>>, usize);
+    let mut pending: BTreeMap<(usize, TargetModule), Pair<B>> = BTreeMap::new();
+    for ((layer, target, is_a, experts), data) in placed.into_iter().zip(values) {
         let t = Tensor::from_data(data, device);
         let slot = pending.entry((layer, target)).or_default();
+        slot.2 = experts;
         if is_a {
             slot.0 = Some(t);
         } else {
             slot.1 = Some(t);
         }
     }
-    for ((layer, target), (a, b)) in pending {
-        let module = format!(
-            "model.layers.{layer}.{}.{}",
-            target.hf_parent(),
-            target.hf_name()
-        );
+    for ((layer, target), (a, b, experts)) in pending {
+        let nested = keys
+            .iter()
+            .any(|&(l, k, _)| l == layer && k == Key::ExpertsInner);
+        let module = module_path(layer, target, nested);
         let missing = |which: &str| AdapterError::Tensor {
             path: weights.clone(),
             tensor: format!("base_model.model.{module}.{which}.weight"),
@@ -334,15 +384,22 @@ pub fn load<B: GraftBackend>(
         };
         let a = a.ok_or_else(|| missing("lora_A"))?;
         let b = b.ok_or_else(|| missing("lora_B"))?;
-        let (r, r_b) = (a.dims()[0], b.dims()[1]);
-        if r != r_b || r == 0 {
+        let (rank_all, r_b) = (a.dims()[0], b.dims()[1]);
+        if rank_all != r_b || rank_all == 0 {
             return Err(AdapterError::Tensor {
                 path: weights.clone(),
                 tensor: format!("base_model.model.{module}.lora_B.weight"),
-                message: format!("rank {r_b} does not match lora_A's rank {r}"),
+                message: format!("rank {r_b} does not match lora_A's rank {rank_all}"),
             });
         }
-        let alpha = config.alpha_for(&module);
+        let r = rank_all / experts;
+        // alpha_pattern names a module, or for the experts the parameter.
+        let alpha = config.alpha_for(&match target {
+            TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => {
+                format!("model.layers.{layer}.mlp.{}", target.name())
+            }
+            _ => module_path(layer, target, false),
+        });
         let scale = if config.use_rslora {
             alpha / (r as f32).sqrt()
         } else {
@@ -353,6 +410,7 @@ pub fn load<B: GraftBackend>(
             b,
             scale,
             dropout: 0.0,
+            experts,
         });
     }
     if adapter.modules().next().is_none() {
@@ -426,22 +484,93 @@ fn check_supported(path: &Path, c: &PeftConfig) -> Result<(), AdapterError> {
     Ok(())
 }
 
-/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` → `(3, Q, true)`.
-fn parse_key(name: &str) -> Option<(usize, TargetModule, bool)> {
+/// What a key names, before the experts' nesting is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Key {
+    Module(TargetModule),
+    /// `mlp.experts.lora_*`: `down_proj`, or the only adapted expert parameter.
+    Experts,
+    /// `mlp.experts.base_layer.lora_*`: `gate_up_proj` under an adapted `down_proj`.
+    ExpertsInner,
+}
+
+/// `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` → `(3, Module(Q), true)`.
+fn parse_key(name: &str) -> Option<(usize, Key, bool)> {
     let rest = name.strip_prefix(PREFIX)?;
     let (layer, rest) = rest.split_once('.')?;
     let layer = layer.parse().ok()?;
     let (parent, rest) = rest.split_once('.')?;
-    let (module, rest) = rest.split_once('.')?;
-    let target: TargetModule = module.parse().ok()?;
-    if target.hf_parent() != parent {
-        return None;
-    }
-    match rest {
-        "lora_A.weight" => Some((layer, target, true)),
-        "lora_B.weight" => Some((layer, target, false)),
+    let (module, is_a) = if let Some(m) = rest.strip_suffix(".lora_A.weight") {
+        (m, true)
+    } else {
+        (rest.strip_suffix(".lora_B.weight")?, false)
+    };
+    let key = match (parent, module) {
+        ("mlp", "experts") => Key::Experts,
+        ("mlp", "experts.base_layer") => Key::ExpertsInner,
+        ("mlp", "gate") => Key::Module(TargetModule::Router),
+        (parent, module) => {
+            let target: TargetModule = module.parse().ok()?;
+            if target.hf_parent() != parent || !TargetModule::linear().contains(&target) {
+                return None;
+            }
+            Key::Module(target)
+        }
+    };
+    Some((layer, key, is_a))
+}
+
+/// The target of each key: `mlp.experts.lora_*` is `down_proj` when the layer also has the
+/// nested `base_layer` keys; alone, it is the expert parameter `target_parameters` names, or
+/// failing that the one its `lora_A`'s input size fits (hidden: `gate_up_proj`).
+fn resolve_experts<B: GraftBackend>(
+    keys: &[(usize, Key, bool)],
+    header: &Header,
+    config: &PeftConfig,
+    model: &Model<B>,
+) -> Vec<TargetModule> {
+    let named = |suffix: &str| {
+        config
+            .target_parameters
+            .iter()
+            .flatten()
+            .any(|p| p == suffix || p.ends_with(&format!(".{suffix}")))
+    };
+    let only = match (named("experts.gate_up_proj"), named("experts.down_proj")) {
+        (true, false) => Some(TargetModule::ExpertsGateUp),
+        (false, true) => Some(TargetModule::ExpertsDown),
         _ => None,
-    }
+    };
+    keys.iter()
+        .zip(header.tensors())
+        .map(|(&(layer, key, _), t)| match key {
+            Key::Module(m) => m,
+            Key::ExpertsInner => TargetModule::ExpertsGateUp,
+            Key::Experts => {
+                let nested = keys
+                    .iter()
+                    .any(|&(l, k, _)| l == layer && k == Key::ExpertsInner);
+                if nested {
+                    return TargetModule::ExpertsDown;
+                }
+                if let Some(only) = only {
+                    return only;
+                }
+                // By shape: the lora_A of this layer's experts key.
+                let a_cols = keys
+                    .iter()
+                    .zip(header.tensors())
+                    .find(|((l, k, is_a), _)| *l == layer && *k == Key::Experts && *is_a)
+                    .map(|(_, t)| t.shape.last().copied().unwrap_or(0))
+                    .unwrap_or_else(|| t.shape.last().copied().unwrap_or(0));
+                if a_cols == model.config.hidden_size {
+                    TargetModule::ExpertsGateUp
+                } else {
+                    TargetModule::ExpertsDown
+                }
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -452,7 +581,23 @@ mod tests {
     fn keys_parse_only_for_llama_projections() {
         assert_eq!(
             parse_key("base_model.model.model.layers.12.mlp.down_proj.lora_B.weight"),
-            Some((12, TargetModule::Down, false))
+            Some((12, Key::Module(TargetModule::Down), false))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"),
+            Some((1, Key::ExpertsInner, true))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.1.mlp.experts.lora_B.weight"),
+            Some((1, Key::Experts, false))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.mlp.gate.lora_A.weight"),
+            Some((0, Key::Module(TargetModule::Router), true))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.self_attn.gate.lora_A.weight"),
+            None
         );
         assert_eq!(
             parse_key("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight"),

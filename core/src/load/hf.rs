@@ -221,7 +221,7 @@ pub(crate) fn module_name(role: Role, config: &ModelConfig) -> String {
         Role::Embed => "model.embed_tokens".into(),
         Role::LmHead => "lm_head".into(),
         Role::FinalNorm => "model.norm".into(),
-        Role::Proj(i, t) => proj_module(i, t),
+        Role::Proj(i, t) => layer(i, &format!("{}.{}", t.hf_parent(), t.hf_name())),
         Role::Norm(i, slot) => layer(
             i,
             match slot {
@@ -252,8 +252,8 @@ pub(crate) fn module_name(role: Role, config: &ModelConfig) -> String {
 
 /// A tensor of a loaded model as transformers stores it.
 pub(crate) enum HfTensor<'a, B: GraftBackend> {
-    /// A projection's or embedding's weight; the layer and target when an adapter can change it.
-    Weight(&'a Proj<B>, Option<(usize, TargetModule)>),
+    /// A projection's, router's, expert's or embedding's weight.
+    Weight(&'a Proj<B>),
     /// A bias.
     Bias(&'a Tensor<B, 1>),
     /// A norm's multiplier, stored minus the family's offset (Gemma's `1 + w`).
@@ -265,15 +265,12 @@ pub(crate) fn hf_tensors<B: GraftBackend>(model: &Model<B>) -> Vec<(String, HfTe
     let c = &model.config;
     let mut out = vec![(
         format!("{}.weight", module_name(Role::Embed, c)),
-        HfTensor::Weight(&model.embed_tokens, None),
+        HfTensor::Weight(&model.embed_tokens),
     )];
     for (i, block) in model.layers.iter().enumerate() {
         for (t, proj) in block.targets() {
             let name = module_name(Role::Proj(i, t), c);
-            out.push((
-                format!("{name}.weight"),
-                HfTensor::Weight(proj, Some((i, t))),
-            ));
+            out.push((format!("{name}.weight"), HfTensor::Weight(proj)));
             if let Some(b) = &proj.bias {
                 out.push((format!("{name}.bias"), HfTensor::Bias(b)));
             }
@@ -288,14 +285,14 @@ pub(crate) fn hf_tensors<B: GraftBackend>(model: &Model<B>) -> Vec<(String, HfTe
         }
         if let Some(x) = &block.experts {
             let weight = |role| format!("{}.weight", module_name(role, c));
-            out.push((weight(Role::Router(i)), HfTensor::Weight(&x.router, None)));
+            out.push((weight(Role::Router(i)), HfTensor::Weight(&x.router)));
             for (e, ex) in x.experts.iter().enumerate() {
                 for (t, p) in [
                     (TargetModule::Gate, &ex.gate),
                     (TargetModule::Up, &ex.up),
                     (TargetModule::Down, &ex.down),
                 ] {
-                    out.push((weight(Role::Expert(i, e, t)), HfTensor::Weight(p, None)));
+                    out.push((weight(Role::Expert(i, e, t)), HfTensor::Weight(p)));
                 }
             }
         }
@@ -318,7 +315,7 @@ pub(crate) fn hf_tensors<B: GraftBackend>(model: &Model<B>) -> Vec<(String, HfTe
     if !c.tie_word_embeddings {
         out.push((
             format!("{}.weight", module_name(Role::LmHead, c)),
-            HfTensor::Weight(&model.lm_head, None),
+            HfTensor::Weight(&model.lm_head),
         ));
     }
     out
@@ -380,9 +377,9 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
     }
 }
 
-/// transformers' module path of a layer's projection (`model.layers.3.self_attn.q_proj`).
-pub(crate) fn proj_module(layer: usize, t: TargetModule) -> String {
-    format!("model.layers.{layer}.{}.{}", t.hf_parent(), t.hf_name())
+/// transformers' name of a role's weight (`model.layers.3.self_attn.q_proj.weight`).
+pub(crate) fn hf_tensor(role: Role, config: &ModelConfig) -> String {
+    format!("{}.weight", module_name(role, config))
 }
 
 /// Little-endian safetensors data of an F32, F16 or BF16 tensor as f32 values; `None` for other

@@ -2,7 +2,7 @@
 //! file, or a Hub id resolved through the HF cache. Only these modules know checkpoint key
 //! names; the model sees [`crate::model::Model`] parts.
 
-mod assemble;
+pub(crate) mod assemble;
 pub(crate) mod gguf;
 pub(crate) mod hf;
 pub mod hf_config;

@@ -52,6 +52,25 @@ impl<B: GraftBackend> Block<B> {
         self.projs[t.index()].as_ref()
     }
 
+    /// `(out, in, experts)` of an adapter on `t` in this layer (`experts` is 1 but for the
+    /// stacked per-expert targets), or `None` when the layer has no `t`.
+    pub fn adapter_shape(&self, t: TargetModule) -> Option<(usize, usize, usize)> {
+        if let Some(p) = self.proj(t) {
+            return Some((p.out_features, p.in_features, 1));
+        }
+        let x = self.experts.as_ref()?;
+        let first = x.experts.first()?;
+        let n = x.experts.len();
+        match t {
+            TargetModule::Router => Some((x.router.out_features, x.router.in_features, 1)),
+            TargetModule::ExpertsGateUp => {
+                Some((2 * first.gate.out_features, first.gate.in_features, n))
+            }
+            TargetModule::ExpertsDown => Some((first.down.out_features, first.down.in_features, n)),
+            _ => None,
+        }
+    }
+
     /// The projections this layer has, in [`TargetModule`] order.
     pub fn targets(&self) -> impl Iterator<Item = (TargetModule, &Proj<B>)> {
         TargetModule::ALL
@@ -153,7 +172,12 @@ impl<B: GraftBackend> Block<B> {
         let x = x + self.normed(NormSlot::AttnOut, attn);
         let h = self.normed(NormSlot::MlpIn, x.clone());
         if let (Some(experts), Some(moe)) = (&self.experts, c.sparse_moe(ctx.layer)) {
-            let (mlp, routes) = experts.forward(h, moe, c.activation);
+            let lora = super::moe::ExpertRuns {
+                router: runs(TargetModule::Router),
+                gate_up: runs(TargetModule::ExpertsGateUp),
+                down: runs(TargetModule::ExpertsDown),
+            };
+            let (mlp, routes) = experts.forward(h, moe, c.activation, &lora);
             if let Some(r) = ctx.routes {
                 r.push(routes);
             }

@@ -461,6 +461,20 @@ impl ModelConfig {
         }
     }
 
+    /// Everything an adapter can target on this model: [`Self::targets`], and on an MoE model
+    /// the router and the routed experts.
+    pub fn adapter_targets(&self) -> Vec<TargetModule> {
+        let mut out = self.targets().to_vec();
+        if self.moe.is_some() {
+            out.extend([
+                TargetModule::Router,
+                TargetModule::ExpertsGateUp,
+                TargetModule::ExpertsDown,
+            ]);
+        }
+        out
+    }
+
     /// The projections of layer `layer`: [`Self::targets`] without the MLP's on a layer of
     /// routed experts (those are per expert, see [`MoeConfig`]).
     pub fn layer_targets(&self, layer: usize) -> &'static [TargetModule] {
@@ -486,6 +500,9 @@ impl ModelConfig {
             TargetModule::Gate | TargetModule::Up => (i, h),
             TargetModule::GateUp => (2 * i, h),
             TargetModule::Down => (h, i),
+            TargetModule::Router | TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => {
+                return None
+            }
         })
     }
 

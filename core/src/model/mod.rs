@@ -26,7 +26,7 @@ use std::ops::Range;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use crate::adapters::lora::{Adapter, LoraConfig, LoraWeights, TargetModule};
+use crate::adapters::lora::{Adapter, LoraConfig, LoraShape, LoraWeights, TargetModule};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
 use attention::AttnSeq;
@@ -256,13 +256,11 @@ impl<B: GraftBackend> Model<B> {
         &self.device
     }
 
-    /// `(layer, target, out, in)` of each projection in `targets` that the layers have, in
-    /// layer then target order: the order of adapters' modules and of the trainer's parameters.
-    /// Targets the layout lacks (`q_proj` on Phi-3's fused layout) are skipped, as PEFT does.
-    pub fn adapter_shapes(
-        &self,
-        targets: &[TargetModule],
-    ) -> Vec<(usize, TargetModule, usize, usize)> {
+    /// The adapter shape of each module in `targets` that the layers have, in layer then
+    /// target order: the order of adapters' modules and of the trainer's parameters. Targets
+    /// the layout lacks (`q_proj` on Phi-3's fused layout, the experts of a dense layer) are
+    /// skipped, as PEFT does.
+    pub fn adapter_shapes(&self, targets: &[TargetModule]) -> Vec<LoraShape> {
         let mut targets = targets.to_vec();
         targets.sort();
         targets.dedup();
@@ -270,9 +268,15 @@ impl<B: GraftBackend> Model<B> {
             .iter()
             .enumerate()
             .flat_map(|(li, l)| {
-                targets
-                    .iter()
-                    .filter_map(move |&t| l.proj(t).map(|p| (li, t, p.out_features, p.in_features)))
+                targets.iter().filter_map(move |&t| {
+                    l.adapter_shape(t).map(|(o, i, e)| LoraShape {
+                        layer: li,
+                        target: t,
+                        out_features: o,
+                        in_features: i,
+                        experts: e,
+                    })
+                })
             })
             .collect()
     }

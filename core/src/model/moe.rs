@@ -4,7 +4,9 @@
 //! ones when the config says so), as transformers' `*SparseMoeBlock`s do.
 //!
 //! Tokens are grouped by expert: each chosen expert runs once over the rows that chose it, so
-//! a step reads the weights of the experts some token chose and no others. The routing weights
+//! a step reads the weights of the experts some token chose and no others. Adapters on the
+//! router and on the experts (stacked per expert, see [`crate::adapters::lora`]) apply to the
+//! rows of their own requests, so a batch that mixes adapters stays one pass. The routing weights
 //! stay tensors (a softmax and a gather of the router's logits), so gradients reach the hidden
 //! state through them as through the experts; only the choice itself (the top-k) is made on
 //! the host.
@@ -13,10 +15,52 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{IndexingUpdateOp, TensorData};
 
-use super::block::gelu_tanh;
+use super::block::{gelu_tanh, Runs};
 use super::config::{Activation, MoeConfig};
+use crate::adapters::lora::{LoraWeights, RowAdapters};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
+
+/// The adapters of a sparse layer's batch rows: on the router, and on the experts' gate/up and
+/// down projections (each adapter stacked per expert).
+pub(crate) struct ExpertRuns<'r, B: GraftBackend> {
+    pub router: Runs<'r, B>,
+    pub gate_up: Runs<'r, B>,
+    pub down: Runs<'r, B>,
+}
+
+/// An expert's own adapter pairs over the rows that chose it, `(range, weights)` per run.
+type OwnedRuns<B> = Vec<(std::ops::Range<usize>, Option<LoraWeights<B>>)>;
+
+/// The layer's `runs` restricted to `rows` (ascending layer rows, renumbered `0..rows.len()`),
+/// each adapter replaced by `pick(adapter)`. Runs that no row falls in are dropped.
+fn sub_runs<B: GraftBackend>(
+    runs: &Runs<'_, B>,
+    rows: &[usize],
+    pick: impl Fn(&LoraWeights<B>) -> LoraWeights<B>,
+) -> OwnedRuns<B> {
+    let mut out = Vec::new();
+    for (range, lora) in runs {
+        let start = rows.partition_point(|&r| r < range.start);
+        let end = rows.partition_point(|&r| r < range.end);
+        if start < end {
+            out.push((start..end, lora.map(&pick)));
+        }
+    }
+    out
+}
+
+/// Borrowed view of [`OwnedRuns`] for [`Proj::forward`].
+fn borrowed<B: GraftBackend>(
+    runs: &OwnedRuns<B>,
+) -> Vec<(std::ops::Range<usize>, Option<&LoraWeights<B>>)> {
+    runs.iter().map(|(r, w)| (r.clone(), w.as_ref())).collect()
+}
+
+/// Whether any run has an adapter.
+fn any<B: GraftBackend>(runs: &Runs<'_, B>) -> bool {
+    runs.iter().any(|(_, l)| l.is_some())
+}
 
 /// One expert: a gated MLP of its own.
 #[derive(Debug, Clone)]
@@ -48,18 +92,44 @@ impl<B: GraftBackend> Expert<B> {
         self.gate.n_bytes() + self.up.n_bytes() + self.down.n_bytes()
     }
 
-    /// `down(act(gate(x)) · up(x))`.
+    /// `down(act(gate(x)) · up(x))`, each projection with its rows' adapters.
     ///
     /// # Shapes
     /// `x: [m, hidden]` → `[m, hidden]`
-    fn forward(&self, x: Tensor<B, 2>, act: Activation) -> Tensor<B, 2> {
-        let gate = self.gate.forward(x.clone(), &[]);
-        let up = self.up.forward(x, &[]);
+    fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        act: Activation,
+        lora: [&RowAdapters<'_, B>; 3],
+    ) -> Tensor<B, 2> {
+        let gate = self.gate.forward(x.clone(), lora[0]);
+        let up = self.up.forward(x, lora[1]);
         let gate = match act {
             Activation::Silu => silu(gate),
             Activation::GeluTanh => gelu_tanh(gate),
         };
-        self.down.forward(gate * up, &[])
+        self.down.forward(gate * up, lora[2])
+    }
+
+    /// This expert's (number `e`) share of the layer's adapters over `rows`: gate and up take
+    /// the first and last halves of the stacked gate/up pair's rows.
+    fn runs(&self, e: usize, rows: &[usize], lora: &ExpertRuns<'_, B>) -> [OwnedRuns<B>; 3] {
+        let i = self.gate.out_features;
+        let none = |runs: &Runs<'_, B>| !any(runs);
+        let gate_up = |range: std::ops::Range<usize>| {
+            if none(&lora.gate_up) {
+                Vec::new()
+            } else {
+                sub_runs(&lora.gate_up, rows, |w| w.expert(e, range.clone()))
+            }
+        };
+        let down = if none(&lora.down) {
+            Vec::new()
+        } else {
+            let h = self.down.out_features;
+            sub_runs(&lora.down, rows, |w| w.expert(e, 0..h))
+        };
+        [gate_up(0..i), gate_up(i..2 * i), down]
     }
 }
 
@@ -78,11 +148,12 @@ impl<B: GraftBackend> Experts<B> {
         h: Tensor<B, 2>,
         moe: &MoeConfig,
         act: Activation,
+        lora: &ExpertRuns<'_, B>,
     ) -> (Tensor<B, 2>, Routes) {
         let [n, hidden] = h.dims();
         let k = moe.top_k;
         let device = h.device();
-        let probs = softmax(self.router.forward(h.clone(), &[]), 1);
+        let probs = softmax(self.router.forward(h.clone(), &lora.router), 1);
         let chosen = top_k(&probs, k);
         // The chosen probabilities, `[n, k]`, renormalized if asked, then flattened so that
         // entry `t·k + j` weighs token t's j-th expert.
@@ -99,16 +170,20 @@ impl<B: GraftBackend> Experts<B> {
             by_expert[e as usize].push(pair);
         }
         let mut out = Tensor::<B, 2>::zeros([n, hidden], &device);
-        for (expert, pairs) in self.experts.iter().zip(&by_expert) {
+        for (e, (expert, pairs)) in self.experts.iter().zip(&by_expert).enumerate() {
             if pairs.is_empty() {
                 continue;
             }
             let m = pairs.len();
-            let rows: Vec<i32> = pairs.iter().map(|&p| (p / k) as i32).collect();
+            // A token chooses an expert at most once, so its rows ascend without repeats.
+            let token_rows: Vec<usize> = pairs.iter().map(|&p| p / k).collect();
+            let [g, u, d] = expert.runs(e, &token_rows, lora);
+            let rows: Vec<i32> = token_rows.iter().map(|&r| r as i32).collect();
             let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [m]), &device);
             let slots: Vec<i32> = pairs.iter().map(|&p| p as i32).collect();
             let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [m]), &device);
-            let y = expert.forward(h.clone().select(0, rows.clone()), act);
+            let (g, u, d) = (borrowed(&g), borrowed(&u), borrowed(&d));
+            let y = expert.forward(h.clone().select(0, rows.clone()), act, [&g, &u, &d]);
             let w = weights.clone().select(0, slots).reshape([m, 1]);
             out = out.select_assign(0, rows, y * w, IndexingUpdateOp::Add);
         }

@@ -237,8 +237,8 @@ fn long_cached_decoding_across_the_cache_joins_equals_one_full_forward() {
     }
 }
 
-/// A PEFT-initialized adapter on every projection of the model's layout, with `B` drawn too so
-/// that it changes the output.
+/// A PEFT-initialized adapter on every projection of the model's layout (and the routers and
+/// experts of an MoE model), with `B` drawn too so that it changes the output.
 pub fn random_adapter(m: &Model<B>, seed: u64) -> graft_core::adapters::lora::Adapter<B> {
     use burn::prelude::*;
     use graft_core::adapters::lora::{LoraConfig, TargetModule};
@@ -269,9 +269,12 @@ fn mixed_adapter_batches_equal_each_request_alone_in_every_family() {
     for family in all_families() {
         let c = case(family);
         let m = load_family(family, false).model;
-        // Every projection of every layer (attention only on a layer of routed experts).
+        // Every projection of every layer (attention, the router and the experts on a layer
+        // of routed experts).
         let layout: usize = (0..m.config.num_layers)
-            .map(|l| m.config.layer_targets(l).len())
+            .map(|l| {
+                m.config.layer_targets(l).len() + 3 * usize::from(m.config.sparse_moe(l).is_some())
+            })
             .sum();
         let (a1, a2) = (random_adapter(&m, 1), random_adapter(&m, 2));
         assert_eq!(a1.modules().count(), layout, "{family}");

@@ -51,8 +51,15 @@ fn merged_models_compute_what_base_plus_adapter_computes_in_every_family() {
                 load_gguf::<B>(&path, LoadOptions::default(), &dev)
             } else {
                 let path = out.path().join("merged");
-                let s =
-                    merge_hf(&dir, &adapter, Some(FloatDtype::F32), &path, 1 << 30).expect("merge");
+                let s = merge_hf(
+                    &dir,
+                    &base.config,
+                    &adapter,
+                    Some(FloatDtype::F32),
+                    &path,
+                    1 << 30,
+                )
+                .expect("merge");
                 assert_eq!(s.files, [path.join("model.safetensors")]);
                 for f in ["config.json", "tokenizer.json", "generation_config.json"] {
                     assert!(path.join(f).is_file(), "{family}: {f} copied");
@@ -146,6 +153,7 @@ fn merged_weights_equal_peft_merge_and_unload() {
         let out = tempfile::tempdir().expect("temp dir");
         merge_hf(
             &dir,
+            &base.config,
             &adapter,
             Some(FloatDtype::F32),
             &out.path().join("hf"),
@@ -191,7 +199,15 @@ fn hf_merges_shard_and_convert_dtype() {
     let (adapter, _) = peft::load(&dir.join("peft_adapter"), &base).expect("adapter");
     let out = tempfile::tempdir().expect("temp dir");
     let path = out.path().join("merged");
-    let s = merge_hf(&dir, &adapter, Some(FloatDtype::BF16), &path, 100_000).expect("merge");
+    let s = merge_hf(
+        &dir,
+        &base.config,
+        &adapter,
+        Some(FloatDtype::BF16),
+        &path,
+        100_000,
+    )
+    .expect("merge");
     assert!(s.files.len() > 1, "{:?}", s.files);
     assert_eq!(s.types.keys().collect::<Vec<_>>(), ["BF16"]);
     let config: Value =
@@ -216,7 +232,15 @@ fn hf_merges_shard_and_convert_dtype() {
     );
     // Each bf16 value is the f32 merge rounded to nearest even.
     let f32_path = out.path().join("f32");
-    merge_hf(&dir, &adapter, Some(FloatDtype::F32), &f32_path, 1 << 30).expect("f32 merge");
+    merge_hf(
+        &dir,
+        &base.config,
+        &adapter,
+        Some(FloatDtype::F32),
+        &f32_path,
+        1 << 30,
+    )
+    .expect("f32 merge");
     let f32_bytes = std::fs::read(f32_path.join("model.safetensors")).expect("f32 file");
     let exact = safetensors::SafeTensors::deserialize(&f32_bytes).expect("safetensors");
     let mut checked = 0;
@@ -238,7 +262,7 @@ fn hf_merges_shard_and_convert_dtype() {
     }
     assert_eq!(checked, s.tensors);
     // A second merge into the same, now non-empty, directory is refused by name.
-    let err = merge_hf(&dir, &adapter, None, &path, 1 << 30).expect_err("not empty");
+    let err = merge_hf(&dir, &base.config, &adapter, None, &path, 1 << 30).expect_err("not empty");
     assert!(err.to_string().contains("not an empty directory"), "{err}");
 }
 

@@ -1,8 +1,9 @@
 //! Mixture-of-Experts models against transformers on tiny random Mixtral, Qwen3-MoE and OLMoE
 //! (`scripts/reference/moe.py`): beyond the logits (checked with the dense families in
 //! `families.rs`), the router picks the experts transformers' router picks, for every token
-//! of every layer, from safetensors and from llama.cpp's GGUF; and the experts of a GGUF are
-//! views of its one stacked tensor.
+//! of every layer, from safetensors and from llama.cpp's GGUF; the experts of a GGUF are
+//! views of its one stacked tensor; and LoRA on the router and the experts is PEFT's
+//! (`scripts/reference/moe_peft.py`), both ways.
 
 use graft_core::model::proj::BaseWeight;
 
@@ -128,7 +129,15 @@ fn merged_moe_models_compute_what_base_plus_adapter_computes() {
                 ));
             } else {
                 let path = out.path().join("merged");
-                merge_hf(&dir, &adapter, Some(FloatDtype::F32), &path, 1 << 30).expect("merge");
+                merge_hf(
+                    &dir,
+                    &base.model.config,
+                    &adapter,
+                    Some(FloatDtype::F32),
+                    &path,
+                    1 << 30,
+                )
+                .expect("merge");
                 merged.push(("hf", load_hf_dir::<B>(&path, LoadOptions::default(), &dev)));
             }
             for (how, m) in merged {
@@ -139,4 +148,169 @@ fn merged_moe_models_compute_what_base_plus_adapter_computes() {
             }
         }
     }
+}
+
+/// PEFT's adapter on attention, the router and every expert (`target_parameters`, transformers
+/// 5's 3-D expert parameters): graft reproduces PeftModel's logits from safetensors and from
+/// GGUF, and writes back the names and shapes PEFT wrote.
+#[test]
+fn a_peft_adapter_on_the_router_and_experts_reproduces_peftmodel_logits() {
+    use graft_core::adapters::lora::TargetModule;
+    use graft_core::adapters::peft;
+    for family in MOE_FAMILIES {
+        let dir = crate::reference::fixture(&format!("families/{family}"));
+        let (prompts, _) = case_of(family);
+        let t = read_fixture(&format!("families/{family}/peft_reference.safetensors"));
+        for gguf in [false, true] {
+            let m = load_family(family, gguf).model;
+            let (adapter, cfg) = peft::load(&dir.join("peft_adapter"), &m)
+                .unwrap_or_else(|e| panic!("PEFT's adapter loads: {e}"));
+            // q, k, v, o, the router, gate/up and down in each layer
+            assert_eq!(adapter.modules().count(), 7 * m.config.num_layers);
+            for l in 0..m.config.num_layers {
+                for t in [TargetModule::ExpertsGateUp, TargetModule::ExpertsDown] {
+                    let w = adapter.get(l, t).expect("expert adapter");
+                    assert_eq!((w.experts, w.rank(), w.scale), (8, 4, 2.0), "layer {l} {t}");
+                }
+                assert!(adapter.get(l, TargetModule::Router).is_some());
+            }
+            let mut experts_only = adapter.clone();
+            for layer in &mut experts_only.layers {
+                for t in TargetModule::ALL {
+                    if !t.per_expert() {
+                        layer[t.index()] = None;
+                    }
+                }
+            }
+            for (i, p) in prompts.iter().enumerate() {
+                let got = crate::all_logits(&m, p, Some(&adapter));
+                let want = crate::reference::f32s(&t[&format!("p{i}.logits")]);
+                let d = crate::max_abs_diff(&got, &want);
+                assert!(d <= 1e-4, "{family} gguf {gguf} prompt {i}: {d}");
+                eprintln!(
+                    "PEFT's expert adapter, {family}, gguf {gguf}, prompt {i}: max |Δ| {d:.1e}"
+                );
+                // The experts' share is not lost among the rest.
+                let base = crate::all_logits(&m, p, None);
+                let moved =
+                    crate::max_abs_diff(&crate::all_logits(&m, p, Some(&experts_only)), &base);
+                assert!(moved > 0.1, "the experts' LoRA moves logits by {moved}");
+            }
+            if !gguf {
+                let out = tempfile::tempdir().expect("temp dir");
+                peft::save(&out.path().join("a"), &adapter, &cfg).expect("saves");
+                let shapes = |d: &std::path::Path| {
+                    let bytes = std::fs::read(d.join(peft::WEIGHTS_FILE)).expect("weights");
+                    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+                    st.tensors()
+                        .into_iter()
+                        .map(|(n, v)| (n, v.shape().to_vec(), v.data().to_vec()))
+                        .collect::<std::collections::BTreeSet<_>>()
+                };
+                assert_eq!(
+                    shapes(&out.path().join("a")),
+                    shapes(&dir.join("peft_adapter")),
+                    "{family}: graft writes back PEFT's names, shapes and values"
+                );
+            }
+        }
+    }
+    // On a dense model the experts' tensors are refused by name.
+    let dense = load_family("qwen3", false).model;
+    let dir = crate::reference::fixture("families/qwen3_moe");
+    let e = peft::load(&dir.join("peft_adapter"), &dense)
+        .map(|_| ())
+        .expect_err("no experts to adapt")
+        .to_string();
+    assert!(
+        e.contains("layers.0.mlp.") && e.contains("has no") && e.contains("in layer 0"),
+        "{e}"
+    );
+}
+
+/// A graft-made adapter on attention, the router and the experts is the very file PEFT was
+/// checked to read (`graft_adapter/`, loaded by `PeftModel.from_pretrained` with every tensor
+/// in place), and graft computes PeftModel's logits with it. `GRAFT_WRITE_FIXTURES=1` rewrites
+/// `graft_adapter/`; then rerun `scripts/reference/moe_peft.py`.
+#[test]
+fn a_graft_expert_adapter_is_the_file_peft_reads() {
+    use burn::prelude::*;
+    use graft_core::adapters::lora::{LoraConfig, TargetModule};
+    use graft_core::adapters::peft;
+    for family in MOE_FAMILIES {
+        let dir = crate::reference::fixture(&format!("families/{family}"));
+        let m = load_family(family, false).model;
+        let cfg = LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            lora_dropout: 0.0,
+            target_modules: vec![
+                TargetModule::Q,
+                TargetModule::V,
+                TargetModule::Router,
+                TargetModule::ExpertsGateUp,
+                TargetModule::ExpertsDown,
+            ],
+            use_rslora: false,
+        };
+        let mut adapter = m.init_adapter(&cfg, 11);
+        for (k, w) in adapter.layers.iter_mut().flatten().flatten().enumerate() {
+            let dims = w.b.dims();
+            let v: Vec<f32> = (0..dims[0] * dims[1])
+                .map(|i| (((i * 7919 + k * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.3)
+                .collect();
+            w.b = Tensor::from_data(burn::tensor::TensorData::new(v, dims), m.device());
+        }
+        let out = tempfile::tempdir().expect("temp dir");
+        let written = out.path().join("a");
+        let config =
+            peft::PeftConfig::from_lora(&cfg, &format!("core/tests/fixtures/families/{family}"));
+        peft::save(&written, &adapter, &config).expect("saves");
+        let fixture = dir.join("graft_adapter");
+        if std::env::var_os("GRAFT_WRITE_FIXTURES").is_some() {
+            std::fs::create_dir_all(&fixture).expect("fixture dir");
+            for f in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+                std::fs::copy(written.join(f), fixture.join(f)).expect("fixture written");
+            }
+            continue; // PEFT's logits for it come next, from moe_peft.py
+        }
+        for f in [peft::CONFIG_FILE, peft::WEIGHTS_FILE] {
+            assert!(
+            std::fs::read(written.join(f)).expect("written")
+                == std::fs::read(fixture.join(f)).expect("fixture"),
+            "{family} {f}: graft no longer writes the file PEFT was checked on; rewrite it with \
+             GRAFT_WRITE_FIXTURES=1 and rerun scripts/reference/moe_peft.py"
+        );
+        }
+        let t = read_fixture(&format!("families/{family}/graft_adapter_peft.safetensors"));
+        let (prompts, _) = case_of(family);
+        for (i, p) in prompts.iter().enumerate() {
+            let got = crate::all_logits(&m, p, Some(&adapter));
+            let d = crate::max_abs_diff(&got, &crate::reference::f32s(&t[&format!("p{i}.logits")]));
+            assert!(
+                d <= 1e-4,
+                "{family} prompt {i}: graft vs PeftModel with graft's adapter: {d}"
+            );
+            eprintln!("graft's expert adapter in PeftModel, {family}, prompt {i}: max |Δ| {d:.1e}");
+        }
+    }
+}
+
+/// GGUF-LoRA holds no router or expert adapters graft could vouch for: refused by name, and
+/// the file is not written.
+#[test]
+fn gguf_lora_export_of_router_or_expert_adapters_is_refused() {
+    use graft_core::adapters::gguf_lora;
+    let m = load_family("olmoe", true).model;
+    let adapter = crate::families::random_adapter(&m, 5);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("a.gguf");
+    let e = gguf_lora::save(&path, &adapter, &m)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("layer 0 router") && e.contains("save as PEFT"),
+        "{e}"
+    );
+    assert!(!path.exists());
 }

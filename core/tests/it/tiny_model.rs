@@ -143,6 +143,7 @@ fn adapter(m: &Model<B>, seed: u64, zero_b: bool) -> Adapter<B> {
                 b: Tensor::from_data(TensorData::new(bv, [p.out_features, r]), &dev),
                 scale: 2.0,
                 dropout: 0.0,
+                experts: 1,
             });
         }
     }

@@ -266,6 +266,7 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use graft_core::adapters::lora::TargetModule;
 
     /// A config file with a one-row data file next to it.
     fn config(dir: &Path, extra_train: &str) -> PathBuf {
@@ -382,6 +383,29 @@ mod tests {
         assert!(
             e.contains("lora.target_modules") && e.contains("q_prj"),
             "{e}"
+        );
+        // PEFT refuses dropout on adapted parameters (the router, the experts).
+        let e = load(
+            &path,
+            &[
+                "lora.dropout=0.1",
+                "lora.target_modules=[\"q_proj\", \"experts.down_proj\"]",
+            ],
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            e.contains("lora.dropout") && e.contains("experts.down_proj"),
+            "{e}"
+        );
+        let ok = load(
+            &path,
+            &["lora.target_modules=[\"router\", \"mlp.experts.gate_up_proj\"]"],
+        )
+        .expect("PEFT's parameter names are target names");
+        assert_eq!(
+            ok.lora.target_modules,
+            [TargetModule::Router, TargetModule::ExpertsGateUp]
         );
     }
 }

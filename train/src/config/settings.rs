@@ -128,7 +128,7 @@ impl TryFrom<&RawLora> for LoraConfig {
         let alpha = f.float("alpha", alpha, |x| x > 0.0, "must be positive")?;
         let dropout = f.fraction("dropout", l.dropout)?;
         let target_modules = match &l.target_modules {
-            TargetModules::AllLinear => TargetModule::ALL.to_vec(),
+            TargetModules::AllLinear => TargetModule::linear().to_vec(),
             TargetModules::List(list) if !list.is_empty() => list.clone(),
             TargetModules::List(_) => {
                 return Err(FieldError::new(
@@ -139,6 +139,24 @@ impl TryFrom<&RawLora> for LoraConfig {
                 ))
             }
         };
+        let on_params = target_modules
+            .iter()
+            .filter(|t| t.per_expert() || **t == TargetModule::Router)
+            .map(|t| t.name())
+            .collect::<Vec<_>>();
+        if dropout > 0.0 && !on_params.is_empty() {
+            return Err(FieldError::new(
+                "lora",
+                "dropout",
+                dropout.to_string(),
+                format!(
+                    "must be 0 when target_modules has {}: PEFT applies an adapter on the \
+                     router or the experts to the weight, where dropout has no meaning, and \
+                     refuses to load such an adapter",
+                    on_params.join(", ")
+                ),
+            ));
+        }
         Ok(LoraConfig {
             r,
             lora_alpha: alpha as f32,
