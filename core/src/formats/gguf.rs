@@ -150,7 +150,7 @@ impl GgufTensorInfo {
 /// An opened GGUF file.
 pub struct GgufFile {
     path: PathBuf,
-    map: Mmap,
+    map: std::sync::Arc<Mmap>,
     pub version: u32,
     pub metadata: BTreeMap<String, GgufValue>,
     pub tensors: Vec<GgufTensorInfo>,
@@ -279,7 +279,7 @@ impl GgufFile {
         }
         Ok(GgufFile {
             path,
-            map,
+            map: std::sync::Arc::new(map),
             version,
             metadata,
             tensors,
@@ -295,6 +295,14 @@ impl GgufFile {
     }
 
     /// The raw (packed) bytes of a tensor, borrowed from the map.
+    /// A tensor's data as bytes shared with the file's map, without a copy.
+    pub fn tensor_data(&self, info: &GgufTensorInfo) -> crate::quant::SharedBytes {
+        crate::quant::SharedBytes::Mapped {
+            map: self.map.clone(),
+            range: info.offset as usize..(info.offset + info.n_bytes) as usize,
+        }
+    }
+
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> &[u8] {
         // Bounds were checked against the file length in `open`.
         &self.map[info.offset as usize..(info.offset + info.n_bytes) as usize]

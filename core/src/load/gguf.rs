@@ -11,7 +11,6 @@
 
 use crate::backend::GraftBackend;
 use std::path::Path;
-use std::sync::Arc;
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -362,10 +361,10 @@ impl<B: GraftBackend> Loader<'_, B> {
         cols: usize,
         heads: Option<usize>,
     ) -> Result<PackedWeight, LoadError> {
-        let bytes = self.file.tensor_bytes(info);
-        let bytes: Arc<[u8]> = match heads {
-            Some(h) => permute_rows(bytes, rows, h, true).into(),
-            None => bytes.into(),
+        // Kept in the file's map unless llama.cpp's q/k row order must be undone.
+        let bytes = match heads {
+            Some(h) => permute_rows(self.file.tensor_bytes(info), rows, h, true).into(),
+            None => self.file.tensor_data(info),
         };
         PackedWeight::ggml(info.ty, rows, cols, bytes).map_err(|e| LoadError::Tensor {
             path: self.file.path().into(),

@@ -598,7 +598,7 @@ mod tests {
                 blk[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
             }
         }
-        PackedWeight::ggml(ty, rows, cols, Arc::from(b)).expect("consistent sizes")
+        PackedWeight::ggml(ty, rows, cols, Arc::<[u8]>::from(b).into()).expect("consistent sizes")
     }
 
     fn activations(n: usize, cols: usize) -> Vec<f32> {

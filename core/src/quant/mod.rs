@@ -70,6 +70,57 @@ pub enum LayoutError {
     },
 }
 
+/// Packed bytes, shared by every weight that views them: owned, or a range of a memory-mapped
+/// file (a GGUF's tensor data, paged in by the kernel when first read and dropped under memory
+/// pressure like any file cache, so a 30B-A3B model's experts that no token chooses never
+/// occupy memory). As with llama.cpp's mmap, the file must not change while it is mapped.
+#[derive(Clone)]
+pub enum SharedBytes {
+    Owned(Arc<[u8]>),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        range: std::ops::Range<usize>,
+    },
+}
+
+impl std::ops::Deref for SharedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            SharedBytes::Owned(b) => b,
+            SharedBytes::Mapped { map, range } => &map[range.clone()],
+        }
+    }
+}
+
+impl std::fmt::Debug for SharedBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SharedBytes::Owned(b) => write!(f, "Owned({} bytes)", b.len()),
+            SharedBytes::Mapped { range, .. } => write!(f, "Mapped({range:?})"),
+        }
+    }
+}
+
+impl From<Arc<[u8]>> for SharedBytes {
+    fn from(b: Arc<[u8]>) -> Self {
+        SharedBytes::Owned(b)
+    }
+}
+
+impl From<Vec<u8>> for SharedBytes {
+    fn from(b: Vec<u8>) -> Self {
+        SharedBytes::Owned(b.into())
+    }
+}
+
+impl SharedBytes {
+    /// Whether the bytes are a mapped file's, not a copy.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self, SharedBytes::Mapped { .. })
+    }
+}
+
 /// A frozen 2-D weight `[rows, cols]` kept packed in memory: the whole of its storage, or a
 /// run of rows of a larger weight sharing that storage (one expert of a GGUF 3-D expert
 /// tensor, see [`PackedWeight::rows_view`]).
@@ -85,7 +136,7 @@ pub struct PackedWeight {
 #[derive(Debug, Clone)]
 enum PackedData {
     /// GGML blocks along each row (`cols` is a multiple of the block size).
-    Ggml { ty: GgmlType, bytes: Arc<[u8]> },
+    Ggml { ty: GgmlType, bytes: SharedBytes },
     /// NF4 over the row-major flattening, with the absmaxes already expanded to f32 once
     /// (one f32 per 64 values: 1/16 of a byte per weight).
     Nf4 {
@@ -103,7 +154,7 @@ impl PackedWeight {
         ty: GgmlType,
         rows: usize,
         cols: usize,
-        bytes: Arc<[u8]>,
+        bytes: SharedBytes,
     ) -> Result<Self, LayoutError> {
         let row_bytes = ty.bytes_for(cols as u64).ok_or(LayoutError::PartialBlock {
             ty,
@@ -140,6 +191,11 @@ impl PackedWeight {
                 absmax,
             },
         }
+    }
+
+    /// Whether the packed bytes are a memory-mapped file's (a GGUF's), not a copy.
+    pub fn is_mapped(&self) -> bool {
+        matches!(&self.data, PackedData::Ggml { bytes, .. } if bytes.is_mapped())
     }
 
     /// A short description of the storage, e.g. `Q4_1` or `NF4`.

@@ -314,3 +314,53 @@ fn gguf_lora_export_of_router_or_expert_adapters_is_refused() {
     );
     assert!(!path.exists());
 }
+
+/// A quantized MoE GGUF (the tiny Qwen3-MoE re-encoded as Q8_0 by graft's merge): every
+/// expert is a view of its layer's stacked tensor inside the file's memory map, not a copy,
+/// and the model computes what the same file expanded to f32 computes.
+#[test]
+fn quantized_experts_stay_in_the_files_memory_map() {
+    use graft_core::adapters::lora::Adapter;
+    use graft_core::adapters::merge::merge_gguf;
+    use graft_core::formats::gguf::GgufFile;
+    use graft_core::load::{load_gguf, LoadOptions};
+    use graft_core::quant::mix::FileType;
+    let dev = Default::default();
+    let base = load_family("qwen3_moe", true).model;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("q8.gguf");
+    let file =
+        GgufFile::open(crate::reference::fixture("families/qwen3_moe/model.gguf")).expect("GGUF");
+    let none = Adapter::<B>::empty(base.layers.len());
+    merge_gguf(&file, &base.config, &none, Some(FileType::Q8_0), &path).expect("re-encoded");
+    let m = load_gguf::<B>(&path, LoadOptions::default(), &dev)
+        .expect("loads")
+        .model;
+    let mut experts = 0;
+    for layer in &m.layers {
+        for e in &layer.experts.as_ref().expect("experts").experts {
+            for p in [&e.gate, &e.up, &e.down] {
+                match &p.base {
+                    BaseWeight::Packed(w) => assert!(w.is_mapped(), "an expert was copied"),
+                    BaseWeight::Dense(_) => panic!("a Q8_0 expert was expanded"),
+                }
+                experts += 1;
+            }
+        }
+    }
+    assert_eq!(experts, 2 * 8 * 3);
+    let (prompts, _) = case_of("qwen3_moe");
+    // The same file expanded to f32 on load: the mapped views hold the right rows.
+    let dense = load_gguf::<B>(
+        &path,
+        LoadOptions {
+            quantize: graft_core::quant::QuantKind::None,
+        },
+        &dev,
+    )
+    .expect("loads")
+    .model;
+    let want = crate::all_logits(&dense, &prompts[1], None);
+    let d = crate::max_abs_diff(&crate::all_logits(&m, &prompts[1], None), &want);
+    assert!(d < 1e-3, "mapped Q8_0 vs the same weights in f32: {d}");
+}

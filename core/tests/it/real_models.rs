@@ -141,5 +141,16 @@ fn q4_k_m_mixes_stay_packed_near_their_file_size() {
             held * 10 > size * 9,
             "{file}: {held} bytes held for a {size}-byte file"
         );
+        // No q/k rows to reorder in these families: every packed weight is the file's map.
+        for layer in &m.model.layers {
+            for (t, p) in layer.targets() {
+                match &p.base {
+                    graft_core::model::proj::BaseWeight::Packed(w) => {
+                        assert!(w.is_mapped(), "{file}: {t} was copied")
+                    }
+                    graft_core::model::proj::BaseWeight::Dense(_) => {}
+                }
+            }
+        }
     }
 }
