@@ -15,7 +15,7 @@
 //!   `config.json` and the tokenizer files written from what the model holds.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -28,7 +28,7 @@ use crate::formats::gguf::{GgufError, GgufFile, GgufValue};
 use crate::formats::gguf_write::{self, TensorSpec};
 use crate::formats::safetensors_write::{self, FloatDtype, SafetensorSpec};
 use crate::load::assemble::Role;
-use crate::load::gguf::{permute_rows, proj_tensor};
+use crate::load::gguf::{permute_rows, tensor_name};
 use crate::load::hf::{hf_tensor, hf_tensors, to_f32, HfTensor, Weights};
 use crate::load::hf_config::to_hf_json;
 use crate::load::LoadError;
@@ -159,11 +159,8 @@ impl Patch {
             .expect("patches come from modules()");
         match self.expert {
             Some(e) => delta(&w.expert(e, self.rows.clone())),
-            None => {
-                let d = delta(w);
-                let cols = w.a.dims()[1];
-                d[self.rows.start * cols..self.rows.end * cols].to_vec()
-            }
+            // A module's own patch covers all its rows.
+            None => delta(w),
         }
     }
 }
@@ -209,23 +206,6 @@ fn patches<B: Backend>(
         }
     }
     out
-}
-
-/// The name of a role's tensor in a GGUF file; a layer's experts share one 3-D tensor.
-fn gguf_tensor(role: Role) -> String {
-    match role {
-        Role::Proj(l, t) => proj_tensor(l, t),
-        Role::Router(l) => format!("blk.{l}.ffn_gate_inp.weight"),
-        Role::Expert(l, _, t) => {
-            let stem = match t {
-                TargetModule::Gate => "ffn_gate_exps",
-                TargetModule::Up => "ffn_up_exps",
-                _ => "ffn_down_exps",
-            };
-            format!("blk.{l}.{stem}.weight")
-        }
-        _ => unreachable!("adapters change projections, routers and experts only"),
-    }
 }
 
 /// Checks that each patch fits its tensor of `rows` × `cols` (`None`: the base lacks it).
@@ -292,7 +272,11 @@ pub fn merge_gguf<B: Backend>(
     quant: Option<FileType>,
     out: &Path,
 ) -> Result<MergeSummary, MergeError> {
-    let targets = patches(adapter, gguf_tensor, true);
+    let targets = patches(
+        adapter,
+        |role| format!("{}.weight", tensor_name(role)),
+        true,
+    );
     check_patches(
         &targets,
         adapter,
@@ -431,21 +415,20 @@ pub fn merge_to_hf<B: GraftBackend>(
     let device = model.device();
     let tensors = hf_tensors(model);
     let targets = patches(adapter, |role| hf_tensor(role, &model.config), false);
+    let by_name: HashMap<&str, &HfTensor<'_, B>> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     check_patches(
         &targets,
         adapter,
         |name| {
-            tensors
-                .iter()
-                .find(|(n, _)| n == name)
-                .and_then(|(_, t)| match t {
-                    HfTensor::Weight(p) => Some((
-                        vec![p.out_features, p.in_features],
-                        p.out_features,
-                        p.in_features,
-                    )),
-                    _ => None,
-                })
+            by_name.get(name).and_then(|t| match t {
+                HfTensor::Weight(p) => Some((
+                    vec![p.out_features, p.in_features],
+                    p.out_features,
+                    p.in_features,
+                )),
+                _ => None,
+            })
         },
         |tensor, message| output(format!("tensor '{tensor}': {message}")),
     )?;
@@ -602,11 +585,13 @@ pub fn merge_hf<B: Backend>(
         tensor: tensor.into(),
         message,
     };
+    let spec_of: HashMap<&str, &SafetensorSpec> =
+        specs.iter().map(|s| (s.name.as_str(), s)).collect();
     check_patches(
         &targets,
         adapter,
         |name| {
-            let s = specs.iter().find(|s| s.name == name)?;
+            let s = spec_of.get(name)?;
             let cols = *s.shape.last().unwrap_or(&1);
             let rows = s.shape.iter().product::<usize>() / cols.max(1);
             Some((s.shape.clone(), rows, cols))

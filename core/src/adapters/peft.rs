@@ -303,7 +303,13 @@ pub fn load<B: GraftBackend>(
         })?;
         keys.push(key);
     }
-    let targets = resolve_experts(&keys, &header, &config, model);
+    // Layers whose experts have both parameters adapted (PEFT's nested wrappers).
+    let nested: std::collections::BTreeSet<usize> = keys
+        .iter()
+        .filter(|&&(_, k, _)| k == Key::ExpertsInner)
+        .map(|&(l, _, _)| l)
+        .collect();
+    let targets = resolve_experts(&keys, &nested, &header, &config, model);
     let mut placed = Vec::new();
     for ((t, &(layer, _, is_a)), target) in header.tensors().zip(&keys).zip(targets) {
         let bad = |message: String| AdapterError::Tensor {
@@ -373,10 +379,7 @@ pub fn load<B: GraftBackend>(
         }
     }
     for ((layer, target), (a, b, experts)) in pending {
-        let nested = keys
-            .iter()
-            .any(|&(l, k, _)| l == layer && k == Key::ExpertsInner);
-        let module = module_path(layer, target, nested);
+        let module = module_path(layer, target, nested.contains(&layer));
         let missing = |which: &str| AdapterError::Tensor {
             path: weights.clone(),
             tensor: format!("base_model.model.{module}.{which}.weight"),
@@ -525,6 +528,7 @@ fn parse_key(name: &str) -> Option<(usize, Key, bool)> {
 /// failing that the one its `lora_A`'s input size fits (hidden: `gate_up_proj`).
 fn resolve_experts<B: GraftBackend>(
     keys: &[(usize, Key, bool)],
+    nested: &std::collections::BTreeSet<usize>,
     header: &Header,
     config: &PeftConfig,
     model: &Model<B>,
@@ -547,10 +551,7 @@ fn resolve_experts<B: GraftBackend>(
             Key::Module(m) => m,
             Key::ExpertsInner => TargetModule::ExpertsGateUp,
             Key::Experts => {
-                let nested = keys
-                    .iter()
-                    .any(|&(l, k, _)| l == layer && k == Key::ExpertsInner);
-                if nested {
+                if nested.contains(&layer) {
                     return TargetModule::ExpertsDown;
                 }
                 if let Some(only) = only {

@@ -351,6 +351,30 @@ fn experts_tensor(t: TargetModule) -> &'static str {
     }
 }
 
+/// llama.cpp's name of a role's tensor (without `.weight`); a layer's experts share one.
+pub(crate) fn tensor_name(role: Role) -> String {
+    match role {
+        Role::Embed => "token_embd".into(),
+        Role::LmHead => "output".into(),
+        Role::FinalNorm => "output_norm".into(),
+        Role::Proj(i, t) => format!("blk.{i}.{}", t.gguf_name()),
+        Role::Norm(i, slot) => format!(
+            "blk.{i}.{}",
+            match slot {
+                NormSlot::AttnIn => "attn_norm",
+                NormSlot::AttnOut => "post_attention_norm",
+                NormSlot::MlpIn => "ffn_norm",
+                NormSlot::MlpOut => "post_ffw_norm",
+            }
+        ),
+        Role::QNorm(i) => format!("blk.{i}.attn_q_norm"),
+        Role::KNorm(i) => format!("blk.{i}.attn_k_norm"),
+        Role::Router(i) => format!("blk.{i}.ffn_gate_inp"),
+        // All experts' weights are one 3-D tensor (see `experts`).
+        Role::Expert(i, _, t) => format!("blk.{i}.{}", experts_tensor(t)),
+    }
+}
+
 impl<B: GraftBackend> Loader<'_, B> {
     /// A tensor's blocks as a `[rows, cols]` packed weight, with llama.cpp's q/k row
     /// permutation undone when `heads` is given.
@@ -371,30 +395,6 @@ impl<B: GraftBackend> Loader<'_, B> {
             tensor: info.name.clone(),
             message: e.to_string(),
         })
-    }
-
-    /// llama.cpp's tensor name (without `.weight`).
-    fn name(role: Role) -> String {
-        match role {
-            Role::Embed => "token_embd".into(),
-            Role::LmHead => "output".into(),
-            Role::FinalNorm => "output_norm".into(),
-            Role::Proj(i, t) => format!("blk.{i}.{}", t.gguf_name()),
-            Role::Norm(i, slot) => format!(
-                "blk.{i}.{}",
-                match slot {
-                    NormSlot::AttnIn => "attn_norm",
-                    NormSlot::AttnOut => "post_attention_norm",
-                    NormSlot::MlpIn => "ffn_norm",
-                    NormSlot::MlpOut => "post_ffw_norm",
-                }
-            ),
-            Role::QNorm(i) => format!("blk.{i}.attn_q_norm"),
-            Role::KNorm(i) => format!("blk.{i}.attn_k_norm"),
-            Role::Router(i) => format!("blk.{i}.ffn_gate_inp"),
-            // All experts' weights are one 3-D tensor (see `experts`).
-            Role::Expert(i, _, t) => format!("blk.{i}.{}", experts_tensor(t)),
-        }
     }
 
     fn info(&self, name: &str, expected: &[usize]) -> Result<&GgufTensorInfo, LoadError> {
@@ -436,7 +436,7 @@ impl<B: GraftBackend> Loader<'_, B> {
 impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
     fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError> {
         Ok(RmsNorm {
-            weight: self.vector(&format!("{}.weight", Self::name(role)), len, None)?,
+            weight: self.vector(&format!("{}.weight", tensor_name(role)), len, None)?,
             eps: self.config.rms_norm_eps,
         })
     }
@@ -485,7 +485,7 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
         cols: usize,
         quantize: bool,
     ) -> Result<Proj<B>, LoadError> {
-        let name = Self::name(role);
+        let name = tensor_name(role);
         // llama.cpp's q/k row permutation is undone, whole rows at a time.
         let heads = match role {
             Role::Proj(_, t) => self.config.gguf_permuted_heads(t),

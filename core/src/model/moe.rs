@@ -33,13 +33,17 @@ pub(crate) struct ExpertRuns<'r, B: GraftBackend> {
 type OwnedRuns<B> = Vec<(std::ops::Range<usize>, Option<LoraWeights<B>>)>;
 
 /// The layer's `runs` restricted to `rows` (ascending layer rows, renumbered `0..rows.len()`),
-/// each adapter replaced by `pick(adapter)`. Runs that no row falls in are dropped.
+/// each adapter replaced by `pick(adapter)`. Runs that no row falls in are dropped; with no
+/// adapter in any run, there are none.
 fn sub_runs<B: GraftBackend>(
     runs: &Runs<'_, B>,
     rows: &[usize],
     pick: impl Fn(&LoraWeights<B>) -> LoraWeights<B>,
 ) -> OwnedRuns<B> {
     let mut out = Vec::new();
+    if runs.iter().all(|(_, l)| l.is_none()) {
+        return out;
+    }
     for (range, lora) in runs {
         let start = rows.partition_point(|&r| r < range.start);
         let end = rows.partition_point(|&r| r < range.end);
@@ -55,11 +59,6 @@ fn borrowed<B: GraftBackend>(
     runs: &OwnedRuns<B>,
 ) -> Vec<(std::ops::Range<usize>, Option<&LoraWeights<B>>)> {
     runs.iter().map(|(r, w)| (r.clone(), w.as_ref())).collect()
-}
-
-/// Whether any run has an adapter.
-fn any<B: GraftBackend>(runs: &Runs<'_, B>) -> bool {
-    runs.iter().any(|(_, l)| l.is_some())
 }
 
 /// One expert: a gated MLP of its own.
@@ -114,22 +113,12 @@ impl<B: GraftBackend> Expert<B> {
     /// This expert's (number `e`) share of the layer's adapters over `rows`: gate and up take
     /// the first and last halves of the stacked gate/up pair's rows.
     fn runs(&self, e: usize, rows: &[usize], lora: &ExpertRuns<'_, B>) -> [OwnedRuns<B>; 3] {
-        let i = self.gate.out_features;
-        let none = |runs: &Runs<'_, B>| !any(runs);
-        let gate_up = |range: std::ops::Range<usize>| {
-            if none(&lora.gate_up) {
-                Vec::new()
-            } else {
-                sub_runs(&lora.gate_up, rows, |w| w.expert(e, range.clone()))
-            }
-        };
-        let down = if none(&lora.down) {
-            Vec::new()
-        } else {
-            let h = self.down.out_features;
-            sub_runs(&lora.down, rows, |w| w.expert(e, 0..h))
-        };
-        [gate_up(0..i), gate_up(i..2 * i), down]
+        let (i, h) = (self.gate.out_features, self.down.out_features);
+        [
+            sub_runs(&lora.gate_up, rows, |w| w.expert(e, 0..i)),
+            sub_runs(&lora.gate_up, rows, |w| w.expert(e, i..2 * i)),
+            sub_runs(&lora.down, rows, |w| w.expert(e, 0..h)),
+        ]
     }
 }
 
