@@ -189,7 +189,7 @@ fn train_then_generate_with_the_adapter() {
 /// The tiny random models of every family (`core/tests/fixtures/families`, made by
 /// `scripts/reference/families.py` and, for the MoE ones, `moe.py`), as llama.cpp's converter
 /// wrote them to GGUF.
-const FAMILIES: [&str; 11] = [
+const FAMILIES: [&str; 12] = [
     "llama",
     "mistral",
     "qwen2",
@@ -201,6 +201,7 @@ const FAMILIES: [&str; 11] = [
     "mixtral",
     "qwen3_moe",
     "olmoe",
+    "qwen2_moe",
 ];
 
 fn family_model(family: &str) -> PathBuf {
@@ -248,11 +249,18 @@ fn every_family_trains_an_adapter_that_serving_applies() {
     for family in FAMILIES {
         let model = family_model(family);
         // On MoE models: attention, the routers and every expert (PEFT's target_parameters).
-        let moe = ["mixtral", "qwen3_moe", "olmoe"].contains(&family);
-        let targets = if moe {
-            r#"lora.target_modules=["q_proj","k_proj","v_proj","o_proj","router","experts.gate_up_proj","experts.down_proj"]"#
-        } else {
-            r#"lora.target_modules="all-linear""#
+        let moe = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"].contains(&family);
+        // And on Qwen2-MoE its shared expert (the sparse layers' gate/up/down) and that
+        // expert's gate.
+        let shared = family == "qwen2_moe";
+        let targets = match (moe, shared) {
+            (true, true) => {
+                r#"lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj","shared_expert_gate","router","experts.gate_up_proj","experts.down_proj"]"#
+            }
+            (true, false) => {
+                r#"lora.target_modules=["q_proj","k_proj","v_proj","o_proj","router","experts.gate_up_proj","experts.down_proj"]"#
+            }
+            _ => r#"lora.target_modules="all-linear""#,
         };
         let out = Command::new(bin("graft-train"))
             .arg(repo.join("configs/quickstart.toml"))
@@ -332,7 +340,14 @@ fn every_family_trains_an_adapter_that_serving_applies() {
             // B starts at zero: the experts' B moved only if gradients reached them.
             let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).expect("weights");
             let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-            for key in ["experts.base_layer.lora_B", "experts.lora_B", "gate.lora_B"] {
+            let mut keys = vec!["experts.base_layer.lora_B", "experts.lora_B", "gate.lora_B"];
+            if shared {
+                keys.extend([
+                    "shared_expert.down_proj.lora_B",
+                    "shared_expert_gate.lora_B",
+                ]);
+            }
+            for key in keys {
                 let t = st
                     .tensor(&format!("base_model.model.model.layers.1.mlp.{key}.weight"))
                     .unwrap_or_else(|e| panic!("{family}: {key}: {e}"));

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Tiny random Mixture-of-Experts models (Mixtral, Qwen3-MoE, OLMoE) as HF dirs, llama.cpp GGUFs,
+"""Tiny random Mixture-of-Experts models (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE) as HF dirs, llama.cpp GGUFs,
 transformers logits and router choices.
 
 Fixtures for graft-core's MoE parity tests, made like families.py's dense ones (same pinned
 versions, same llama.cpp converter from the llama-cpp-python sdist, same tokenizers and prompts):
 
     /tmp/refenv/bin/python scripts/reference/moe.py \\
-        /tmp/lcpp/llama_cpp_python-0.3.36.tar.gz core/tests/fixtures/families
+        /tmp/lcpp/llama_cpp_python-0.3.36.tar.gz core/tests/fixtures/families [family ...]
+
+(with family names after the directory, only those are written).
 
 Each model: hidden 64, 4 heads, 2 KV heads, head_dim 16, vocab 512, 2 layers, 8 routed experts of
 intermediate 32, 2 active per token. Family features, each shown to change the logits in
@@ -17,6 +19,8 @@ reference.json's feature_checks:
   olmoe      q/k RMSNorm over the whole projection, norm_topk_prob = false (the top-k softmax
              probabilities used as they are); rms_norm_eps 1e-5, which llama.cpp's converter
              writes for every olmoe model
+  qwen2_moe  q/k/v biases N(0, 0.5), norm_topk_prob = false, and a shared expert (intermediate 48)
+             every token runs, scaled by sigmoid(shared_expert_gate · x); GGUF `_shexp` tensors
 
 transformers 5 keeps routed experts as 3-D parameters (`mlp.experts.gate_up_proj` [E, 2I, H],
 `mlp.experts.down_proj` [E, H, I]) but save_pretrained writes them back per expert as the hub's
@@ -43,12 +47,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-TOKENIZER = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmo2"}
+TOKENIZER = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmo2", "qwen2_moe": "qwen2"}
 MOE = dict(num_hidden_layers=2, head_dim=16, tie_word_embeddings=False)
 
 
 def moe_configs():
-    from transformers import MixtralConfig, OlmoeConfig, Qwen3MoeConfig
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     return {
         "mixtral": (MixtralConfig, dict(
@@ -62,10 +66,16 @@ def moe_configs():
             MOE, intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
             # OLMoE's own epsilon: llama.cpp's converter writes 1e-5 for olmoe whatever the config says
             rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+        "qwen2_moe": (Qwen2MoeConfig, dict(
+            MOE, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+            num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
+            mlp_only_layers=[], use_sliding_window=False, qkv_bias=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
     }
 
 
 STD = 0.15
+SEEDS = {"mixtral": 100, "qwen3_moe": 101, "olmoe": 102, "qwen2_moe": 103}
 
 
 def build_model(family, special_ids, seed):
@@ -84,6 +94,8 @@ def build_model(family, special_ids, seed):
                 # A router with logits of O(1): the choices are clear-cut (no near ties), and
                 # each token's weights still differ.
                 p.copy_(torch.randn_like(p) * 0.5)
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.5)
             elif p.dim() in (2, 3):
                 p.copy_(torch.randn_like(p) * STD)
     return model.eval()
@@ -101,9 +113,12 @@ def forward(model, prompts):
             for r in out.router_logits:
                 probs = torch.softmax(r.float(), dim=-1)
                 top = torch.topk(probs, k, dim=-1)
-                # No near-ties: graft must make the same choice in f32.
-                gap = (top.values[:, -1] - torch.sort(probs, dim=-1, descending=True).values[:, k]).min()
-                assert gap > 1e-4, ("near tie in the router", float(gap))
+                # No near-ties: graft must make the same choice in f32. Measured on the router's
+                # logits (the order of the probabilities), as tiny probabilities differ by tiny
+                # amounts however clear their order.
+                ranked = torch.sort(r.float(), dim=-1, descending=True).values
+                gap = (ranked[:, k - 1] - ranked[:, k]).min()
+                assert gap > 1e-3, ("near tie in the router", float(gap))
                 per_layer.append(top.indices.to(torch.int32))
             experts.append(per_layer)
     return logits, experts
@@ -115,7 +130,15 @@ def feature_checks(family, model, prompts, ref):
     if family in ("qwen3_moe", "olmoe"):
         checks["norm_topk_prob_flipped"] = F.variant(model, prompts, {"norm_topk_prob": not c.norm_topk_prob})
     checks["top_k_1"] = F.variant(model, prompts, {"num_experts_per_tok": 1})
-    checks["qk_norm_neutral" if family != "mixtral" else "norm_weights_neutral"] = F.variant(
+    if family == "qwen2_moe":
+        checks["qkv_bias_zero"] = F.variant(model, prompts, state_fn=lambda sd: {
+            k: torch.zeros_like(v) if k.endswith("_proj.bias") else v for k, v in sd.items()})
+        checks["shared_expert_zero"] = F.variant(model, prompts, state_fn=lambda sd: {
+            k: torch.zeros_like(v) if ".shared_expert.down_proj" in k else v for k, v in sd.items()})
+        # sigmoid(0) = 1/2 for every token in place of the gate's own value
+        checks["shared_expert_gate_zero"] = F.variant(model, prompts, state_fn=lambda sd: {
+            k: torch.zeros_like(v) if "shared_expert_gate" in k else v for k, v in sd.items()})
+    checks["qk_norm_neutral" if family in ("qwen3_moe", "olmoe") else "norm_weights_neutral"] = F.variant(
         model, prompts, state_fn=lambda sd: {k: torch.ones_like(v) if "norm" in k else v for k, v in sd.items()})
     return {name: [round(float((x - y).abs().max()), 4) for x, y in zip(logits, ref)]
             for name, logits in checks.items()}
@@ -192,7 +215,8 @@ def moe_fixture(family, seed, root, out_root):
                    "router for that token, by descending weight",
         "config_notes": {
             "architecture": type(model).__name__,
-            "init": f"linear/embedding/expert weights N(0, {STD}), router N(0, 0.5), norm weights N(1, 0.3)",
+            "init": f"linear/embedding/expert weights N(0, {STD}), router N(0, 0.5), norm weights N(1, 0.3), "
+                    "biases N(0, 0.5)",
             "logits_std": stds,
             "saved_expert_keys": sorted({k.split(".experts.")[1].split(".", 1)[1]
                                          for k in _saved_keys(d) if ".experts." in k}),
@@ -212,14 +236,16 @@ def _saved_keys(d):
 
 
 def main():
-    if len(sys.argv) not in (2, 3):
+    if len(sys.argv) < 2 or any(f not in moe_configs() for f in sys.argv[3:]):
         sys.exit(__doc__)
-    out_root = sys.argv[2] if len(sys.argv) == 3 else "core/tests/fixtures/families"
+    out_root = sys.argv[2] if len(sys.argv) >= 3 else "core/tests/fixtures/families"
+    only = sys.argv[3:]
     os.makedirs(out_root, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = F.llama_cpp_root(sys.argv[1], tmp)
-        for seed, family in enumerate(moe_configs(), start=100):
-            moe_fixture(family, seed, root, out_root)
+        for family, seed in SEEDS.items():
+            if not only or family in only:
+                moe_fixture(family, seed, root, out_root)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ directories (no network):
 
     /tmp/refenv/bin/python scripts/reference/moe_peft.py core/tests/fixtures/families
 
-For each of mixtral, qwen3_moe and olmoe (or those named after the directory):
+For each of mixtral, qwen3_moe, olmoe and qwen2_moe (or those named after the directory):
 
 1. PEFT -> graft. Wraps <family>/ with get_peft_model(LoraConfig(r=4, lora_alpha=8,
    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], target_parameters=["mlp.gate.weight",
    "mlp.experts.gate_up_proj", "mlp.experts.down_proj"])), i.e. attention, the router and every
-   expert's gate/up and down (PEFT's ParamWrapper on transformers 5's 3-D expert parameters),
+   expert's gate/up and down (PEFT's ParamWrapper on transformers 5's 3-D expert parameters), and
+   on qwen2_moe also gate_proj, up_proj, down_proj (its shared expert's) and shared_expert_gate,
    replaces every lora_A / lora_B with N(0, 0.1^2) values (torch.manual_seed(2000 + k), k the
    family's index in that list) and writes
 
@@ -47,11 +48,13 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from family_adapters import load_base, logits, max_diff  # noqa: E402  (f32, eager, one thread)
 
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
 SEED = 2000
 RANK, ALPHA, INIT_STD = 4, 8, 0.1
 TARGET_MODULES = ["k_proj", "o_proj", "q_proj", "v_proj"]
 TARGET_PARAMETERS = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
+# A shared expert's projections (the layer's only gate_proj/up_proj/down_proj) and its gate.
+SHARED_MODULES = {"qwen2_moe": ["down_proj", "gate_proj", "shared_expert_gate", "up_proj"]}
 MIN_EFFECT = 0.1
 
 
@@ -64,7 +67,8 @@ def peft_to_graft(d, family, seed, prompts, base_ref):
 
     failures = []
     torch.manual_seed(seed)
-    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=TARGET_MODULES,
+    modules = sorted(TARGET_MODULES + SHARED_MODULES.get(family, []))
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=modules,
                         target_parameters=TARGET_PARAMETERS, task_type="CAUSAL_LM")
     model = get_peft_model(load_base(d), config).eval()
     with torch.no_grad():
@@ -86,7 +90,7 @@ def peft_to_graft(d, family, seed, prompts, base_ref):
     save_file({f"p{i}.logits": x for i, x in enumerate(lora)}, os.path.join(d, "peft_reference.safetensors"),
               metadata={"about": json.dumps({
                   "generator": "scripts/reference/moe_peft.py", "versions": versions(),
-                  "adapter": f"peft_adapter/ (r={RANK}, lora_alpha={ALPHA}, target_modules={TARGET_MODULES}, "
+                  "adapter": f"peft_adapter/ (r={RANK}, lora_alpha={ALPHA}, target_modules={modules}, "
                              f"target_parameters={TARGET_PARAMETERS}, A and B ~ N(0, {INIT_STD}^2), "
                              f"torch.manual_seed({seed}))",
                   "logits": "p{i}.logits[pos, :] = PeftModel logits (f32, eval, eager attention, "

@@ -613,7 +613,8 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         lora.target_modules
             .retain(|t| self.modules.iter().any(|m| m.target == *t));
         let config = PeftConfig::from_lora(&lora, &self.base_name);
-        peft::save(dir, &adapter, &config).map_err(|e| std::io::Error::other(e.to_string()))
+        peft::save(dir, &adapter, &config, &self.model.config)
+            .map_err(|e| std::io::Error::other(e.to_string()))
     }
 
     /// Runs (or continues, from `resume`) training to the end or until `stop` is set.

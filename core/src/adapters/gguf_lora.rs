@@ -19,7 +19,8 @@ use crate::adapters::peft::AdapterError;
 use crate::backend::GraftBackend;
 use crate::formats::gguf::{GgufFile, GgufValue};
 use crate::formats::gguf_write::{self, F32Tensor};
-use crate::load::gguf::{permute_rows, proj_tensor};
+use crate::load::assemble::Role;
+use crate::load::gguf::{permute_rows, tensor_name};
 use crate::model::Model;
 
 /// Writes `adapter` (for `model`) as a GGUF-LoRA file, atomically.
@@ -75,7 +76,7 @@ pub fn save<B: GraftBackend>(
         if let Some(heads) = cfg.gguf_permuted_heads(t) {
             b = permute_rows(&b, out_f, heads, false);
         }
-        let base = proj_tensor(layer, t);
+        let base = format!("{}.weight", tensor_name(Role::Proj(layer, t), cfg));
         tensors.push(F32Tensor {
             name: format!("{base}.lora_a"),
             shape: w.a.dims().to_vec(),
@@ -149,8 +150,8 @@ pub fn load<B: GraftBackend>(path: &Path, model: &Model<B>) -> Result<Adapter<B>
     let mut adapter = Adapter::empty(model.layers.len());
     for layer in 0..model.layers.len() {
         // The model's own layout: Phi-3's fused gate/up is `ffn_up` there.
-        for &t in cfg.targets() {
-            let base = proj_tensor(layer, t);
+        for t in cfg.layer_targets(layer) {
+            let base = format!("{}.weight", tensor_name(Role::Proj(layer, t), cfg));
             let (ia, ib) = (
                 f.tensor_info(&format!("{base}.lora_a")),
                 f.tensor_info(&format!("{base}.lora_b")),

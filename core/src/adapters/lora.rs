@@ -34,6 +34,9 @@ pub enum TargetModule {
     Qkv,
     /// gate and up as one projection (Phi-3), rows in that order.
     GateUp,
+    /// The `[1, hidden]` gate of a sparse layer's shared expert (Qwen2-MoE's
+    /// `mlp.shared_expert_gate`); the shared expert's own projections are `Gate`, `Up`, `Down`.
+    SharedExpertGate,
     /// A sparse layer's router, `[experts, hidden]` (transformers' `mlp.gate`).
     Router,
     /// Every routed expert's gate and up projections (transformers' 3-D
@@ -45,7 +48,7 @@ pub enum TargetModule {
 
 impl TargetModule {
     /// Number of kinds of target.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
 
     pub const ALL: [TargetModule; Self::COUNT] = [
         TargetModule::Q,
@@ -57,15 +60,16 @@ impl TargetModule {
         TargetModule::Down,
         TargetModule::Qkv,
         TargetModule::GateUp,
+        TargetModule::SharedExpertGate,
         TargetModule::Router,
         TargetModule::ExpertsGateUp,
         TargetModule::ExpertsDown,
     ];
 
     /// The targets that are linear modules, PEFT's `"all-linear"` (on an MoE model the router
-    /// and experts are parameters, targeted only by name).
+    /// and experts are parameters, targeted only by name; a shared expert's gate is linear).
     pub fn linear() -> &'static [TargetModule] {
-        &Self::ALL[..9]
+        &Self::ALL[..10]
     }
 
     /// The name in configs and in parameter names: the HF module name (`q_proj`, …) or, for
@@ -99,6 +103,7 @@ impl TargetModule {
             TargetModule::Down => "down_proj",
             TargetModule::Qkv => "qkv_proj",
             TargetModule::GateUp => "gate_up_proj",
+            TargetModule::SharedExpertGate => "shared_expert_gate",
             TargetModule::Router => "gate",
             TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => "experts",
         }
@@ -129,6 +134,7 @@ impl TargetModule {
             TargetModule::Down => "ffn_down",
             TargetModule::Qkv => "attn_qkv",
             TargetModule::GateUp => "ffn_up",
+            TargetModule::SharedExpertGate => "ffn_gate_inp_shexp",
             TargetModule::Router => "ffn_gate_inp",
             TargetModule::ExpertsGateUp => "ffn_gate_up_exps",
             TargetModule::ExpertsDown => "ffn_down_exps",
@@ -160,7 +166,8 @@ impl FromStr for TargetModule {
                 format!(
                     "unknown target module '{s}' (modules: q_proj, k_proj, v_proj, o_proj, \
                      gate_proj, up_proj, down_proj, Phi-3's qkv_proj, gate_up_proj, and on \
-                     MoE models router, experts.gate_up_proj, experts.down_proj)"
+                     MoE models router, experts.gate_up_proj, experts.down_proj and \
+                     shared_expert_gate)"
                 )
             })
     }

@@ -274,7 +274,7 @@ pub fn merge_gguf<B: Backend>(
 ) -> Result<MergeSummary, MergeError> {
     let targets = patches(
         adapter,
-        |role| format!("{}.weight", tensor_name(role)),
+        |role| format!("{}.weight", tensor_name(role, config)),
         true,
     );
     check_patches(

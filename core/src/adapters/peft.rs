@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::adapters::lora::{Adapter, LoraConfig, LoraWeights, TargetModule};
 use crate::backend::GraftBackend;
 use crate::formats::safetensors_read::{Header, ReadError};
-use crate::model::Model;
+use crate::load::assemble::Role;
+use crate::model::{Model, ModelConfig};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -158,10 +159,14 @@ fn param_name(t: TargetModule) -> Option<&'static str> {
 
 /// The module path (after `base_model.model.`) under which PEFT saves layer `layer`'s
 /// adapter on `t`; `nested` says that the layer's experts have both parameters adapted.
-fn module_path(layer: usize, t: TargetModule, nested: bool) -> String {
+fn module_path(model: &ModelConfig, layer: usize, t: TargetModule, nested: bool) -> String {
     let module = match t {
         TargetModule::ExpertsGateUp if nested => "experts.base_layer",
-        t => t.hf_name(),
+        TargetModule::Router | TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => {
+            t.hf_name()
+        }
+        // A linear module: where the checkpoint has it (a shared expert's own path).
+        t => return crate::load::hf::module_name(Role::Proj(layer, t), model),
     };
     format!("model.layers.{layer}.{}.{module}", t.hf_parent())
 }
@@ -181,6 +186,7 @@ pub fn save<B: GraftBackend>(
     dir: &Path,
     adapter: &Adapter<B>,
     config: &PeftConfig,
+    model: &ModelConfig,
 ) -> Result<(), AdapterError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
@@ -194,7 +200,7 @@ pub fn save<B: GraftBackend>(
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
     // On a failed write (a full disk) the partial temporary directory goes; `dir` is untouched.
-    if let Err(e) = write_files(&tmp, adapter, config) {
+    if let Err(e) = write_files(&tmp, adapter, config, model) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -214,12 +220,13 @@ fn write_files<B: GraftBackend>(
     tmp: &Path,
     adapter: &Adapter<B>,
     config: &PeftConfig,
+    model: &ModelConfig,
 ) -> Result<(), AdapterError> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (li, t, w) in adapter.modules() {
         let nested = adapter.get(li, TargetModule::ExpertsGateUp).is_some()
             && adapter.get(li, TargetModule::ExpertsDown).is_some();
-        let key = format!("base_model.model.{}", module_path(li, t, nested));
+        let key = format!("base_model.model.{}", module_path(model, li, t, nested));
         for (which, tensor) in [("lora_A", &w.a), ("lora_B", &w.b)] {
             let dims = tensor.dims().to_vec();
             let values = tensor
@@ -311,7 +318,7 @@ pub fn load<B: GraftBackend>(
         .collect();
     let targets = resolve_experts(&keys, &nested, &header, &config, model);
     let mut placed = Vec::new();
-    for ((t, &(layer, _, is_a)), target) in header.tensors().zip(&keys).zip(targets) {
+    for ((t, &(layer, key, is_a)), target) in header.tensors().zip(&keys).zip(targets) {
         let bad = |message: String| AdapterError::Tensor {
             path: weights.clone(),
             tensor: t.name.to_string(),
@@ -363,6 +370,17 @@ pub fn load<B: GraftBackend>(
                 t.dtype
             )));
         }
+        // A linear module's key names it where the base model has it (`mlp.gate_proj` of a
+        // dense layer, `mlp.shared_expert.gate_proj` of a sparse one).
+        if let Key::Module(m) = key {
+            let want = module_path(&model.config, layer, m, false);
+            if !t.name.contains(&format!(".{want}.")) {
+                return Err(bad(format!(
+                    "the base model ({}) has layer {layer}'s {target} at {want}",
+                    model.config.family
+                )));
+            }
+        }
         placed.push((layer, target, is_a, experts));
     }
     let values = header.read_data().map_err(|e| read_error(e, &weights))?;
@@ -379,7 +397,7 @@ pub fn load<B: GraftBackend>(
         }
     }
     for ((layer, target), (a, b, experts)) in pending {
-        let module = module_path(layer, target, nested.contains(&layer));
+        let module = module_path(&model.config, layer, target, nested.contains(&layer));
         let missing = |which: &str| AdapterError::Tensor {
             path: weights.clone(),
             tensor: format!("base_model.model.{module}.{which}.weight"),
@@ -401,7 +419,7 @@ pub fn load<B: GraftBackend>(
             TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => {
                 format!("model.layers.{layer}.mlp.{}", target.name())
             }
-            _ => module_path(layer, target, false),
+            _ => module_path(&model.config, layer, target, false),
         });
         let scale = if config.use_rslora {
             alpha / (r as f32).sqrt()
@@ -512,6 +530,15 @@ fn parse_key(name: &str) -> Option<(usize, Key, bool)> {
         ("mlp", "experts") => Key::Experts,
         ("mlp", "experts.base_layer") => Key::ExpertsInner,
         ("mlp", "gate") => Key::Module(TargetModule::Router),
+        // A shared expert's projections (checked against the model's layout by the caller).
+        ("mlp", module)
+            if module
+                .strip_prefix("shared_expert.")
+                .or_else(|| module.strip_prefix("shared_experts."))
+                .is_some_and(|p| ["gate_proj", "up_proj", "down_proj"].contains(&p)) =>
+        {
+            Key::Module(module.rsplit_once('.')?.1.parse().ok()?)
+        }
         (parent, module) => {
             let target: TargetModule = module.parse().ok()?;
             if target.hf_parent() != parent || !TargetModule::linear().contains(&target) {
@@ -602,6 +629,18 @@ mod tests {
         );
         assert_eq!(
             parse_key("base_model.model.model.layers.0.mlp.q_proj.lora_A.weight"),
+            None
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.2.mlp.shared_expert.up_proj.lora_B.weight"),
+            Some((2, Key::Module(TargetModule::Up), false))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.2.mlp.shared_expert_gate.lora_A.weight"),
+            Some((2, Key::Module(TargetModule::SharedExpertGate), true))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.2.mlp.shared_expert.q_proj.lora_A.weight"),
             None
         );
         assert_eq!(parse_key("base_model.model.lm_head.weight"), None);

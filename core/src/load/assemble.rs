@@ -88,9 +88,9 @@ pub(crate) fn assemble<B: GraftBackend>(
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let mut projs: [Option<Proj<B>>; TargetModule::COUNT] = Default::default();
-        for &t in c.layer_targets(i) {
+        for t in c.layer_targets(i) {
             let (rows, cols) = c
-                .proj_shape(t)
+                .proj_shape(i, t)
                 .unwrap_or_else(|| unreachable!("targets() lists the layout's projections"));
             projs[t.index()] = Some(src.proj(Role::Proj(i, t), rows, cols, true)?);
         }

@@ -24,6 +24,7 @@ use crate::model::family::SlidingPattern;
 use crate::model::proj::{BaseWeight, Proj};
 use crate::model::{
     Family, LayerConfig, ModelConfig, MoeConfig, NormSlot, RmsNorm, RopeConfig, RopeScaling,
+    SharedExpert,
 };
 use crate::quant::{GgmlType, PackedWeight, QuantKind};
 use crate::text::tokenizer::TokenizerBundle;
@@ -271,6 +272,12 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
         .collect();
     let scale_dim = family.gguf_query_scale_dim(num_layers, hidden_size, num_heads, head_dim);
     let feed_forward = usize_key("feed_forward_length")?;
+    let sparse: Vec<bool> = (0..num_layers)
+        .map(|i| {
+            f.tensor_info(&format!("blk.{i}.ffn_gate_inp.weight"))
+                .is_some()
+        })
+        .collect();
     let moe = if family.is_moe() {
         Some(MoeConfig {
             num_experts: usize_key("expert_count")?,
@@ -282,12 +289,23 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
                 .opt_bool(&key("expert_weights_norm"))?
                 .unwrap_or(family.default_norm_topk()),
             // A layer with a router has experts; the others (dense layers first) an MLP.
-            sparse: (0..num_layers)
-                .map(|i| {
-                    f.tensor_info(&format!("blk.{i}.ffn_gate_inp.weight"))
-                        .is_some()
-                })
-                .collect(),
+            sparse: sparse.clone(),
+            // A shared expert when the file has one (llama.cpp's `_shexp` tensors), of the
+            // width the metadata gives, gated when it has `ffn_gate_inp_shexp`.
+            shared: match sparse.iter().position(|&s| s) {
+                Some(i)
+                    if f.tensor_info(&format!("blk.{i}.ffn_gate_shexp.weight"))
+                        .is_some() =>
+                {
+                    Some(SharedExpert {
+                        intermediate: usize_key("expert_shared_feed_forward_length")?,
+                        gated: f
+                            .tensor_info(&format!("blk.{i}.ffn_gate_inp_shexp.weight"))
+                            .is_some(),
+                    })
+                }
+                _ => None,
+            },
         })
     } else {
         None
@@ -352,11 +370,17 @@ fn experts_tensor(t: TargetModule) -> &'static str {
 }
 
 /// llama.cpp's name of a role's tensor (without `.weight`); a layer's experts share one.
-pub(crate) fn tensor_name(role: Role) -> String {
+pub(crate) fn tensor_name(role: Role, config: &ModelConfig) -> String {
     match role {
         Role::Embed => "token_embd".into(),
         Role::LmHead => "output".into(),
         Role::FinalNorm => "output_norm".into(),
+        // A sparse layer's gate/up/down are its shared expert's.
+        Role::Proj(i, t @ (TargetModule::Gate | TargetModule::Up | TargetModule::Down))
+            if config.shared_expert(i).is_some() =>
+        {
+            format!("blk.{i}.{}_shexp", t.gguf_name())
+        }
         Role::Proj(i, t) => format!("blk.{i}.{}", t.gguf_name()),
         Role::Norm(i, slot) => format!(
             "blk.{i}.{}",
@@ -407,7 +431,9 @@ impl<B: GraftBackend> Loader<'_, B> {
                 tensor: name.into(),
             })?;
         let found = info.torch_shape();
-        if found != expected {
+        // llama.cpp keeps a one-row weight (a shared expert's gate) as a vector.
+        let one_row = expected.len() == 2 && expected[0] == 1 && found == expected[1..];
+        if found != expected && !one_row {
             return Err(LoadError::Shape {
                 path: path.into(),
                 tensor: name.into(),
@@ -436,7 +462,11 @@ impl<B: GraftBackend> Loader<'_, B> {
 impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
     fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError> {
         Ok(RmsNorm {
-            weight: self.vector(&format!("{}.weight", tensor_name(role)), len, None)?,
+            weight: self.vector(
+                &format!("{}.weight", tensor_name(role, self.config)),
+                len,
+                None,
+            )?,
             eps: self.config.rms_norm_eps,
         })
     }
@@ -485,7 +515,7 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
         cols: usize,
         quantize: bool,
     ) -> Result<Proj<B>, LoadError> {
-        let name = tensor_name(role);
+        let name = tensor_name(role, self.config);
         // llama.cpp's q/k row permutation is undone, whole rows at a time.
         let heads = match role {
             Role::Proj(_, t) => self.config.gguf_permuted_heads(t),
@@ -513,11 +543,6 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
         };
         Ok(Proj::new(base, bias))
     }
-}
-
-/// llama.cpp's name of a layer's projection weight (`blk.3.attn_q.weight`).
-pub(crate) fn proj_tensor(layer: usize, t: crate::adapters::lora::TargetModule) -> String {
-    format!("blk.{layer}.{}.weight", t.gguf_name())
 }
 
 /// llama.cpp's q/k row order for its rope (`LlamaModel.permute`): within each head of `d` rows,

@@ -221,6 +221,14 @@ pub(crate) fn module_name(role: Role, config: &ModelConfig) -> String {
         Role::Embed => "model.embed_tokens".into(),
         Role::LmHead => "lm_head".into(),
         Role::FinalNorm => "model.norm".into(),
+        Role::Proj(i, t @ (TargetModule::Gate | TargetModule::Up | TargetModule::Down))
+            if config.shared_expert(i).is_some() =>
+        {
+            let shared = config.family.hf_shared_expert().unwrap_or_else(|| {
+                unreachable!("the configs of families with a shared expert name it")
+            });
+            layer(i, &format!("mlp.{shared}.{}", t.hf_name()))
+        }
         Role::Proj(i, t) => layer(i, &format!("{}.{}", t.hf_parent(), t.hf_name())),
         Role::Norm(i, slot) => layer(
             i,

@@ -10,7 +10,9 @@ use serde_json::{json, Value};
 
 use crate::model::config::InvalidConfig;
 use crate::model::family::{supported_model_types, Family};
-use crate::model::{Activation, LayerConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
+use crate::model::{
+    Activation, LayerConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling, SharedExpert,
+};
 
 /// The keys graft reads (others are ignored).
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +50,9 @@ pub struct HfConfig {
     pub tie_word_embeddings: Option<bool>,
     #[serde(default)]
     pub attention_bias: Option<bool>,
+    /// Qwen2-MoE's name for `attention_bias`.
+    #[serde(default)]
+    pub qkv_bias: Option<bool>,
     #[serde(default)]
     pub hidden_act: Option<String>,
     #[serde(default)]
@@ -85,6 +90,8 @@ pub struct HfConfig {
     pub decoder_sparse_step: Option<usize>,
     #[serde(default)]
     pub mlp_only_layers: Option<Vec<usize>>,
+    #[serde(default)]
+    pub shared_expert_intermediate_size: Option<usize>,
     #[serde(default)]
     pub clip_qkv: Option<f64>,
 }
@@ -177,7 +184,11 @@ impl TryFrom<HfConfig> for ModelConfig {
             tie_word_embeddings: c
                 .tie_word_embeddings
                 .unwrap_or(family.default_tied_embeddings()),
-            attention_bias: c.attention_bias.unwrap_or(family.default_attention_bias()),
+            attention_bias: match family.attention_bias_key() {
+                "qkv_bias" => c.qkv_bias,
+                _ => c.attention_bias,
+            }
+            .unwrap_or(family.default_attention_bias()),
             layers,
             attention_scale: (1.0 / c.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt())
                 as f32,
@@ -237,6 +248,11 @@ fn moe_config(c: &HfConfig, family: Family) -> Result<Option<MoeConfig>, Invalid
         sparse: (0..c.num_hidden_layers)
             .map(|i| !dense.contains(&i) && (i + 1) % step == 0)
             .collect(),
+        // transformers' Qwen2-MoE class default width.
+        shared: family.hf_shared_expert().map(|_| SharedExpert {
+            intermediate: c.shared_expert_intermediate_size.unwrap_or(5632),
+            gated: true,
+        }),
     }))
 }
 
@@ -533,13 +549,16 @@ pub fn to_hf_json(c: &ModelConfig) -> Result<Value, InvalidConfig> {
         "rms_norm_eps": (c.rms_norm_eps as f32).to_string().parse::<f64>().unwrap_or(c.rms_norm_eps),
         "max_position_embeddings": c.max_position_embeddings,
         "tie_word_embeddings": c.tie_word_embeddings,
-        "attention_bias": c.attention_bias,
         "hidden_act": act,
         "hidden_activation": act,
         "rope_theta": global.theta,
         "rope_scaling": rope_json(&global)?,
     });
     let obj = j.as_object_mut().expect("an object");
+    obj.insert(
+        c.family.attention_bias_key().into(),
+        json!(c.attention_bias),
+    );
     if global.rotary_dim != c.head_dim {
         obj.insert(
             "partial_rotary_factor".into(),
@@ -603,6 +622,12 @@ pub fn to_hf_json(c: &ModelConfig) -> Result<Value, InvalidConfig> {
         obj.insert("decoder_sparse_step".into(), json!(1));
         let dense: Vec<usize> = (0..c.num_layers).filter(|&l| !m.sparse[l]).collect();
         obj.insert("mlp_only_layers".into(), json!(dense));
+        if let Some(s) = &m.shared {
+            obj.insert(
+                "shared_expert_intermediate_size".into(),
+                json!(s.intermediate),
+            );
+        }
         if c.family == Family::Mixtral {
             // Mixtral's experts are `intermediate_size` wide.
             obj.insert("intermediate_size".into(), json!(m.expert_intermediate));

@@ -1,10 +1,11 @@
 //! One decoder layer, assembled from what [`ModelConfig`] says: up to four norm slots around
 //! attention and MLP (pre, sandwich or post placement), split or fused projections, optional
-//! q/k norm, and a SiLU or GELU-tanh gated MLP or routed experts ([`super::moe`]). Matches
-//! transformers' `*DecoderLayer`s.
+//! q/k norm, and a SiLU or GELU-tanh gated MLP or routed experts ([`super::moe`]), plus on
+//! such a sparse layer an optional shared expert (the layer's own gate/up/down projections,
+//! optionally scaled by a sigmoid gate). Matches transformers' `*DecoderLayer`s.
 
 use burn::prelude::*;
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{sigmoid, silu};
 
 use super::attention::{attend, AttnSeq};
 use super::config::{Activation, ModelConfig, NormSlot, QkNorm};
@@ -177,15 +178,38 @@ impl<B: GraftBackend> Block<B> {
                 gate_up: runs(TargetModule::ExpertsGateUp),
                 down: runs(TargetModule::ExpertsDown),
             };
-            let (mlp, routes) = experts.forward(h, moe, c.activation, &lora);
+            let (mut mlp, routes) = experts.forward(h.clone(), moe, c.activation, &lora);
             if let Some(r) = ctx.routes {
                 r.push(routes);
             }
+            if let Some(shared) = &moe.shared {
+                let mut y = self.mlp(h.clone(), c, runs);
+                if shared.gated {
+                    let t = TargetModule::SharedExpertGate;
+                    y = y * sigmoid(self.project(t, h, &runs(t)));
+                }
+                mlp = mlp + y;
+            }
             return x + self.normed(NormSlot::MlpOut, mlp);
         }
+        let mlp = self.mlp(h, c, runs);
+        x + self.normed(NormSlot::MlpOut, mlp)
+    }
+
+    /// The gated MLP of this layer's own projections (a sparse layer's shared expert).
+    ///
+    /// # Shapes
+    /// `h: [n, hidden]` → `[n, hidden]`
+    fn mlp<'r>(
+        &self,
+        h: Tensor<B, 2>,
+        c: &ModelConfig,
+        runs: &dyn Fn(TargetModule) -> Runs<'r, B>,
+    ) -> Tensor<B, 2> {
+        let n = h.dims()[0];
         let (gate, up) = if c.fused_projections {
             let gu = self.project(TargetModule::GateUp, h, &runs(TargetModule::GateUp));
-            let i = c.intermediate_size;
+            let i = gu.dims()[1] / 2;
             (gu.clone().slice([0..n, 0..i]), gu.slice([0..n, i..2 * i]))
         } else {
             (
@@ -197,8 +221,7 @@ impl<B: GraftBackend> Block<B> {
             Activation::Silu => silu(gate),
             Activation::GeluTanh => gelu_tanh(gate),
         };
-        let mlp = self.project(TargetModule::Down, act * up, &runs(TargetModule::Down));
-        x + self.normed(NormSlot::MlpOut, mlp)
+        self.project(TargetModule::Down, act * up, &runs(TargetModule::Down))
     }
 
     fn qk_normed(&self, norm: &Option<RmsNorm<B>>, x: Tensor<B, 2>) -> Tensor<B, 2> {

@@ -180,6 +180,19 @@ pub struct MoeConfig {
     pub norm_topk: bool,
     /// Per layer: routed experts (`true`) or the dense MLP of `intermediate_size`.
     pub sparse: Vec<bool>,
+    /// An MLP every token runs beside the routed experts (Qwen2-MoE's `shared_expert`).
+    pub shared: Option<SharedExpert>,
+}
+
+/// The always-active expert of a sparse layer: a gated MLP of its own width whose output is
+/// added to the routed experts' sum, scaled by `sigmoid(shared_expert_gate · x)` when `gated`
+/// (Qwen2-MoE). Its projections are the layer's `gate_proj`/`up_proj`/`down_proj` targets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedExpert {
+    /// `shared_expert_intermediate_size`.
+    pub intermediate: usize,
+    /// A `[1, hidden]` gate scales the output per token (`shared_expert_gate`).
+    pub gated: bool,
 }
 
 /// Validated hyper-parameters of a decoder.
@@ -298,6 +311,9 @@ impl ModelConfig {
                     m.num_experts, m.top_k
                 )));
             }
+            if m.shared.as_ref().is_some_and(|s| s.intermediate == 0) {
+                return Err("shared_expert_intermediate_size must be positive, got 0".into());
+            }
             if m.sparse.len() != self.num_layers {
                 return Err(InvalidConfig(format!(
                     "{} layers marked sparse or dense for num_hidden_layers {}",
@@ -344,7 +360,13 @@ impl ModelConfig {
         let layer = attn + bias + norms + qk_norm;
         let mlps: usize = (0..self.num_layers)
             .map(|l| match self.sparse_moe(l) {
-                Some(m) => m.num_experts * (3 * h * m.expert_intermediate + h),
+                Some(m) => {
+                    let shared = m
+                        .shared
+                        .as_ref()
+                        .map_or(0, |s| 3 * h * s.intermediate + usize::from(s.gated) * h);
+                    m.num_experts * (3 * h * m.expert_intermediate + h) + shared
+                }
                 None => 3 * h * i,
             })
             .sum();
@@ -361,6 +383,12 @@ impl ModelConfig {
         self.moe
             .as_ref()
             .filter(|m| m.sparse.get(layer).copied().unwrap_or(false))
+    }
+
+    /// The shared expert of layer `layer`, if it is a sparse layer with one: its
+    /// `gate_proj`/`up_proj`/`down_proj` are then the shared expert's.
+    pub fn shared_expert(&self, layer: usize) -> Option<&SharedExpert> {
+        self.sparse_moe(layer)?.shared.as_ref()
     }
 }
 
@@ -465,7 +493,10 @@ impl ModelConfig {
     /// the router and the routed experts.
     pub fn adapter_targets(&self) -> Vec<TargetModule> {
         let mut out = self.targets().to_vec();
-        if self.moe.is_some() {
+        if let Some(m) = &self.moe {
+            if m.shared.as_ref().is_some_and(|s| s.gated) {
+                out.push(TargetModule::SharedExpertGate);
+            }
             out.extend([
                 TargetModule::Router,
                 TargetModule::ExpertsGateUp,
@@ -475,22 +506,35 @@ impl ModelConfig {
         out
     }
 
-    /// The projections of layer `layer`: [`Self::targets`] without the MLP's on a layer of
-    /// routed experts (those are per expert, see [`MoeConfig`]).
-    pub fn layer_targets(&self, layer: usize) -> &'static [TargetModule] {
-        if self.sparse_moe(layer).is_some() {
-            &self.targets()[..self.targets().len() - if self.fused_projections { 2 } else { 3 }]
-        } else {
-            self.targets()
+    /// The projections of layer `layer`: [`Self::targets`], without the MLP's on a layer of
+    /// routed experts (those are per expert, see [`MoeConfig`]) unless a shared expert has
+    /// them, and with the shared expert's gate when it has one.
+    pub fn layer_targets(&self, layer: usize) -> Vec<TargetModule> {
+        let all = self.targets();
+        let Some(m) = self.sparse_moe(layer) else {
+            return all.to_vec();
+        };
+        let mlp = if self.fused_projections { 2 } else { 3 };
+        let mut out = all[..all.len() - mlp].to_vec();
+        if let Some(s) = &m.shared {
+            out.extend_from_slice(&all[all.len() - mlp..]);
+            if s.gated {
+                out.push(TargetModule::SharedExpertGate);
+            }
         }
+        out
     }
 
-    /// `[out, in]` of projection `t`, or `None` when the layout has no `t`.
-    pub fn proj_shape(&self, t: TargetModule) -> Option<(usize, usize)> {
-        if !self.targets().contains(&t) {
+    /// `[out, in]` of projection `t` in layer `layer` (on a sparse layer the MLP's are the
+    /// shared expert's), or `None` when the layer has no `t`.
+    pub fn proj_shape(&self, layer: usize, t: TargetModule) -> Option<(usize, usize)> {
+        if !self.layer_targets(layer).contains(&t) {
             return None;
         }
-        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let h = self.hidden_size;
+        let i = self
+            .shared_expert(layer)
+            .map_or(self.intermediate_size, |s| s.intermediate);
         let (q, kv) = self.qkv_rows();
         Some(match t {
             TargetModule::Q => (q, h),
@@ -500,6 +544,7 @@ impl ModelConfig {
             TargetModule::Gate | TargetModule::Up => (i, h),
             TargetModule::GateUp => (2 * i, h),
             TargetModule::Down => (h, i),
+            TargetModule::SharedExpertGate => (1, h),
             TargetModule::Router | TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => {
                 return None
             }

@@ -38,6 +38,9 @@ pub enum Family {
     /// Pre-norm layers with q/k RMSNorm over the whole projection and routed experts (softmax
     /// top-k, not renormalized by default).
     Olmoe,
+    /// Qwen2's attention (q/k/v biases) with routed experts (softmax top-k, not renormalized)
+    /// and a shared expert scaled by a sigmoid gate.
+    Qwen2Moe,
 }
 
 /// Which layers use the sliding window when a config does not list them (`layer_types`).
@@ -50,7 +53,7 @@ pub enum SlidingPattern {
 }
 
 impl Family {
-    pub const ALL: [Family; 11] = [
+    pub const ALL: [Family; 12] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
@@ -62,6 +65,7 @@ impl Family {
         Family::Mixtral,
         Family::Qwen3Moe,
         Family::Olmoe,
+        Family::Qwen2Moe,
     ];
 
     /// From `config.json`'s `model_type`.
@@ -78,6 +82,7 @@ impl Family {
             "mixtral" => Family::Mixtral,
             "qwen3_moe" => Family::Qwen3Moe,
             "olmoe" => Family::Olmoe,
+            "qwen2_moe" => Family::Qwen2Moe,
             _ => return None,
         })
     }
@@ -95,6 +100,7 @@ impl Family {
             "olmo2" => Family::Olmo2,
             "qwen3moe" => Family::Qwen3Moe,
             "olmoe" => Family::Olmoe,
+            "qwen2moe" => Family::Qwen2Moe,
             _ => return None,
         })
     }
@@ -110,7 +116,24 @@ impl Family {
 
     /// Whether the family's MLP is routed experts.
     pub fn is_moe(self) -> bool {
-        matches!(self, Family::Mixtral | Family::Qwen3Moe | Family::Olmoe)
+        matches!(
+            self,
+            Family::Mixtral | Family::Qwen3Moe | Family::Olmoe | Family::Qwen2Moe
+        )
+    }
+
+    /// transformers' module of a sparse layer's shared expert (under `mlp`), for the families
+    /// that have one.
+    pub fn hf_shared_expert(self) -> Option<&'static str> {
+        (self == Family::Qwen2Moe).then_some("shared_expert")
+    }
+
+    /// The key of `config.json` that switches the q/k/v biases (Qwen2-MoE's `qkv_bias`).
+    pub fn attention_bias_key(self) -> &'static str {
+        match self {
+            Family::Qwen2Moe => "qkv_bias",
+            _ => "attention_bias",
+        }
     }
 
     /// Whether the chosen experts' weights are renormalized when the config does not say
@@ -147,6 +170,7 @@ impl Family {
             Family::Mixtral => "mixtral",
             Family::Qwen3Moe => "qwen3_moe",
             Family::Olmoe => "olmoe",
+            Family::Qwen2Moe => "qwen2_moe",
         }
     }
 
@@ -164,6 +188,7 @@ impl Family {
             Family::Mixtral => "MixtralForCausalLM",
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
             Family::Olmoe => "OlmoeForCausalLM",
+            Family::Qwen2Moe => "Qwen2MoeForCausalLM",
         }
     }
 
@@ -179,6 +204,7 @@ impl Family {
             Family::Olmo2 => "olmo2",
             Family::Qwen3Moe => "qwen3moe",
             Family::Olmoe => "olmoe",
+            Family::Qwen2Moe => "qwen2moe",
         }
     }
 
@@ -243,13 +269,16 @@ impl Family {
 
     /// q/k/v biases when `config.json` does not say (`attention_bias`).
     pub fn default_attention_bias(self) -> bool {
-        self == Family::Qwen2
+        matches!(self, Family::Qwen2 | Family::Qwen2Moe)
     }
 
     /// Whether `config.json`'s `sliding_window` applies when `use_sliding_window` is absent
     /// (transformers' Qwen2/Qwen3 default it to off).
     pub fn sliding_window_by_default(self) -> bool {
-        !matches!(self, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe)
+        !matches!(
+            self,
+            Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Qwen2Moe
+        )
     }
 
     /// The layers with a sliding window when the config gives a window but no per-layer list.

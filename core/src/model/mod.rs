@@ -34,7 +34,7 @@ pub use block::Block;
 use block::{LayerCtx, Runs};
 pub use config::{
     Activation, LayerConfig, ModelConfig, MoeConfig, NormPlacement, NormSlot, QkNorm, RopeConfig,
-    RopeScaling,
+    RopeScaling, SharedExpert,
 };
 pub use family::Family;
 pub use norm::RmsNorm;

@@ -17,7 +17,7 @@ pub const FAMILIES: [&str; 8] = [
 ];
 
 /// The Mixture-of-Experts families with a tiny reference model (`scripts/reference/moe.py`).
-pub const MOE_FAMILIES: [&str; 3] = ["mixtral", "qwen3_moe", "olmoe"];
+pub const MOE_FAMILIES: [&str; 4] = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"];
 
 /// Dense and MoE families.
 pub fn all_families() -> impl Iterator<Item = &'static str> {
@@ -378,7 +378,7 @@ fn peft_adapters_of_every_family_load_both_ways() {
                     },
                     family,
                 );
-                peft::save(&out.path().join("a"), &adapter, &cfg).unwrap();
+                peft::save(&out.path().join("a"), &adapter, &cfg, &m.config).unwrap();
                 assert_eq!(
                     tensor_shapes(&out.path().join("a/adapter_model.safetensors")),
                     tensor_shapes(&dir.join("peft_adapter/adapter_model.safetensors")),

@@ -20,6 +20,23 @@ fn reference_experts(family: &str, p: usize, l: usize) -> Vec<u32> {
         .collect()
 }
 
+/// `adapter` with every `B` set to a fixed pattern of values in ±0.15 (PEFT's init leaves it
+/// zero, which would hide a misplaced `B`), reproducible without a random generator.
+fn patterned(
+    mut adapter: graft_core::adapters::lora::Adapter<B>,
+    m: &graft_core::model::Model<B>,
+) -> graft_core::adapters::lora::Adapter<B> {
+    use burn::prelude::*;
+    for (k, w) in adapter.layers.iter_mut().flatten().flatten().enumerate() {
+        let dims = w.b.dims();
+        let v: Vec<f32> = (0..dims[0] * dims[1])
+            .map(|i| (((i * 7919 + k * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.3)
+            .collect();
+        w.b = Tensor::from_data(burn::tensor::TensorData::new(v, dims), m.device());
+    }
+    adapter
+}
+
 #[test]
 fn routers_choose_the_experts_transformers_chooses_on_every_token() {
     for family in MOE_FAMILIES {
@@ -165,8 +182,11 @@ fn a_peft_adapter_on_the_router_and_experts_reproduces_peftmodel_logits() {
             let m = load_family(family, gguf).model;
             let (adapter, cfg) = peft::load(&dir.join("peft_adapter"), &m)
                 .unwrap_or_else(|e| panic!("PEFT's adapter loads: {e}"));
-            // q, k, v, o, the router, gate/up and down in each layer
-            assert_eq!(adapter.modules().count(), 7 * m.config.num_layers);
+            // q, k, v, o, the router, gate/up and down in each layer, and a shared expert's
+            // gate, up, down and gate projections
+            let shared = m.config.moe.as_ref().is_some_and(|x| x.shared.is_some());
+            let per_layer = if shared { 11 } else { 7 };
+            assert_eq!(adapter.modules().count(), per_layer * m.config.num_layers);
             for l in 0..m.config.num_layers {
                 for t in [TargetModule::ExpertsGateUp, TargetModule::ExpertsDown] {
                     let w = adapter.get(l, t).expect("expert adapter");
@@ -198,7 +218,7 @@ fn a_peft_adapter_on_the_router_and_experts_reproduces_peftmodel_logits() {
             }
             if !gguf {
                 let out = tempfile::tempdir().expect("temp dir");
-                peft::save(&out.path().join("a"), &adapter, &cfg).expect("saves");
+                peft::save(&out.path().join("a"), &adapter, &cfg, &m.config).expect("saves");
                 let shapes = |d: &std::path::Path| {
                     let bytes = std::fs::read(d.join(peft::WEIGHTS_FILE)).expect("weights");
                     let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
@@ -234,7 +254,6 @@ fn a_peft_adapter_on_the_router_and_experts_reproduces_peftmodel_logits() {
 /// `graft_adapter/`; then rerun `scripts/reference/moe_peft.py`.
 #[test]
 fn a_graft_expert_adapter_is_the_file_peft_reads() {
-    use burn::prelude::*;
     use graft_core::adapters::lora::{LoraConfig, TargetModule};
     use graft_core::adapters::peft;
     for family in MOE_FAMILIES {
@@ -244,28 +263,37 @@ fn a_graft_expert_adapter_is_the_file_peft_reads() {
             r: 4,
             lora_alpha: 8.0,
             lora_dropout: 0.0,
-            target_modules: vec![
+            target_modules: [
                 TargetModule::Q,
                 TargetModule::V,
                 TargetModule::Router,
                 TargetModule::ExpertsGateUp,
                 TargetModule::ExpertsDown,
-            ],
+            ]
+            .into_iter()
+            // A shared expert's projections and gate, where there is one.
+            .chain(
+                m.config
+                    .moe
+                    .as_ref()
+                    .and_then(|x| x.shared.as_ref())
+                    .map_or(Vec::new(), |_| {
+                        vec![
+                            TargetModule::Gate,
+                            TargetModule::Down,
+                            TargetModule::SharedExpertGate,
+                        ]
+                    }),
+            )
+            .collect(),
             use_rslora: false,
         };
-        let mut adapter = m.init_adapter(&cfg, 11);
-        for (k, w) in adapter.layers.iter_mut().flatten().flatten().enumerate() {
-            let dims = w.b.dims();
-            let v: Vec<f32> = (0..dims[0] * dims[1])
-                .map(|i| (((i * 7919 + k * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.3)
-                .collect();
-            w.b = Tensor::from_data(burn::tensor::TensorData::new(v, dims), m.device());
-        }
+        let adapter = patterned(m.init_adapter(&cfg, 11), &m);
         let out = tempfile::tempdir().expect("temp dir");
         let written = out.path().join("a");
         let config =
             peft::PeftConfig::from_lora(&cfg, &format!("core/tests/fixtures/families/{family}"));
-        peft::save(&written, &adapter, &config).expect("saves");
+        peft::save(&written, &adapter, &config, &m.config).expect("saves");
         let fixture = dir.join("graft_adapter");
         if std::env::var_os("GRAFT_WRITE_FIXTURES").is_some() {
             std::fs::create_dir_all(&fixture).expect("fixture dir");
@@ -313,6 +341,62 @@ fn gguf_lora_export_of_router_or_expert_adapters_is_refused() {
         "{e}"
     );
     assert!(!path.exists());
+}
+
+/// A shared expert's adapters are ordinary GGUF-LoRA modules: exported under the names of the
+/// base file's `_shexp` tensors, and read back to the same logits.
+#[test]
+fn gguf_lora_export_of_a_shared_expert_round_trips() {
+    use graft_core::adapters::gguf_lora;
+    use graft_core::adapters::lora::{LoraConfig, TargetModule};
+    use graft_core::formats::gguf::GgufFile;
+    let m = load_family("qwen2_moe", true).model;
+    let cfg = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.0,
+        target_modules: vec![
+            TargetModule::Q,
+            TargetModule::Gate,
+            TargetModule::Up,
+            TargetModule::Down,
+            TargetModule::SharedExpertGate,
+        ],
+        use_rslora: false,
+    };
+    let adapter = patterned(m.init_adapter(&cfg, 5), &m);
+    assert_eq!(adapter.modules().count(), 5 * m.config.num_layers);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("a.gguf");
+    gguf_lora::save(&path, &adapter, &m).expect("exports");
+    let lora = GgufFile::open(&path).expect("GGUF-LoRA");
+    let base =
+        GgufFile::open(crate::reference::fixture("families/qwen2_moe/model.gguf")).expect("GGUF");
+    for i in 0..m.config.num_layers {
+        for name in [
+            "ffn_gate_shexp",
+            "ffn_up_shexp",
+            "ffn_down_shexp",
+            "ffn_gate_inp_shexp",
+        ] {
+            let n = format!("blk.{i}.{name}.weight");
+            assert!(base.tensor_info(&n).is_some(), "{n} is not in the model");
+            for half in ["lora_a", "lora_b"] {
+                assert!(
+                    lora.tensor_info(&format!("{n}.{half}")).is_some(),
+                    "{n}.{half}"
+                );
+            }
+        }
+    }
+    let back = gguf_lora::load(&path, &m).expect("reads back");
+    assert_eq!(back.modules().count(), adapter.modules().count());
+    let p = &case_of("qwen2_moe").0[1];
+    let want = crate::all_logits(&m, p, Some(&adapter));
+    let moved = crate::max_abs_diff(&crate::all_logits(&m, p, None), &want);
+    assert!(moved > 0.1, "the adapter moves logits by {moved}");
+    let d = crate::max_abs_diff(&crate::all_logits(&m, p, Some(&back)), &want);
+    assert!(d <= 1e-5, "read back: {d}");
 }
 
 /// A quantized MoE GGUF (the tiny Qwen3-MoE re-encoded as Q8_0 by graft's merge): every

@@ -168,7 +168,7 @@ fn graft_saves_what_it_loads() {
     let (adapter, cfg) = peft::load(&fixture("peft_adapter"), m).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("copy");
-    peft::save(&out, &adapter, &cfg).unwrap();
+    peft::save(&out, &adapter, &cfg, &m.config).unwrap();
     let (again, _) = peft::load(&out, m).unwrap();
     for ((l1, t1, w1), (l2, t2, w2)) in adapter.modules().zip(again.modules()) {
         assert_eq!((l1, t1), (l2, t2));
@@ -177,7 +177,7 @@ fn graft_saves_what_it_loads() {
         assert_eq!(w1.scale, w2.scale);
     }
     // Saving again over an existing adapter replaces it atomically.
-    peft::save(&out, &again, &cfg).unwrap();
+    peft::save(&out, &again, &cfg, &m.config).unwrap();
     assert!(out.join("adapter_model.safetensors").is_file());
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),
