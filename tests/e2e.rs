@@ -189,7 +189,7 @@ fn train_then_generate_with_the_adapter() {
 /// The tiny random models of every family (`core/tests/fixtures/families`, made by
 /// `scripts/reference/families.py` and, for the MoE ones, `moe.py`), as llama.cpp's converter
 /// wrote them to GGUF.
-const FAMILIES: [&str; 12] = [
+const FAMILIES: [&str; 13] = [
     "llama",
     "mistral",
     "qwen2",
@@ -202,6 +202,7 @@ const FAMILIES: [&str; 12] = [
     "qwen3_moe",
     "olmoe",
     "qwen2_moe",
+    "deepseek_v3",
 ];
 
 fn family_model(family: &str) -> PathBuf {
@@ -249,15 +250,17 @@ fn every_family_trains_an_adapter_that_serving_applies() {
     for family in FAMILIES {
         let model = family_model(family);
         // On MoE models: attention, the routers and every expert (PEFT's target_parameters).
-        let moe = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"].contains(&family);
+        let moe = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"].contains(&family);
         // And on Qwen2-MoE its shared expert (the sparse layers' gate/up/down) and that
-        // expert's gate.
-        let shared = family == "qwen2_moe";
-        let targets = match (moe, shared) {
-            (true, true) => {
+        // expert's gate; on DeepSeek-V3 latent attention's projections and the shared experts.
+        let targets = match family {
+            "qwen2_moe" => {
                 r#"lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj","shared_expert_gate","router","experts.gate_up_proj","experts.down_proj"]"#
             }
-            (true, false) => {
+            "deepseek_v3" => {
+                r#"lora.target_modules=["q_a_proj","q_b_proj","kv_a_proj_with_mqa","kv_b_proj","o_proj","gate_proj","up_proj","down_proj","router","experts.gate_up_proj","experts.down_proj"]"#
+            }
+            _ if moe => {
                 r#"lora.target_modules=["q_proj","k_proj","v_proj","o_proj","router","experts.gate_up_proj","experts.down_proj"]"#
             }
             _ => r#"lora.target_modules="all-linear""#,
@@ -326,7 +329,17 @@ fn every_family_trains_an_adapter_that_serving_applies() {
             fused,
             "{family}: {targets:?}"
         );
-        assert_eq!(targets.contains(&"q_proj"), !fused, "{family}: {targets:?}");
+        let latent = family == "deepseek_v3";
+        assert_eq!(
+            targets.contains(&"q_proj"),
+            !fused && !latent,
+            "{family}: {targets:?}"
+        );
+        assert_eq!(
+            targets.contains(&"kv_b_proj"),
+            latent,
+            "{family}: {targets:?}"
+        );
         if moe {
             assert_eq!(
                 cfg["target_parameters"],
@@ -341,11 +354,13 @@ fn every_family_trains_an_adapter_that_serving_applies() {
             let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).expect("weights");
             let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
             let mut keys = vec!["experts.base_layer.lora_B", "experts.lora_B", "gate.lora_B"];
-            if shared {
-                keys.extend([
+            match family {
+                "qwen2_moe" => keys.extend([
                     "shared_expert.down_proj.lora_B",
                     "shared_expert_gate.lora_B",
-                ]);
+                ]),
+                "deepseek_v3" => keys.push("shared_experts.up_proj.lora_B"),
+                _ => {}
             }
             for key in keys {
                 let t = st

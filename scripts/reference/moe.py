@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Tiny random Mixture-of-Experts models (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE) as HF dirs, llama.cpp GGUFs,
+"""Tiny random Mixture-of-Experts models (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V3) as HF dirs, llama.cpp GGUFs,
 transformers logits and router choices.
 
 Fixtures for graft-core's MoE parity tests, made like families.py's dense ones (same pinned
@@ -8,7 +8,9 @@ versions, same llama.cpp converter from the llama-cpp-python sdist, same tokeniz
     /tmp/refenv/bin/python scripts/reference/moe.py \\
         /tmp/lcpp/llama_cpp_python-0.3.36.tar.gz core/tests/fixtures/families [family ...]
 
-(with family names after the directory, only those are written).
+(with family names after the directory, only those are written). A family's directory is
+rewritten whole: its PEFT fixtures go too, so rerun graft's `moe::a_graft` test with
+GRAFT_WRITE_FIXTURES=1 and then moe_peft.py for it.
 
 Each model: hidden 64, 4 heads, 2 KV heads, head_dim 16, vocab 512, 2 layers, 8 routed experts of
 intermediate 32, 2 active per token. Family features, each shown to change the logits in
@@ -21,6 +23,14 @@ reference.json's feature_checks:
              writes for every olmoe model
   qwen2_moe  q/k/v biases N(0, 0.5), norm_topk_prob = false, and a shared expert (intermediate 48)
              every token runs, scaled by sigmoid(shared_expert_gate · x); GGUF `_shexp` tensors
+  deepseek_v3  3 layers, the first dense (first_k_dense_replace = 1); Multi-head Latent Attention
+             (q_lora_rank 48 with its norm, kv_lora_rank 32 with its norm, qk_nope 16 + qk_rope 8
+             per head, v_head_dim 16, interleaved rope); sigmoid router scores plus a random
+             e_score_correction_bias N(0, 0.3) choose top-2 of 8 experts within the best 2 of 4
+             groups, weights renormalized and scaled by routed_scaling_factor 2.5; one ungated
+             shared expert; GGUF architecture `deepseek2`, kv_b_proj split into attn_k_b / attn_v_b;
+             reference.safetensors also holds p{i}.logits_yarn, the logits with DeepSeek-V3's kind
+             of YaRN rope parameters (reference.json's "yarn")
 
 transformers 5 keeps routed experts as 3-D parameters (`mlp.experts.gate_up_proj` [E, 2I, H],
 `mlp.experts.down_proj` [E, H, I]) but save_pretrained writes them back per expert as the hub's
@@ -34,6 +44,7 @@ feature checks, GGUF metadata of the MoE keys and the layer-0 tensor names and s
 reference.safetensors: `p{i}.logits` f32 [len, vocab] and `p{i}.experts{l}` i32 [len, top_k], the
 experts transformers' router picks for each token at layer l, in its order (descending weight).
 """
+import json
 import os
 import shutil
 import sys
@@ -47,12 +58,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-TOKENIZER = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmo2", "qwen2_moe": "qwen2"}
+TOKENIZER = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmo2", "qwen2_moe": "qwen2",
+             "deepseek_v3": "qwen2"}
 MOE = dict(num_hidden_layers=2, head_dim=16, tie_word_embeddings=False)
 
 
 def moe_configs():
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     return {
         "mixtral": (MixtralConfig, dict(
@@ -71,11 +83,22 @@ def moe_configs():
             num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1,
             mlp_only_layers=[], use_sliding_window=False, qkv_bias=True,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+        "deepseek_v3": (DeepseekV3Config, dict(
+            num_hidden_layers=3, tie_word_embeddings=False, num_key_value_heads=4,
+            intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+            n_group=4, topk_group=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True, num_mtp_layers=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
     }
 
 
 STD = 0.15
-SEEDS = {"mixtral": 100, "qwen3_moe": 101, "olmoe": 102, "qwen2_moe": 103}
+# DeepSeek-V3's own YaRN settings (factor 40 over 4096 there), shrunk to the tiny prompts.
+YARN = {"deepseek_v3": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                        "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+                        "mscale": 1.0, "mscale_all_dim": 1.0}}
+SEEDS = {"mixtral": 100, "qwen3_moe": 101, "olmoe": 102, "qwen2_moe": 103, "deepseek_v3": 104}
 
 
 def build_model(family, special_ids, seed):
@@ -98,7 +121,48 @@ def build_model(family, special_ids, seed):
                 p.copy_(torch.randn_like(p) * 0.5)
             elif p.dim() in (2, 3):
                 p.copy_(torch.randn_like(p) * STD)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                # DeepSeek-V3's router bias: it shifts the choice, not the weights
+                b.copy_(torch.randn_like(b) * 0.3)
     return model.eval()
+
+
+def grouped_choices(model, ids):
+    """DeepSeek-V3: per sparse layer, the experts transformers' router picks for each token (its
+    own top-k, read by a hook), by descending weight; asserts that no choice is a near tie, in
+    the group scores or among the chosen groups' experts."""
+    k, picks, hooks = model.config.num_experts_per_tok, [], []
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is None:
+            continue
+
+        def hook(g, args, out):
+            logits, weights, idx = out
+            scores = logits.float().sigmoid() + g.e_score_correction_bias
+            groups = scores.view(-1, g.num_group, g.num_experts // g.num_group).topk(2, dim=-1)[0].sum(-1)
+            ranked = torch.sort(groups, dim=-1, descending=True).values
+            gap = (ranked[:, g.topk_group - 1] - ranked[:, g.topk_group]).min()
+            assert gap > 1e-4, ("near tie between groups", float(gap))
+            chosen = torch.sort(scores.gather(1, idx), dim=-1, descending=True).values[:, -1]
+            others = scores.scatter(1, idx, float("-inf"))
+            mask = torch.zeros_like(groups).scatter(1, torch.topk(groups, g.topk_group, dim=-1)[1], 1)
+            others = others.masked_fill(mask.repeat_interleave(g.num_experts // g.num_group, 1) == 0,
+                                        float("-inf"))
+            gap = (chosen - others.max(-1).values).min()
+            assert gap > 1e-4, ("near tie in the router", float(gap))
+            order = torch.argsort(weights, dim=-1, descending=True, stable=True)
+            picks.append(idx.gather(1, order).to(torch.int32))
+
+        hooks.append(gate.register_forward_hook(hook))
+    try:
+        out = model(torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(p.shape[1] == k for p in picks)
+    return out.logits[0].float(), picks
 
 
 def forward(model, prompts):
@@ -107,6 +171,11 @@ def forward(model, prompts):
     k = model.config.num_experts_per_tok
     with torch.no_grad():
         for ids in prompts:
+            if model.config.model_type == "deepseek_v3":
+                x, picks = grouped_choices(model, ids)
+                logits.append(x)
+                experts.append(picks)
+                continue
             out = model(torch.tensor([ids]), use_cache=False, output_router_logits=True)
             logits.append(out.logits[0].float())
             per_layer = []
@@ -127,7 +196,15 @@ def forward(model, prompts):
 def feature_checks(family, model, prompts, ref):
     checks = {}
     c = model.config
-    if family in ("qwen3_moe", "olmoe"):
+    if family == "deepseek_v3":
+        checks["score_bias_zero"] = F.variant(model, prompts, state_fn=lambda sd: {
+            k: torch.zeros_like(v) if k.endswith("e_score_correction_bias") else v for k, v in sd.items()})
+        checks["routed_scaling_1"] = F.variant(model, prompts, {"routed_scaling_factor": 1.0})
+        checks["all_groups"] = F.variant(model, prompts, {"topk_group": c.n_group})
+        checks["rope_not_interleaved"] = F.variant(model, prompts, {"rope_interleave": False})
+        checks["shared_experts_zero"] = F.variant(model, prompts, state_fn=lambda sd: {
+            k: torch.zeros_like(v) if ".shared_experts.down_proj" in k else v for k, v in sd.items()})
+    if family in ("qwen3_moe", "olmoe", "deepseek_v3"):
         checks["norm_topk_prob_flipped"] = F.variant(model, prompts, {"norm_topk_prob": not c.norm_topk_prob})
     checks["top_k_1"] = F.variant(model, prompts, {"num_experts_per_tok": 1})
     if family == "qwen2_moe":
@@ -162,6 +239,8 @@ def check_gguf_experts(model_dir, tensors, family, n_layers, n_experts):
                          "block_sparse_moe.experts.{e}.w2")}.get(
         family, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj"))
     for layer in range(n_layers):
+        if f"model.layers.{layer}.{names[0].format(e=0)}.weight" not in st:
+            continue  # a dense layer (DeepSeek-V3's first_k_dense_replace)
         for g, hf in zip(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), names):
             stacked = np.stack([st[f"model.layers.{layer}.{hf.format(e=e)}.weight"] for e in range(n_experts)])
             got = tensors[f"blk.{layer}.{g}.weight"][2].reshape(stacked.shape)
@@ -177,6 +256,15 @@ def moe_fixture(family, seed, root, out_root):
     special_ids = F.bpe_tokenizer(tok, d) if tok in F.BPE else F.spm_tokenizer(tok, d)
     model = build_model(family, special_ids, seed)
     model.save_pretrained(d)
+    if family == "deepseek_v3":
+        # As DeepSeek-V3's own config.json says (transformers' config has no key for it): without
+        # scoring_func, llama.cpp's converter writes no expert_gating_func and llama.cpp then
+        # falls back to softmax for deepseek2 files.
+        path = os.path.join(d, "config.json")
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg.update(scoring_func="sigmoid", topk_method="noaux_tc")
+        F.write_json(path, cfg)
     pre = F.BPE[tok][1] if tok in F.BPE else "-"
     F.convert(root, d, os.path.join(d, "model.gguf"), pre)
 
@@ -187,6 +275,13 @@ def moe_fixture(family, seed, root, out_root):
     for i, per_layer in enumerate(experts):
         for layer, e in enumerate(per_layer):
             tensors[f"p{i}.experts{layer}"] = e.contiguous()
+    yarn = YARN.get(family)
+    if yarn:
+        # The same weights with DeepSeek-V3's kind of YaRN rope (mscale_all_dim scales the
+        # attention scores too): graft loads config.json with these rope_parameters.
+        for i, x in enumerate(F.variant(model, prompts, {"rope_parameters": yarn})):
+            assert float((x - ref[i]).abs().max()) > 1e-2, "YaRN changes the logits"
+            tensors[f"p{i}.logits_yarn"] = x.contiguous()
     save_file(tensors, os.path.join(d, "reference.safetensors"))
     stds = [round(float(x.std()), 3) for x in ref]
     assert min(stds) >= 0.5, (family, stds)
@@ -213,6 +308,9 @@ def moe_fixture(family, seed, root, out_root):
                   "use_cache=False, one forward of the whole prompt, no BOS added)",
         "experts": "reference.safetensors p{i}.experts{layer}[pos, :] = the top-k experts of transformers' "
                    "router for that token, by descending weight",
+        **({"yarn": {"rope_parameters": YARN[family],
+                     "logits": "reference.safetensors p{i}.logits_yarn = the logits with config.json's "
+                               "rope_parameters replaced by these"}} if family in YARN else {}),
         "config_notes": {
             "architecture": type(model).__name__,
             "init": f"linear/embedding/expert weights N(0, {STD}), router N(0, 0.5), norm weights N(1, 0.3), "

@@ -13,6 +13,8 @@ For each of mixtral, qwen3_moe, olmoe and qwen2_moe (or those named after the di
    "mlp.experts.gate_up_proj", "mlp.experts.down_proj"])), i.e. attention, the router and every
    expert's gate/up and down (PEFT's ParamWrapper on transformers 5's 3-D expert parameters), and
    on qwen2_moe also gate_proj, up_proj, down_proj (its shared expert's) and shared_expert_gate,
+   on deepseek_v3 latent attention's q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj in
+   place of q/k/v/o,
    replaces every lora_A / lora_B with N(0, 0.1^2) values (torch.manual_seed(2000 + k), k the
    family's index in that list) and writes
 
@@ -48,12 +50,17 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from family_adapters import load_base, logits, max_diff  # noqa: E402  (f32, eager, one thread)
 
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"]
 SEED = 2000
 RANK, ALPHA, INIT_STD = 4, 8, 0.1
 TARGET_MODULES = ["k_proj", "o_proj", "q_proj", "v_proj"]
 TARGET_PARAMETERS = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
-# A shared expert's projections (the layer's only gate_proj/up_proj/down_proj) and its gate.
+# Latent attention's projections in place of q/k/v (DeepSeek-V3).
+ATTENTION_MODULES = {"deepseek_v3": ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"]}
+# A shared expert's projections (a sparse layer's only gate_proj/up_proj/down_proj) and its gate.
+# Not on deepseek_v3: PEFT 0.21.2 turns gate_proj/up_proj/down_proj there into the routed experts'
+# parameters (its transformers v4 -> v5 conversion, with rank_pattern/alpha_pattern regexes), so
+# neither its shared experts nor its dense first layer's MLP can be named.
 SHARED_MODULES = {"qwen2_moe": ["down_proj", "gate_proj", "shared_expert_gate", "up_proj"]}
 MIN_EFFECT = 0.1
 
@@ -67,7 +74,7 @@ def peft_to_graft(d, family, seed, prompts, base_ref):
 
     failures = []
     torch.manual_seed(seed)
-    modules = sorted(TARGET_MODULES + SHARED_MODULES.get(family, []))
+    modules = sorted(ATTENTION_MODULES.get(family, TARGET_MODULES) + SHARED_MODULES.get(family, []))
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=modules,
                         target_parameters=TARGET_PARAMETERS, task_type="CAUSAL_LM")
     model = get_peft_model(load_base(d), config).eval()

@@ -46,6 +46,16 @@ pub fn save<B: GraftBackend>(
                 ),
             });
         }
+        if t == TargetModule::KvB {
+            return Err(AdapterError::Unsupported {
+                path: path.into(),
+                message: format!(
+                    "layer {layer} kv_b_proj: llama.cpp's deepseek2 files split it into \
+                     attn_k_b and attn_v_b, which one GGUF-LoRA pair cannot address; save as \
+                     PEFT, or merge the adapter into the base"
+                ),
+            });
+        }
         let r = w.rank();
         let a_alpha = w.scale * r as f32;
         match alpha {

@@ -34,6 +34,14 @@ pub enum TargetModule {
     Qkv,
     /// gate and up as one projection (Phi-3), rows in that order.
     GateUp,
+    /// Multi-head Latent Attention (DeepSeek): the query's down-projection to `q_lora_rank`,
+    QA,
+    /// its up-projection to every head's query,
+    QB,
+    /// the down-projection to the shared latent (`kv_lora_rank`) and rotary key,
+    KvA,
+    /// and the latent's up-projection to every head's key (no rope part) and value.
+    KvB,
     /// The `[1, hidden]` gate of a sparse layer's shared expert (Qwen2-MoE's
     /// `mlp.shared_expert_gate`); the shared expert's own projections are `Gate`, `Up`, `Down`.
     SharedExpertGate,
@@ -48,7 +56,7 @@ pub enum TargetModule {
 
 impl TargetModule {
     /// Number of kinds of target.
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 17;
 
     pub const ALL: [TargetModule; Self::COUNT] = [
         TargetModule::Q,
@@ -60,6 +68,10 @@ impl TargetModule {
         TargetModule::Down,
         TargetModule::Qkv,
         TargetModule::GateUp,
+        TargetModule::QA,
+        TargetModule::QB,
+        TargetModule::KvA,
+        TargetModule::KvB,
         TargetModule::SharedExpertGate,
         TargetModule::Router,
         TargetModule::ExpertsGateUp,
@@ -69,7 +81,7 @@ impl TargetModule {
     /// The targets that are linear modules, PEFT's `"all-linear"` (on an MoE model the router
     /// and experts are parameters, targeted only by name; a shared expert's gate is linear).
     pub fn linear() -> &'static [TargetModule] {
-        &Self::ALL[..10]
+        &Self::ALL[..14]
     }
 
     /// The name in configs and in parameter names: the HF module name (`q_proj`, …) or, for
@@ -103,6 +115,10 @@ impl TargetModule {
             TargetModule::Down => "down_proj",
             TargetModule::Qkv => "qkv_proj",
             TargetModule::GateUp => "gate_up_proj",
+            TargetModule::QA => "q_a_proj",
+            TargetModule::QB => "q_b_proj",
+            TargetModule::KvA => "kv_a_proj_with_mqa",
+            TargetModule::KvB => "kv_b_proj",
             TargetModule::SharedExpertGate => "shared_expert_gate",
             TargetModule::Router => "gate",
             TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => "experts",
@@ -116,7 +132,11 @@ impl TargetModule {
             | TargetModule::K
             | TargetModule::V
             | TargetModule::O
-            | TargetModule::Qkv => "self_attn",
+            | TargetModule::Qkv
+            | TargetModule::QA
+            | TargetModule::QB
+            | TargetModule::KvA
+            | TargetModule::KvB => "self_attn",
             _ => "mlp",
         }
     }
@@ -134,6 +154,11 @@ impl TargetModule {
             TargetModule::Down => "ffn_down",
             TargetModule::Qkv => "attn_qkv",
             TargetModule::GateUp => "ffn_up",
+            TargetModule::QA => "attn_q_a",
+            TargetModule::QB => "attn_q_b",
+            TargetModule::KvA => "attn_kv_a_mqa",
+            // llama.cpp's converter now splits it into `attn_k_b` and `attn_v_b`.
+            TargetModule::KvB => "attn_kv_b",
             TargetModule::SharedExpertGate => "ffn_gate_inp_shexp",
             TargetModule::Router => "ffn_gate_inp",
             TargetModule::ExpertsGateUp => "ffn_gate_up_exps",
@@ -165,8 +190,9 @@ impl FromStr for TargetModule {
             .ok_or_else(|| {
                 format!(
                     "unknown target module '{s}' (modules: q_proj, k_proj, v_proj, o_proj, \
-                     gate_proj, up_proj, down_proj, Phi-3's qkv_proj, gate_up_proj, and on \
-                     MoE models router, experts.gate_up_proj, experts.down_proj and \
+                     gate_proj, up_proj, down_proj, Phi-3's qkv_proj, gate_up_proj, \
+                     DeepSeek's q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, and on MoE \
+                     models router, experts.gate_up_proj, experts.down_proj and \
                      shared_expert_gate)"
                 )
             })

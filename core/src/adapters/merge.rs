@@ -149,6 +149,9 @@ struct Patch {
     expert: Option<usize>,
     rows: Range<usize>,
     at: usize,
+    /// The rows are added transposed (`[in, rows]`, at rows `at..at + in`): llama.cpp's
+    /// `attn_k_b` holds latent attention's key rows that way.
+    transposed: bool,
 }
 
 impl Patch {
@@ -159,8 +162,53 @@ impl Patch {
             .expect("patches come from modules()");
         match self.expert {
             Some(e) => delta(&w.expert(e, self.rows.clone())),
-            // A module's own patch covers all its rows.
-            None => delta(w),
+            None => {
+                let all = delta(w);
+                let cols = all.len() / w.b.dims()[0].max(1);
+                all[self.rows.start * cols..self.rows.end * cols].to_vec()
+            }
+        }
+    }
+}
+
+/// Latent attention's `kv_b_proj` patches, for a file that (as llama.cpp's converter now
+/// writes it) splits the tensor per head into `attn_k_b` (key rows, transposed) and
+/// `attn_v_b` (value rows): each head's rows go to their own place in each.
+fn split_kv_b(targets: &mut BTreeMap<String, Vec<Patch>>, base: &GgufFile, config: &ModelConfig) {
+    let Some(a) = &config.mla else { return };
+    let (heads, dn, dv) = (config.num_heads, a.qk_nope_dim, a.v_head_dim);
+    for layer in 0..config.num_layers {
+        let name = format!(
+            "{}.weight",
+            tensor_name(Role::Proj(layer, TargetModule::KvB), config)
+        );
+        if base.tensor_info(&name).is_some() {
+            continue;
+        }
+        let Some(list) = targets.remove(&name) else {
+            continue;
+        };
+        for p in list {
+            for h in 0..heads {
+                let first = h * (dn + dv);
+                targets
+                    .entry(format!("blk.{layer}.attn_k_b.weight"))
+                    .or_default()
+                    .push(Patch {
+                        rows: first..first + dn,
+                        at: h * a.kv_lora_rank,
+                        transposed: true,
+                        ..p.clone()
+                    });
+                targets
+                    .entry(format!("blk.{layer}.attn_v_b.weight"))
+                    .or_default()
+                    .push(Patch {
+                        rows: first + dn..first + dn + dv,
+                        at: h * dv,
+                        ..p.clone()
+                    });
+            }
         }
     }
 }
@@ -183,6 +231,7 @@ fn patches<B: Backend>(
                 expert,
                 rows,
                 at,
+                transposed: false,
             })
         };
         match target {
@@ -226,7 +275,11 @@ fn check_patches<B: Backend>(
                 return Err(error(name, format!("missing: the adapter changes {what}")));
             };
             let in_f = w.a.dims()[1];
-            if cols != in_f || p.at + p.rows.len() > rows {
+            let (width, height) = match p.transposed {
+                true => (p.rows.len(), in_f),
+                false => (in_f, p.rows.len()),
+            };
+            if cols != width || p.at + height > rows {
                 return Err(error(
                     name,
                     format!(
@@ -252,8 +305,17 @@ fn apply<B: Backend>(
     permute: impl Fn(&Patch, Vec<f32>) -> Vec<f32>,
 ) {
     for p in patches {
-        let d = permute(p, p.delta(adapter));
-        w[p.at * cols..(p.at + p.rows.len()) * cols]
+        let mut d = permute(p, p.delta(adapter));
+        let mut height = p.rows.len();
+        if p.transposed {
+            let in_f = d.len() / height.max(1);
+            d = (0..in_f)
+                .flat_map(|c| (0..height).map(move |r| (r, c)))
+                .map(|(r, c)| d[r * in_f + c])
+                .collect();
+            height = in_f;
+        }
+        w[p.at * cols..(p.at + height) * cols]
             .iter_mut()
             .zip(&d)
             .for_each(|(w, d)| *w += d);
@@ -272,11 +334,12 @@ pub fn merge_gguf<B: Backend>(
     quant: Option<FileType>,
     out: &Path,
 ) -> Result<MergeSummary, MergeError> {
-    let targets = patches(
+    let mut targets = patches(
         adapter,
         |role| format!("{}.weight", tensor_name(role, config)),
         true,
     );
+    split_kv_b(&mut targets, base, config);
     check_patches(
         &targets,
         adapter,

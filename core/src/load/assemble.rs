@@ -6,7 +6,8 @@ use crate::adapters::lora::TargetModule;
 use crate::backend::GraftBackend;
 use crate::model::moe::{Expert, Experts};
 use crate::model::proj::Proj;
-use crate::model::{Block, Model, ModelConfig, NormSlot, QkNorm, RmsNorm};
+use crate::model::{Block, Model, ModelConfig, NormSlot, QkNorm, RmsNorm, Routing};
+use burn::prelude::Tensor;
 
 use super::LoadError;
 
@@ -57,6 +58,9 @@ pub(crate) trait WeightSource<B: GraftBackend> {
     /// An RMSNorm weight of `len` values, as the multiplier the model applies.
     fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError>;
 
+    /// A sparse layer's per-expert router bias (DeepSeek-V3's `e_score_correction_bias`).
+    fn score_bias(&self, layer: usize, len: usize) -> Result<Tensor<B, 1>, LoadError>;
+
     /// Projection `t` (gate, up or down) of each of a sparse layer's `n` experts, each
     /// `[rows, cols]`: one tensor per expert unless the format stacks them.
     fn experts(
@@ -100,18 +104,20 @@ pub(crate) fn assemble<B: GraftBackend>(
                 norms[slot.index()] = Some(src.norm(Role::Norm(i, slot), c.hidden_size)?);
             }
         }
-        let (q_len, k_len) = match c.qk_norm {
-            QkNorm::None => (0, 0),
-            QkNorm::PerHead => (c.head_dim, c.head_dim),
-            QkNorm::Full => (q_rows, kv_rows),
+        let (q_len, k_len) = match (c.qk_norm, &c.mla) {
+            // Latent attention's norms: of the query bottleneck (if any) and of the latent.
+            (_, Some(a)) => (a.q_lora_rank.unwrap_or(0), a.kv_lora_rank),
+            (QkNorm::None, None) => (0, 0),
+            (QkNorm::PerHead, None) => (c.head_dim, c.head_dim),
+            (QkNorm::Full, None) => (q_rows, kv_rows),
         };
-        let (q_norm, k_norm) = if q_len > 0 {
-            (
-                Some(src.norm(Role::QNorm(i), q_len)?),
-                Some(src.norm(Role::KNorm(i), k_len)?),
-            )
-        } else {
-            (None, None)
+        let q_norm = match q_len {
+            0 => None,
+            n => Some(src.norm(Role::QNorm(i), n)?),
+        };
+        let k_norm = match k_len {
+            0 => None,
+            n => Some(src.norm(Role::KNorm(i), n)?),
         };
         let experts = match c.sparse_moe(i) {
             Some(m) => {
@@ -122,6 +128,10 @@ pub(crate) fn assemble<B: GraftBackend>(
                 let downs = part(TargetModule::Down, h, ei)?;
                 Some(Experts {
                     router: src.proj(Role::Router(i), m.num_experts, h, false)?,
+                    score_bias: match m.routing {
+                        Routing::SigmoidGrouped { .. } => Some(src.score_bias(i, m.num_experts)?),
+                        Routing::Softmax => None,
+                    },
                     experts: gates
                         .into_iter()
                         .zip(ups)

@@ -23,8 +23,8 @@ use crate::model::config::InvalidConfig;
 use crate::model::family::SlidingPattern;
 use crate::model::proj::{BaseWeight, Proj};
 use crate::model::{
-    Family, LayerConfig, ModelConfig, MoeConfig, NormSlot, RmsNorm, RopeConfig, RopeScaling,
-    SharedExpert,
+    Family, LayerConfig, MlaConfig, ModelConfig, MoeConfig, NormSlot, RmsNorm, RopeConfig,
+    RopeScaling, Routing, SharedExpert,
 };
 use crate::quant::{GgmlType, PackedWeight, QuantKind};
 use crate::text::tokenizer::TokenizerBundle;
@@ -92,6 +92,72 @@ pub fn load_gguf<B: GraftBackend>(
     })
 }
 
+/// DeepSeek's multi-head latent attention from `deepseek2` metadata (older files lack the
+/// `_mla` lengths and give the per-head ones as `key_length` / `value_length`).
+fn read_mla(
+    f: &GgufFile,
+    family: Family,
+    rope_dim: usize,
+) -> Result<Option<MlaConfig>, ConfigError> {
+    if family != Family::DeepseekV3 {
+        return Ok(None);
+    }
+    let arch = family.gguf_arch();
+    let key = |k: &str| format!("{arch}.attention.{k}");
+    let either = |a: &str, b: &str| -> Result<usize, ConfigError> {
+        match f.opt_u64(&key(a))? {
+            Some(v) => Ok(v as usize),
+            None => Ok(f.u64(&key(b))? as usize),
+        }
+    };
+    let qk = either("key_length_mla", "key_length")?;
+    if qk <= rope_dim {
+        return Err(format!(
+            "{} = {qk} leaves no unrotated dimensions beside rope.dimension_count {rope_dim}",
+            key("key_length_mla")
+        )
+        .into());
+    }
+    Ok(Some(MlaConfig {
+        q_lora_rank: f.opt_u64(&key("q_lora_rank"))?.map(|v| v as usize),
+        kv_lora_rank: f.u64(&key("kv_lora_rank"))? as usize,
+        qk_nope_dim: qk - rope_dim,
+        qk_rope_dim: rope_dim,
+        v_head_dim: either("value_length_mla", "value_length")?,
+        // llama.cpp ropes deepseek2 with adjacent pairs (its converter keeps HF's order).
+        rope_interleave: true,
+    }))
+}
+
+/// How a sparse layer picks its experts: llama.cpp's `expert_gating_func` (1 softmax, 2
+/// sigmoid; absent, softmax, as llama.cpp assumes for older deepseek2 files) and expert groups.
+fn read_routing(f: &GgufFile, family: Family) -> Result<Routing, ConfigError> {
+    let arch = family.gguf_arch();
+    let key = |k: &str| format!("{arch}.{k}");
+    let groups = f.opt_u64(&key("expert_group_count"))?.unwrap_or(1) as usize;
+    let topk_groups = f
+        .opt_u64(&key("expert_group_used_count"))?
+        .map_or(groups, |v| v as usize);
+    match f.opt_u64(&key("expert_gating_func"))? {
+        None | Some(1) if groups <= 1 || topk_groups >= groups => Ok(Routing::Softmax),
+        Some(2) => Ok(Routing::SigmoidGrouped {
+            groups: groups.max(1),
+            topk_groups: topk_groups.max(1),
+        }),
+        None | Some(1) => Err(format!(
+            "{}: softmax routing limited to {topk_groups} of {groups} expert groups (DeepSeek-V2) \
+             is not supported",
+            key("expert_group_count")
+        )
+        .into()),
+        Some(g) => Err(format!(
+            "{} = {g} is not supported (1 softmax, 2 sigmoid)",
+            key("expert_gating_func")
+        )
+        .into()),
+    }
+}
+
 enum ConfigError {
     Gguf(crate::formats::gguf::GgufError),
     Invalid(String),
@@ -146,6 +212,13 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
     let rotary_dim = f
         .opt_u64(&key("rope.dimension_count"))?
         .map_or(head_dim, |v| v as usize);
+    let mla = read_mla(f, family, rotary_dim)?;
+    // Multi-head latent attention: the head size that rotates (the file's key_length is the
+    // latent's width), one latent for every head.
+    let (head_dim, num_kv_heads) = match &mla {
+        Some(a) => (a.qk_rope_dim, 1),
+        None => (head_dim, num_kv_heads),
+    };
     let theta = f.opt_f64(&key("rope.freq_base"))?.unwrap_or(10_000.0) as f32;
     let original = f
         .opt_u64(&key("rope.scaling.original_context_length"))?
@@ -290,6 +363,10 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
                 .unwrap_or(family.default_norm_topk()),
             // A layer with a router has experts; the others (dense layers first) an MLP.
             sparse: sparse.clone(),
+            routing: read_routing(f, family)?,
+            weights_scale: f
+                .opt_f64(&key("expert_weights_scale"))?
+                .map_or(1.0, |v| v as f32),
             // A shared expert when the file has one (llama.cpp's `_shexp` tensors), of the
             // width the metadata gives, gated when it has `ffn_gate_inp_shexp`.
             shared: match sparse.iter().position(|&s| s) {
@@ -298,7 +375,13 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
                         .is_some() =>
                 {
                     Some(SharedExpert {
-                        intermediate: usize_key("expert_shared_feed_forward_length")?,
+                        // deepseek2 files give none: the tensor's rows are its width.
+                        intermediate: match f.opt_u64(&key("expert_shared_feed_forward_length"))? {
+                            Some(v) => v as usize,
+                            None => f
+                                .tensor_info(&format!("blk.{i}.ffn_gate_shexp.weight"))
+                                .map_or(0, |t| t.torch_shape()[0]),
+                        },
                         gated: f
                             .tensor_info(&format!("blk.{i}.ffn_gate_inp_shexp.weight"))
                             .is_some(),
@@ -310,6 +393,14 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
     } else {
         None
     };
+    if mla.is_some() && matches!(global.scaling, Some(RopeScaling::Yarn { .. })) {
+        return Err(format!(
+            "{}: YaRN on a deepseek2 file (llama.cpp's rope_yarn_log_mul attention scaling) is \
+             not supported yet; load the HF checkpoint",
+            key("rope.scaling.type")
+        )
+        .into());
+    }
     let softcap = |k: &str| -> Result<Option<f32>, ConfigError> {
         Ok(f.opt_f64(&key(k))?.map(|v| v as f32).filter(|v| *v > 0.0))
     };
@@ -330,7 +421,8 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
         attention_bias: f.tensor_info("blk.0.attn_q.bias").is_some()
             || f.tensor_info("blk.0.attn_qkv.bias").is_some(),
         layers,
-        attention_scale: 1.0 / (scale_dim as f32).sqrt(),
+        attention_scale: 1.0
+            / (mla.as_ref().map_or(scale_dim, MlaConfig::qk_head_dim) as f32).sqrt(),
         attn_softcap: softcap("attn_logit_softcapping")?,
         final_softcap: softcap("final_logit_softcapping")?,
         embed_scale: family
@@ -341,6 +433,7 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
         activation: family.activation(),
         fused_projections: family.fused_projections(),
         moe,
+        mla,
     };
     config.validate()?;
     Ok(config)
@@ -391,6 +484,8 @@ pub(crate) fn tensor_name(role: Role, config: &ModelConfig) -> String {
                 NormSlot::MlpOut => "post_ffw_norm",
             }
         ),
+        Role::QNorm(i) if config.mla.is_some() => format!("blk.{i}.attn_q_a_norm"),
+        Role::KNorm(i) if config.mla.is_some() => format!("blk.{i}.attn_kv_a_norm"),
         Role::QNorm(i) => format!("blk.{i}.attn_q_norm"),
         Role::KNorm(i) => format!("blk.{i}.attn_k_norm"),
         Role::Router(i) => format!("blk.{i}.ffn_gate_inp"),
@@ -459,7 +554,48 @@ impl<B: GraftBackend> Loader<'_, B> {
     }
 }
 
+impl<B: GraftBackend> Loader<'_, B> {
+    /// Latent attention's `kv_b_proj` (`[heads · (qk_nope + v), kv_lora_rank]`, each head's
+    /// key rows then its value rows) from the two halves llama.cpp's converter splits it into:
+    /// `attn_k_b` (`[heads, kv_lora_rank, qk_nope]`, each head's key rows transposed) and
+    /// `attn_v_b` (`[heads, v, kv_lora_rank]`). Held as f32 (NF4 if asked): the transposed
+    /// half cannot keep its blocks.
+    fn split_kv_b(&self, layer: usize, rows: usize, cols: usize) -> Result<Proj<B>, LoadError> {
+        let a = self
+            .config
+            .mla
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("kv_b_proj exists only with latent attention"));
+        let (heads, dn, dv, r) = (self.config.num_heads, a.qk_nope_dim, a.v_head_dim, cols);
+        let k_info = self.info(&format!("blk.{layer}.attn_k_b.weight"), &[heads, r, dn])?;
+        let v_info = self.info(&format!("blk.{layer}.attn_v_b.weight"), &[heads, dv, r])?;
+        let kb = self.packed(k_info, heads * r, dn, None)?.dequantize();
+        let vb = self.packed(v_info, heads * dv, r, None)?.dequantize();
+        let mut w = Vec::with_capacity(rows * cols);
+        for h in 0..heads {
+            let k = &kb[h * r * dn..(h + 1) * r * dn];
+            for j in 0..dn {
+                w.extend((0..r).map(|c| k[c * dn + j]));
+            }
+            w.extend_from_slice(&vb[h * dv * r..(h + 1) * dv * r]);
+        }
+        let base = if self.opts.quantize == QuantKind::Nf4 {
+            BaseWeight::Packed(PackedWeight::nf4(rows, cols, &w))
+        } else {
+            BaseWeight::Dense(Tensor::from_data(
+                TensorData::new(w, [rows, cols]),
+                self.device,
+            ))
+        };
+        Ok(Proj::new(base, None))
+    }
+}
+
 impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
+    fn score_bias(&self, layer: usize, len: usize) -> Result<Tensor<B, 1>, LoadError> {
+        self.vector(&format!("blk.{layer}.exp_probs_b.bias"), len, None)
+    }
+
     fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError> {
         Ok(RmsNorm {
             weight: self.vector(
@@ -516,6 +652,11 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
         quantize: bool,
     ) -> Result<Proj<B>, LoadError> {
         let name = tensor_name(role, self.config);
+        if let Role::Proj(layer, TargetModule::KvB) = role {
+            if self.file.tensor_info(&format!("{name}.weight")).is_none() {
+                return self.split_kv_b(layer, rows, cols);
+            }
+        }
         // llama.cpp's q/k row permutation is undone, whole rows at a time.
         let heads = match role {
             Role::Proj(_, t) => self.config.gguf_permuted_heads(t),

@@ -243,6 +243,8 @@ pub(crate) fn module_name(role: Role, config: &ModelConfig) -> String {
                 NormSlot::MlpOut => "post_feedforward_layernorm",
             },
         ),
+        Role::QNorm(i) if config.mla.is_some() => layer(i, "self_attn.q_a_layernorm"),
+        Role::KNorm(i) if config.mla.is_some() => layer(i, "self_attn.kv_a_layernorm"),
         Role::QNorm(i) => layer(i, "self_attn.q_norm"),
         Role::KNorm(i) => layer(i, "self_attn.k_norm"),
         Role::Router(i) => layer(i, &format!("{}.gate", config.family.hf_experts().0)),
@@ -256,6 +258,14 @@ pub(crate) fn module_name(role: Role, config: &ModelConfig) -> String {
             layer(i, &format!("{module}.experts.{e}.{name}"))
         }
     }
+}
+
+/// transformers' name of a sparse layer's router bias (DeepSeek-V3's buffer).
+fn score_bias_name(layer: usize, config: &ModelConfig) -> String {
+    format!(
+        "{}.e_score_correction_bias",
+        module_name(Role::Router(layer), config)
+    )
 }
 
 /// A tensor of a loaded model as transformers stores it.
@@ -294,6 +304,9 @@ pub(crate) fn hf_tensors<B: GraftBackend>(model: &Model<B>) -> Vec<(String, HfTe
         if let Some(x) = &block.experts {
             let weight = |role| format!("{}.weight", module_name(role, c));
             out.push((weight(Role::Router(i)), HfTensor::Weight(&x.router)));
+            if let Some(b) = &x.score_bias {
+                out.push((score_bias_name(i, c), HfTensor::Bias(b)));
+            }
             for (e, ex) in x.experts.iter().enumerate() {
                 for (t, p) in [
                     (TargetModule::Gate, &ex.gate),
@@ -343,6 +356,10 @@ impl<B: GraftBackend> Loader<'_, B> {
 }
 
 impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
+    fn score_bias(&self, layer: usize, len: usize) -> Result<Tensor<B, 1>, LoadError> {
+        self.vector(&score_bias_name(layer, self.config), len)
+    }
+
     fn norm(&self, role: Role, len: usize) -> Result<RmsNorm<B>, LoadError> {
         let mut w = self
             .weights

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use crate::model::config::InvalidConfig;
 use crate::model::family::{supported_model_types, Family};
 use crate::model::{
-    Activation, LayerConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling, SharedExpert,
+    Activation, LayerConfig, MlaConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling, Routing,
+    SharedExpert,
 };
 
 /// The keys graft reads (others are ignored).
@@ -92,6 +93,36 @@ pub struct HfConfig {
     pub mlp_only_layers: Option<Vec<usize>>,
     #[serde(default)]
     pub shared_expert_intermediate_size: Option<usize>,
+    /// DeepSeek-V3's routed and shared experts and their routing.
+    #[serde(default)]
+    pub n_routed_experts: Option<usize>,
+    #[serde(default)]
+    pub n_shared_experts: Option<usize>,
+    #[serde(default)]
+    pub routed_scaling_factor: Option<f64>,
+    #[serde(default)]
+    pub n_group: Option<usize>,
+    #[serde(default)]
+    pub topk_group: Option<usize>,
+    #[serde(default)]
+    pub first_k_dense_replace: Option<usize>,
+    #[serde(default)]
+    pub scoring_func: Option<String>,
+    #[serde(default)]
+    pub topk_method: Option<String>,
+    /// DeepSeek's multi-head latent attention; `q_lora_rank` may be null (no query bottleneck).
+    #[serde(default)]
+    pub q_lora_rank: Option<Value>,
+    #[serde(default)]
+    pub kv_lora_rank: Option<usize>,
+    #[serde(default)]
+    pub qk_nope_head_dim: Option<usize>,
+    #[serde(default)]
+    pub qk_rope_head_dim: Option<usize>,
+    #[serde(default)]
+    pub v_head_dim: Option<usize>,
+    #[serde(default)]
+    pub rope_interleave: Option<bool>,
     #[serde(default)]
     pub clip_qkv: Option<f64>,
 }
@@ -131,9 +162,15 @@ impl TryFrom<HfConfig> for ModelConfig {
         if c.use_bidirectional_attention == Some(true) {
             return Err("use_bidirectional_attention = true (an embedding model) is not supported: graft runs causal decoders".into());
         }
-        let head_dim = c
-            .head_dim
-            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        let mla = mla_config(&c, family)?;
+        // Multi-head latent attention: the rotary width is the configured head size (as
+        // transformers sets it), and one latent serves every head.
+        let head_dim = match &mla {
+            Some(a) => a.qk_rope_dim,
+            None => c
+                .head_dim
+                .unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
+        };
         // transformers 5 keeps it in rope_parameters.
         let partial = c.partial_rotary_factor.or_else(|| {
             c.rope_parameters
@@ -177,7 +214,10 @@ impl TryFrom<HfConfig> for ModelConfig {
             intermediate_size: c.intermediate_size,
             num_layers: c.num_hidden_layers,
             num_heads: c.num_attention_heads,
-            num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            num_kv_heads: match &mla {
+                Some(_) => 1,
+                None => c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            },
             head_dim,
             rms_norm_eps: c.rms_norm_eps,
             max_position_embeddings: c.max_position_embeddings,
@@ -190,8 +230,10 @@ impl TryFrom<HfConfig> for ModelConfig {
             }
             .unwrap_or(family.default_attention_bias()),
             layers,
-            attention_scale: (1.0 / c.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt())
-                as f32,
+            attention_scale: match &mla {
+                Some(a) => mla_attention_scale(&c, a),
+                None => (1.0 / c.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt()) as f32,
+            },
             attn_softcap: c.attn_logit_softcapping.map(|v| v as f32),
             final_softcap: c.final_logit_softcapping.map(|v| v as f32),
             embed_scale: family
@@ -202,6 +244,7 @@ impl TryFrom<HfConfig> for ModelConfig {
             activation,
             fused_projections: family.fused_projections(),
             moe,
+            mla,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -212,7 +255,7 @@ impl TryFrom<HfConfig> for ModelConfig {
 /// `mlp_only_layers` and those `decoder_sparse_step` skips (transformers' rule: layer `i` is
 /// sparse when `(i + 1) % step == 0`).
 fn moe_config(c: &HfConfig, family: Family) -> Result<Option<MoeConfig>, InvalidConfig> {
-    let experts = c.num_local_experts.or(c.num_experts);
+    let experts = c.num_local_experts.or(c.num_experts).or(c.n_routed_experts);
     if !family.is_moe() {
         return match experts {
             Some(n) if n > 0 => Err(InvalidConfig(format!(
@@ -225,6 +268,9 @@ fn moe_config(c: &HfConfig, family: Family) -> Result<Option<MoeConfig>, Invalid
     let top_k = c
         .num_experts_per_tok
         .ok_or("num_experts_per_tok is missing")?;
+    if family == Family::DeepseekV3 {
+        return deepseek_experts(c, num_experts, top_k).map(Some);
+    }
     let step = c.decoder_sparse_step.unwrap_or(1);
     if step == 0 {
         return Err("decoder_sparse_step must be positive, got 0".into());
@@ -253,7 +299,97 @@ fn moe_config(c: &HfConfig, family: Family) -> Result<Option<MoeConfig>, Invalid
             intermediate: c.shared_expert_intermediate_size.unwrap_or(5632),
             gated: true,
         }),
+        routing: Routing::Softmax,
+        weights_scale: 1.0,
     }))
+}
+
+/// DeepSeek-V3's experts (transformers' class defaults where the config is silent): dense
+/// layers before `first_k_dense_replace`, `n_shared_experts` ungated shared experts as one
+/// MLP, sigmoid scores chosen by group (`noaux_tc`), weights scaled by
+/// `routed_scaling_factor`.
+fn deepseek_experts(
+    c: &HfConfig,
+    num_experts: usize,
+    top_k: usize,
+) -> Result<MoeConfig, InvalidConfig> {
+    if let Some(f) = c.scoring_func.as_deref().filter(|f| *f != "sigmoid") {
+        return Err(InvalidConfig(format!(
+            "scoring_func '{f}' is not supported for deepseek_v3 (sigmoid)"
+        )));
+    }
+    if let Some(m) = c.topk_method.as_deref().filter(|m| *m != "noaux_tc") {
+        return Err(InvalidConfig(format!(
+            "topk_method '{m}' is not supported for deepseek_v3 (noaux_tc)"
+        )));
+    }
+    let expert_intermediate = c.moe_intermediate_size.unwrap_or(2048);
+    let dense = c.first_k_dense_replace.unwrap_or(3);
+    Ok(MoeConfig {
+        num_experts,
+        top_k,
+        expert_intermediate,
+        norm_topk: c.norm_topk_prob.unwrap_or(true),
+        sparse: (0..c.num_hidden_layers).map(|i| i >= dense).collect(),
+        shared: match c.n_shared_experts.unwrap_or(1) {
+            0 => None,
+            n => Some(SharedExpert {
+                intermediate: n * expert_intermediate,
+                gated: false,
+            }),
+        },
+        routing: Routing::SigmoidGrouped {
+            groups: c.n_group.unwrap_or(8),
+            topk_groups: c.topk_group.unwrap_or(4),
+        },
+        weights_scale: c.routed_scaling_factor.unwrap_or(2.5) as f32,
+    })
+}
+
+/// DeepSeek's multi-head latent attention (transformers' class defaults where the config is
+/// silent), `None` for other families.
+fn mla_config(c: &HfConfig, family: Family) -> Result<Option<MlaConfig>, InvalidConfig> {
+    if family != Family::DeepseekV3 {
+        return Ok(None);
+    }
+    if c.attention_bias == Some(true) {
+        return Err("attention_bias = true is not supported for deepseek_v3".into());
+    }
+    let q_lora_rank =
+        match &c.q_lora_rank {
+            None => Some(1536),
+            Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                InvalidConfig(format!("q_lora_rank must be a count or null, got {v}"))
+            })? as usize),
+        };
+    Ok(Some(MlaConfig {
+        q_lora_rank,
+        kv_lora_rank: c.kv_lora_rank.unwrap_or(512),
+        qk_nope_dim: c.qk_nope_head_dim.unwrap_or(128),
+        qk_rope_dim: c.qk_rope_head_dim.unwrap_or(64),
+        v_head_dim: c.v_head_dim.unwrap_or(128),
+        rope_interleave: c.rope_interleave.unwrap_or(true),
+    }))
+}
+
+/// `1/√qk_head_dim`, times YaRN's `mscale(factor, mscale_all_dim)²` when the rope is YaRN with
+/// `mscale_all_dim` (transformers' `yarn_apply_mscale`).
+fn mla_attention_scale(c: &HfConfig, a: &MlaConfig) -> f32 {
+    let base = 1.0 / (a.qk_head_dim() as f64).sqrt();
+    let rope = c.rope_parameters.as_ref().or(c.rope_scaling.as_ref());
+    let yarn = rope.filter(|r| {
+        r.get("rope_type")
+            .or_else(|| r.get("type"))
+            .and_then(Value::as_str)
+            == Some("yarn")
+    });
+    let m = yarn.and_then(|r| {
+        let all = r.get("mscale_all_dim").and_then(Value::as_f64)?;
+        let factor = r.get("factor").and_then(Value::as_f64)?;
+        (all != 0.0).then(|| RopeScaling::yarn_mscale(factor, all))
+    });
+    (base * m.map_or(1.0, |m| m * m)) as f32
 }
 
 /// The sliding window of each layer: `layer_types` when given, else the family's pattern
@@ -628,12 +764,65 @@ pub fn to_hf_json(c: &ModelConfig) -> Result<Value, InvalidConfig> {
                 json!(s.intermediate),
             );
         }
+        if c.family == Family::DeepseekV3 {
+            deepseek_json(c, m, obj)?;
+        }
         if c.family == Family::Mixtral {
             // Mixtral's experts are `intermediate_size` wide.
             obj.insert("intermediate_size".into(), json!(m.expert_intermediate));
         }
     }
     Ok(j)
+}
+
+/// DeepSeek-V3's own keys: latent attention (one key head in graft is every head to
+/// transformers), routing and the leading dense layers.
+fn deepseek_json(
+    c: &ModelConfig,
+    m: &MoeConfig,
+    obj: &mut serde_json::Map<String, Value>,
+) -> Result<(), InvalidConfig> {
+    let dense = m.sparse.iter().take_while(|s| !**s).count();
+    if m.sparse[dense..].iter().any(|s| !s) {
+        return Err("deepseek_v3 has its dense layers first (first_k_dense_replace)".into());
+    }
+    let Routing::SigmoidGrouped {
+        groups,
+        topk_groups,
+    } = m.routing
+    else {
+        return Err("deepseek_v3 routes with sigmoid scores (scoring_func)".into());
+    };
+    let shared = m
+        .shared
+        .as_ref()
+        .map_or(0, |s| s.intermediate / m.expert_intermediate.max(1));
+    for (k, v) in [
+        ("n_routed_experts", json!(m.num_experts)),
+        ("n_shared_experts", json!(shared)),
+        ("routed_scaling_factor", json!(m.weights_scale)),
+        ("n_group", json!(groups)),
+        ("topk_group", json!(topk_groups)),
+        ("first_k_dense_replace", json!(dense)),
+        ("scoring_func", json!("sigmoid")),
+        ("topk_method", json!("noaux_tc")),
+    ] {
+        obj.insert(k.into(), v);
+    }
+    if let Some(a) = &c.mla {
+        for (k, v) in [
+            ("num_key_value_heads", json!(c.num_heads)),
+            ("q_lora_rank", json!(a.q_lora_rank)),
+            ("kv_lora_rank", json!(a.kv_lora_rank)),
+            ("qk_nope_head_dim", json!(a.qk_nope_dim)),
+            ("qk_rope_head_dim", json!(a.qk_rope_dim)),
+            ("v_head_dim", json!(a.v_head_dim)),
+            ("rope_interleave", json!(a.rope_interleave)),
+        ] {
+            obj.insert(k.into(), v);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::TensorData;
 
 use super::config::ModelConfig;
-use super::{KvParts, SeqCache};
+use super::SeqCache;
 use crate::backend::GraftBackend;
 
 /// One sequence's part of an attention call.
@@ -25,6 +25,15 @@ pub(crate) struct AttnSeq<'b, B: GraftBackend> {
 }
 
 impl<B: GraftBackend> AttnSeq<'_, B> {
+    /// The first key position and the mask of the layers with `window`.
+    pub fn mask_for(&self, window: Option<usize>) -> (usize, Option<Tensor<B, 3>>) {
+        self.masks
+            .iter()
+            .find(|m| m.0 == window)
+            .map(|m| (m.1, m.2.clone()))
+            .unwrap_or_else(|| unreachable!("masks are built for every layer's window"))
+    }
+
     /// Builds the masks for each window in `windows`, once per forward, shared by every layer.
     pub fn build_masks(&mut self, c: &ModelConfig, windows: &[Option<usize>], device: &B::Device) {
         let (n, past) = (self.span.len(), self.past);
@@ -92,12 +101,7 @@ pub(crate) fn attend<B: GraftBackend>(
     let mut outs: Vec<Tensor<B, 2>> = seqs
         .iter_mut()
         .map(|s| {
-            let (start, mask) = s
-                .masks
-                .iter()
-                .find(|m| m.0 == window)
-                .map(|m| (m.1, m.2.clone()))
-                .unwrap_or_else(|| unreachable!("masks are built for every layer's window"));
+            let (start, mask) = s.mask_for(window);
             attend_one(
                 c,
                 layer,
@@ -147,27 +151,20 @@ fn attend_one<B: GraftBackend>(
     // each cut to the positions `start..` the rows may see; scores are joined across pieces,
     // so the cached keys are read in place, never copied into one tensor.
     let pieces: Vec<(Tensor<B, 3>, Tensor<B, 3>)> = match cache {
-        Some(cache) => {
-            if cache.layers.len() < c.num_layers {
-                cache.layers.resize(c.num_layers, None);
-            }
-            let parts = KvParts::append(cache.layers[layer].take(), k_new, v_new);
-            let pieces = parts.pieces();
-            cache.layers[layer] = Some(parts);
-            pieces
-                .into_iter()
-                .filter_map(|(k, v, at)| {
-                    let len = k.dims()[1];
-                    let from = start.saturating_sub(at);
-                    (from < len).then(|| {
-                        (
-                            k.slice([0..kvh, from..len, 0..hd]),
-                            v.slice([0..kvh, from..len, 0..hd]),
-                        )
-                    })
+        Some(cache) => cache
+            .append(c.num_layers, layer, k_new, v_new)
+            .into_iter()
+            .filter_map(|(k, v, at)| {
+                let len = k.dims()[1];
+                let from = start.saturating_sub(at);
+                (from < len).then(|| {
+                    (
+                        k.slice([0..kvh, from..len, 0..hd]),
+                        v.slice([0..kvh, from..len, 0..hd]),
+                    )
                 })
-                .collect()
-        }
+            })
+            .collect(),
         None => {
             let len = k_new.dims()[1];
             vec![(

@@ -121,54 +121,15 @@ impl<B: GraftBackend> Block<B> {
     pub(crate) fn forward<'r>(
         &self,
         x: Tensor<B, 2>,
-        ctx: LayerCtx<'_, '_, B>,
+        mut ctx: LayerCtx<'_, '_, B>,
         runs: &dyn Fn(TargetModule) -> Runs<'r, B>,
     ) -> Tensor<B, 2> {
         let c = ctx.config;
-        let n = x.dims()[0];
         let h = self.normed(NormSlot::AttnIn, x.clone());
-        let (qr, kvr) = c.qkv_rows();
-        let (q, k, v) = if c.fused_projections {
-            let qkv = self.project(TargetModule::Qkv, h, &runs(TargetModule::Qkv));
-            (
-                qkv.clone().slice([0..n, 0..qr]),
-                qkv.clone().slice([0..n, qr..qr + kvr]),
-                qkv.slice([0..n, qr + kvr..qr + 2 * kvr]),
-            )
-        } else {
-            (
-                self.project(TargetModule::Q, h.clone(), &runs(TargetModule::Q)),
-                self.project(TargetModule::K, h.clone(), &runs(TargetModule::K)),
-                self.project(TargetModule::V, h, &runs(TargetModule::V)),
-            )
+        let attn = match &c.mla {
+            Some(a) => super::mla::attention(self, a, h, &mut ctx, runs),
+            None => self.attention(h, &mut ctx, runs),
         };
-        let (q, k) = match c.qk_norm {
-            QkNorm::Full => (
-                self.qk_normed(&self.q_norm, q),
-                self.qk_normed(&self.k_norm, k),
-            ),
-            _ => (q, k),
-        };
-        let hd = c.head_dim;
-        let (q, k) = match c.qk_norm {
-            QkNorm::PerHead => (
-                self.qk_normed(&self.q_norm, q.reshape([n * c.num_heads, hd])),
-                self.qk_normed(&self.k_norm, k.reshape([n * c.num_kv_heads, hd])),
-            ),
-            _ => (q, k),
-        };
-        let q = ctx.rope.apply(
-            q.reshape([n, c.num_heads, hd]),
-            &ctx.q_tables.0,
-            &ctx.q_tables.1,
-        );
-        let k = ctx.rope.apply(
-            k.reshape([n, c.num_kv_heads, hd]),
-            &ctx.k_tables.0,
-            &ctx.k_tables.1,
-        );
-        let v = v.reshape([n, c.num_kv_heads, hd]);
-        let attn = attend(c, ctx.layer, &q, &k, &v, ctx.seqs);
         let attn = self.project(TargetModule::O, attn, &runs(TargetModule::O));
         let x = x + self.normed(NormSlot::AttnOut, attn);
         let h = self.normed(NormSlot::MlpIn, x.clone());
@@ -222,6 +183,62 @@ impl<B: GraftBackend> Block<B> {
             Activation::GeluTanh => gelu_tanh(gate),
         };
         self.project(TargetModule::Down, act * up, &runs(TargetModule::Down))
+    }
+
+    /// Grouped-query attention of the new rows, before `o_proj`.
+    ///
+    /// # Shapes
+    /// `h: [n, hidden]` (normed) → `[n, heads · head_dim]`
+    fn attention<'r>(
+        &self,
+        h: Tensor<B, 2>,
+        ctx: &mut LayerCtx<'_, '_, B>,
+        runs: &dyn Fn(TargetModule) -> Runs<'r, B>,
+    ) -> Tensor<B, 2> {
+        let c = ctx.config;
+        let n = h.dims()[0];
+        let (qr, kvr) = c.qkv_rows();
+        let (q, k, v) = if c.fused_projections {
+            let qkv = self.project(TargetModule::Qkv, h, &runs(TargetModule::Qkv));
+            (
+                qkv.clone().slice([0..n, 0..qr]),
+                qkv.clone().slice([0..n, qr..qr + kvr]),
+                qkv.slice([0..n, qr + kvr..qr + 2 * kvr]),
+            )
+        } else {
+            (
+                self.project(TargetModule::Q, h.clone(), &runs(TargetModule::Q)),
+                self.project(TargetModule::K, h.clone(), &runs(TargetModule::K)),
+                self.project(TargetModule::V, h, &runs(TargetModule::V)),
+            )
+        };
+        let (q, k) = match c.qk_norm {
+            QkNorm::Full => (
+                self.qk_normed(&self.q_norm, q),
+                self.qk_normed(&self.k_norm, k),
+            ),
+            _ => (q, k),
+        };
+        let hd = c.head_dim;
+        let (q, k) = match c.qk_norm {
+            QkNorm::PerHead => (
+                self.qk_normed(&self.q_norm, q.reshape([n * c.num_heads, hd])),
+                self.qk_normed(&self.k_norm, k.reshape([n * c.num_kv_heads, hd])),
+            ),
+            _ => (q, k),
+        };
+        let q = ctx.rope.apply(
+            q.reshape([n, c.num_heads, hd]),
+            &ctx.q_tables.0,
+            &ctx.q_tables.1,
+        );
+        let k = ctx.rope.apply(
+            k.reshape([n, c.num_kv_heads, hd]),
+            &ctx.k_tables.0,
+            &ctx.k_tables.1,
+        );
+        let v = v.reshape([n, c.num_kv_heads, hd]);
+        attend(c, ctx.layer, &q, &k, &v, ctx.seqs)
     }
 
     fn qk_normed(&self, norm: &Option<RmsNorm<B>>, x: Tensor<B, 2>) -> Tensor<B, 2> {

@@ -182,6 +182,10 @@ pub struct MoeConfig {
     pub sparse: Vec<bool>,
     /// An MLP every token runs beside the routed experts (Qwen2-MoE's `shared_expert`).
     pub shared: Option<SharedExpert>,
+    pub routing: Routing,
+    /// The chosen experts' weights are multiplied by this (`routed_scaling_factor`), 1 but for
+    /// DeepSeek-V3.
+    pub weights_scale: f32,
 }
 
 /// The always-active expert of a sparse layer: a gated MLP of its own width whose output is
@@ -193,6 +197,42 @@ pub struct SharedExpert {
     pub intermediate: usize,
     /// A `[1, hidden]` gate scales the output per token (`shared_expert_gate`).
     pub gated: bool,
+}
+
+/// How a sparse layer's router scores experts and picks a token's `top_k`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Routing {
+    /// Softmax over all experts; the `top_k` largest probabilities (Mixtral, Qwen-MoE, OLMoE).
+    Softmax,
+    /// DeepSeek-V3 (`noaux_tc`): sigmoid scores; the choice adds the router's per-expert bias
+    /// (`e_score_correction_bias`) and keeps to the `topk_groups` of `groups` equal groups of
+    /// experts whose two best biased scores sum highest. The weights are the unbiased scores.
+    SigmoidGrouped { groups: usize, topk_groups: usize },
+}
+
+/// Multi-head Latent Attention (DeepSeek-V2/V3): queries through an optional low-rank
+/// bottleneck (`q_a_proj`, its norm, `q_b_proj`); keys and values from one latent per token
+/// (`kv_a_proj_with_mqa` → `kv_lora_rank` values, normed, plus a `qk_rope_dim` rotary key
+/// shared by all heads), expanded per head by `kv_b_proj`. The cache holds the latent and the
+/// rotary key, not the expanded keys and values. Each head's query/key is `qk_nope_dim`
+/// unrotated dimensions then `qk_rope_dim` rotated ones (the config's `head_dim`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_dim: usize,
+    pub qk_rope_dim: usize,
+    pub v_head_dim: usize,
+    /// The rotary dimensions pair up adjacent (`rope_interleave`, llama.cpp's deepseek2), not
+    /// `i` with `i + d/2`.
+    pub rope_interleave: bool,
+}
+
+impl MlaConfig {
+    /// Query/key width of a head: unrotated plus rotary dimensions.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_dim + self.qk_rope_dim
+    }
 }
 
 /// Validated hyper-parameters of a decoder.
@@ -228,6 +268,9 @@ pub struct ModelConfig {
     pub fused_projections: bool,
     /// Routed experts in place of the MLP (on the layers it marks sparse).
     pub moe: Option<MoeConfig>,
+    /// Multi-head Latent Attention in place of q/k/v projections (DeepSeek); `head_dim` is
+    /// then its rotary width and `num_kv_heads` 1 (the latent every head reads).
+    pub mla: Option<MlaConfig>,
 }
 
 impl ModelConfig {
@@ -311,6 +354,31 @@ impl ModelConfig {
                     m.num_experts, m.top_k
                 )));
             }
+            if let Routing::SigmoidGrouped {
+                groups,
+                topk_groups,
+            } = m.routing
+            {
+                if groups == 0 || m.num_experts % groups != 0 || topk_groups == 0 {
+                    return Err(InvalidConfig(format!(
+                        "n_group {groups} must divide the {} experts, and topk_group ({topk_groups}) be positive",
+                        m.num_experts
+                    )));
+                }
+                if topk_groups > groups || topk_groups * (m.num_experts / groups) < m.top_k {
+                    return Err(InvalidConfig(format!(
+                        "topk_group {topk_groups} of n_group {groups} leaves fewer than \
+                         num_experts_per_tok {} experts to choose from",
+                        m.top_k
+                    )));
+                }
+            }
+            if !(m.weights_scale > 0.0) || !m.weights_scale.is_finite() {
+                return Err(InvalidConfig(format!(
+                    "routed_scaling_factor must be positive, got {}",
+                    m.weights_scale
+                )));
+            }
             if m.shared.as_ref().is_some_and(|s| s.intermediate == 0) {
                 return Err("shared_expert_intermediate_size must be positive, got 0".into());
             }
@@ -320,6 +388,34 @@ impl ModelConfig {
                     m.sparse.len(),
                     self.num_layers
                 )));
+            }
+        }
+        if let Some(a) = &self.mla {
+            let dims = [
+                ("kv_lora_rank", a.kv_lora_rank),
+                ("qk_nope_head_dim", a.qk_nope_dim),
+                ("qk_rope_head_dim", a.qk_rope_dim),
+                ("v_head_dim", a.v_head_dim),
+                ("q_lora_rank", a.q_lora_rank.unwrap_or(1)),
+            ];
+            for (name, v) in dims {
+                if v == 0 {
+                    return Err(InvalidConfig(format!("{name} must be positive, got 0")));
+                }
+            }
+            if self.head_dim != a.qk_rope_dim || self.num_kv_heads != 1 {
+                return Err(InvalidConfig(format!(
+                    "multi-head latent attention reads head_dim {} as qk_rope_head_dim {} and \
+                     one latent key head, not {}",
+                    self.head_dim, a.qk_rope_dim, self.num_kv_heads
+                )));
+            }
+            if self.fused_projections || self.attention_bias || self.qk_norm != QkNorm::None {
+                return Err(
+                    "multi-head latent attention has no fused projections, biases or \
+                            q/k norm"
+                        .into(),
+                );
             }
         }
         for (i, l) in self.layers.iter().enumerate() {
@@ -345,7 +441,18 @@ impl ModelConfig {
     pub fn n_params(&self) -> usize {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         let (q, kv) = self.qkv_rows();
-        let attn = h * q + 2 * h * kv + q * h;
+        let attn = match &self.mla {
+            Some(_) => self
+                .targets()
+                .iter()
+                .filter_map(|&t| {
+                    self.proj_shape(0, t)
+                        .filter(|_| t.hf_parent() == "self_attn")
+                })
+                .map(|(o, i)| o * i)
+                .sum::<usize>(),
+            None => h * q + 2 * h * kv + q * h,
+        };
         let bias = if self.attention_bias { q + 2 * kv } else { 0 };
         let norms = NormSlot::ALL
             .iter()
@@ -353,7 +460,10 @@ impl ModelConfig {
             .count()
             * h;
         let qk_norm = match self.qk_norm {
-            QkNorm::None => 0,
+            QkNorm::None => self
+                .mla
+                .as_ref()
+                .map_or(0, |a| a.kv_lora_rank + a.q_lora_rank.unwrap_or(0)),
             QkNorm::PerHead => 2 * self.head_dim,
             QkNorm::Full => q + kv,
         };
@@ -365,7 +475,11 @@ impl ModelConfig {
                         .shared
                         .as_ref()
                         .map_or(0, |s| 3 * h * s.intermediate + usize::from(s.gated) * h);
-                    m.num_experts * (3 * h * m.expert_intermediate + h) + shared
+                    let bias = match m.routing {
+                        Routing::SigmoidGrouped { .. } => m.num_experts,
+                        Routing::Softmax => 0,
+                    };
+                    m.num_experts * (3 * h * m.expert_intermediate + h) + shared + bias
                 }
                 None => 3 * h * i,
             })
@@ -469,6 +583,29 @@ fn validate_rope(r: &RopeConfig, head_dim: usize) -> Result<(), InvalidConfig> {
 impl ModelConfig {
     /// The projections of every layer: Phi-3's fused layout or the split one.
     pub fn targets(&self) -> &'static [TargetModule] {
+        if let Some(a) = &self.mla {
+            return match a.q_lora_rank {
+                Some(_) => &[
+                    TargetModule::QA,
+                    TargetModule::QB,
+                    TargetModule::KvA,
+                    TargetModule::KvB,
+                    TargetModule::O,
+                    TargetModule::Gate,
+                    TargetModule::Up,
+                    TargetModule::Down,
+                ],
+                None => &[
+                    TargetModule::Q,
+                    TargetModule::KvA,
+                    TargetModule::KvB,
+                    TargetModule::O,
+                    TargetModule::Gate,
+                    TargetModule::Up,
+                    TargetModule::Down,
+                ],
+            };
+        }
         if self.fused_projections {
             &[
                 TargetModule::Qkv,
@@ -536,6 +673,20 @@ impl ModelConfig {
             .shared_expert(layer)
             .map_or(self.intermediate_size, |s| s.intermediate);
         let (q, kv) = self.qkv_rows();
+        if let Some(a) = &self.mla {
+            let (heads, r) = (self.num_heads, a.kv_lora_rank);
+            match t {
+                TargetModule::QA => return Some((a.q_lora_rank?, h)),
+                TargetModule::QB => return Some((heads * a.qk_head_dim(), a.q_lora_rank?)),
+                TargetModule::Q => return Some((heads * a.qk_head_dim(), h)),
+                TargetModule::KvA => return Some((r + a.qk_rope_dim, h)),
+                TargetModule::KvB => {
+                    return Some((heads * (a.qk_nope_dim + a.v_head_dim), r));
+                }
+                TargetModule::O => return Some((h, heads * a.v_head_dim)),
+                _ => {}
+            }
+        }
         Some(match t {
             TargetModule::Q => (q, h),
             TargetModule::K | TargetModule::V => (kv, h),
@@ -545,6 +696,9 @@ impl ModelConfig {
             TargetModule::GateUp => (2 * i, h),
             TargetModule::Down => (h, i),
             TargetModule::SharedExpertGate => (1, h),
+            TargetModule::QA | TargetModule::QB | TargetModule::KvA | TargetModule::KvB => {
+                return None
+            }
             TargetModule::Router | TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => {
                 return None
             }

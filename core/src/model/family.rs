@@ -41,6 +41,10 @@ pub enum Family {
     /// Qwen2's attention (q/k/v biases) with routed experts (softmax top-k, not renormalized)
     /// and a shared expert scaled by a sigmoid gate.
     Qwen2Moe,
+    /// Multi-head Latent Attention, dense layers first, then sigmoid-scored experts chosen
+    /// within the best groups (with a per-expert bias) beside an ungated shared expert;
+    /// llama.cpp's `deepseek2`.
+    DeepseekV3,
 }
 
 /// Which layers use the sliding window when a config does not list them (`layer_types`).
@@ -53,7 +57,7 @@ pub enum SlidingPattern {
 }
 
 impl Family {
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 13] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
@@ -66,6 +70,7 @@ impl Family {
         Family::Qwen3Moe,
         Family::Olmoe,
         Family::Qwen2Moe,
+        Family::DeepseekV3,
     ];
 
     /// From `config.json`'s `model_type`.
@@ -83,6 +88,7 @@ impl Family {
             "qwen3_moe" => Family::Qwen3Moe,
             "olmoe" => Family::Olmoe,
             "qwen2_moe" => Family::Qwen2Moe,
+            "deepseek_v3" => Family::DeepseekV3,
             _ => return None,
         })
     }
@@ -101,6 +107,7 @@ impl Family {
             "qwen3moe" => Family::Qwen3Moe,
             "olmoe" => Family::Olmoe,
             "qwen2moe" => Family::Qwen2Moe,
+            "deepseek2" => Family::DeepseekV3,
             _ => return None,
         })
     }
@@ -118,14 +125,22 @@ impl Family {
     pub fn is_moe(self) -> bool {
         matches!(
             self,
-            Family::Mixtral | Family::Qwen3Moe | Family::Olmoe | Family::Qwen2Moe
+            Family::Mixtral
+                | Family::Qwen3Moe
+                | Family::Olmoe
+                | Family::Qwen2Moe
+                | Family::DeepseekV3
         )
     }
 
     /// transformers' module of a sparse layer's shared expert (under `mlp`), for the families
     /// that have one.
     pub fn hf_shared_expert(self) -> Option<&'static str> {
-        (self == Family::Qwen2Moe).then_some("shared_expert")
+        match self {
+            Family::Qwen2Moe => Some("shared_expert"),
+            Family::DeepseekV3 => Some("shared_experts"),
+            _ => None,
+        }
     }
 
     /// The key of `config.json` that switches the q/k/v biases (Qwen2-MoE's `qkv_bias`).
@@ -142,7 +157,7 @@ impl Family {
         match self {
             // Mixtral always renormalizes; llama.cpp does for qwen3moe (transformers' class
             // default is false, but Qwen3-MoE checkpoints set it).
-            Family::Mixtral | Family::Qwen3Moe => true,
+            Family::Mixtral | Family::Qwen3Moe | Family::DeepseekV3 => true,
             _ => false,
         }
     }
@@ -171,6 +186,7 @@ impl Family {
             Family::Qwen3Moe => "qwen3_moe",
             Family::Olmoe => "olmoe",
             Family::Qwen2Moe => "qwen2_moe",
+            Family::DeepseekV3 => "deepseek_v3",
         }
     }
 
@@ -189,6 +205,7 @@ impl Family {
             Family::Qwen3Moe => "Qwen3MoeForCausalLM",
             Family::Olmoe => "OlmoeForCausalLM",
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Family::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
 
@@ -205,6 +222,7 @@ impl Family {
             Family::Qwen3Moe => "qwen3moe",
             Family::Olmoe => "olmoe",
             Family::Qwen2Moe => "qwen2moe",
+            Family::DeepseekV3 => "deepseek2",
         }
     }
 

@@ -16,6 +16,7 @@ mod attention;
 mod block;
 pub mod config;
 pub mod family;
+mod mla;
 pub mod moe;
 mod norm;
 pub mod proj;
@@ -33,8 +34,8 @@ use attention::AttnSeq;
 pub use block::Block;
 use block::{LayerCtx, Runs};
 pub use config::{
-    Activation, LayerConfig, ModelConfig, MoeConfig, NormPlacement, NormSlot, QkNorm, RopeConfig,
-    RopeScaling, SharedExpert,
+    Activation, LayerConfig, MlaConfig, ModelConfig, MoeConfig, NormPlacement, NormSlot, QkNorm,
+    RopeConfig, RopeScaling, Routing, SharedExpert,
 };
 pub use family::Family;
 pub use norm::RmsNorm;
@@ -144,6 +145,38 @@ impl<B: GraftBackend> SeqCache<B> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Appends layer `layer`'s new keys and values (`[kv_heads, n, width]` each; latent
+    /// attention's latents and rotary keys) and returns the layer's pieces, as
+    /// [`KvParts::pieces`].
+    pub(crate) fn append(
+        &mut self,
+        num_layers: usize,
+        layer: usize,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+    ) -> Vec<(Tensor<B, 3>, Tensor<B, 3>, usize)> {
+        if self.layers.len() < num_layers {
+            self.layers.resize(num_layers, None);
+        }
+        let parts = KvParts::append(self.layers[layer].take(), k, v);
+        let pieces = parts.pieces();
+        self.layers[layer] = Some(parts);
+        pieces
+    }
+
+    /// Values held over all layers: keys and values, or latent attention's latents and
+    /// rotary keys.
+    pub fn n_values(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flat_map(KvParts::pieces)
+            .map(|(k, v, _)| {
+                k.dims().iter().product::<usize>() + v.dims().iter().product::<usize>()
+            })
+            .sum()
     }
 
     /// The cache of the first `n` tokens (keys and values of a position depend only on the

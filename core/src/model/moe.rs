@@ -12,11 +12,11 @@
 //! the host.
 
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::{IndexingUpdateOp, TensorData};
 
 use super::block::{gelu_tanh, Runs};
-use super::config::{Activation, MoeConfig};
+use super::config::{Activation, MoeConfig, Routing};
 use crate::adapters::lora::{LoraWeights, RowAdapters};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
@@ -74,6 +74,8 @@ pub struct Expert<B: GraftBackend> {
 pub struct Experts<B: GraftBackend> {
     /// `[num_experts, hidden]`: a token's score for each expert.
     pub router: Proj<B>,
+    /// Added to the scores for the choice only (DeepSeek-V3's `e_score_correction_bias`).
+    pub score_bias: Option<Tensor<B, 1>>,
     pub experts: Vec<Expert<B>>,
 }
 
@@ -125,7 +127,9 @@ impl<B: GraftBackend> Expert<B> {
 impl<B: GraftBackend> Experts<B> {
     /// Bytes held by the router and the experts.
     pub fn n_bytes(&self) -> usize {
-        self.router.n_bytes() + self.experts.iter().map(Expert::n_bytes).sum::<usize>()
+        self.router.n_bytes()
+            + self.score_bias.as_ref().map_or(0, |b| b.dims()[0] * 4)
+            + self.experts.iter().map(Expert::n_bytes).sum::<usize>()
     }
 
     /// The weighted sum of each token's chosen experts, and the choices.
@@ -142,16 +146,41 @@ impl<B: GraftBackend> Experts<B> {
         let [n, hidden] = h.dims();
         let k = moe.top_k;
         let device = h.device();
-        let probs = softmax(self.router.forward(h.clone(), &lora.router), 1);
-        let chosen = top_k(&probs, k);
-        // The chosen probabilities, `[n, k]`, renormalized if asked, then flattened so that
-        // entry `t·k + j` weighs token t's j-th expert.
+        let logits = self.router.forward(h.clone(), &lora.router);
+        // The routing weights of every expert (softmax probabilities or sigmoid scores), the
+        // choice, and the weights of the chosen ones, `[n, k]`, renormalized if asked.
+        let (scores, chosen) = match moe.routing {
+            Routing::Softmax => {
+                let probs = softmax(logits, 1);
+                let chosen = top_k(&probs, k);
+                (probs, chosen)
+            }
+            Routing::SigmoidGrouped {
+                groups,
+                topk_groups,
+            } => {
+                let scores = sigmoid(logits);
+                let bias = self.score_bias.as_ref().map(host_f32);
+                let chosen = grouped_top_k(&scores, bias.as_deref(), groups, topk_groups, k);
+                (scores, chosen)
+            }
+        };
         let idx: Vec<i32> = chosen.iter().map(|&e| e as i32).collect();
         let idx = Tensor::<B, 2, Int>::from_data(TensorData::new(idx, [n, k]), &device);
-        let mut weights = probs.gather(1, idx);
+        let mut weights = scores.gather(1, idx);
         if moe.norm_topk {
-            weights = weights.clone() / weights.sum_dim(1);
+            weights = match moe.routing {
+                Routing::Softmax => weights.clone() / weights.sum_dim(1),
+                // transformers adds 1e-20 to the sigmoid scores' sum
+                Routing::SigmoidGrouped { .. } => {
+                    weights.clone() / weights.sum_dim(1).add_scalar(1e-20)
+                }
+            };
         }
+        if moe.weights_scale != 1.0 {
+            weights = weights.mul_scalar(moe.weights_scale);
+        }
+        // Entry `t·k + j` weighs token t's j-th expert.
         let weights = weights.reshape([n * k]);
         // By expert, the (token, slot) pairs that chose it, tokens ascending.
         let mut by_expert: Vec<Vec<usize>> = vec![Vec::new(); self.experts.len()];
@@ -186,16 +215,61 @@ impl<B: GraftBackend> Experts<B> {
     }
 }
 
+/// A tensor's values on the host, as f32.
+fn host_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f32> {
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_else(|e| unreachable!("an f32 tensor reads back as f32: {e:?}"))
+}
+
+/// DeepSeek-V3's choice (transformers' `DeepseekV3TopkRouter`), per row of `scores`
+/// (`[n, experts]`, sigmoid): with `bias` added, each of the `groups` equal groups of experts
+/// is worth its two best scores; the `k` best experts of the `topk_groups` best groups are
+/// chosen (ties: the lower index first), listed by descending unbiased score. `[n · k]`.
+fn grouped_top_k<B: Backend>(
+    scores: &Tensor<B, 2>,
+    bias: Option<&[f32]>,
+    groups: usize,
+    topk_groups: usize,
+    k: usize,
+) -> Vec<u32> {
+    let [n, e] = scores.dims();
+    let values = host_f32(scores);
+    let per = e / groups;
+    let mut out = Vec::with_capacity(n * k);
+    for row in values.chunks_exact(e) {
+        let biased: Vec<f32> = match bias {
+            Some(b) => row.iter().zip(b).map(|(s, b)| s + b).collect(),
+            None => row.to_vec(),
+        };
+        let group_score = |g: usize| {
+            let mut best = biased[g * per..(g + 1) * per].to_vec();
+            best.sort_by(|a, b| b.total_cmp(a));
+            best.iter().take(2).fold(0f32, |acc, v| acc + v)
+        };
+        let worth: Vec<f32> = (0..groups).map(group_score).collect();
+        let mut order: Vec<usize> = (0..groups).collect();
+        order.sort_by(|&a, &b| worth[b].total_cmp(&worth[a]));
+        let mut candidates: Vec<usize> = order[..topk_groups]
+            .iter()
+            .flat_map(|&g| g * per..(g + 1) * per)
+            .collect();
+        candidates.sort_unstable();
+        candidates.sort_by(|&a, &b| biased[b].total_cmp(&biased[a]));
+        let mut picked: Vec<usize> = candidates[..k].to_vec();
+        picked.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        out.extend(picked.iter().map(|&x| x as u32));
+    }
+    out
+}
+
 /// Per row of `probs` (`[n, experts]`), the `k` largest entries' columns by descending value
 /// (ties: the lower column first), `[n · k]`.
 fn top_k<B: Backend>(probs: &Tensor<B, 2>, k: usize) -> Vec<u32> {
     let [n, e] = probs.dims();
-    let values: Vec<f32> = probs
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .unwrap_or_else(|e| unreachable!("an f32 tensor reads back as f32: {e:?}"));
+    let values = host_f32(probs);
     let mut out = Vec::with_capacity(n * k);
     let mut order: Vec<u32> = Vec::with_capacity(e);
     for row in values.chunks_exact(e) {
@@ -223,5 +297,22 @@ mod tests {
         );
         assert_eq!(top_k(&p, 2), vec![1, 3, 2, 0]);
         assert_eq!(top_k(&p, 4), vec![1, 3, 2, 0, 2, 0, 1, 3]);
+    }
+
+    #[test]
+    fn grouped_top_k_keeps_to_the_best_groups_and_lists_by_unbiased_score() {
+        let dev = Default::default();
+        // Two groups of three. Group 0's two best biased scores sum to 1.1, group 1's to 1.3.
+        let s = Tensor::<B, 2>::from_data(
+            TensorData::new(vec![0.9f32, 0.2, 0.1, 0.5, 0.6, 0.7], [1, 6]),
+            &dev,
+        );
+        // Unbiased, expert 0 is the best of all, but its group loses.
+        assert_eq!(grouped_top_k(&s, None, 2, 1, 2), vec![5, 4]);
+        // Both groups allowed: the two best overall.
+        assert_eq!(grouped_top_k(&s, None, 2, 2, 2), vec![0, 5]);
+        // The bias lifts expert 3 over 4 in the choice; the list is by unbiased score.
+        let bias = [0.0, 0.0, 0.0, 0.2, 0.0, 0.0];
+        assert_eq!(grouped_top_k(&s, Some(&bias), 2, 1, 2), vec![5, 3]);
     }
 }

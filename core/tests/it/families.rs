@@ -17,7 +17,7 @@ pub const FAMILIES: [&str; 8] = [
 ];
 
 /// The Mixture-of-Experts families with a tiny reference model (`scripts/reference/moe.py`).
-pub const MOE_FAMILIES: [&str; 4] = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"];
+pub const MOE_FAMILIES: [&str; 5] = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"];
 
 /// Dense and MoE families.
 pub fn all_families() -> impl Iterator<Item = &'static str> {

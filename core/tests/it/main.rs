@@ -6,6 +6,7 @@ mod constraint;
 mod families;
 mod hub;
 mod merge;
+mod mla;
 mod moe;
 mod peft;
 mod real_models;

@@ -46,9 +46,16 @@ fn routers_choose_the_experts_transformers_chooses_on_every_token() {
             let moe = m.config.moe.as_ref().expect("an MoE config");
             assert_eq!((moe.num_experts, moe.top_k), (8, 2), "{family}");
             let mut tokens_checked = 0;
+            // DeepSeek-V3's first layer is dense.
+            let sparse = moe.sparse.iter().filter(|&&s| s).count();
+            assert_eq!(
+                sparse,
+                m.config.num_layers - usize::from(family == "deepseek_v3"),
+                "{family}: sparse layers"
+            );
             for (p, prompt) in prompts.iter().enumerate() {
                 let routes = m.expert_choices(prompt);
-                assert_eq!(routes.len(), m.config.num_layers, "{family}: sparse layers");
+                assert_eq!(routes.len(), sparse, "{family}: routed layers");
                 for (l, r) in routes.iter().enumerate() {
                     assert_eq!(r.top_k, 2);
                     assert_eq!(
@@ -59,7 +66,7 @@ fn routers_choose_the_experts_transformers_chooses_on_every_token() {
                     tokens_checked += prompt.len();
                 }
             }
-            assert_eq!(tokens_checked, 2 * (5 + 13 + 24));
+            assert_eq!(tokens_checked, sparse * (5 + 13 + 24));
         }
     }
 }
@@ -75,11 +82,11 @@ fn gguf_experts_share_their_stacked_tensor_and_a_dense_model_routes_nothing() {
             gguf.config.moe.as_ref(),
             "{family}: same MoE config"
         );
-        for (a, b) in hf.layers.iter().zip(&gguf.layers) {
-            let (a, b) = (
-                a.experts.as_ref().expect("experts"),
-                b.experts.as_ref().expect("experts"),
-            );
+        for (l, (a, b)) in hf.layers.iter().zip(&gguf.layers).enumerate() {
+            let (Some(a), Some(b)) = (&a.experts, &b.experts) else {
+                assert!(!moe.sparse[l], "{family}: layer {l} lacks its experts");
+                continue;
+            };
             assert_eq!(a.experts.len(), 8);
             // The f32 GGUF's experts are slices of one dense [8·rows, cols] tensor; equal
             // values to the safetensors' separate tensors.
@@ -182,12 +189,25 @@ fn a_peft_adapter_on_the_router_and_experts_reproduces_peftmodel_logits() {
             let m = load_family(family, gguf).model;
             let (adapter, cfg) = peft::load(&dir.join("peft_adapter"), &m)
                 .unwrap_or_else(|e| panic!("PEFT's adapter loads: {e}"));
-            // q, k, v, o, the router, gate/up and down in each layer, and a shared expert's
-            // gate, up, down and gate projections
-            let shared = m.config.moe.as_ref().is_some_and(|x| x.shared.is_some());
-            let per_layer = if shared { 11 } else { 7 };
-            assert_eq!(adapter.modules().count(), per_layer * m.config.num_layers);
-            for l in 0..m.config.num_layers {
+            // Each layer's projections that PEFT's config names (attention, and a shared
+            // expert's or dense layer's MLP), and on a sparse layer the router, gate/up and down.
+            let named: Vec<String> = serde_json::from_value(cfg.target_modules.clone().unwrap())
+                .expect("a list of module names");
+            let moe = m.config.moe.as_ref().expect("moe");
+            let expected: usize = (0..m.config.num_layers)
+                .map(|l| {
+                    let own = m.config.layer_targets(l).into_iter();
+                    own.filter(|t| named.iter().any(|n| n == t.hf_name()))
+                        .count()
+                        + if moe.sparse[l] { 3 } else { 0 }
+                })
+                .sum();
+            assert!(
+                expected >= 7 * m.config.num_layers - 3,
+                "{family}: {named:?}"
+            );
+            assert_eq!(adapter.modules().count(), expected, "{family}");
+            for l in (0..m.config.num_layers).filter(|&l| moe.sparse[l]) {
                 for t in [TargetModule::ExpertsGateUp, TargetModule::ExpertsDown] {
                     let w = adapter.get(l, t).expect("expert adapter");
                     assert_eq!((w.experts, w.rank(), w.scale), (8, 4, 2.0), "layer {l} {t}");
@@ -263,23 +283,29 @@ fn a_graft_expert_adapter_is_the_file_peft_reads() {
             r: 4,
             lora_alpha: 8.0,
             lora_dropout: 0.0,
-            target_modules: [
-                TargetModule::Q,
-                TargetModule::V,
+            target_modules: match m.config.mla {
+                Some(_) => [TargetModule::QA, TargetModule::KvB],
+                None => [TargetModule::Q, TargetModule::V],
+            }
+            .into_iter()
+            .chain([
                 TargetModule::Router,
                 TargetModule::ExpertsGateUp,
                 TargetModule::ExpertsDown,
-            ]
-            .into_iter()
-            // A shared expert's projections and gate, where there is one.
+            ])
+            // A shared expert's projections and gate, where there is one, but DeepSeek-V3's:
+            // PEFT 0.21.2 reads gate_proj/up_proj/down_proj on deepseek_v3 as the routed
+            // experts' (its transformers v4 → v5 conversion) and cannot load them.
             .chain(
                 m.config
                     .moe
                     .as_ref()
                     .and_then(|x| x.shared.as_ref())
+                    .filter(|s| s.gated)
                     .map_or(Vec::new(), |_| {
                         vec![
                             TargetModule::Gate,
+                            TargetModule::Up,
                             TargetModule::Down,
                             TargetModule::SharedExpertGate,
                         ]
