@@ -18,7 +18,8 @@ Everything is seeded, so a rerun with the same versions rewrites identical files
   ggml_blocks.safetensors  `<TYPE>.bytes` (u8, 8 packed llama.cpp blocks of random bytes with finite,
                            moderate f16 scales) and `<TYPE>.values` (f32, gguf-py's dequantization)
                            for Q4_0 Q4_1 Q8_0 Q4_K Q5_K Q6_K Q5_0 Q5_1 Q2_K Q3_K IQ4_NL IQ4_XS,
-                           plus 64 F16 and BF16 values
+                           plus 64 F16 and BF16 values, and MXFP4: 256 blocks, one per E8M0
+                           exponent byte, random codes
   nf4.safetensors          bitsandbytes NF4 of a [33, 70] f32 matrix (a tail block of 6), blocksize
                            64, with double quantization (`packed`, `absmax` u8 codes,
                            `nested_absmax`, `nested_quant_map`, `nested_offset`, `quant_map`,
@@ -112,6 +113,15 @@ def ggml_blocks(out):
         t[f"{name}.bytes"] = b
         t[f"{name}.values"] = dequantize(b, Q[name]).astype(np.float32).reshape(-1)
     blocks(names[FIRST_BLOCKS:])
+    # MXFP4 (GPT-OSS's experts; drawn last): one block for each E8M0 exponent byte 0..255 --
+    # ggml's subnormal half-scales below 2, and 2^127 whose larger codes overflow f32 to inf --
+    # with random codes.
+    b = rng.integers(0, 256, size=(256, 17), dtype=np.uint8)
+    b[:, 0] = np.arange(256, dtype=np.uint8)
+    b = b.reshape(-1)
+    t["MXFP4.bytes"] = b
+    with np.errstate(over="ignore"):
+        t["MXFP4.values"] = dequantize(b, Q.MXFP4).astype(np.float32).reshape(-1)
     save_file(t, os.path.join(out, "ggml_blocks.safetensors"))
 
 

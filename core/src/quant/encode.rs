@@ -34,7 +34,12 @@ impl GgmlType {
     pub fn can_encode(self) -> bool {
         !matches!(
             self,
-            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q5_K | GgmlType::IQ4_NL | GgmlType::IQ4_XS
+            GgmlType::Q2_K
+                | GgmlType::Q3_K
+                | GgmlType::Q5_K
+                | GgmlType::IQ4_NL
+                | GgmlType::IQ4_XS
+                | GgmlType::MXFP4
         )
     }
 

@@ -33,6 +33,8 @@ pub enum GgmlType {
     Q6_K,
     IQ4_NL,
     IQ4_XS,
+    /// OCP microscaling FP4 (GPT-OSS's experts): 32 E2M1 values under one E8M0 exponent.
+    MXFP4,
 }
 
 impl GgmlType {
@@ -54,6 +56,7 @@ impl GgmlType {
             20 => GgmlType::IQ4_NL,
             23 => GgmlType::IQ4_XS,
             30 => GgmlType::BF16,
+            39 => GgmlType::MXFP4,
             _ => return None,
         })
     }
@@ -75,6 +78,7 @@ impl GgmlType {
             GgmlType::IQ4_NL => 20,
             GgmlType::IQ4_XS => 23,
             GgmlType::BF16 => 30,
+            GgmlType::MXFP4 => 39,
         }
     }
 
@@ -87,7 +91,8 @@ impl GgmlType {
             | GgmlType::Q5_0
             | GgmlType::Q5_1
             | GgmlType::Q8_0
-            | GgmlType::IQ4_NL => 32,
+            | GgmlType::IQ4_NL
+            | GgmlType::MXFP4 => 32,
             GgmlType::Q2_K
             | GgmlType::Q3_K
             | GgmlType::Q4_K
@@ -114,6 +119,7 @@ impl GgmlType {
             GgmlType::Q6_K => 210,
             GgmlType::IQ4_NL => 18,
             GgmlType::IQ4_XS => 136,
+            GgmlType::MXFP4 => 17,
         }
     }
 
@@ -155,6 +161,7 @@ impl GgmlType {
                 GgmlType::Q6_K => q6_k(b, y),
                 GgmlType::IQ4_NL => iq4_nl(b, y),
                 GgmlType::IQ4_XS => iq4_xs(b, y),
+                GgmlType::MXFP4 => mxfp4(b, y),
             }
         }
     }
@@ -343,6 +350,26 @@ fn iq4_block(d: f32, qs: &[u8], y: &mut [f32]) {
 
 fn iq4_nl(b: &[u8], y: &mut [f32]) {
     iq4_block(half_at(b, 0), &b[2..18], y);
+}
+
+/// E2M1 (FP4) values, doubled so that they are integers (`kvalues_mxfp4`).
+const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// MXFP4: an E8M0 exponent byte `e`, then 16 bytes of codes in Q4_0 order;
+/// `x = 2^(e − 128) · kvalues[code]` (half the scale against the doubled values), with
+/// ggml's `e8m0_to_fp32_half` giving the subnormal scales of `e < 2` exactly.
+fn mxfp4(b: &[u8], y: &mut [f32]) {
+    let e = u32::from(b[0]);
+    let bits = if e < 2 {
+        0x0020_0000 << e
+    } else {
+        (e - 1) << 23
+    };
+    let d = f32::from_bits(bits);
+    for (j, &q) in b[1..17].iter().enumerate() {
+        y[j] = d * MXFP4_VALUES[(q & 0xF) as usize] as f32;
+        y[j + 16] = d * MXFP4_VALUES[(q >> 4) as usize] as f32;
+    }
 }
 
 /// IQ4_XS: 8 sub-blocks of 32, each with a six-bit signed scale (low four bits in the nibbles

@@ -590,9 +590,13 @@ mod tests {
             GgmlType::Q2_K => &[80, 82],
             GgmlType::Q3_K => &[108],
             GgmlType::Q6_K => &[208],
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => &[],
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::MXFP4 => &[],
         };
         for (i, blk) in b.chunks_exact_mut(ty.type_size()).enumerate() {
+            if ty == GgmlType::MXFP4 {
+                // an E8M0 exponent: scales 2^-10 … 2^-6
+                blk[0] = 118 + (i % 5) as u8;
+            }
             for (k, &at) in halves.iter().enumerate() {
                 let v = 0.01 + ((i * 7 + k * 3) % 11) as f32 * 0.003;
                 blk[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
@@ -677,6 +681,7 @@ mod tests {
             GgmlType::Q3_K,
             GgmlType::IQ4_NL,
             GgmlType::IQ4_XS,
+            GgmlType::MXFP4,
         ] {
             let w = ggml_weight(ty, ROWS, COLS);
             assert_eq!(kernel_name(&w), "portable", "{ty:?}");

@@ -43,6 +43,7 @@ fn ggml_dequantization_equals_gguf_py_exactly() {
         ("Q3_K", GgmlType::Q3_K),
         ("IQ4_NL", GgmlType::IQ4_NL),
         ("IQ4_XS", GgmlType::IQ4_XS),
+        ("MXFP4", GgmlType::MXFP4),
         ("F16", GgmlType::F16),
         ("BF16", GgmlType::BF16),
     ] {
