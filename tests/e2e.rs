@@ -189,7 +189,7 @@ fn train_then_generate_with_the_adapter() {
 /// The tiny random models of every family (`core/tests/fixtures/families`, made by
 /// `scripts/reference/families.py` and, for the MoE ones, `moe.py`), as llama.cpp's converter
 /// wrote them to GGUF.
-const FAMILIES: [&str; 13] = [
+const FAMILIES: [&str; 14] = [
     "llama",
     "mistral",
     "qwen2",
@@ -203,6 +203,7 @@ const FAMILIES: [&str; 13] = [
     "olmoe",
     "qwen2_moe",
     "deepseek_v3",
+    "gpt_oss",
 ];
 
 fn family_model(family: &str) -> PathBuf {
@@ -250,7 +251,15 @@ fn every_family_trains_an_adapter_that_serving_applies() {
     for family in FAMILIES {
         let model = family_model(family);
         // On MoE models: attention, the routers and every expert (PEFT's target_parameters).
-        let moe = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"].contains(&family);
+        let moe = [
+            "mixtral",
+            "qwen3_moe",
+            "olmoe",
+            "qwen2_moe",
+            "deepseek_v3",
+            "gpt_oss",
+        ]
+        .contains(&family);
         // And on Qwen2-MoE its shared expert (the sparse layers' gate/up/down) and that
         // expert's gate; on DeepSeek-V3 latent attention's projections and the shared experts.
         let targets = match family {
@@ -340,11 +349,17 @@ fn every_family_trains_an_adapter_that_serving_applies() {
             latent,
             "{family}: {targets:?}"
         );
+        // GPT-OSS's router is `mlp.router`.
+        let router = if family == "gpt_oss" {
+            "router"
+        } else {
+            "gate"
+        };
         if moe {
             assert_eq!(
                 cfg["target_parameters"],
                 serde_json::json!([
-                    "mlp.gate.weight",
+                    format!("mlp.{router}.weight"),
                     "mlp.experts.gate_up_proj",
                     "mlp.experts.down_proj"
                 ]),
@@ -353,7 +368,8 @@ fn every_family_trains_an_adapter_that_serving_applies() {
             // B starts at zero: the experts' B moved only if gradients reached them.
             let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).expect("weights");
             let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-            let mut keys = vec!["experts.base_layer.lora_B", "experts.lora_B", "gate.lora_B"];
+            let router_b = format!("{router}.lora_B");
+            let mut keys = vec!["experts.base_layer.lora_B", "experts.lora_B", &router_b];
             match family {
                 "qwen2_moe" => keys.extend([
                     "shared_expert.down_proj.lora_B",

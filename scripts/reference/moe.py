@@ -23,6 +23,11 @@ reference.json's feature_checks:
              writes for every olmoe model
   qwen2_moe  q/k/v biases N(0, 0.5), norm_topk_prob = false, and a shared expert (intermediate 48)
              every token runs, scaled by sigmoid(shared_expert_gate · x); GGUF `_shexp` tensors
+  gpt_oss    biases on q/k/v/o, the router and the experts; attention sinks (one learned logit per
+             head in each softmax); sliding window 8 on even layers (GPT-OSS: 128), full on odd;
+             YaRN (factor 4 over 16, truncate false); the clamped SwiGLU (alpha 1.702, limit 7, `(up + 1)`;
+             gate/up weights N(0, 0.6) so that the limit bites); gate and up interleaved in transformers'
+             3-D gate_up_proj [E, hidden, 2I]; softmax over the top-k router logits
   deepseek_v3  3 layers, the first dense (first_k_dense_replace = 1); Multi-head Latent Attention
              (q_lora_rank 48 with its norm, kv_lora_rank 32 with its norm, qk_nope 16 + qk_rope 8
              per head, v_head_dim 16, interleaved rope); sigmoid router scores plus a random
@@ -59,12 +64,13 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 TOKENIZER = {"mixtral": "mistral", "qwen3_moe": "qwen3", "olmoe": "olmo2", "qwen2_moe": "qwen2",
-             "deepseek_v3": "qwen2"}
+             "deepseek_v3": "qwen2", "gpt_oss": "qwen2"}
 MOE = dict(num_hidden_layers=2, head_dim=16, tie_word_embeddings=False)
 
 
 def moe_configs():
-    from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (DeepseekV3Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
 
     return {
         "mixtral": (MixtralConfig, dict(
@@ -90,6 +96,15 @@ def moe_configs():
             first_k_dense_replace=1, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
             qk_rope_head_dim=8, v_head_dim=16, rope_interleave=True, num_mtp_layers=0,
             rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+        "gpt_oss": (GptOssConfig, dict(
+            MOE, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"], attention_bias=True,
+            # GPT-OSS's own (llama.cpp hard-codes them for gpt-oss files); the experts' gate/up
+            # weights are drawn wide enough (build_model) that the limit bites
+            swiglu_alpha=1.702, swiglu_limit=7.0,
+            # GPT-OSS's YaRN (factor 32 over 4096 there), shrunk to the tiny prompts
+            rope_parameters={"rope_type": "yarn", "rope_theta": 1.5e5, "factor": 4.0, "beta_fast": 32.0,
+                             "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})),
     }
 
 
@@ -98,7 +113,7 @@ STD = 0.15
 YARN = {"deepseek_v3": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                         "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
                         "mscale": 1.0, "mscale_all_dim": 1.0}}
-SEEDS = {"mixtral": 100, "qwen3_moe": 101, "olmoe": 102, "qwen2_moe": 103, "deepseek_v3": 104}
+SEEDS = {"mixtral": 100, "qwen3_moe": 101, "olmoe": 102, "qwen2_moe": 103, "deepseek_v3": 104, "gpt_oss": 105}
 
 
 def build_model(family, special_ids, seed):
@@ -119,6 +134,9 @@ def build_model(family, special_ids, seed):
                 p.copy_(torch.randn_like(p) * 0.5)
             elif name.endswith(".bias"):
                 p.copy_(torch.randn_like(p) * 0.5)
+            elif name.endswith("experts.gate_up_proj"):
+                # GPT-OSS: pre-activations of a few units, often past the SwiGLU limit of 7
+                p.copy_(torch.randn_like(p) * 0.6)
             elif p.dim() in (2, 3):
                 p.copy_(torch.randn_like(p) * STD)
         for name, b in model.named_buffers():
@@ -204,6 +222,15 @@ def feature_checks(family, model, prompts, ref):
         checks["rope_not_interleaved"] = F.variant(model, prompts, {"rope_interleave": False})
         checks["shared_experts_zero"] = F.variant(model, prompts, state_fn=lambda sd: {
             k: torch.zeros_like(v) if ".shared_experts.down_proj" in k else v for k, v in sd.items()})
+    if family == "gpt_oss":
+        checks["sinks_off"] = F.variant(model, prompts, state_fn=lambda sd: {
+            k: torch.full_like(v, -1e4) if k.endswith(".sinks") else v for k, v in sd.items()})
+        checks["sliding_window_off"] = F.variant(model, prompts, {"layer_types": ["full_attention"] * 2})
+        checks["swiglu_limit_off"] = F.variant(model, prompts, {"swiglu_limit": 1e4})
+        checks["yarn_off"] = F.variant(model, prompts, {"rope_parameters": {"rope_type": "default",
+                                                                             "rope_theta": 1.5e5}})
+        checks["biases_zero"] = F.variant(model, prompts, state_fn=lambda sd: {
+            k: torch.zeros_like(v) if k.endswith("bias") else v for k, v in sd.items()})
     if family in ("qwen3_moe", "olmoe", "deepseek_v3"):
         checks["norm_topk_prob_flipped"] = F.variant(model, prompts, {"norm_topk_prob": not c.norm_topk_prob})
     checks["top_k_1"] = F.variant(model, prompts, {"num_experts_per_tok": 1})
@@ -235,6 +262,21 @@ def check_gguf_experts(model_dir, tensors, family, n_layers, n_experts):
     from safetensors.numpy import load_file
 
     st = load_file(os.path.join(model_dir, "model.safetensors"))
+    if family == "gpt_oss":
+        # transformers keeps GPT-OSS's experts 3-D as x @ W ([E, in, out]), gate and up
+        # interleaved in gate_up_proj's columns; the converter transposes and splits them.
+        for layer in range(n_layers):
+            pre = f"model.layers.{layer}.mlp.experts."
+            gu, down = st[pre + "gate_up_proj"].transpose(0, 2, 1), st[pre + "down_proj"].transpose(0, 2, 1)
+            gub = st[pre + "gate_up_proj_bias"]
+            for g, want in (("ffn_gate_exps.weight", gu[:, 0::2]), ("ffn_up_exps.weight", gu[:, 1::2]),
+                            ("ffn_down_exps.weight", down), ("ffn_gate_exps.bias", gub[:, 0::2]),
+                            ("ffn_up_exps.bias", gub[:, 1::2]),
+                            ("ffn_down_exps.bias", st[pre + "down_proj_bias"])):
+                got = tensors[f"blk.{layer}.{g}"][2].reshape(want.shape)
+                assert np.array_equal(got, want), (family, layer, g)
+        return ("ffn_{gate,up}_exps = gate_up_proj transposed, even / odd rows; ffn_down_exps = down_proj "
+                "transposed; biases split likewise (exact)")
     names = {"mixtral": ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
                          "block_sparse_moe.experts.{e}.w2")}.get(
         family, ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj"))
@@ -316,7 +358,7 @@ def moe_fixture(family, seed, root, out_root):
             "init": f"linear/embedding/expert weights N(0, {STD}), router N(0, 0.5), norm weights N(1, 0.3), "
                     "biases N(0, 0.5)",
             "logits_std": stds,
-            "saved_expert_keys": sorted({k.split(".experts.")[1].split(".", 1)[1]
+            "saved_expert_keys": sorted({k.split(".experts.")[1].split(".", 1)[-1]
                                          for k in _saved_keys(d) if ".experts." in k}),
         },
         "feature_checks": {"meaning": "max |d logits| per prompt when the feature is changed", **checks},

@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from family_adapters import load_base, logits, max_diff  # noqa: E402  (f32, eager, one thread)
 
-FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss"]
 SEED = 2000
 RANK, ALPHA, INIT_STD = 4, 8, 0.1
 TARGET_MODULES = ["k_proj", "o_proj", "q_proj", "v_proj"]
@@ -75,8 +75,10 @@ def peft_to_graft(d, family, seed, prompts, base_ref):
     failures = []
     torch.manual_seed(seed)
     modules = sorted(ATTENTION_MODULES.get(family, TARGET_MODULES) + SHARED_MODULES.get(family, []))
+    # GPT-OSS's router is `mlp.router`; its experts are [E, in, out] with gate/up interleaved
+    params = [p.replace("mlp.gate.", "mlp.router.") if family == "gpt_oss" else p for p in TARGET_PARAMETERS]
     config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=modules,
-                        target_parameters=TARGET_PARAMETERS, task_type="CAUSAL_LM")
+                        target_parameters=params, task_type="CAUSAL_LM")
     model = get_peft_model(load_base(d), config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -98,7 +100,7 @@ def peft_to_graft(d, family, seed, prompts, base_ref):
               metadata={"about": json.dumps({
                   "generator": "scripts/reference/moe_peft.py", "versions": versions(),
                   "adapter": f"peft_adapter/ (r={RANK}, lora_alpha={ALPHA}, target_modules={modules}, "
-                             f"target_parameters={TARGET_PARAMETERS}, A and B ~ N(0, {INIT_STD}^2), "
+                             f"target_parameters={params}, A and B ~ N(0, {INIT_STD}^2), "
                              f"torch.manual_seed({seed}))",
                   "logits": "p{i}.logits[pos, :] = PeftModel logits (f32, eval, eager attention, "
                             "use_cache=False) on reference.json prompts[i]"})})

@@ -612,7 +612,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         let mut lora = self.cfg.lora.clone();
         lora.target_modules
             .retain(|t| self.modules.iter().any(|m| m.target == *t));
-        let config = PeftConfig::from_lora(&lora, &self.base_name);
+        let config = PeftConfig::from_lora(&lora, &self.base_name, self.model.config.family);
         peft::save(dir, &adapter, &config, &self.model.config)
             .map_err(|e| std::io::Error::other(e.to_string()))
     }

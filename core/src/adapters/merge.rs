@@ -32,8 +32,8 @@ use crate::load::gguf::{permute_rows, tensor_name};
 use crate::load::hf::{hf_tensor, hf_tensors, to_f32, HfTensor, Weights};
 use crate::load::hf_config::to_hf_json;
 use crate::load::LoadError;
-use crate::model::Model;
 use crate::model::ModelConfig;
+use crate::model::{Family, Model};
 use crate::quant::mix::{quantize_order, FileType, Mix, TensorRef};
 use crate::quant::GgmlType;
 use crate::text::tokenizer::TokenizerBundle;
@@ -152,6 +152,10 @@ struct Patch {
     /// The rows are added transposed (`[in, rows]`, at rows `at..at + in`): llama.cpp's
     /// `attn_k_b` holds latent attention's key rows that way.
     transposed: bool,
+    /// Column `c` of the change goes to the tensor's column `offset + c·step` (GPT-OSS's
+    /// interleaved gate and up); 1 and 0 but there.
+    step: usize,
+    offset: usize,
 }
 
 impl Patch {
@@ -166,6 +170,45 @@ impl Patch {
                 let all = delta(w);
                 let cols = all.len() / w.b.dims()[0].max(1);
                 all[self.rows.start * cols..self.rows.end * cols].to_vec()
+            }
+        }
+    }
+}
+
+/// GPT-OSS's experts in its HF checkpoint: per layer one `[experts, hidden, 2·I]`
+/// `gate_up_proj` for `x · W` with gate and up interleaved in its columns, and one
+/// `[experts, I, hidden]` `down_proj`. Each expert's per-expert patch becomes a transposed
+/// one into its block of the 3-D tensor, strided for gate and up.
+fn gpt_oss_experts(targets: &mut BTreeMap<String, Vec<Patch>>, config: &ModelConfig) {
+    let Some(m) = config
+        .moe
+        .as_ref()
+        .filter(|_| config.family == Family::GptOss)
+    else {
+        return;
+    };
+    let (h, i) = (config.hidden_size, m.expert_intermediate);
+    for layer in 0..config.num_layers {
+        for e in 0..m.num_experts {
+            for (t, tensor, rows_per_expert, step, offset) in [
+                (TargetModule::Gate, "gate_up_proj", h, 2, 0),
+                (TargetModule::Up, "gate_up_proj", h, 2, 1),
+                (TargetModule::Down, "down_proj", i, 1, 0),
+            ] {
+                let Some(list) = targets.remove(&hf_tensor(Role::Expert(layer, e, t), config))
+                else {
+                    continue;
+                };
+                let name = format!("model.layers.{layer}.mlp.experts.{tensor}");
+                for p in list {
+                    targets.entry(name.clone()).or_default().push(Patch {
+                        at: e * rows_per_expert,
+                        transposed: true,
+                        step,
+                        offset,
+                        ..p
+                    });
+                }
             }
         }
     }
@@ -232,6 +275,8 @@ fn patches<B: Backend>(
                 rows,
                 at,
                 transposed: false,
+                step: 1,
+                offset: 0,
             })
         };
         match target {
@@ -279,7 +324,7 @@ fn check_patches<B: Backend>(
                 true => (p.rows.len(), in_f),
                 false => (in_f, p.rows.len()),
             };
-            if cols != width || p.at + height > rows {
+            if cols != width * p.step || p.at + height > rows {
                 return Err(error(
                     name,
                     format!(
@@ -315,10 +360,13 @@ fn apply<B: Backend>(
                 .collect();
             height = in_f;
         }
-        w[p.at * cols..(p.at + height) * cols]
-            .iter_mut()
-            .zip(&d)
-            .for_each(|(w, d)| *w += d);
+        let width = d.len() / height.max(1);
+        for (r, row) in d.chunks_exact(width.max(1)).enumerate() {
+            let base = (p.at + r) * cols + p.offset;
+            for (c, v) in row.iter().enumerate() {
+                w[base + c * p.step] += v;
+            }
+        }
     }
 }
 
@@ -614,7 +662,8 @@ pub fn merge_hf<B: Backend>(
 ) -> Result<MergeSummary, MergeError> {
     check_fresh(out_dir)?;
     let weights = Weights::open(base_dir)?;
-    let targets = patches(adapter, |role| hf_tensor(role, config), false);
+    let mut targets = patches(adapter, |role| hf_tensor(role, config), false);
+    gpt_oss_experts(&mut targets, config);
     // (name, stored dtype, shape) of every tensor, read once
     let stored = weights
         .names()

@@ -23,7 +23,7 @@ use crate::adapters::lora::{Adapter, LoraConfig, LoraWeights, TargetModule};
 use crate::backend::GraftBackend;
 use crate::formats::safetensors_read::{Header, ReadError};
 use crate::load::assemble::Role;
-use crate::model::{Model, ModelConfig};
+use crate::model::{Family, Model, ModelConfig};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -105,13 +105,13 @@ fn default_bias() -> String {
 }
 
 impl PeftConfig {
-    /// The config PEFT would write for `config` on `base_model`.
-    pub fn from_lora(config: &LoraConfig, base_model: &str) -> Self {
+    /// The config PEFT would write for `config` on `base_model` (a model of family `family`).
+    pub fn from_lora(config: &LoraConfig, base_model: &str, family: Family) -> Self {
         let mut targets: Vec<&str> = Vec::new();
         let mut params: Vec<String> = Vec::new();
         for t in &config.target_modules {
-            match param_name(*t) {
-                Some(p) => params.push(p.into()),
+            match param_name(*t, family) {
+                Some(p) => params.push(p),
                 None => targets.push(t.hf_name()),
             }
         }
@@ -148,13 +148,30 @@ impl PeftConfig {
 }
 
 /// PEFT's `target_parameters` entry for a target that is a parameter, not a module.
-fn param_name(t: TargetModule) -> Option<&'static str> {
+fn param_name(t: TargetModule, family: Family) -> Option<String> {
     match t {
-        TargetModule::Router => Some("mlp.gate.weight"),
-        TargetModule::ExpertsGateUp => Some("mlp.experts.gate_up_proj"),
-        TargetModule::ExpertsDown => Some("mlp.experts.down_proj"),
+        TargetModule::Router => Some(format!("mlp.{}.weight", family.hf_router())),
+        TargetModule::ExpertsGateUp => Some("mlp.experts.gate_up_proj".into()),
+        TargetModule::ExpertsDown => Some("mlp.experts.down_proj".into()),
         _ => None,
     }
+}
+
+/// GPT-OSS interleaves each expert's gate and up outputs (`gate_up_proj`'s columns `2j`,
+/// `2j + 1`), so PEFT's `lora_B` rows for it do too; graft keeps the gate rows, then the up
+/// rows.
+fn interleaves_gate_up(t: TargetModule, model: &ModelConfig) -> bool {
+    t == TargetModule::ExpertsGateUp && model.family == Family::GptOss
+}
+
+/// `[out, r]` rows from graft's gate-then-up order to the interleaved one, or back.
+fn interleave<B: GraftBackend>(b: Tensor<B, 2>, to_interleaved: bool) -> Tensor<B, 2> {
+    let [out, r] = b.dims();
+    let blocks = match to_interleaved {
+        true => [2, out / 2, r],
+        false => [out / 2, 2, r],
+    };
+    b.reshape(blocks).swap_dims(0, 1).reshape([out, r])
 }
 
 /// The module path (after `base_model.model.`) under which PEFT saves layer `layer`'s
@@ -162,9 +179,8 @@ fn param_name(t: TargetModule) -> Option<&'static str> {
 fn module_path(model: &ModelConfig, layer: usize, t: TargetModule, nested: bool) -> String {
     let module = match t {
         TargetModule::ExpertsGateUp if nested => "experts.base_layer",
-        TargetModule::Router | TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => {
-            t.hf_name()
-        }
+        TargetModule::Router => model.family.hf_router(),
+        TargetModule::ExpertsGateUp | TargetModule::ExpertsDown => t.hf_name(),
         // A linear module: where the checkpoint has it (a shared expert's own path).
         t => return crate::load::hf::module_name(Role::Proj(layer, t), model),
     };
@@ -227,7 +243,11 @@ fn write_files<B: GraftBackend>(
         let nested = adapter.get(li, TargetModule::ExpertsGateUp).is_some()
             && adapter.get(li, TargetModule::ExpertsDown).is_some();
         let key = format!("base_model.model.{}", module_path(model, li, t, nested));
-        for (which, tensor) in [("lora_A", &w.a), ("lora_B", &w.b)] {
+        let b = match interleaves_gate_up(t, model) {
+            true => interleave(w.b.clone(), true),
+            false => w.b.clone(),
+        };
+        for (which, tensor) in [("lora_A", &w.a), ("lora_B", &b)] {
             let dims = tensor.dims().to_vec();
             let values = tensor
                 .clone()
@@ -413,6 +433,10 @@ pub fn load<B: GraftBackend>(
                 message: format!("rank {r_b} does not match lora_A's rank {rank_all}"),
             });
         }
+        let b = match interleaves_gate_up(target, &model.config) {
+            true => interleave(b, false),
+            false => b,
+        };
         let r = rank_all / experts;
         // alpha_pattern names a module, or for the experts the parameter.
         let alpha = config.alpha_for(&match target {
@@ -529,7 +553,8 @@ fn parse_key(name: &str) -> Option<(usize, Key, bool)> {
     let key = match (parent, module) {
         ("mlp", "experts") => Key::Experts,
         ("mlp", "experts.base_layer") => Key::ExpertsInner,
-        ("mlp", "gate") => Key::Module(TargetModule::Router),
+        // `router` in GPT-OSS (checked against the model's layout by the caller)
+        ("mlp", "gate" | "router") => Key::Module(TargetModule::Router),
         // A shared expert's projections (checked against the model's layout by the caller).
         ("mlp", module)
             if module

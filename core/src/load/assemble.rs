@@ -61,6 +61,9 @@ pub(crate) trait WeightSource<B: GraftBackend> {
     /// A sparse layer's per-expert router bias (DeepSeek-V3's `e_score_correction_bias`).
     fn score_bias(&self, layer: usize, len: usize) -> Result<Tensor<B, 1>, LoadError>;
 
+    /// A layer's attention sinks, one per head (GPT-OSS).
+    fn sinks(&self, layer: usize, heads: usize) -> Result<Tensor<B, 1>, LoadError>;
+
     /// Projection `t` (gate, up or down) of each of a sparse layer's `n` experts, each
     /// `[rows, cols]`: one tensor per expert unless the format stacks them.
     fn experts(
@@ -142,12 +145,17 @@ pub(crate) fn assemble<B: GraftBackend>(
             }
             None => None,
         };
+        let sinks = match c.family.has_sinks() {
+            true => Some(src.sinks(i, c.num_heads)?),
+            false => None,
+        };
         layers.push(Block {
             projs,
             norms,
             q_norm,
             k_norm,
             experts,
+            sinks,
         });
     }
     let lm_head = if c.tie_word_embeddings {

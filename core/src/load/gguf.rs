@@ -23,8 +23,8 @@ use crate::model::config::InvalidConfig;
 use crate::model::family::SlidingPattern;
 use crate::model::proj::{BaseWeight, Proj};
 use crate::model::{
-    Family, LayerConfig, MlaConfig, ModelConfig, MoeConfig, NormSlot, RmsNorm, RopeConfig,
-    RopeScaling, Routing, SharedExpert,
+    ClampedSwiglu, Family, LayerConfig, MlaConfig, ModelConfig, MoeConfig, NormSlot, RmsNorm,
+    RopeConfig, RopeScaling, Routing, SharedExpert,
 };
 use crate::quant::{GgmlType, PackedWeight, QuantKind};
 use crate::text::tokenizer::TokenizerBundle;
@@ -246,7 +246,7 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
                         .opt_f64(&key("rope.scaling.yarn_beta_slow"))?
                         .unwrap_or(1.0) as f32,
                     attention_factor: RopeScaling::yarn_mscale(factor, 1.0) as f32,
-                    truncate: true,
+                    truncate: family.yarn_truncates(),
                 })
             }
             other => {
@@ -367,6 +367,11 @@ fn read_config(f: &GgufFile, family: Family) -> Result<ModelConfig, ConfigError>
             weights_scale: f
                 .opt_f64(&key("expert_weights_scale"))?
                 .map_or(1.0, |v| v as f32),
+            // llama.cpp's constants for gpt-oss files, which carry none
+            clamped_swiglu: (family == Family::GptOss).then_some(ClampedSwiglu {
+                alpha: 1.702,
+                limit: 7.0,
+            }),
             // A shared expert when the file has one (llama.cpp's `_shexp` tensors), of the
             // width the metadata gives, gated when it has `ffn_gate_inp_shexp`.
             shared: match sparse.iter().position(|&s| s) {
@@ -480,6 +485,8 @@ pub(crate) fn tensor_name(role: Role, config: &ModelConfig) -> String {
             match slot {
                 NormSlot::AttnIn => "attn_norm",
                 NormSlot::AttnOut => "post_attention_norm",
+                // gpt-oss files name the pre-MLP norm after attention
+                NormSlot::MlpIn if config.family == Family::GptOss => "post_attention_norm",
                 NormSlot::MlpIn => "ffn_norm",
                 NormSlot::MlpOut => "post_ffw_norm",
             }
@@ -592,6 +599,10 @@ impl<B: GraftBackend> Loader<'_, B> {
 }
 
 impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
+    fn sinks(&self, layer: usize, heads: usize) -> Result<Tensor<B, 1>, LoadError> {
+        self.vector(&format!("blk.{layer}.attn_sinks.weight"), heads, None)
+    }
+
     fn score_bias(&self, layer: usize, len: usize) -> Result<Tensor<B, 1>, LoadError> {
         self.vector(&format!("blk.{layer}.exp_probs_b.bias"), len, None)
     }
@@ -628,8 +639,18 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
                 self.device,
             )
         });
+        // Per-expert biases (GPT-OSS), `[experts, rows]`.
+        let bias_name = format!("blk.{layer}.{}.bias", experts_tensor(t));
+        let biases = match self.file.tensor_info(&bias_name) {
+            Some(_) => Some(dense_f32(self.file, self.info(&bias_name, &[n, rows])?)),
+            None => None,
+        };
         Ok((0..n)
             .map(|e| {
+                let bias = biases.as_ref().map(|b| {
+                    let v = b[e * rows..(e + 1) * rows].to_vec();
+                    Tensor::from_data(TensorData::new(v, [rows]), self.device)
+                });
                 let base = match (&all_dense, self.opts.quantize) {
                     (Some(w), _) => BaseWeight::Dense(w.clone().slice([e * rows..(e + 1) * rows])),
                     (None, QuantKind::Nf4) => {
@@ -639,7 +660,7 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
                     }
                     (None, _) => BaseWeight::Packed(all.rows_view(e * rows, rows)),
                 };
-                Proj::new(base, None)
+                Proj::new(base, bias)
             })
             .collect())
     }

@@ -247,7 +247,14 @@ pub(crate) fn module_name(role: Role, config: &ModelConfig) -> String {
         Role::KNorm(i) if config.mla.is_some() => layer(i, "self_attn.kv_a_layernorm"),
         Role::QNorm(i) => layer(i, "self_attn.q_norm"),
         Role::KNorm(i) => layer(i, "self_attn.k_norm"),
-        Role::Router(i) => layer(i, &format!("{}.gate", config.family.hf_experts().0)),
+        Role::Router(i) => layer(
+            i,
+            &format!(
+                "{}.{}",
+                config.family.hf_experts().0,
+                config.family.hf_router()
+            ),
+        ),
         Role::Expert(i, e, t) => {
             let (module, [gate, up, down]) = config.family.hf_experts();
             let name = match t {
@@ -317,6 +324,9 @@ pub(crate) fn hf_tensors<B: GraftBackend>(model: &Model<B>) -> Vec<(String, HfTe
                 }
             }
         }
+        if let Some(s) = &block.sinks {
+            out.push((sinks_name(i), HfTensor::Bias(s)));
+        }
         for (role, norm) in [
             (Role::QNorm(i), &block.q_norm),
             (Role::KNorm(i), &block.k_norm),
@@ -355,7 +365,66 @@ impl<B: GraftBackend> Loader<'_, B> {
     }
 }
 
+/// transformers' name of a layer's attention sinks (GPT-OSS's parameter).
+fn sinks_name(layer: usize) -> String {
+    format!("model.layers.{layer}.self_attn.sinks")
+}
+
 impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
+    fn sinks(&self, layer: usize, heads: usize) -> Result<Tensor<B, 1>, LoadError> {
+        self.vector(&sinks_name(layer), heads)
+    }
+
+    /// GPT-OSS keeps a layer's experts as 3-D parameters for `x · W` (`gate_up_proj`:
+    /// `[experts, hidden, 2·I]` with gate and up interleaved in its columns, `down_proj`:
+    /// `[experts, I, hidden]`) with biases beside them; other families, one tensor per expert.
+    fn experts(
+        &self,
+        layer: usize,
+        t: TargetModule,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<Proj<B>>, LoadError> {
+        if self.config.family != Family::GptOss {
+            return (0..n)
+                .map(|e| self.proj(Role::Expert(layer, e, t), rows, cols, true))
+                .collect();
+        }
+        let pre = format!("model.layers.{layer}.mlp.experts");
+        let (name, width, pick): (_, _, fn(usize, usize) -> usize) = match t {
+            TargetModule::Gate => ("gate_up_proj", 2 * rows, |j, _| 2 * j),
+            TargetModule::Up => ("gate_up_proj", 2 * rows, |j, _| 2 * j + 1),
+            _ => ("down_proj", rows, |j, _| j),
+        };
+        let w = self
+            .weights
+            .f32(&format!("{pre}.{name}"), &[n, cols, width])?;
+        let b = self
+            .weights
+            .f32(&format!("{pre}.{name}_bias"), &[n, width])?;
+        Ok((0..n)
+            .map(|e| {
+                let we = &w[e * cols * width..(e + 1) * cols * width];
+                // row j of this expert's projection is column pick(j) of its `x · W` matrix
+                let m: Vec<f32> = (0..rows)
+                    .flat_map(|j| (0..cols).map(move |c| we[c * width + pick(j, c)]))
+                    .collect();
+                let bias: Vec<f32> = (0..rows).map(|j| b[e * width + pick(j, 0)]).collect();
+                let base = if self.opts.quantize == QuantKind::Nf4 {
+                    BaseWeight::Packed(PackedWeight::nf4(rows, cols, &m))
+                } else {
+                    BaseWeight::Dense(Tensor::from_data(
+                        TensorData::new(m, [rows, cols]),
+                        self.device,
+                    ))
+                };
+                let bias = Tensor::from_data(TensorData::new(bias, [rows]), self.device);
+                Proj::new(base, Some(bias))
+            })
+            .collect())
+    }
+
     fn score_bias(&self, layer: usize, len: usize) -> Result<Tensor<B, 1>, LoadError> {
         self.vector(&score_bias_name(layer, self.config), len)
     }

@@ -11,8 +11,8 @@ use serde_json::{json, Value};
 use crate::model::config::InvalidConfig;
 use crate::model::family::{supported_model_types, Family};
 use crate::model::{
-    Activation, LayerConfig, MlaConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling, Routing,
-    SharedExpert,
+    Activation, ClampedSwiglu, LayerConfig, MlaConfig, ModelConfig, MoeConfig, RopeConfig,
+    RopeScaling, Routing, SharedExpert,
 };
 
 /// The keys graft reads (others are ignored).
@@ -123,6 +123,11 @@ pub struct HfConfig {
     pub v_head_dim: Option<usize>,
     #[serde(default)]
     pub rope_interleave: Option<bool>,
+    /// GPT-OSS's clamped SwiGLU.
+    #[serde(default)]
+    pub swiglu_alpha: Option<f64>,
+    #[serde(default)]
+    pub swiglu_limit: Option<f64>,
     #[serde(default)]
     pub clip_qkv: Option<f64>,
 }
@@ -288,7 +293,8 @@ fn moe_config(c: &HfConfig, family: Family) -> Result<Option<MoeConfig>, Invalid
         // Mixtral's experts are `intermediate_size` wide.
         expert_intermediate: c.moe_intermediate_size.unwrap_or(c.intermediate_size),
         norm_topk: match family {
-            Family::Mixtral => true,
+            // GPT-OSS: the softmax of the top-k logits
+            Family::Mixtral | Family::GptOss => true,
             _ => c.norm_topk_prob.unwrap_or(false),
         },
         sparse: (0..c.num_hidden_layers)
@@ -301,6 +307,11 @@ fn moe_config(c: &HfConfig, family: Family) -> Result<Option<MoeConfig>, Invalid
         }),
         routing: Routing::Softmax,
         weights_scale: 1.0,
+        // transformers' GPT-OSS class defaults
+        clamped_swiglu: (family == Family::GptOss).then(|| ClampedSwiglu {
+            alpha: c.swiglu_alpha.unwrap_or(1.702) as f32,
+            limit: c.swiglu_limit.unwrap_or(7.0) as f32,
+        }),
     }))
 }
 
@@ -343,6 +354,7 @@ fn deepseek_experts(
             topk_groups: c.topk_group.unwrap_or(4),
         },
         weights_scale: c.routed_scaling_factor.unwrap_or(2.5) as f32,
+        clamped_swiglu: None,
     })
 }
 
@@ -660,6 +672,13 @@ fn rope_json(r: &RopeConfig) -> Result<Option<Value>, InvalidConfig> {
 /// # Errors
 /// A setting `config.json` cannot express (rope factors given per frequency).
 pub fn to_hf_json(c: &ModelConfig) -> Result<Value, InvalidConfig> {
+    if c.family == Family::GptOss {
+        return Err(
+            "writing GPT-OSS as an HF directory is not supported: transformers keeps its \
+                    experts as 3-D parameters with gate and up interleaved"
+                .into(),
+        );
+    }
     let global = c
         .layers
         .iter()
@@ -758,6 +777,10 @@ pub fn to_hf_json(c: &ModelConfig) -> Result<Value, InvalidConfig> {
         obj.insert("decoder_sparse_step".into(), json!(1));
         let dense: Vec<usize> = (0..c.num_layers).filter(|&l| !m.sparse[l]).collect();
         obj.insert("mlp_only_layers".into(), json!(dense));
+        if let Some(s) = &m.clamped_swiglu {
+            obj.insert("swiglu_alpha".into(), json!(s.alpha));
+            obj.insert("swiglu_limit".into(), json!(s.limit));
+        }
         if let Some(s) = &m.shared {
             obj.insert(
                 "shared_expert_intermediate_size".into(),

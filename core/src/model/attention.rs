@@ -95,6 +95,7 @@ pub(crate) fn attend<B: GraftBackend>(
     q: &Tensor<B, 3>,
     k: &Tensor<B, 3>,
     v: &Tensor<B, 3>,
+    sinks: Option<&Tensor<B, 1>>,
     seqs: &mut [AttnSeq<'_, B>],
 ) -> Tensor<B, 2> {
     let window = c.layers[layer].window;
@@ -112,6 +113,7 @@ pub(crate) fn attend<B: GraftBackend>(
                 s.cache.as_deref_mut(),
                 start,
                 mask,
+                sinks,
             )
         })
         .collect();
@@ -134,6 +136,7 @@ fn attend_one<B: GraftBackend>(
     cache: Option<&mut SeqCache<B>>,
     start: usize,
     mask: Option<Tensor<B, 3>>,
+    sinks: Option<&Tensor<B, 1>>,
 ) -> Tensor<B, 2> {
     let (n, hd, kvh) = (span.len(), c.head_dim, c.num_kv_heads);
     let groups = c.num_heads / kvh;
@@ -190,8 +193,20 @@ fn attend_one<B: GraftBackend>(
     if let Some(m) = mask {
         scores = scores + m;
     }
-    let probs = softmax(scores, 2);
     let rows = groups * n;
+    let probs = match sinks {
+        // Each head's sink joins its rows' softmax as one more logit, then is dropped.
+        Some(s) => {
+            let keys = scores.dims()[2];
+            let column = s
+                .clone()
+                .reshape([kvh, groups, 1])
+                .repeat_dim(2, n)
+                .reshape([kvh, rows, 1]);
+            softmax(Tensor::cat(vec![scores, column], 2), 2).slice([0..kvh, 0..rows, 0..keys])
+        }
+        None => softmax(scores, 2),
+    };
     let mut at = 0;
     let mut out: Option<Tensor<B, 3>> = None;
     for ((_, v), w) in pieces.into_iter().zip(widths) {

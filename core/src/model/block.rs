@@ -32,6 +32,8 @@ pub struct Block<B: GraftBackend> {
     pub k_norm: Option<RmsNorm<B>>,
     /// Routed experts in place of the MLP's projections (a sparse layer of an MoE model).
     pub experts: Option<Experts<B>>,
+    /// `[heads]`: each head's attention sink, a logit that joins every softmax (GPT-OSS).
+    pub sinks: Option<Tensor<B, 1>>,
 }
 
 /// What a layer's forward needs besides its input.
@@ -105,6 +107,7 @@ impl<B: GraftBackend> Block<B> {
                 .map(RmsNorm::n_bytes)
                 .sum::<usize>()
             + self.experts.as_ref().map_or(0, Experts::n_bytes)
+            + self.sinks.as_ref().map_or(0, |s| s.dims()[0] * 4)
     }
 
     /// `proj(t)·x` with each row run's adapter; a layout without `t` is a loader bug.
@@ -238,7 +241,7 @@ impl<B: GraftBackend> Block<B> {
             &ctx.k_tables.1,
         );
         let v = v.reshape([n, c.num_kv_heads, hd]);
-        attend(c, ctx.layer, &q, &k, &v, ctx.seqs)
+        attend(c, ctx.layer, &q, &k, &v, self.sinks.as_ref(), ctx.seqs)
     }
 
     fn qk_normed(&self, norm: &Option<RmsNorm<B>>, x: Tensor<B, 2>) -> Tensor<B, 2> {

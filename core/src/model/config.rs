@@ -186,6 +186,16 @@ pub struct MoeConfig {
     /// The chosen experts' weights are multiplied by this (`routed_scaling_factor`), 1 but for
     /// DeepSeek-V3.
     pub weights_scale: f32,
+    /// GPT-OSS's expert activation in place of the plain gated one.
+    pub clamped_swiglu: Option<ClampedSwiglu>,
+}
+
+/// GPT-OSS's expert activation: `gate` clamped above at `limit`, `up` to `±limit`, then
+/// `(up + 1) · gate · sigmoid(alpha · gate)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClampedSwiglu {
+    pub alpha: f32,
+    pub limit: f32,
 }
 
 /// The always-active expert of a sparse layer: a gated MLP of its own width whose output is

@@ -45,6 +45,9 @@ pub enum Family {
     /// within the best groups (with a per-expert bias) beside an ungated shared expert;
     /// llama.cpp's `deepseek2`.
     DeepseekV3,
+    /// Biased attention with sinks, alternating sliding-window and full layers, YaRN; routed
+    /// experts with biases and the clamped SwiGLU, chosen by a biased router.
+    GptOss,
 }
 
 /// Which layers use the sliding window when a config does not list them (`layer_types`).
@@ -57,7 +60,7 @@ pub enum SlidingPattern {
 }
 
 impl Family {
-    pub const ALL: [Family; 13] = [
+    pub const ALL: [Family; 14] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
@@ -71,6 +74,7 @@ impl Family {
         Family::Olmoe,
         Family::Qwen2Moe,
         Family::DeepseekV3,
+        Family::GptOss,
     ];
 
     /// From `config.json`'s `model_type`.
@@ -89,6 +93,7 @@ impl Family {
             "olmoe" => Family::Olmoe,
             "qwen2_moe" => Family::Qwen2Moe,
             "deepseek_v3" => Family::DeepseekV3,
+            "gpt_oss" => Family::GptOss,
             _ => return None,
         })
     }
@@ -108,6 +113,7 @@ impl Family {
             "olmoe" => Family::Olmoe,
             "qwen2moe" => Family::Qwen2Moe,
             "deepseek2" => Family::DeepseekV3,
+            "gpt-oss" => Family::GptOss,
             _ => return None,
         })
     }
@@ -130,6 +136,7 @@ impl Family {
                 | Family::Olmoe
                 | Family::Qwen2Moe
                 | Family::DeepseekV3
+                | Family::GptOss
         )
     }
 
@@ -157,7 +164,8 @@ impl Family {
         match self {
             // Mixtral always renormalizes; llama.cpp does for qwen3moe (transformers' class
             // default is false, but Qwen3-MoE checkpoints set it).
-            Family::Mixtral | Family::Qwen3Moe | Family::DeepseekV3 => true,
+            // GPT-OSS takes the softmax of the top-k logits: renormalized probabilities.
+            Family::Mixtral | Family::Qwen3Moe | Family::DeepseekV3 | Family::GptOss => true,
             _ => false,
         }
     }
@@ -169,6 +177,26 @@ impl Family {
             Family::Mixtral => ("block_sparse_moe", ["w1", "w3", "w2"]),
             _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
         }
+    }
+
+    /// The module name of a sparse layer's router under the experts' module (GPT-OSS:
+    /// `mlp.router`).
+    pub fn hf_router(self) -> &'static str {
+        match self {
+            Family::GptOss => "router",
+            _ => "gate",
+        }
+    }
+
+    /// YaRN rounds its correction range outward unless the config says otherwise; GPT-OSS's
+    /// does not (`truncate: false`), and its GGUF files have no key for it.
+    pub fn yarn_truncates(self) -> bool {
+        self != Family::GptOss
+    }
+
+    /// Attention sinks: a learned logit per head that joins every softmax (GPT-OSS).
+    pub fn has_sinks(self) -> bool {
+        self == Family::GptOss
     }
 
     /// `model_type` in `config.json`.
@@ -187,6 +215,7 @@ impl Family {
             Family::Olmoe => "olmoe",
             Family::Qwen2Moe => "qwen2_moe",
             Family::DeepseekV3 => "deepseek_v3",
+            Family::GptOss => "gpt_oss",
         }
     }
 
@@ -206,6 +235,7 @@ impl Family {
             Family::Olmoe => "OlmoeForCausalLM",
             Family::Qwen2Moe => "Qwen2MoeForCausalLM",
             Family::DeepseekV3 => "DeepseekV3ForCausalLM",
+            Family::GptOss => "GptOssForCausalLM",
         }
     }
 
@@ -223,6 +253,7 @@ impl Family {
             Family::Olmoe => "olmoe",
             Family::Qwen2Moe => "qwen2moe",
             Family::DeepseekV3 => "deepseek2",
+            Family::GptOss => "gpt-oss",
         }
     }
 
@@ -287,7 +318,7 @@ impl Family {
 
     /// q/k/v biases when `config.json` does not say (`attention_bias`).
     pub fn default_attention_bias(self) -> bool {
-        matches!(self, Family::Qwen2 | Family::Qwen2Moe)
+        matches!(self, Family::Qwen2 | Family::Qwen2Moe | Family::GptOss)
     }
 
     /// Whether `config.json`'s `sliding_window` applies when `use_sliding_window` is absent
@@ -302,7 +333,7 @@ impl Family {
     /// The layers with a sliding window when the config gives a window but no per-layer list.
     pub fn sliding_pattern(self) -> SlidingPattern {
         match self {
-            Family::Gemma2 => SlidingPattern::AllBut(2),
+            Family::Gemma2 | Family::GptOss => SlidingPattern::AllBut(2),
             Family::Gemma3 => SlidingPattern::AllBut(6),
             _ => SlidingPattern::All,
         }

@@ -34,8 +34,8 @@ use attention::AttnSeq;
 pub use block::Block;
 use block::{LayerCtx, Runs};
 pub use config::{
-    Activation, LayerConfig, MlaConfig, ModelConfig, MoeConfig, NormPlacement, NormSlot, QkNorm,
-    RopeConfig, RopeScaling, Routing, SharedExpert,
+    Activation, ClampedSwiglu, LayerConfig, MlaConfig, ModelConfig, MoeConfig, NormPlacement,
+    NormSlot, QkNorm, RopeConfig, RopeScaling, Routing, SharedExpert,
 };
 pub use family::Family;
 pub use norm::RmsNorm;

@@ -16,7 +16,7 @@ use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::{IndexingUpdateOp, TensorData};
 
 use super::block::{gelu_tanh, Runs};
-use super::config::{Activation, MoeConfig, Routing};
+use super::config::{Activation, ClampedSwiglu, MoeConfig, Routing};
 use crate::adapters::lora::{LoraWeights, RowAdapters};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
@@ -101,15 +101,22 @@ impl<B: GraftBackend> Expert<B> {
         &self,
         x: Tensor<B, 2>,
         act: Activation,
+        clamped: Option<ClampedSwiglu>,
         lora: [&RowAdapters<'_, B>; 3],
     ) -> Tensor<B, 2> {
         let gate = self.gate.forward(x.clone(), lora[0]);
         let up = self.up.forward(x, lora[1]);
-        let gate = match act {
-            Activation::Silu => silu(gate),
-            Activation::GeluTanh => gelu_tanh(gate),
+        let hidden = match (clamped, act) {
+            (Some(c), _) => {
+                let gate = gate.clamp_max(c.limit);
+                let up = up.clamp(-c.limit, c.limit);
+                let glu = gate.clone() * sigmoid(gate.mul_scalar(c.alpha));
+                (up + 1.0) * glu
+            }
+            (None, Activation::Silu) => silu(gate) * up,
+            (None, Activation::GeluTanh) => gelu_tanh(gate) * up,
         };
-        self.down.forward(gate * up, lora[2])
+        self.down.forward(hidden, lora[2])
     }
 
     /// This expert's (number `e`) share of the layer's adapters over `rows`: gate and up take
@@ -201,7 +208,12 @@ impl<B: GraftBackend> Experts<B> {
             let slots: Vec<i32> = pairs.iter().map(|&p| p as i32).collect();
             let slots = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [m]), &device);
             let (g, u, d) = (borrowed(&g), borrowed(&u), borrowed(&d));
-            let y = expert.forward(h.clone().select(0, rows.clone()), act, [&g, &u, &d]);
+            let y = expert.forward(
+                h.clone().select(0, rows.clone()),
+                act,
+                moe.clamped_swiglu,
+                [&g, &u, &d],
+            );
             let w = weights.clone().select(0, slots).reshape([m, 1]);
             out = out.select_assign(0, rows, y * w, IndexingUpdateOp::Add);
         }

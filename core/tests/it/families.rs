@@ -17,7 +17,14 @@ pub const FAMILIES: [&str; 8] = [
 ];
 
 /// The Mixture-of-Experts families with a tiny reference model (`scripts/reference/moe.py`).
-pub const MOE_FAMILIES: [&str; 5] = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v3"];
+pub const MOE_FAMILIES: [&str; 6] = [
+    "mixtral",
+    "qwen3_moe",
+    "olmoe",
+    "qwen2_moe",
+    "deepseek_v3",
+    "gpt_oss",
+];
 
 /// Dense and MoE families.
 pub fn all_families() -> impl Iterator<Item = &'static str> {
@@ -377,6 +384,7 @@ fn peft_adapters_of_every_family_load_both_ways() {
                         use_rslora: false,
                     },
                     family,
+                    m.config.family,
                 );
                 peft::save(&out.path().join("a"), &adapter, &cfg, &m.config).unwrap();
                 assert_eq!(
