@@ -27,7 +27,10 @@ reference.json's feature_checks:
              head in each softmax); sliding window 8 on even layers (GPT-OSS: 128), full on odd;
              YaRN (factor 4 over 16, truncate false); the clamped SwiGLU (alpha 1.702, limit 7, `(up + 1)`;
              gate/up weights N(0, 0.6) so that the limit bites); gate and up interleaved in transformers'
-             3-D gate_up_proj [E, hidden, 2I]; softmax over the top-k router logits
+             3-D gate_up_proj [E, hidden, 2I]; softmax over the top-k router logits; and
+             model_mxfp4.gguf, its experts in MXFP4 (p{i}.logits_mxfp4 from transformers with them);
+             the harmony chat template in tokenizer_config.json (and so the GGUF), with
+             chat_template.json: conversations as transformers renders them
   deepseek_v3  3 layers, the first dense (first_k_dense_replace = 1); Multi-head Latent Attention
              (q_lora_rank 48 with its norm, kv_lora_rank 32 with its norm, qk_nope 16 + qk_rope 8
              per head, v_head_dim 16, interleaved rope); sigmoid router scores plus a random
@@ -290,6 +293,104 @@ def check_gguf_experts(model_dir, tensors, family, n_layers, n_experts):
     return "ffn_{gate,up,down}_exps = the per-expert weights stacked along a new first axis (exact)"
 
 
+def mxfp4_experts(d, model, prompts):
+    """GPT-OSS as its released weights are: model.gguf with every expert weight re-encoded as
+    MXFP4 by gguf-py (model_mxfp4.gguf, all else copied), and transformers' logits with the
+    experts set to those MXFP4 values."""
+    import copy
+
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    Q = gguf.GGMLQuantizationType
+    r = gguf.GGUFReader(os.path.join(d, "model.gguf"))
+    w = gguf.GGUFWriter(os.path.join(d, "model_mxfp4.gguf"), arch=r.fields["general.architecture"].contents())
+    for field in r.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        vt = field.types[0]
+        w.add_key_value(field.name, field.contents(), vt,
+                        sub_type=field.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    deq = {}
+    for t in r.tensors:
+        data = np.array(t.data)
+        if t.name.endswith("_exps.weight"):
+            q = quantize(data.astype(np.float32), Q.MXFP4)
+            deq[t.name] = dequantize(q, Q.MXFP4).reshape(data.shape)
+            w.add_tensor(t.name, q, raw_dtype=Q.MXFP4)
+        else:
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, layer in enumerate(m.model.layers):
+            x = layer.mlp.experts
+            t = lambda n: torch.from_numpy(deq[f"blk.{i}.ffn_{n}_exps.weight"]).transpose(1, 2)  # noqa: E731
+            x.gate_up_proj[:, :, 0::2] = t("gate")
+            x.gate_up_proj[:, :, 1::2] = t("up")
+            x.down_proj.copy_(t("down"))
+    return forward(m, prompts)[0]
+
+
+def harmony(d):
+    """GPT-OSS's harmony chat template (the one TRL ships as GPT-OSS's own,
+    trl/chat_templates/gptoss.jinja) in the tiny model's tokenizer_config.json, so that its GGUF
+    carries it too; returns the conversations transformers renders with it (default kwargs:
+    reasoning medium, ChatGPT's identity, today's date, which chat_template.json records)."""
+    import datetime
+
+    import trl
+    from transformers import AutoTokenizer
+
+    with open(os.path.join(os.path.dirname(trl.__file__), "chat_templates", "gptoss.jinja"), encoding="utf-8") as f:
+        template = f.read()
+    path = os.path.join(d, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = template
+    F.write_json(path, cfg)
+    tok = AutoTokenizer.from_pretrained(d)
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the current weather in a city.",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "The city name, e.g. Paris"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}}
+    ask = {"role": "user", "content": "What's the weather in Paris?"}
+    called = [ask, {"role": "assistant", "thinking": "I should look it up.", "content": "",
+                    "tool_calls": [{"type": "function", "function": {"name": "get_weather",
+                                                                     "arguments": {"city": "Paris"}}}]},
+              {"role": "tool", "content": "{\"temperature\": 18}"}]
+    conversations = [
+        ([{"role": "user", "content": "Hello!"}], None),
+        ([{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Hi"}], None),
+        ([{"role": "developer", "content": "Answer in one word."}, {"role": "user", "content": "Sky colour?"}],
+         None),
+        ([{"role": "user", "content": "2+2?"},
+          {"role": "assistant", "thinking": "Two and two make four.", "content": "4"},
+          {"role": "user", "content": "And 3+3?"}], None),
+        ([ask], [weather]),
+        (called, [weather]),
+        (called + [{"role": "assistant", "content": "It is 18 °C in Paris."}], [weather]),
+    ]
+    date = datetime.date.today().isoformat()
+    cases = []
+    for messages, tools in conversations:
+        for add_generation_prompt in (True, False):
+            rendered = tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt)
+            assert f"Current date: {date}" in rendered
+            case = {"messages": messages, "add_generation_prompt": add_generation_prompt, "rendered": rendered}
+            if tools is not None:
+                case["tools"] = tools
+            cases.append(case)
+    F.write_json(os.path.join(d, "chat_template.json"), {
+        "generator": "scripts/reference/moe.py", "template": "trl/chat_templates/gptoss.jinja (trl "
+        f"{version('trl')}), in tokenizer_config.json", "date": date, "cases": cases})
+
+
 def moe_fixture(family, seed, root, out_root):
     d = os.path.join(out_root, family)
     shutil.rmtree(d, ignore_errors=True)
@@ -298,6 +399,8 @@ def moe_fixture(family, seed, root, out_root):
     special_ids = F.bpe_tokenizer(tok, d) if tok in F.BPE else F.spm_tokenizer(tok, d)
     model = build_model(family, special_ids, seed)
     model.save_pretrained(d)
+    if family == "gpt_oss":
+        harmony(d)
     if family == "deepseek_v3":
         # As DeepSeek-V3's own config.json says (transformers' config has no key for it): without
         # scoring_func, llama.cpp's converter writes no expert_gating_func and llama.cpp then
@@ -324,6 +427,10 @@ def moe_fixture(family, seed, root, out_root):
         for i, x in enumerate(F.variant(model, prompts, {"rope_parameters": yarn})):
             assert float((x - ref[i]).abs().max()) > 1e-2, "YaRN changes the logits"
             tensors[f"p{i}.logits_yarn"] = x.contiguous()
+    if family == "gpt_oss":
+        for i, x in enumerate(mxfp4_experts(d, model, prompts)):
+            assert float((x - ref[i]).abs().max()) > 1e-3, "MXFP4 rounding shows in the logits"
+            tensors[f"p{i}.logits_mxfp4"] = x.contiguous()
     save_file(tensors, os.path.join(d, "reference.safetensors"))
     stds = [round(float(x.std()), 3) for x in ref]
     assert min(stds) >= 0.5, (family, stds)
@@ -350,6 +457,9 @@ def moe_fixture(family, seed, root, out_root):
                   "use_cache=False, one forward of the whole prompt, no BOS added)",
         "experts": "reference.safetensors p{i}.experts{layer}[pos, :] = the top-k experts of transformers' "
                    "router for that token, by descending weight",
+        **({"mxfp4": "model_mxfp4.gguf = model.gguf with ffn_{gate,up,down}_exps.weight re-encoded as MXFP4 "
+                     "by gguf-py's quantize; reference.safetensors p{i}.logits_mxfp4 = transformers' logits "
+                     "with the experts set to those MXFP4 values"} if family == "gpt_oss" else {}),
         **({"yarn": {"rope_parameters": YARN[family],
                      "logits": "reference.safetensors p{i}.logits_yarn = the logits with config.json's "
                                "rope_parameters replaced by these"}} if family in YARN else {}),

@@ -629,13 +629,25 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
         cols: usize,
     ) -> Result<Vec<Proj<B>>, LoadError> {
         let name = format!("blk.{layer}.{}.weight", experts_tensor(t));
-        let info = self.info(&name, &[n, rows, cols])?;
-        let all = self.packed(info, n * rows, cols, None)?;
+        // Some files fuse gate and up: `ffn_gate_up_exps`, each expert's gate rows then its up
+        // rows (as llama.cpp splits it).
+        let fused = format!("blk.{layer}.ffn_gate_up_exps.weight");
+        let (info, stride, offset) = match t {
+            TargetModule::Gate | TargetModule::Up
+                if self.file.tensor_info(&name).is_none()
+                    && self.file.tensor_info(&fused).is_some() =>
+            {
+                let info = self.info(&fused, &[n, 2 * rows, cols])?;
+                (info, 2 * rows, if t == TargetModule::Up { rows } else { 0 })
+            }
+            _ => (self.info(&name, &[n, rows, cols])?, rows, 0),
+        };
+        let all = self.packed(info, n * stride, cols, None)?;
         let dense = matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
             || self.opts.quantize == QuantKind::None;
         let all_dense = (dense && self.opts.quantize != QuantKind::Nf4).then(|| {
             Tensor::<B, 2>::from_data(
-                TensorData::new(all.dequantize(), [n * rows, cols]),
+                TensorData::new(all.dequantize(), [n * stride, cols]),
                 self.device,
             )
         });
@@ -651,14 +663,15 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
                     let v = b[e * rows..(e + 1) * rows].to_vec();
                     Tensor::from_data(TensorData::new(v, [rows]), self.device)
                 });
+                let first = e * stride + offset;
                 let base = match (&all_dense, self.opts.quantize) {
-                    (Some(w), _) => BaseWeight::Dense(w.clone().slice([e * rows..(e + 1) * rows])),
+                    (Some(w), _) => BaseWeight::Dense(w.clone().slice([first..first + rows])),
                     (None, QuantKind::Nf4) => {
                         let mut w = vec![0f32; rows * cols];
-                        all.dequantize_rows(e * rows, rows, &mut w);
+                        all.dequantize_rows(first, rows, &mut w);
                         BaseWeight::Packed(PackedWeight::nf4(rows, cols, &w))
                     }
-                    (None, _) => BaseWeight::Packed(all.rows_view(e * rows, rows)),
+                    (None, _) => BaseWeight::Packed(all.rows_view(first, rows)),
                 };
                 Proj::new(base, bias)
             })

@@ -4,6 +4,7 @@ mod bad_files;
 mod batch;
 mod constraint;
 mod families;
+mod harmony;
 mod hub;
 mod merge;
 mod mla;

@@ -482,4 +482,99 @@ fn quantized_experts_stay_in_the_files_memory_map() {
     let want = crate::all_logits(&dense, &prompts[1], None);
     let d = crate::max_abs_diff(&crate::all_logits(&m, &prompts[1], None), &want);
     assert!(d < 1e-3, "mapped Q8_0 vs the same weights in f32: {d}");
+
+    // The same file with each layer's gate and up experts fused into one
+    // `ffn_gate_up_exps` ([experts, 2·I, hidden], each expert's gate rows then its up rows)
+    // loads to the same model, its experts views of the fused tensor.
+    let q8 = GgufFile::open(&path).expect("GGUF");
+    let fused_path = dir.path().join("fused.gguf");
+    let mut specs = Vec::new();
+    let mut data: Vec<Vec<u8>> = Vec::new();
+    for info in &q8.tensors {
+        let name = &info.name;
+        if name.ends_with("ffn_up_exps.weight") {
+            continue;
+        }
+        let mut shape = info.torch_shape();
+        let mut bytes = q8.tensor_bytes(info).to_vec();
+        let mut out_name = name.clone();
+        if name.ends_with("ffn_gate_exps.weight") {
+            let up = q8
+                .tensor_info(&name.replace("gate_exps", "up_exps"))
+                .expect("up experts");
+            let (gate, up) = (q8.tensor_bytes(info), q8.tensor_bytes(up));
+            let per = gate.len() / shape[0];
+            bytes = gate
+                .chunks_exact(per)
+                .zip(up.chunks_exact(per))
+                .flat_map(|(g, u)| g.iter().chain(u).copied())
+                .collect();
+            shape[1] *= 2;
+            out_name = name.replace("ffn_gate_exps", "ffn_gate_up_exps");
+        }
+        specs.push(graft_core::formats::gguf_write::TensorSpec {
+            name: out_name,
+            shape,
+            ty: info.ty,
+        });
+        data.push(bytes);
+    }
+    let meta: Vec<_> = q8
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    graft_core::formats::gguf_write::write_with(&fused_path, &meta, &specs, |i| {
+        Ok::<_, std::io::Error>(std::borrow::Cow::Borrowed(data[i].as_slice()))
+    })
+    .expect("fused copy written");
+    let fused = load_gguf::<B>(&fused_path, LoadOptions::default(), &dev)
+        .expect("loads")
+        .model;
+    assert!(GgufFile::open(&fused_path)
+        .expect("GGUF")
+        .tensor_info("blk.0.ffn_gate_up_exps.weight")
+        .is_some());
+    for e in &fused.layers[0].experts.as_ref().expect("experts").experts {
+        assert!(matches!(&e.up.base, BaseWeight::Packed(w) if w.is_mapped()));
+    }
+    let d = crate::max_abs_diff(
+        &crate::all_logits(&fused, &prompts[1], None),
+        &crate::all_logits(&m, &prompts[1], None),
+    );
+    assert_eq!(d, 0.0, "fused gate/up experts");
+}
+
+/// GPT-OSS as released, experts in MXFP4 (`model_mxfp4.gguf`, re-encoded by gguf-py): the
+/// blocks stay packed in the file's map, and the logits are transformers' with the experts set
+/// to those MXFP4 values.
+#[test]
+fn mxfp4_experts_stay_packed_and_match_transformers() {
+    use graft_core::load::{load_gguf, LoadOptions};
+    let path = crate::reference::fixture("families/gpt_oss/model_mxfp4.gguf");
+    let m = load_gguf::<B>(&path, LoadOptions::default(), &Default::default())
+        .expect("loads")
+        .model;
+    for block in &m.layers {
+        let x = block.experts.as_ref().expect("experts");
+        for e in &x.experts {
+            for p in [&e.gate, &e.up, &e.down] {
+                let BaseWeight::Packed(w) = &p.base else {
+                    panic!("an MXFP4 expert expanded to f32")
+                };
+                assert_eq!(w.kind_name(), "MXFP4");
+                assert!(w.is_mapped(), "an expert copied out of the file's map");
+            }
+        }
+    }
+    let t = read_fixture("families/gpt_oss/reference.safetensors");
+    for (i, p) in case_of("gpt_oss").0.iter().enumerate() {
+        let d = crate::max_abs_diff(
+            &crate::all_logits(&m, p, None),
+            &crate::reference::f32s(&t[&format!("p{i}.logits_mxfp4")]),
+        );
+        assert!(d <= 1e-4, "prompt {i}: {d}");
+        eprintln!("gpt_oss with MXFP4 experts, prompt {i}: max |Δ| {d:.1e}");
+    }
 }
