@@ -388,6 +388,22 @@ pub fn merge_gguf<B: Backend>(
         true,
     );
     split_kv_b(&mut targets, base, config);
+    // Experts whose gate and up share one `ffn_gate_up_exps` tensor: not patched yet.
+    if let Some(name) = targets.keys().find(|n| {
+        n.ends_with("ffn_gate_exps.weight")
+            && base.tensor_info(n).is_none()
+            && base
+                .tensor_info(&n.replace("ffn_gate_exps", "ffn_gate_up_exps"))
+                .is_some()
+    }) {
+        return Err(MergeError::Tensor {
+            path: base.path().into(),
+            tensor: name.replace("ffn_gate_exps", "ffn_gate_up_exps"),
+            message: "merging expert adapters into fused gate/up experts is not supported; \
+                      merge into the HF checkpoint"
+                .into(),
+        });
+    }
     check_patches(
         &targets,
         adapter,

@@ -397,9 +397,24 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
             TargetModule::Up => ("gate_up_proj", 2 * rows, |j, _| 2 * j + 1),
             _ => ("down_proj", rows, |j, _| j),
         };
-        let w = self
-            .weights
-            .f32(&format!("{pre}.{name}"), &[n, cols, width])?;
+        let full = format!("{pre}.{name}");
+        if !self.weights.has(&full) && self.weights.has(&format!("{full}_blocks")) {
+            let tensor = format!("{full}_blocks");
+            return Err(LoadError::Tensor {
+                path: self
+                    .weights
+                    .path_of(&tensor)
+                    .unwrap_or(Path::new(""))
+                    .into(),
+                tensor,
+                message:
+                    "MXFP4 experts (_blocks/_scales, as OpenAI released GPT-OSS) are not read \
+                          from safetensors; convert the checkpoint with llama.cpp's converter, \
+                          whose GGUF keeps them MXFP4, and load that"
+                        .into(),
+            });
+        }
+        let w = self.weights.f32(&full, &[n, cols, width])?;
         let b = self
             .weights
             .f32(&format!("{pre}.{name}_bias"), &[n, width])?;

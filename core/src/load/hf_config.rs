@@ -110,8 +110,9 @@ pub struct HfConfig {
     pub scoring_func: Option<String>,
     #[serde(default)]
     pub topk_method: Option<String>,
-    /// DeepSeek's multi-head latent attention; `q_lora_rank` may be null (no query bottleneck).
-    #[serde(default)]
+    /// DeepSeek's multi-head latent attention; `q_lora_rank` may be null (no query bottleneck):
+    /// `None` when absent, `Some(Null)` when null.
+    #[serde(default, deserialize_with = "present")]
     pub q_lora_rank: Option<Value>,
     #[serde(default)]
     pub kv_lora_rank: Option<usize>,
@@ -130,6 +131,11 @@ pub struct HfConfig {
     pub swiglu_limit: Option<f64>,
     #[serde(default)]
     pub clip_qkv: Option<f64>,
+}
+
+/// A key that is present, even as `null` (serde's `Option` alone reads `null` as absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 fn default_eps() -> f64 {
@@ -844,6 +850,18 @@ fn deepseek_json(
         ] {
             obj.insert(k.into(), v);
         }
+        // YaRN's `mscale_all_dim` lives in graft's score scale as mscale(factor, all)²:
+        // written back so that the directory reloads with the same scale.
+        let global = c.layers.iter().map(|l| &l.rope).next();
+        if let Some(RopeScaling::Yarn { factor, .. }) = global.and_then(|r| r.scaling.as_ref()) {
+            let m = (c.attention_scale as f64 * (a.qk_head_dim() as f64).sqrt()).sqrt();
+            let ln = (*factor as f64).ln();
+            if (m - 1.0).abs() > 1e-6 && ln > 0.0 {
+                if let Some(r) = obj.get_mut("rope_scaling").and_then(Value::as_object_mut) {
+                    r.insert("mscale_all_dim".into(), json!((m - 1.0) / (0.1 * ln)));
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -860,6 +878,47 @@ mod tests {
             "rope_theta":100000.0,"max_position_embeddings":8192,"tie_word_embeddings":true}"#,
         )
         .unwrap()
+    }
+
+    fn deepseek(extra: &str) -> HfConfig {
+        serde_json::from_str(&format!(
+            r#"{{"model_type":"deepseek_v3","vocab_size":512,"hidden_size":64,
+            "intermediate_size":128,"moe_intermediate_size":32,"num_hidden_layers":3,
+            "num_attention_heads":4,"n_routed_experts":8,"num_experts_per_tok":2,"n_group":4,
+            "topk_group":2,"first_k_dense_replace":1,"kv_lora_rank":32,"qk_nope_head_dim":16,
+            "qk_rope_head_dim":8,"v_head_dim":16{extra}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn deepseek_q_lora_rank_null_means_no_query_bottleneck_and_absent_the_default() {
+        let c = ModelConfig::try_from(deepseek(r#","q_lora_rank":null"#)).unwrap();
+        assert_eq!(c.mla.as_ref().unwrap().q_lora_rank, None);
+        let c = ModelConfig::try_from(deepseek("")).unwrap();
+        assert_eq!(c.mla.as_ref().unwrap().q_lora_rank, Some(1536));
+        // and what graft writes reads back the same
+        for extra in [r#","q_lora_rank":null"#, r#","q_lora_rank":48"#] {
+            let c = ModelConfig::try_from(deepseek(extra)).unwrap();
+            let back: HfConfig = serde_json::from_value(to_hf_json(&c).unwrap()).unwrap();
+            assert_eq!(ModelConfig::try_from(back).unwrap().mla, c.mla, "{extra}");
+        }
+    }
+
+    #[test]
+    fn deepseek_yarn_score_scale_survives_writing_config_json() {
+        let c = ModelConfig::try_from(deepseek(
+            r#","q_lora_rank":48,"max_position_embeddings":163840,"rope_parameters":{
+            "rope_type":"yarn","rope_theta":10000,"factor":40,"mscale":1.0,"mscale_all_dim":1.0,
+            "original_max_position_embeddings":4096,"beta_fast":32,"beta_slow":1}"#,
+        ))
+        .unwrap();
+        let plain = 1.0 / 24f32.sqrt();
+        assert!(c.attention_scale > 1.8 * plain, "mscale² = 1.87");
+        let back: HfConfig = serde_json::from_value(to_hf_json(&c).unwrap()).unwrap();
+        let back = ModelConfig::try_from(back).unwrap();
+        assert!((back.attention_scale / c.attention_scale - 1.0).abs() < 1e-5);
+        assert_eq!(back.layers[0].rope, c.layers[0].rope);
     }
 
     #[test]

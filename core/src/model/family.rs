@@ -165,7 +165,8 @@ impl Family {
             // Mixtral always renormalizes; llama.cpp does for qwen3moe (transformers' class
             // default is false, but Qwen3-MoE checkpoints set it).
             // GPT-OSS takes the softmax of the top-k logits: renormalized probabilities.
-            Family::Mixtral | Family::Qwen3Moe | Family::DeepseekV3 | Family::GptOss => true,
+            // (deepseek2 files say it with expert_weights_norm; llama.cpp's default is false.)
+            Family::Mixtral | Family::Qwen3Moe | Family::GptOss => true,
             _ => false,
         }
     }

@@ -544,6 +544,18 @@ fn quantized_experts_stay_in_the_files_memory_map() {
         &crate::all_logits(&m, &prompts[1], None),
     );
     assert_eq!(d, 0.0, "fused gate/up experts");
+    // Expert adapters are not merged into fused experts: refused, naming the tensor.
+    let adapter = crate::families::random_adapter(&fused, 3);
+    let e = merge_gguf(
+        &GgufFile::open(&fused_path).expect("GGUF"),
+        &fused.config,
+        &adapter,
+        None,
+        &dir.path().join("merged.gguf"),
+    )
+    .expect_err("refused")
+    .to_string();
+    assert!(e.contains("ffn_gate_up_exps") && e.contains("fused"), "{e}");
 }
 
 /// GPT-OSS as released, experts in MXFP4 (`model_mxfp4.gguf`, re-encoded by gguf-py): the
