@@ -251,15 +251,12 @@ fn every_family_trains_an_adapter_that_serving_applies() {
     for family in FAMILIES {
         let model = family_model(family);
         // On MoE models: attention, the routers and every expert (PEFT's target_parameters).
-        let moe = [
-            "mixtral",
-            "qwen3_moe",
-            "olmoe",
-            "qwen2_moe",
-            "deepseek_v3",
-            "gpt_oss",
-        ]
-        .contains(&family);
+        // FAMILIES lists the MoE families after the dense ones, from Mixtral on.
+        let moe = FAMILIES[FAMILIES
+            .iter()
+            .position(|f| *f == "mixtral")
+            .expect("listed")..]
+            .contains(&family);
         // And on Qwen2-MoE its shared expert (the sparse layers' gate/up/down) and that
         // expert's gate; on DeepSeek-V3 latent attention's projections and the shared experts.
         let targets = match family {

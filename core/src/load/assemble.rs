@@ -74,10 +74,22 @@ pub(crate) trait WeightSource<B: GraftBackend> {
         rows: usize,
         cols: usize,
     ) -> Result<Vec<Proj<B>>, LoadError> {
-        (0..n)
-            .map(|e| self.proj(Role::Expert(layer, e, t), rows, cols, true))
-            .collect()
+        per_expert(self, layer, t, n, rows, cols)
     }
+}
+
+/// [`WeightSource::experts`] from one tensor per expert, as most checkpoints store them.
+pub(crate) fn per_expert<B: GraftBackend>(
+    src: &(impl WeightSource<B> + ?Sized),
+    layer: usize,
+    t: TargetModule,
+    n: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<Proj<B>>, LoadError> {
+    (0..n)
+        .map(|e| src.proj(Role::Expert(layer, e, t), rows, cols, true))
+        .collect()
 }
 
 /// Reads every tensor `config` implies from `src`.

@@ -387,9 +387,7 @@ impl<B: GraftBackend> WeightSource<B> for Loader<'_, B> {
         cols: usize,
     ) -> Result<Vec<Proj<B>>, LoadError> {
         if self.config.family != Family::GptOss {
-            return (0..n)
-                .map(|e| self.proj(Role::Expert(layer, e, t), rows, cols, true))
-                .collect();
+            return super::assemble::per_expert(self, layer, t, n, rows, cols);
         }
         let pre = format!("model.layers.{layer}.mlp.experts");
         let (name, width, pick): (_, _, fn(usize, usize) -> usize) = match t {
