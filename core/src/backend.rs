@@ -85,14 +85,15 @@ pub fn dequantized<B: Backend>(w: &PackedWeight, device: &B::Device) -> Tensor<B
     Tensor::from_data(TensorData::new(w.dequantize(), [w.rows, w.cols]), device)
 }
 
-/// Rows up to which the CPU backend multiplies packed weights directly (decode steps and small
-/// batches); larger products (prefill, training) dequantize and use the dense GEMM.
+/// Rows up to which the CPU backend multiplies packed weights directly with f32 activations
+/// (decode steps and small batches); larger products (prefill, training) dequantize and use the
+/// dense GEMM. Weights on the 8-bit integer path take it at every size (batch-invariant).
 pub const FUSED_MAX_ROWS: usize = 8;
 
 impl GraftBackend for burn::backend::Flex {
     fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
         let [n, cols] = x.dims();
-        if n > FUSED_MAX_ROWS || cols != w.cols {
+        if cols != w.cols || (n > FUSED_MAX_ROWS && !w.integer_path()) {
             let wd = dequantized(w, &x.device());
             return x.matmul(wd.transpose());
         }

@@ -128,13 +128,14 @@ def bench(url, models, args, extra=(), requests=None):
 
 def decode(args, res):
     tokens = 128
-    g, l = [], []
+    g, q, l = [], [], []
     lb = anchor("llama-bench")
     for _ in range(args.rounds):
-        out = run([BIN / "graft-serve", "generate", "--model", MODEL, "--prompt", "Once upon a time",
-                   "--max-tokens", tokens + 1, "--temperature", 0, "--ignore-eos"])
-        m = re.search(r"decode: \d+ tokens in [\d.]+s \(([\d.]+) tokens/s", out)
-        g.append(float(m.group(1)))
+        for acts, into in [("f32", g), ("q8", q)]:
+            out = run([BIN / "graft-serve", "generate", "--model", MODEL, "--prompt", "Once upon a time",
+                       "--max-tokens", tokens + 1, "--temperature", 0, "--ignore-eos", "--activations", acts])
+            m = re.search(r"decode: \d+ tokens in [\d.]+s \(([\d.]+) tokens/s", out)
+            into.append(float(m.group(1)))
         if lb:
             out = run([lb, "-m", MODEL, "-t", args.threads, "-p", 0, "-n", tokens, "-r", 1, "-o", "json"])
             l.append(json.loads(out[out.index("["):])[0]["avg_ts"])
@@ -142,10 +143,13 @@ def decode(args, res):
     gbs = float(re.search(r"([\d.]+) GB/s", bw).group(1))
     weights = MODEL.stat().st_size
     res["decode"] = {
-        "settings": f"greedy, {tokens} tokens after a 4-token prompt, {args.threads} threads, {MODEL.name}",
-        "graft_tokens_per_s": med(g), "llama_cpp_tokens_per_s": med(l), "ratio": ratio(med(g), med(l)),
+        "settings": f"greedy, {tokens} tokens after a 4-token prompt, {args.threads} threads, {MODEL.name}; "
+                    "graft with f32 activations (default) and --activations q8",
+        "graft_tokens_per_s": med(g), "graft_q8_tokens_per_s": med(q), "llama_cpp_tokens_per_s": med(l),
+        "ratio": ratio(med(g), med(l)), "q8_ratio": ratio(med(q), med(l)),
         "machine_read_bandwidth_gbs": gbs,
         "graft_weight_traffic_gbs": med(g)["median"] * weights / 1e9,
+        "graft_q8_weight_traffic_gbs": med(q)["median"] * weights / 1e9,
         "llama_cpp_weight_traffic_gbs": med(l)["median"] * weights / 1e9 if l else None,
     }
 
@@ -368,6 +372,7 @@ def summary(res, args):
         rows.append(f"{name:<58} {fmt.format(value) if value is not None else 'n/a':>10}   target {target}")
 
     add("decode tokens/s, graft / llama.cpp (llama-bench)", at("decode", "ratio"), ">= 1.0")
+    add("decode tokens/s, graft q8 / llama.cpp (llama-bench)", at("decode", "q8_ratio"), ">= 1.0")
     add("8 streams on 8 adapters, graft / llama-server", at("serve", "ratio"), ">= 3.0")
     add(f"{args.adapters} adapters Zipf / one adapter (graft)", at("adapters", "ratio"), ">= 0.95")
     add(f"start-up to ready with {args.adapters} adapters (s)", at("adapters", "start_to_ready_s", "median"), "<= 1.0")

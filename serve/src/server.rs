@@ -81,6 +81,7 @@ where
         &source,
         LoadOptions {
             quantize: args.quantize,
+            activations: args.activations,
         },
         device,
     )

@@ -61,6 +61,7 @@ pub(crate) fn load_pair(
             _ if dense => QuantKind::Keep,
             _ => QuantKind::Nf4,
         },
+        ..Default::default()
     };
     let loaded = load::<Flex>(source, opts, &Default::default())
         .with_context(|| format!("loading the base model {base:?}"))?;

@@ -76,7 +76,8 @@ pub fn load_gguf<B: GraftBackend>(
         opts,
         device,
     };
-    let model = assemble(&l, &config, device)?;
+    let mut model = assemble(&l, &config, device)?;
+    model.set_activations(opts.activations);
     let name = file
         .str("general.name")
         .map(str::to_string)

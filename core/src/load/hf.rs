@@ -69,7 +69,8 @@ pub fn load_hf_dir<B: GraftBackend>(
         opts,
         device,
     };
-    let model = assemble(&l, &config, device)?;
+    let mut model = assemble(&l, &config, device)?;
+    model.set_activations(opts.activations);
     let tokenizer = if dir.join("tokenizer.json").is_file() {
         Some(TokenizerBundle::from_hf_dir(dir).map_err(|e| match e {
             TokenizerError::File { path, message } => LoadError::Tokenizer { path, message },

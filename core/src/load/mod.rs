@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::formats::gguf::GgufError;
 use crate::model::Model;
-use crate::quant::QuantKind;
+use crate::quant::{Activations, QuantKind};
 use crate::text::tokenizer::TokenizerBundle;
 
 pub use gguf::load_gguf;
@@ -155,12 +155,16 @@ impl ModelSource {
 pub struct LoadOptions {
     /// How to store the projections' base weights.
     pub quantize: QuantKind,
+    /// What packed weights' small-batch (decode) products round activations to
+    /// ([`Model::set_activations`]).
+    pub activations: Activations,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             quantize: QuantKind::Keep,
+            activations: Activations::F32,
         }
     }
 }

@@ -30,6 +30,7 @@ use burn::tensor::TensorData;
 use crate::adapters::lora::{Adapter, LoraConfig, LoraShape, LoraWeights, TargetModule};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
+use crate::quant::Activations;
 use attention::AttnSeq;
 pub use block::Block;
 use block::{LayerCtx, Runs};
@@ -323,6 +324,28 @@ impl<B: GraftBackend> Model<B> {
             seed,
             &self.device,
         )
+    }
+
+    /// Makes every packed projection (embeddings, layers, experts, LM head) take
+    /// `activations`: [`Activations::Q8`] for llama.cpp's speed and numerics,
+    /// [`Activations::F32`] (what loading gives) for the reference numerics.
+    pub fn set_activations(&mut self, activations: Activations) {
+        let layers = self.layers.iter_mut().flat_map(|l| {
+            let experts = l.experts.iter_mut().flat_map(|x| {
+                std::iter::once(&mut x.router).chain(
+                    x.experts
+                        .iter_mut()
+                        .flat_map(|e| [&mut e.gate, &mut e.up, &mut e.down]),
+                )
+            });
+            l.projs.iter_mut().flatten().chain(experts)
+        });
+        for p in [&mut self.embed_tokens, &mut self.lm_head]
+            .into_iter()
+            .chain(layers)
+        {
+            p.set_activations(activations);
+        }
     }
 
     /// Bytes held by the base weights (packed size for quantized projections).

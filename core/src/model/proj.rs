@@ -12,7 +12,7 @@ use burn::tensor::TensorData;
 
 use crate::adapters::lora::RowAdapters;
 use crate::backend::GraftBackend;
-use crate::quant::PackedWeight;
+use crate::quant::{Activations, PackedWeight};
 
 /// A frozen base weight of shape `[out, in]`.
 #[derive(Debug, Clone)]
@@ -80,6 +80,14 @@ impl<B: GraftBackend> Proj<B> {
                 }
                 Tensor::from_data(TensorData::new(out, [ids.len(), p.cols]), device)
             }
+        }
+    }
+
+    /// Makes a packed base's products take `activations` (dense bases are
+    /// unaffected).
+    pub fn set_activations(&mut self, activations: Activations) {
+        if let BaseWeight::Packed(p) = &mut self.base {
+            *p = p.clone().with_activations(activations);
         }
     }
 

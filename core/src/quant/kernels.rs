@@ -27,7 +27,7 @@ use super::{GgmlType, PackedData, PackedWeight};
 type RowKernel = unsafe fn(row: &[u8], scales: &[f32], xs: &[f32], aux: &[f32], out: &mut [f32]);
 
 /// Activation rows one kernel call takes.
-const MAX_ROWS: usize = 8;
+pub(super) const MAX_ROWS: usize = 8;
 
 /// What a kernel needs from the activations besides `x` itself.
 #[derive(Clone, Copy, PartialEq)]
@@ -41,14 +41,7 @@ enum Aux {
 fn select(w: &PackedWeight) -> Option<(RowKernel, Aux)> {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::sync::OnceLock;
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        let ok = *AVX2.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        });
-        if !ok || std::env::var_os("GRAFT_NO_SIMD").is_some() {
+        if !avx2() {
             return None;
         }
         return match &w.data {
@@ -89,11 +82,67 @@ fn kernel_name(w: &PackedWeight) -> &'static str {
 /// Products smaller than this (weight values × rows of `x`) run on the calling thread.
 const PAR_MIN_VALUES: usize = 1 << 16;
 
+/// Whether this CPU has AVX2, FMA and F16C (and `GRAFT_NO_SIMD` is unset): the SIMD kernels'
+/// requirement, detected once.
+pub(super) fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static AVX2: OnceLock<bool> = OnceLock::new();
+        let ok = *AVX2.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        });
+        ok && std::env::var_os("GRAFT_NO_SIMD").is_none()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The product `[n, rows]` of `n` activation rows with every row of `w`, computed by weight
+/// row: `each(o, bytes, ys)` gets weight row `o` (relative to `w`), its packed bytes, and its
+/// `n` outputs to fill. Rows are split over rayon's pool unless the product is small; each
+/// output is computed by one call in a fixed order, so results do not depend on the split.
+pub(super) fn by_rows(
+    w: &PackedWeight,
+    n: usize,
+    each: impl Fn(usize, &[u8], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let (rows, cols) = (w.rows, w.cols);
+    let (bytes, row_bytes): (&[u8], usize) = match &w.data {
+        PackedData::Ggml { ty, bytes } => (bytes, ty.bytes_for(cols as u64).unwrap_or(0) as usize),
+        PackedData::Nf4 { q, .. } => (&q.packed, cols / 2),
+    };
+    // Outputs by weight row (`[rows, n]`), so that each rayon task owns a contiguous slice.
+    let mut by_row = vec![0f32; rows * n];
+    let threads = rayon::current_num_threads().max(1);
+    let chunk_rows = rows.div_ceil(threads * 4).clamp(8, 256);
+    let work = |(c, part): (usize, &mut [f32])| {
+        let first = c * chunk_rows;
+        for (i, ys) in part.chunks_exact_mut(n).enumerate() {
+            let o = first + i;
+            let at = (w.first_row + o) * row_bytes;
+            each(o, &bytes[at..at + row_bytes], ys);
+        }
+    };
+    // Waking the pool costs more than it saves on small products.
+    if rows * cols * n < PAR_MIN_VALUES {
+        by_row.chunks_mut(chunk_rows * n).enumerate().for_each(work);
+    } else {
+        by_row
+            .par_chunks_mut(chunk_rows * n)
+            .enumerate()
+            .for_each(work);
+    }
+    super::outputs_by_x_row(by_row, rows, n)
+}
+
 /// `x·Wᵀ` (`x: [n, cols]` → `[n, rows]`) with the SIMD kernel, or `None` when there is none
 /// for this CPU or block type.
 pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>> {
     let (kernel, aux_kind) = select(w)?;
-    let (rows, cols) = (w.rows, w.cols);
+    let cols = w.cols;
     let aux_len = match aux_kind {
         Aux::None => 0,
         Aux::Sums32 => cols / 32,
@@ -122,11 +171,9 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
             }
         }
     }
-    let (bytes, row_bytes, absmax): (&[u8], usize, &[f32]) = match &w.data {
-        PackedData::Ggml { ty, bytes } => {
-            (bytes, ty.bytes_for(cols as u64).unwrap_or(0) as usize, &[])
-        }
-        PackedData::Nf4 { q, absmax } => (&q.packed, cols / 2, absmax),
+    let absmax: &[f32] = match &w.data {
+        PackedData::Ggml { .. } => &[],
+        PackedData::Nf4 { absmax, .. } => absmax,
     };
     let row_scales = |o: usize| -> &[f32] {
         if absmax.is_empty() {
@@ -136,52 +183,33 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
             &absmax[o * per..(o + 1) * per]
         }
     };
-    // Outputs by weight row (`[rows, n]`), so that each rayon task owns a contiguous slice.
-    let mut by_row = vec![0f32; rows * n];
-    let threads = rayon::current_num_threads().max(1);
-    let chunk_rows = rows.div_ceil(threads * 4).clamp(8, 256);
     let xs: &[f32] = if aux_kind == Aux::Nf4Deinterleave {
         &aux
     } else {
         x
     };
     let sums: &[f32] = if aux_kind == Aux::Sums32 { &aux } else { &[] };
-    let work = |(c, part): (usize, &mut [f32])| {
-        let first = c * chunk_rows;
-        for (i, ys) in part.chunks_exact_mut(n).enumerate() {
-            let o = w.first_row + first + i;
-            let row = &bytes[o * row_bytes..(o + 1) * row_bytes];
-            let sc = row_scales(o);
-            for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
-                let r0 = g * MAX_ROWS;
-                let r1 = r0 + out.len();
-                let x_rows = &xs[r0 * cols..r1 * cols];
-                let s_rows = if sums.is_empty() {
-                    sums
-                } else {
-                    &sums[r0 * aux_len..r1 * aux_len]
-                };
-                // SAFETY: `select` returned this kernel only after detecting its CPU features,
-                // and the slices have the lengths the block layout implies (checked when the
-                // `PackedWeight` was built).
-                unsafe { kernel(row, sc, x_rows, s_rows, out) };
-            }
+    Some(by_rows(w, n, |o, row, ys| {
+        let sc = row_scales(w.first_row + o);
+        for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
+            let r0 = g * MAX_ROWS;
+            let r1 = r0 + out.len();
+            let x_rows = &xs[r0 * cols..r1 * cols];
+            let s_rows = if sums.is_empty() {
+                sums
+            } else {
+                &sums[r0 * aux_len..r1 * aux_len]
+            };
+            // SAFETY: `select` returned this kernel only after detecting its CPU features,
+            // and the slices have the lengths the block layout implies (checked when the
+            // `PackedWeight` was built).
+            unsafe { kernel(row, sc, x_rows, s_rows, out) };
         }
-    };
-    // Waking the pool costs more than it saves on small products.
-    if rows * cols * n < PAR_MIN_VALUES {
-        by_row.chunks_mut(chunk_rows * n).enumerate().for_each(work);
-    } else {
-        by_row
-            .par_chunks_mut(chunk_rows * n)
-            .enumerate()
-            .for_each(work);
-    }
-    Some(super::outputs_by_x_row(by_row, rows, n))
+    }))
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     //! AVX2 + FMA (+ F16C for block scales) row kernels. Each reads its blocks with unaligned
     //! loads (GGUF data is only byte-aligned), widens codes to i32 lanes, converts them to f32
     //! once per block, and multiplies-adds them with every activation row.
@@ -198,13 +226,16 @@ mod avx2 {
     /// The little-endian f16 at `p`, widened with F16C (inlined: a call inside the block loops
     /// would spill the vector registers).
     #[inline(always)]
-    unsafe fn half_at(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+    pub(in crate::quant) unsafe fn half_at(p: *const u8) -> f32 {
+        // A broadcast, not an insert into lane 0: LLVM would insert into whatever register it
+        // knows to have zero upper lanes — often an accumulator — and chain every block's
+        // scale conversion to the previous block's sum.
+        let bits = i16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(bits)))
     }
 
     #[inline(always)]
-    unsafe fn prefetch(p: *const u8) {
+    pub(in crate::quant) unsafe fn prefetch(p: *const u8) {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
     }
 
@@ -231,7 +262,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(in crate::quant) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
@@ -557,7 +588,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
 
     use half::f16;
@@ -580,7 +611,7 @@ mod tests {
     }
 
     /// Random GGML blocks whose f16 scale fields hold small finite values.
-    fn ggml_weight(ty: GgmlType, rows: usize, cols: usize) -> PackedWeight {
+    pub(in crate::quant) fn ggml_weight(ty: GgmlType, rows: usize, cols: usize) -> PackedWeight {
         let row_bytes = ty.bytes_for(cols as u64).expect("whole blocks") as usize;
         let mut b = bytes(rows * row_bytes, ty.id() as u64);
         let halves: &[usize] = match ty {
@@ -605,15 +636,15 @@ mod tests {
         PackedWeight::ggml(ty, rows, cols, Arc::<[u8]>::from(b).into()).expect("consistent sizes")
     }
 
-    fn activations(n: usize, cols: usize) -> Vec<f32> {
+    pub(in crate::quant) fn activations(n: usize, cols: usize) -> Vec<f32> {
         bytes(n * cols, 99)
             .into_iter()
             .map(|v| (v as f32 - 127.5) / 64.0)
             .collect()
     }
 
-    const ROWS: usize = 150;
-    const COLS: usize = 512; // ROWS·COLS is above PAR_MIN_VALUES: the pool path
+    pub(in crate::quant) const ROWS: usize = 150;
+    pub(in crate::quant) const COLS: usize = 512; // ROWS·COLS is above PAR_MIN_VALUES: the pool path
 
     /// `w.matmul_t` agrees with dequantize-then-dot (in f64) to f32 rounding of the products
     /// for 1, 3 and 9 activation rows, and a row's output is the same alone and in a batch.

@@ -5,6 +5,7 @@
 mod encode;
 mod ggml;
 mod kernels;
+mod kernels_q8;
 pub mod mix;
 pub mod nf4;
 
@@ -50,6 +51,42 @@ impl std::fmt::Display for QuantKind {
 }
 
 crate::serde_as_str!(QuantKind);
+
+/// What the activations are rounded to before they meet a packed weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Activations {
+    /// Kept in f32: the reference numerics the parity tests hold graft to.
+    #[default]
+    F32,
+    /// Rounded to 8 bits per block of 32 (one f32 scale each) and multiplied with integer dot
+    /// products, as llama.cpp does, for decode and prefill alike. Block types without such a
+    /// kernel (NF4, Q5_1, Q2_K, Q3_K, the IQ types, MXFP4) keep f32 activations.
+    Q8,
+}
+
+impl std::str::FromStr for Activations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Activations::F32),
+            "q8" => Ok(Activations::Q8),
+            other => Err(format!(
+                "unknown activation precision '{other}' (expected 'q8' or 'f32')"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Activations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Activations::F32 => "f32",
+            Activations::Q8 => "q8",
+        })
+    }
+}
+
+crate::serde_as_str!(Activations);
 
 /// Packed bytes that do not fit the shape they are said to have.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -131,6 +168,8 @@ pub struct PackedWeight {
     /// The first row of `data` this weight is (0 unless it is a view).
     first_row: usize,
     data: PackedData,
+    /// How [`Self::matmul_t`] treats its activations.
+    activations: Activations,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +214,7 @@ impl PackedWeight {
             cols,
             first_row: 0,
             data: PackedData::Ggml { ty, bytes },
+            activations: Activations::F32,
         })
     }
 
@@ -190,6 +230,7 @@ impl PackedWeight {
                 q: Arc::new(q),
                 absmax,
             },
+            activations: Activations::F32,
         }
     }
 
@@ -223,7 +264,26 @@ impl PackedWeight {
             cols: self.cols,
             first_row: self.first_row + start,
             data: self.data.clone(),
+            activations: self.activations,
         }
+    }
+
+    /// This weight with its products taking `activations` (see [`Activations`]).
+    pub fn with_activations(mut self, activations: Activations) -> Self {
+        self.activations = activations;
+        self
+    }
+
+    /// How this weight's products treat their activations.
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+
+    /// Whether [`Self::matmul_t`] rounds the activations to 8 bits: asked for, and an integer
+    /// kernel exists for this block type and CPU. Such a weight takes that path at every batch
+    /// size (prefill too), so a row's result never depends on how many rows came with it.
+    pub fn integer_path(&self) -> bool {
+        self.activations == Activations::Q8 && kernels_q8::available(self)
     }
 
     /// Bytes of memory the packed weight's rows hold (a view's share of its storage).
@@ -258,10 +318,17 @@ impl PackedWeight {
     /// type have one; otherwise each task dequantizes a few weight rows at a time into a small
     /// buffer and takes their dot products with every row of `x`. Either way each output is one
     /// dot product in a fixed order, so a row's result does not depend on `n` (batch-invariant).
+    /// With [`Activations::Q8`] the rows of `x` are first rounded to 8 bits per block where
+    /// the block type has an integer kernel (`kernels_q8.rs`).
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), n * self.cols);
         if n == 0 {
             return Vec::new();
+        }
+        if self.activations == Activations::Q8 {
+            if let Some(y) = kernels_q8::matmul_t(self, x, n) {
+                return y;
+            }
         }
         kernels::matmul_t(self, x, n).unwrap_or_else(|| self.matmul_t_portable(x, n))
     }

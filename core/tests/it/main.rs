@@ -10,6 +10,7 @@ mod merge;
 mod mla;
 mod moe;
 mod peft;
+mod q8_activations;
 mod real_models;
 mod reference;
 mod smollm2;

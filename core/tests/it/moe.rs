@@ -474,6 +474,7 @@ fn quantized_experts_stay_in_the_files_memory_map() {
         &path,
         LoadOptions {
             quantize: graft_core::quant::QuantKind::None,
+            ..Default::default()
         },
         &dev,
     )

@@ -36,7 +36,7 @@ pub fn gemma3() -> &'static LoadedModel<B> {
     })
 }
 
-fn qwen() -> &'static LoadedModel<B> {
+pub fn qwen() -> &'static LoadedModel<B> {
     static M: OnceLock<LoadedModel<B>> = OnceLock::new();
     M.get_or_init(|| {
         let p = model_path("Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf", "qwen2.5-coder");

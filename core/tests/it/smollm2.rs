@@ -17,7 +17,7 @@ use crate::reference::{f32s, fixture, read_fixture};
 use crate::{max_abs_diff, values, B};
 
 const TOLERANCE: f32 = 1e-3;
-const NEAR_TIE: f32 = 0.05;
+pub const NEAR_TIE: f32 = 0.05;
 
 fn gguf_path() -> PathBuf {
     let p = graft_core::cache::default_model_path();
@@ -47,17 +47,18 @@ pub fn gguf_model() -> &'static LoadedModel<B> {
 }
 
 #[derive(Deserialize)]
-struct Reference {
-    prompts: Vec<Prompt>,
+pub struct Reference {
+    pub prompts: Vec<Prompt>,
 }
 
 #[derive(Deserialize)]
-struct Prompt {
-    text: String,
-    input_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
-    greedy_margins: Vec<f32>,
-    vocab_probe_ids: Vec<usize>,
+pub struct Prompt {
+    pub text: String,
+    pub input_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    /// transformers' top-1 minus top-2 logit at each greedy step.
+    pub greedy_margins: Vec<f32>,
+    pub vocab_probe_ids: Vec<usize>,
 }
 
 fn reference() -> Reference {
@@ -66,7 +67,7 @@ fn reference() -> Reference {
 
 /// `<prefix>_reference.json`, as `scripts/reference/make_fixtures.py` (SmolLM2) and
 /// `real_models.py` (Gemma 3, Qwen2.5-Coder) write it.
-fn reference_of(prefix: &str) -> Reference {
+pub fn reference_of(prefix: &str) -> Reference {
     serde_json::from_str(
         &std::fs::read_to_string(fixture(&format!("{prefix}_reference.json"))).unwrap(),
     )

@@ -211,6 +211,7 @@ fn nf4_on_load_is_close_and_smaller() {
         dir.path(),
         LoadOptions {
             quantize: QuantKind::Nf4,
+            ..Default::default()
         },
         &dev,
     )

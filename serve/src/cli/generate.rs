@@ -10,7 +10,7 @@ use graft_core::device::{run_on, DeviceSpec, OnDevice};
 use graft_core::generation::generate::generate;
 use graft_core::generation::sampling::SamplingParams;
 use graft_core::load::{load, LoadOptions, ModelSource};
-use graft_core::quant::QuantKind;
+use graft_core::quant::{Activations, QuantKind};
 use graft_core::text::chat::{ChatTemplate, Message};
 
 #[derive(Args, Debug)]
@@ -57,6 +57,10 @@ pub struct GenerateArgs {
     /// Base weight storage: keep (as shipped) or nf4 (quantize dense weights on load).
     #[arg(long, default_value = "keep")]
     quantize: QuantKind,
+    /// Products with packed weights: f32 (the reference numerics) or q8 (8-bit activations,
+    /// integer dot products: llama.cpp's method, faster, see the README).
+    #[arg(long, default_value = "f32")]
+    activations: Activations,
     /// A LoRA adapter to apply: a PEFT directory (adapter_config.json +
     /// adapter_model.safetensors), e.g. a graft-train run's `adapter/`.
     #[arg(long)]
@@ -84,6 +88,7 @@ fn generate_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Resu
         &source,
         LoadOptions {
             quantize: args.quantize,
+            activations: args.activations,
         },
         device,
     )

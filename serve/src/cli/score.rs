@@ -37,6 +37,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         &source,
         LoadOptions {
             quantize: args.quantize,
+            ..Default::default()
         },
         &Default::default(),
     )

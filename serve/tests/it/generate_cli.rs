@@ -128,3 +128,33 @@ fn cuda_device_without_the_feature_is_a_clear_error() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `--activations q8` (8-bit activations, llama.cpp's numerics) completes a plain prompt as the
+/// f32 path does; an unknown precision is a clear error naming it.
+#[test]
+fn eight_bit_activations_complete_the_prompt_and_bad_values_are_named() {
+    let run = |a: &str| {
+        graft_serve()
+            .arg("generate")
+            .arg("--model")
+            .arg(gguf_path())
+            .args(["--prompt", "The capital of France is", "--max-tokens", "3"])
+            .args(["--temperature", "0", "--activations", a])
+            .output()
+            .expect("spawn graft-serve")
+    };
+    for a in ["f32", "q8"] {
+        let out = run(a);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{a}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.starts_with(" Paris"), "{a}: {stdout:?}");
+    }
+    let out = run("q4");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("'q4'") && stderr.contains("q8"), "{stderr}");
+}
