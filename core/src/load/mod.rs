@@ -155,8 +155,7 @@ impl ModelSource {
 pub struct LoadOptions {
     /// How to store the projections' base weights.
     pub quantize: QuantKind,
-    /// What packed weights' small-batch (decode) products round activations to
-    /// ([`Model::set_activations`]).
+    /// What packed weights' products round activations to ([`Model::set_activations`]).
     pub activations: Activations,
 }
 

@@ -16,6 +16,7 @@ use crate::adapters::lora::TargetModule;
 use crate::adapters::lora::{LoraWeights, RowAdapters};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
+use crate::quant::Activations;
 
 /// Row runs of a batch and the adapter weights that apply to each, for one projection.
 pub(crate) type Runs<'r, B> = Vec<(std::ops::Range<usize>, Option<&'r LoraWeights<B>>)>;
@@ -108,6 +109,16 @@ impl<B: GraftBackend> Block<B> {
                 .sum::<usize>()
             + self.experts.as_ref().map_or(0, Experts::n_bytes)
             + self.sinks.as_ref().map_or(0, |s| s.dims()[0] * 4)
+    }
+
+    /// Makes the layer's packed projections, experts included, take `activations`.
+    pub fn set_activations(&mut self, activations: Activations) {
+        for p in self.projs.iter_mut().flatten() {
+            p.set_activations(activations);
+        }
+        if let Some(x) = &mut self.experts {
+            x.set_activations(activations);
+        }
     }
 
     /// `proj(t)·x` with each row run's adapter; a layout without `t` is a loader bug.

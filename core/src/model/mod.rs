@@ -330,21 +330,10 @@ impl<B: GraftBackend> Model<B> {
     /// `activations`: [`Activations::Q8`] for llama.cpp's speed and numerics,
     /// [`Activations::F32`] (what loading gives) for the reference numerics.
     pub fn set_activations(&mut self, activations: Activations) {
-        let layers = self.layers.iter_mut().flat_map(|l| {
-            let experts = l.experts.iter_mut().flat_map(|x| {
-                std::iter::once(&mut x.router).chain(
-                    x.experts
-                        .iter_mut()
-                        .flat_map(|e| [&mut e.gate, &mut e.up, &mut e.down]),
-                )
-            });
-            l.projs.iter_mut().flatten().chain(experts)
-        });
-        for p in [&mut self.embed_tokens, &mut self.lm_head]
-            .into_iter()
-            .chain(layers)
-        {
-            p.set_activations(activations);
+        self.embed_tokens.set_activations(activations);
+        self.lm_head.set_activations(activations);
+        for l in &mut self.layers {
+            l.set_activations(activations);
         }
     }
 

@@ -20,6 +20,7 @@ use super::config::{Activation, ClampedSwiglu, MoeConfig, Routing};
 use crate::adapters::lora::{LoraWeights, RowAdapters};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
+use crate::quant::Activations;
 
 /// The adapters of a sparse layer's batch rows: on the router, and on the experts' gate/up and
 /// down projections (each adapter stacked per expert).
@@ -93,6 +94,13 @@ impl<B: GraftBackend> Expert<B> {
         self.gate.n_bytes() + self.up.n_bytes() + self.down.n_bytes()
     }
 
+    /// Makes the expert's packed projections take `activations`.
+    pub fn set_activations(&mut self, activations: Activations) {
+        for p in [&mut self.gate, &mut self.up, &mut self.down] {
+            p.set_activations(activations);
+        }
+    }
+
     /// `down(act(gate(x)) · up(x))`, each projection with its rows' adapters.
     ///
     /// # Shapes
@@ -137,6 +145,14 @@ impl<B: GraftBackend> Experts<B> {
         self.router.n_bytes()
             + self.score_bias.as_ref().map_or(0, |b| b.dims()[0] * 4)
             + self.experts.iter().map(Expert::n_bytes).sum::<usize>()
+    }
+
+    /// Makes the router's and the experts' packed projections take `activations`.
+    pub fn set_activations(&mut self, activations: Activations) {
+        self.router.set_activations(activations);
+        for e in &mut self.experts {
+            e.set_activations(activations);
+        }
     }
 
     /// The weighted sum of each token's chosen experts, and the choices.

@@ -1,4 +1,4 @@
-//! Decode products with 8-bit activations: each activation row is rounded to `i8` per block of
+//! Products with 8-bit activations: each activation row is rounded to `i8` per block of
 //! 32 values with one f32 scale (`x ≈ d·q`, `d = max|x| / 127`), and every packed block meets
 //! it in integer dot products (`maddubs`: 32 byte products summed in pairs, then in fours),
 //! one conversion to f32 per 32 values. This is what llama.cpp does, and about twice the
@@ -8,7 +8,7 @@
 //! min: Q4_1 `Σ (d·q + m)·x ≈ d·d_x·Σ q·q_x + m·s_x` with `s_x = d_x·Σ q_x`, so the result is
 //! exactly `Σ w·x̂` for `x̂ = d_x·q_x` up to f32 rounding (what the tests check). Rounding
 //! `x` is the only approximation; its size against transformers is measured in
-//! `core/tests/it/real_models.rs`.
+//! `core/tests/it/q8_activations.rs`.
 //!
 //! Kernels: Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K and Q6_K on x86-64 with AVX2 (detected at run
 //! time). Other types and CPUs fall back to the f32 path. Like the f32 kernels, each output
