@@ -15,8 +15,10 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{TensorData, TensorPrimitive};
 
+use crate::adapters::gathered::{GatheredLora, RowLora};
 use crate::adapters::lora::RowAdapters;
 use crate::quant::PackedWeight;
+use burn::backend::flex::FlexTensor;
 
 /// A burn backend graft's model runs on.
 pub trait GraftBackend: Backend {
@@ -51,6 +53,20 @@ pub trait GraftBackend: Backend {
         runs: &RowAdapters<'_, Self>,
     ) -> Tensor<Self, 2> {
         lora_rows_by_run(y, x, runs)
+    }
+
+    /// `x·Wᵀ` for a packed `W` plus each row run's adapter term: [`Self::packed_matmul`]
+    /// then [`Self::lora_rows`], which the CPU backend fuses into one pass.
+    ///
+    /// # Shapes
+    /// `x: [n, in]` → `[n, out]`
+    fn packed_matmul_lora(
+        x: Tensor<Self, 2>,
+        w: &PackedWeight,
+        runs: &RowAdapters<'_, Self>,
+    ) -> Tensor<Self, 2> {
+        let y = Self::packed_matmul(x.clone(), w);
+        Self::lora_rows(y, x, runs)
     }
 }
 
@@ -92,98 +108,134 @@ pub const FUSED_MAX_ROWS: usize = 8;
 
 impl GraftBackend for burn::backend::Flex {
     fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
-        let [n, cols] = x.dims();
-        if cols != w.cols || (n > FUSED_MAX_ROWS && !w.integer_path()) {
-            let wd = dequantized(w, &x.device());
-            return x.matmul(wd.transpose());
-        }
-        let device = x.device();
-        let xs = x
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .expect("converted to f32");
-        Tensor::from_data(TensorData::new(w.matmul_t(&xs, n), [n, w.rows]), &device)
+        Self::packed_matmul_lora(x, w, &[])
     }
 
-    /// One gathered pass (the CPU counterpart of punica's BGMV): each row takes its own
-    /// adapter's `A` and `B` straight from their storage, `t = scale·A·xᵢ` (r values), then
-    /// `yᵢ += B·t`, rows in parallel. No per-run slicing, concatenation or small-matrix calls,
-    /// which cost more than the arithmetic at decode sizes; each row's result depends only on
-    /// that row (batch-invariant).
+    /// One gathered pass (the CPU counterpart of punica's BGMV, `adapters::gathered`): each
+    /// row takes its own adapter's `A` and `B` straight from their storage.
     fn lora_rows(
         y: Tensor<Self, 2>,
         x: Tensor<Self, 2>,
         runs: &RowAdapters<'_, Self>,
     ) -> Tensor<Self, 2> {
-        use rayon::prelude::*;
         if runs.iter().all(|(_, l)| l.is_none()) {
             return y;
         }
         let ([n, d_in], [_, d_out]) = (x.dims(), y.dims());
-        let host = |t: &Tensor<Self, 2>| t.clone().into_primitive().tensor();
+        let held = adapter_tensors(runs);
         let xt = host(&x);
-        // The flat storage of each adapter's A and B in run order (the tensors kept alive
-        // beside their element ranges); `None` if any is strided.
-        let weights: Option<Vec<_>> = runs
-            .iter()
-            .filter_map(|(_, l)| *l)
-            .map(|l| {
-                let (a, b) = (host(&l.a), host(&l.b));
-                let (ar, br) = (
-                    a.layout().contiguous_offsets()?,
-                    b.layout().contiguous_offsets()?,
-                );
-                Some((a, ar, b, br, l.scale, l.rank()))
-            })
-            .collect();
-        let (Some(weights), Some((x0, x1))) = (weights, xt.layout().contiguous_offsets()) else {
-            // Strided operands (never made by graft's loaders): the generic path.
+        let (Some(rows), Some(xv)) = (row_slices(&held, n), contiguous(&xt)) else {
             return lora_rows_by_run(y, x, runs);
         };
-        let xs = &xt.storage::<f32>()[x0..x1];
-        // Which adapter (index into `weights`) each row uses.
-        let mut row_adapter = vec![usize::MAX; n];
-        let mut k = 0;
-        for (range, l) in runs {
-            if l.is_some() {
-                row_adapter[range.clone()].fill(k);
-                k += 1;
-            }
-        }
-        let slices: Vec<(&[f32], &[f32], f32, usize)> = weights
-            .iter()
-            .map(|(a, (a0, a1), b, (b0, b1), scale, r)| {
-                (
-                    &a.storage::<f32>()[*a0..*a1],
-                    &b.storage::<f32>()[*b0..*b1],
-                    *scale,
-                    *r,
-                )
-            })
-            .collect();
-        let device = y.device();
-        let mut out = y.into_data().convert::<f32>().to_vec::<f32>().expect("f32");
-        let row = |(i, yi): (usize, &mut [f32])| {
-            let Some(&(a, b, scale, r)) = slices.get(row_adapter[i]) else {
-                return;
-            };
-            let xi = &xs[i * d_in..(i + 1) * d_in];
-            let t: Vec<f32> = a
-                .chunks_exact(d_in)
-                .map(|ak| scale * crate::quant::dot(ak, xi))
-                .collect();
-            for (yo, bo) in yi.iter_mut().zip(b.chunks_exact(r)) {
-                *yo += crate::quant::dot(bo, &t);
-            }
+        let Some(term) = GatheredLora::new(xv, d_in, &rows) else {
+            return y;
         };
-        if n > 1 {
-            out.par_chunks_mut(d_out).enumerate().for_each(row);
-        } else {
-            out.chunks_mut(d_out).enumerate().for_each(row);
+        let device = y.device();
+        let mut yt = y.into_primitive().tensor();
+        if yt.is_contiguous() && yt.layout().start_offset() == 0 {
+            // In place (copied first only if the storage is shared).
+            term.add_to(&mut yt.storage_mut::<f32>()[..n * d_out], d_out);
+            return Tensor::from_primitive(TensorPrimitive::Float(yt));
         }
+        let mut out = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(yt))
+            .into_data()
+            .to_vec::<f32>()
+            .expect("f32");
+        term.add_to(&mut out, d_out);
         Tensor::from_data(TensorData::new(out, [n, d_out]), &device)
     }
+
+    /// The packed product with each row's adapter term added inside the product's own tasks
+    /// (`adapters::gathered`): at decode sizes a separate pass over the pool costs more than
+    /// its arithmetic.
+    fn packed_matmul_lora(
+        x: Tensor<Self, 2>,
+        w: &PackedWeight,
+        runs: &RowAdapters<'_, Self>,
+    ) -> Tensor<Self, 2> {
+        let [n, cols] = x.dims();
+        if cols != w.cols || (n > FUSED_MAX_ROWS && !w.integer_path()) {
+            let wd = dequantized(w, &x.device());
+            let y = x.clone().matmul(wd.transpose());
+            return Self::lora_rows(y, x, runs);
+        }
+        let device = x.device();
+        let held = adapter_tensors(runs);
+        let xt = host(&x);
+        let (y, fused) = match (contiguous(&xt), row_slices(&held, n)) {
+            (Some(xv), Some(rows)) => {
+                let term = GatheredLora::new(xv, cols, &rows);
+                let then = term
+                    .as_ref()
+                    .map(|t| move |o: usize, ys: &mut [f32]| t.add_to_outputs(o, ys));
+                let then = then
+                    .as_ref()
+                    .map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
+                (w.matmul_t_then(xv, n, then), true)
+            }
+            (Some(xv), None) => (w.matmul_t(xv, n), false),
+            (None, _) => {
+                let xs = x
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .expect("f32");
+                (w.matmul_t(&xs, n), false)
+            }
+        };
+        let y = Tensor::from_data(TensorData::new(y, [n, w.rows]), &device);
+        if fused {
+            y
+        } else {
+            lora_rows_by_run(y, x, runs)
+        }
+    }
+}
+
+/// A Flex tensor's primitive (shares its storage).
+fn host(t: &Tensor<burn::backend::Flex, 2>) -> FlexTensor {
+    t.clone().into_primitive().tensor()
+}
+
+/// The f32 values of a contiguous tensor, or `None` if it is strided.
+fn contiguous(t: &FlexTensor) -> Option<&[f32]> {
+    let (a, b) = t.layout().contiguous_offsets()?;
+    Some(&t.storage::<f32>()[a..b])
+}
+
+/// Each run's rows, and its adapter's `A` and `B` primitives (sharing their storage), scale
+/// and rank.
+type HeldAdapters = Vec<(
+    std::ops::Range<usize>,
+    Option<(FlexTensor, FlexTensor, f32, usize)>,
+)>;
+
+fn adapter_tensors(runs: &RowAdapters<'_, burn::backend::Flex>) -> HeldAdapters {
+    runs.iter()
+        .map(|(range, l)| {
+            let held = l.map(|l| (host(&l.a), host(&l.b), l.scale, l.rank()));
+            (range.clone(), held)
+        })
+        .collect()
+}
+
+/// Each of `n` rows' adapter as slices of the held storage; `None` if an `A` or `B` is
+/// strided (never made by graft's loaders).
+fn row_slices(held: &HeldAdapters, n: usize) -> Option<Vec<Option<RowLora<'_>>>> {
+    let mut rows = vec![None; n];
+    for (range, l) in held {
+        if let Some((a, b, scale, rank)) = l {
+            let row = RowLora {
+                a: contiguous(a)?,
+                b: contiguous(b)?,
+                scale: *scale,
+                rank: *rank,
+            };
+            rows.get_mut(range.clone())?.fill(Some(row));
+        }
+    }
+    Some(rows)
 }
 
 #[cfg(feature = "cuda")]
@@ -257,6 +309,68 @@ mod tests {
             // Batch-invariant: row 0 alone equals row 0 in the batch, bit for bit.
             let alone = w.matmul_t(&xv[..cols], 1);
             assert_eq!(&alone[..], &fused[..rows]);
+        }
+    }
+
+    /// The fused packed product + LoRA term equals the product then each run's `scale·x·Aᵀ·Bᵀ`
+    /// (the generic path), for mixed runs of two adapters and none, on the f32 and the 8-bit
+    /// paths; and a row's result alone equals its result in the batch, bit for bit.
+    #[test]
+    fn fused_lora_term_equals_the_generic_term_and_is_batch_invariant() {
+        use crate::adapters::lora::LoraWeights;
+        use crate::quant::{Activations, GgmlType};
+        type F = burn::backend::Flex;
+        let device = Default::default();
+        let (rows, cols) = (80, 256);
+        let wv: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 700.0)
+            .collect();
+        let t = |n: usize, m: usize, seed: usize| {
+            let v: Vec<f32> = (0..n * m)
+                .map(|i| (((i + seed) * 31 % 97) as f32 - 48.0) / 50.0)
+                .collect();
+            Tensor::<F, 2>::from_data(TensorData::new(v, [n, m]), &device)
+        };
+        let lora = |r: usize, seed: usize, scale: f32| LoraWeights {
+            a: t(r, cols, seed),
+            b: t(rows, r, seed + 1),
+            scale,
+            dropout: 0.0,
+            experts: 1,
+        };
+        let (l1, l2) = (lora(16, 3, 2.0), lora(4, 5, 0.25));
+        let bytes = GgmlType::Q8_0.quantize(&wv).expect("Q8_0");
+        let base = PackedWeight::ggml(GgmlType::Q8_0, rows, cols, bytes.into()).expect("layout");
+        for w in [base.clone(), base.with_activations(Activations::Q8)] {
+            let n = 6;
+            let x = t(n, cols, 11);
+            let runs: Vec<(std::ops::Range<usize>, Option<&LoraWeights<F>>)> =
+                vec![(0..2, Some(&l1)), (2..3, None), (3..6, Some(&l2))];
+            let fused = F::packed_matmul_lora(x.clone(), &w, &runs);
+            let generic = lora_rows_by_run(F::packed_matmul(x.clone(), &w), x.clone(), &runs);
+            let v = |t: Tensor<F, 2>| t.into_data().to_vec::<f32>().expect("f32");
+            let (f, g) = (v(fused), v(generic));
+            let d = f
+                .iter()
+                .zip(&g)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(d < 1e-3, "{:?}: max |Δ| {d}", w.activations());
+            let plain = v(F::packed_matmul(x.clone(), &w));
+            assert_ne!(&f[..rows], &plain[..rows], "the adapter changed row 0");
+            assert_eq!(
+                &f[2 * rows..3 * rows],
+                &plain[2 * rows..3 * rows],
+                "row 2 has none"
+            );
+            for (i, l) in [(0, &l1), (4, &l2)] {
+                let alone = F::packed_matmul_lora(
+                    x.clone().slice([i..i + 1, 0..cols]),
+                    &w,
+                    &[(0..1, Some(l))],
+                );
+                assert_eq!(v(alone), &f[i * rows..(i + 1) * rows], "row {i} alone");
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! ([`peft`]) and llama.cpp's GGUF-LoRA ([`gguf_lora`]) — and merging one into its base model
 //! ([`merge`]).
 
+pub(crate) mod gathered;
 pub mod gguf_lora;
 pub mod lora;
 pub mod merge;

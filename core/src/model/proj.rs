@@ -100,18 +100,22 @@ impl<B: GraftBackend> Proj<B> {
         base + self.bias.as_ref().map_or(0, |_| self.out_features * 4)
     }
 
-    /// `x·Wᵀ + b`, plus each row range's adapter term.
+    /// `x·Wᵀ + b`, plus each row range's adapter term (added before the bias: a packed
+    /// base's product adds it beside each output as it computes them).
     ///
     /// # Shapes
     /// `x: [n, in]` → `[n, out]`
     pub fn forward(&self, x: Tensor<B, 2>, adapters: &RowAdapters<'_, B>) -> Tensor<B, 2> {
-        let mut y = match &self.base {
-            BaseWeight::Dense(w) => x.clone().matmul(w.clone().transpose()),
-            BaseWeight::Packed(p) => B::packed_matmul(x.clone(), p),
+        let y = match &self.base {
+            BaseWeight::Dense(w) => {
+                let y = x.clone().matmul(w.clone().transpose());
+                B::lora_rows(y, x, adapters)
+            }
+            BaseWeight::Packed(p) => B::packed_matmul_lora(x, p, adapters),
         };
-        if let Some(b) = &self.bias {
-            y = y + b.clone().unsqueeze::<2>();
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<2>(),
+            None => y,
         }
-        B::lora_rows(y, x, adapters)
     }
 }

@@ -84,7 +84,7 @@ const PAR_MIN_VALUES: usize = 1 << 16;
 
 /// Whether this CPU has AVX2, FMA and F16C (and `GRAFT_NO_SIMD` is unset): the SIMD kernels'
 /// requirement, detected once.
-pub(super) fn avx2() -> bool {
+pub(crate) fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -100,14 +100,21 @@ pub(super) fn avx2() -> bool {
     false
 }
 
+/// What a product runs on its outputs right after computing them, in the same task:
+/// `then(o, ys)` with `ys` the outputs of consecutive weight rows from `o` (relative to the
+/// weight), `n` per row (`ys[j·n + i]`: weight row `o + j`, activation row `i`). Used to add a
+/// LoRA term while the outputs are hot and without a second pass over the pool.
+pub(crate) type Then<'a> = Option<&'a (dyn Fn(usize, &mut [f32]) + Sync)>;
+
 /// The product `[n, rows]` of `n` activation rows with every row of `w`, computed by weight
 /// row: `each(o, bytes, ys)` gets weight row `o` (relative to `w`), its packed bytes, and its
-/// `n` outputs to fill. Rows are split over rayon's pool unless the product is small; each
+/// `n` outputs to fill (then `then` on the task's rows, if any). Rows are split over rayon's pool unless the product is small; each
 /// output is computed by one call in a fixed order, so results do not depend on the split.
 pub(super) fn by_rows(
     w: &PackedWeight,
     n: usize,
     each: impl Fn(usize, &[u8], &mut [f32]) + Sync,
+    then: Then<'_>,
 ) -> Vec<f32> {
     let (rows, cols) = (w.rows, w.cols);
     let (bytes, row_bytes): (&[u8], usize) = match &w.data {
@@ -125,6 +132,9 @@ pub(super) fn by_rows(
             let at = (w.first_row + o) * row_bytes;
             each(o, &bytes[at..at + row_bytes], ys);
         }
+        if let Some(then) = then {
+            then(first, part);
+        }
     };
     // Waking the pool costs more than it saves on small products.
     if rows * cols * n < PAR_MIN_VALUES {
@@ -140,7 +150,7 @@ pub(super) fn by_rows(
 
 /// `x·Wᵀ` (`x: [n, cols]` → `[n, rows]`) with the SIMD kernel, or `None` when there is none
 /// for this CPU or block type.
-pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>> {
+pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize, then: Then<'_>) -> Option<Vec<f32>> {
     let (kernel, aux_kind) = select(w)?;
     let cols = w.cols;
     let aux_len = match aux_kind {
@@ -189,23 +199,28 @@ pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>
         x
     };
     let sums: &[f32] = if aux_kind == Aux::Sums32 { &aux } else { &[] };
-    Some(by_rows(w, n, |o, row, ys| {
-        let sc = row_scales(w.first_row + o);
-        for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
-            let r0 = g * MAX_ROWS;
-            let r1 = r0 + out.len();
-            let x_rows = &xs[r0 * cols..r1 * cols];
-            let s_rows = if sums.is_empty() {
-                sums
-            } else {
-                &sums[r0 * aux_len..r1 * aux_len]
-            };
-            // SAFETY: `select` returned this kernel only after detecting its CPU features,
-            // and the slices have the lengths the block layout implies (checked when the
-            // `PackedWeight` was built).
-            unsafe { kernel(row, sc, x_rows, s_rows, out) };
-        }
-    }))
+    Some(by_rows(
+        w,
+        n,
+        |o, row, ys| {
+            let sc = row_scales(w.first_row + o);
+            for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
+                let r0 = g * MAX_ROWS;
+                let r1 = r0 + out.len();
+                let x_rows = &xs[r0 * cols..r1 * cols];
+                let s_rows = if sums.is_empty() {
+                    sums
+                } else {
+                    &sums[r0 * aux_len..r1 * aux_len]
+                };
+                // SAFETY: `select` returned this kernel only after detecting its CPU features,
+                // and the slices have the lengths the block layout implies (checked when the
+                // `PackedWeight` was built).
+                unsafe { kernel(row, sc, x_rows, s_rows, out) };
+            }
+        },
+        then,
+    ))
 }
 
 #[cfg(target_arch = "x86_64")]

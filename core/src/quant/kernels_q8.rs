@@ -14,7 +14,7 @@
 //! time). Other types and CPUs fall back to the f32 path. Like the f32 kernels, each output
 //! is one call in a fixed order, so a row's result does not depend on its batch.
 
-use super::kernels::{by_rows, MAX_ROWS};
+use super::kernels::{by_rows, Then, MAX_ROWS};
 use super::{GgmlType, PackedData, PackedWeight};
 
 /// Activation rows rounded to 8 bits per 32 values.
@@ -104,27 +104,32 @@ pub(super) fn available(w: &PackedWeight) -> bool {
 
 /// `x·Wᵀ` (`x: [n, cols]` → `[n, rows]`) with `x` rounded to 8 bits, or `None` when this CPU
 /// or block type has no integer kernel.
-pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize) -> Option<Vec<f32>> {
+pub(super) fn matmul_t(w: &PackedWeight, x: &[f32], n: usize, then: Then<'_>) -> Option<Vec<f32>> {
     let kernel = select(w)?;
     let (cols, nb) = (w.cols, w.cols / 32);
     let a = Q8Rows::quantize(x);
-    Some(by_rows(w, n, |_, row, ys| {
-        for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
-            let (r0, r1) = (g * MAX_ROWS, g * MAX_ROWS + out.len());
-            // SAFETY: `select` returned this kernel only after detecting its CPU features;
-            // the row has the bytes its block type implies (checked when the weight was
-            // built) and the activations `cols` values per row.
-            unsafe {
-                kernel(
-                    row,
-                    &a.q[r0 * cols..r1 * cols],
-                    &a.d[r0 * nb..r1 * nb],
-                    &a.s[r0 * nb..r1 * nb],
-                    out,
-                )
-            };
-        }
-    }))
+    Some(by_rows(
+        w,
+        n,
+        |_, row, ys| {
+            for (g, out) in ys.chunks_mut(MAX_ROWS).enumerate() {
+                let (r0, r1) = (g * MAX_ROWS, g * MAX_ROWS + out.len());
+                // SAFETY: `select` returned this kernel only after detecting its CPU features;
+                // the row has the bytes its block type implies (checked when the weight was
+                // built) and the activations `cols` values per row.
+                unsafe {
+                    kernel(
+                        row,
+                        &a.q[r0 * cols..r1 * cols],
+                        &a.d[r0 * nb..r1 * nb],
+                        &a.s[r0 * nb..r1 * nb],
+                        out,
+                    )
+                };
+            }
+        },
+        then,
+    ))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -668,7 +673,7 @@ mod tests {
                 w.clone()
                     .with_activations(super::super::Activations::Q8)
                     .matmul_t(&x, 2),
-                matmul_t(&w, &x, 2).expect("a kernel"),
+                matmul_t(&w, &x, 2, None).expect("a kernel"),
                 "{ty:?}"
             );
         }
@@ -682,7 +687,7 @@ mod tests {
         for n in 1..=17 {
             let x = activations(n, cols);
             let a = Q8Rows::quantize(&x);
-            let y = matmul_t(&w, &x, n).expect("a kernel");
+            let y = matmul_t(&w, &x, n, None).expect("a kernel");
             for r in 0..n {
                 for o in 0..ROWS {
                     let (mut exact, mut scale) = (0f64, 0f64);
@@ -699,7 +704,7 @@ mod tests {
                     );
                 }
             }
-            let alone = matmul_t(&w, &x[(n - 1) * cols..], 1).expect("a kernel");
+            let alone = matmul_t(&w, &x[(n - 1) * cols..], 1, None).expect("a kernel");
             assert_eq!(&alone[..], &y[(n - 1) * ROWS..], "{ty:?}: batch-invariant");
         }
     }
@@ -712,8 +717,8 @@ mod tests {
             return;
         }
         let x = activations(2, COLS);
-        let whole = matmul_t(&w, &x, 2).expect("a kernel");
-        let part = matmul_t(&w.rows_view(40, 20), &x, 2).expect("a kernel");
+        let whole = matmul_t(&w, &x, 2, None).expect("a kernel");
+        let part = matmul_t(&w.rows_view(40, 20), &x, 2, None).expect("a kernel");
         for r in 0..2 {
             assert_eq!(
                 &part[r * 20..(r + 1) * 20],

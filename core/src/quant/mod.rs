@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 pub use encode::EncodeError;
 pub use ggml::GgmlType;
+pub(crate) use kernels::avx2;
 pub use nf4::Nf4Tensor;
 
 /// How a base weight is stored, as named on the command line and in configs.
@@ -321,21 +322,43 @@ impl PackedWeight {
     /// With [`Activations::Q8`] the rows of `x` are first rounded to 8 bits per block where
     /// the block type has an integer kernel (`kernels_q8.rs`).
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.matmul_t_then(x, n, None)
+    }
+
+    /// [`Self::matmul_t`], running `then(o, ys)` on the outputs of consecutive weight rows from
+    /// `o` as soon as a task has computed them (`ys[j·n + i]`: weight row `o + j`, activation
+    /// row `i`).
+    pub fn matmul_t_then(
+        &self,
+        x: &[f32],
+        n: usize,
+        then: Option<&(dyn Fn(usize, &mut [f32]) + Sync)>,
+    ) -> Vec<f32> {
         debug_assert_eq!(x.len(), n * self.cols);
         if n == 0 {
             return Vec::new();
         }
         if self.activations == Activations::Q8 {
-            if let Some(y) = kernels_q8::matmul_t(self, x, n) {
+            if let Some(y) = kernels_q8::matmul_t(self, x, n, then) {
                 return y;
             }
         }
-        kernels::matmul_t(self, x, n).unwrap_or_else(|| self.matmul_t_portable(x, n))
+        kernels::matmul_t(self, x, n, then)
+            .unwrap_or_else(|| self.matmul_t_portable_then(x, n, then))
     }
 
     /// The portable path of [`Self::matmul_t`] (also the reference its SIMD kernels are
     /// tested against).
     pub fn matmul_t_portable(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.matmul_t_portable_then(x, n, None)
+    }
+
+    fn matmul_t_portable_then(
+        &self,
+        x: &[f32],
+        n: usize,
+        then: Option<&(dyn Fn(usize, &mut [f32]) + Sync)>,
+    ) -> Vec<f32> {
         use rayon::prelude::*;
         const TILE: usize = 16;
         let (rows, cols) = (self.rows, self.cols);
@@ -352,6 +375,9 @@ impl PackedWeight {
                     for r in 0..n {
                         part[j * n + r] = dot(&x[r * cols..(r + 1) * cols], w);
                     }
+                }
+                if let Some(then) = then {
+                    then(o, part);
                 }
             });
         outputs_by_x_row(by_row, rows, n)
@@ -381,6 +407,7 @@ fn outputs_by_x_row(by_row: Vec<f32>, rows: usize, n: usize) -> Vec<f32> {
 }
 
 /// Dot product with 8 independent accumulators (vectorizes; a fixed summation order).
+#[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = a.len() / 8;
