@@ -55,6 +55,26 @@ pub trait GraftBackend: Backend {
         lora_rows_by_run(y, x, runs)
     }
 
+    /// `softmax(q·Kᵀ·scale)·V` for query rows that see every key (no mask: a decode step),
+    /// keys and values given as consecutive pieces read in place (the cache's parts), with an
+    /// optional soft-cap `cap·tanh(s/cap)` of the scores and one sink logit per row that joins
+    /// the softmax. `None` where the backend has no kernel for it: the model then runs the
+    /// same attention as tensor ops (which also record gradients).
+    ///
+    /// # Shapes
+    /// `q: [kv_heads, rows, hd]`, each piece's keys and values `[kv_heads, len, hd]`,
+    /// `sinks: [kv_heads·rows]` → `[kv_heads, rows, hd]`
+    fn attention_unmasked(
+        q: &Tensor<Self, 3>,
+        pieces: &[(Tensor<Self, 3>, Tensor<Self, 3>)],
+        scale: f32,
+        softcap: Option<f32>,
+        sinks: Option<&Tensor<Self, 1>>,
+    ) -> Option<Tensor<Self, 3>> {
+        let _ = (q, pieces, scale, softcap, sinks);
+        None
+    }
+
     /// `x·Wᵀ` for a packed `W` plus each row run's adapter term: [`Self::packed_matmul`]
     /// then [`Self::lora_rows`], which the CPU backend fuses into one pass.
     ///
@@ -145,6 +165,49 @@ impl GraftBackend for burn::backend::Flex {
         Tensor::from_data(TensorData::new(out, [n, d_out]), &device)
     }
 
+    /// The cache's pieces read in place (`model::attention_cpu`).
+    fn attention_unmasked(
+        q: &Tensor<Self, 3>,
+        pieces: &[(Tensor<Self, 3>, Tensor<Self, 3>)],
+        scale: f32,
+        softcap: Option<f32>,
+        sinks: Option<&Tensor<Self, 1>>,
+    ) -> Option<Tensor<Self, 3>> {
+        use crate::model::attention_cpu::{attend, Queries};
+        let [kv_heads, rows, head_dim] = q.dims();
+        let qt = host3(q);
+        let st = sinks.map(|s| s.clone().into_primitive().tensor());
+        let held: Vec<(FlexTensor, FlexTensor)> =
+            pieces.iter().map(|(k, v)| (host3(k), host3(v))).collect();
+        let views: Option<Vec<_>> = held
+            .iter()
+            .map(|(k, v)| {
+                Some((
+                    kv_view(k, kv_heads, head_dim)?,
+                    kv_view(v, kv_heads, head_dim)?,
+                ))
+            })
+            .collect();
+        let sink_values = match &st {
+            Some(s) => Some(contiguous(s)?),
+            None => None,
+        };
+        let qs = Queries {
+            q: contiguous(&qt)?,
+            kv_heads,
+            rows,
+            head_dim,
+            scale,
+            softcap,
+            sinks: sink_values,
+        };
+        let out = attend(&qs, &views?);
+        Some(Tensor::from_data(
+            TensorData::new(out, [kv_heads, rows, head_dim]),
+            &q.device(),
+        ))
+    }
+
     /// The packed product with each row's adapter term added inside the product's own tasks
     /// (`adapters::gathered`): at decode sizes a separate pass over the pool costs more than
     /// its arithmetic.
@@ -198,8 +261,43 @@ fn host(t: &Tensor<burn::backend::Flex, 2>) -> FlexTensor {
     t.clone().into_primitive().tensor()
 }
 
-/// The f32 values of a contiguous tensor, or `None` if it is strided.
+/// A `[kv_heads, len, head_dim]` piece of a cache read in place; `None` unless each row's values
+/// are contiguous.
+fn kv_view(
+    t: &FlexTensor,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Option<crate::model::attention_cpu::KvView<'_>> {
+    let [h, len, d] = t.layout().shape().dims::<3>();
+    let st = t.layout().strides();
+    if t.dtype() != burn::tensor::DType::F32
+        || h != kv_heads
+        || d != head_dim
+        || st[2] != 1
+        || st[0] < 0
+        || st[1] < 0
+    {
+        return None;
+    }
+    Some(crate::model::attention_cpu::KvView {
+        data: t.storage::<f32>(),
+        offset: t.layout().start_offset(),
+        head_stride: st[0] as usize,
+        row_stride: st[1] as usize,
+        len,
+    })
+}
+
+/// A 3-d Flex tensor's primitive (shares its storage).
+fn host3(t: &Tensor<burn::backend::Flex, 3>) -> FlexTensor {
+    t.clone().into_primitive().tensor()
+}
+
+/// The values of a contiguous f32 tensor (any rank), or `None` if it is strided or not f32.
 fn contiguous(t: &FlexTensor) -> Option<&[f32]> {
+    if t.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
     let (a, b) = t.layout().contiguous_offsets()?;
     Some(&t.storage::<f32>()[a..b])
 }

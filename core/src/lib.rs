@@ -30,6 +30,7 @@ pub mod process;
 pub mod quant;
 pub mod recycle;
 mod serde_str;
+mod simd;
 pub mod text;
 
 /// The burn this crate is built on, for dependents that need more than the prelude.

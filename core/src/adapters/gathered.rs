@@ -19,6 +19,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::quant::{avx2, dot};
+use crate::simd;
 
 /// One row's adapter: `A: [rank, in]` and `B: [out, rank]`, row-major.
 #[derive(Debug, Clone, Copy)]
@@ -95,12 +96,7 @@ impl<'a> GatheredLora<'a> {
             &l.a[k * self.d_in..(k + 1) * self.d_in],
             &self.x[i * self.d_in..(i + 1) * self.d_in],
         );
-        #[cfg(target_arch = "x86_64")]
-        if self.simd {
-            // SAFETY: avx2() checked AVX2 and FMA on this CPU.
-            return l.scale * unsafe { simd::dot(a, x) };
-        }
-        l.scale * dot(a, x)
+        l.scale * simd::dot(a, x)
     }
 
     /// `ys[j·stride] += B[first + j]·t` for row `i`'s adapter (`t` that row's values).
@@ -110,9 +106,9 @@ impl<'a> GatheredLora<'a> {
         let outputs = ys.len().div_ceil(stride);
         let b = &l.b[first * r..(first + outputs) * r];
         #[cfg(target_arch = "x86_64")]
-        if self.simd && r % 8 == 0 {
+        if self.simd && r.is_multiple_of(8) {
             // SAFETY: avx2() checked AVX2 and FMA on this CPU; `b` has `r` values per output.
-            return unsafe { simd::expand(b, t, ys, stride) };
+            return unsafe { x86::expand(b, t, ys, stride) };
         }
         for (y, bo) in ys.iter_mut().step_by(stride).zip(b.chunks_exact(r)) {
             *y += dot(bo, t);
@@ -187,60 +183,19 @@ fn split(range: Range<usize>, parts: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// AVX2 + FMA kernels. Each output's sum runs in one fixed order (lanes of 8, then a fixed
-/// reduction tree), so results do not depend on the batch or the split.
+/// The AVX2 + FMA expand.
 #[cfg(target_arch = "x86_64")]
-mod simd {
+mod x86 {
     use std::arch::x86_64::*;
 
-    /// The sum of `v`'s lanes: `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let h = _mm256_hadd_ps(v, v);
-        let h = _mm256_hadd_ps(h, h);
-        _mm_cvtss_f32(_mm_add_ps(
-            _mm256_castps256_ps128(h),
-            _mm256_extractf128_ps(h, 1),
-        ))
-    }
-
-    /// `Σ a·x` (equal lengths), four accumulators of 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(a: &[f32], x: &[f32]) -> f32 {
-        let n = a.len().min(x.len());
-        let (pa, px) = (a.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            for (k, s) in acc.iter_mut().enumerate() {
-                let o = i + 8 * k;
-                *s = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(px.add(o)), *s);
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(px.add(i)),
-                acc[0],
-            );
-            i += 8;
-        }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        let mut sum = hsum(v);
-        while i < n {
-            sum += a[i] * x[i];
-            i += 1;
-        }
-        sum
-    }
+    use crate::simd::hsum;
 
     /// `ys[j·stride] += b[j]·t` for rows of `b` of `t.len()` values (a multiple of 8): each
     /// sum in lanes of 8, then [`hsum`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn expand(b: &[f32], t: &[f32], ys: &mut [f32], stride: usize) {
         let r = t.len();
-        debug_assert!(r % 8 == 0 && b.len() >= ys.len().div_ceil(stride) * r);
+        debug_assert!(r.is_multiple_of(8) && b.len() >= ys.len().div_ceil(stride) * r);
         let pt = t.as_ptr();
         for (y, bo) in ys.iter_mut().step_by(stride).zip(b.chunks_exact(r)) {
             let pb = bo.as_ptr();

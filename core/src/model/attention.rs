@@ -176,6 +176,29 @@ fn attend_one<B: GraftBackend>(
             )]
         }
     };
+    let rows = groups * n;
+    if mask.is_none() {
+        // Per row, its head's sink (row g·n + i is query i of head group g).
+        let sink_rows = sinks.map(|s| {
+            s.clone()
+                .reshape([kvh, groups, 1])
+                .repeat_dim(2, n)
+                .reshape([kvh * rows])
+        });
+        let fused = B::attention_unmasked(
+            &q,
+            &pieces,
+            c.attention_scale,
+            c.attn_softcap,
+            sink_rows.as_ref(),
+        );
+        if let Some(out) = fused {
+            return out
+                .reshape([c.num_heads, n, hd])
+                .swap_dims(0, 1)
+                .reshape([n, c.num_heads * hd]);
+        }
+    }
     let widths: Vec<usize> = pieces.iter().map(|(k, _)| k.dims()[1]).collect();
     let scores: Vec<Tensor<B, 3>> = pieces
         .iter()
@@ -193,7 +216,6 @@ fn attend_one<B: GraftBackend>(
     if let Some(m) = mask {
         scores = scores + m;
     }
-    let rows = groups * n;
     let probs = match sinks {
         // Each head's sink joins its rows' softmax as one more logit, then is dropped.
         Some(s) => {

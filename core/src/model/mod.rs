@@ -13,6 +13,7 @@
 //! separate sequences, so no attention crosses example boundaries.
 
 mod attention;
+pub(crate) mod attention_cpu;
 mod block;
 pub mod config;
 pub mod family;

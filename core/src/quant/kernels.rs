@@ -89,12 +89,13 @@ pub(crate) fn avx2() -> bool {
     {
         use std::sync::OnceLock;
         static AVX2: OnceLock<bool> = OnceLock::new();
-        let ok = *AVX2.get_or_init(|| {
+        // (The variable too is read once: small kernels call this per dot product.)
+        *AVX2.get_or_init(|| {
             is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
-        });
-        ok && std::env::var_os("GRAFT_NO_SIMD").is_none()
+                && std::env::var_os("GRAFT_NO_SIMD").is_none()
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

@@ -1,0 +1,125 @@
+//! f32 vector helpers shared by the CPU kernels that are not packed-weight products (the
+//! gathered LoRA term, decode attention): AVX2 + FMA when the CPU has them (detected once, as
+//! the packed kernels do), a portable loop otherwise. Each function sums in one fixed order
+//! for a given length, so results do not depend on where a value sits in a batch.
+
+use crate::quant::{avx2, dot as portable_dot};
+
+/// `Σ a·b` over the common length.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: avx2() checked AVX2 and FMA on this CPU.
+        return unsafe { x86::dot(a, b) };
+    }
+    portable_dot(a, b)
+}
+
+/// `y += s·x` over the common length.
+#[inline]
+pub(crate) fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::axpy(y, s, x) };
+    }
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += s * x;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// The sum of `v`'s lanes: `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
+        let h = _mm256_hadd_ps(v, v);
+        let h = _mm256_hadd_ps(h, h);
+        _mm_cvtss_f32(_mm_add_ps(
+            _mm256_castps256_ps128(h),
+            _mm256_extractf128_ps(h, 1),
+        ))
+    }
+
+    /// `Σ a·b`: four accumulators of 8 lanes, then 8 at a time, then the rest one by one.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, s) in acc.iter_mut().enumerate() {
+                let o = i + 8 * k;
+                *s = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *s);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut sum = hsum(v);
+        while i < n {
+            sum += a[i] * b[i];
+            i += 1;
+        }
+        sum
+    }
+
+    /// `y += s·x`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let (py, px) = (y.as_mut_ptr(), x.as_ptr());
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            let v = _mm256_fmadd_ps(sv, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
+            _mm256_storeu_ps(py.add(i), v);
+            i += 8;
+        }
+        while i < n {
+            y[i] += s * x[i];
+            i += 1;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::hsum;
+
+#[cfg(test)]
+mod tests {
+    /// Both helpers agree with f64 sums, at lengths around the vector widths.
+    #[test]
+    fn dot_and_axpy_match_f64() {
+        for n in [0, 1, 7, 8, 9, 31, 32, 33, 64, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            assert!(
+                (f64::from(super::dot(&a, &b)) - want).abs() < 1e-4,
+                "dot, n={n}"
+            );
+            let mut y = b.clone();
+            super::axpy(&mut y, 0.5, &a);
+            for i in 0..n {
+                let w = f64::from(b[i]) + 0.5 * f64::from(a[i]);
+                assert!((f64::from(y[i]) - w).abs() < 1e-6, "axpy, n={n}, i={i}");
+            }
+        }
+    }
+}
