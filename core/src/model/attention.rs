@@ -5,7 +5,6 @@
 use std::ops::Range;
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use burn::tensor::TensorData;
 
 use super::config::ModelConfig;
@@ -225,9 +224,9 @@ fn attend_one<B: GraftBackend>(
                 .reshape([kvh, groups, 1])
                 .repeat_dim(2, n)
                 .reshape([kvh, rows, 1]);
-            softmax(Tensor::cat(vec![scores, column], 2), 2).slice([0..kvh, 0..rows, 0..keys])
+            B::softmax_last(Tensor::cat(vec![scores, column], 2)).slice([0..kvh, 0..rows, 0..keys])
         }
-        None => softmax(scores, 2),
+        None => B::softmax_last(scores),
     };
     let mut at = 0;
     let mut out: Option<Tensor<B, 3>> = None;

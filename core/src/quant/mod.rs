@@ -397,10 +397,18 @@ fn outputs_by_x_row(by_row: Vec<f32>, rows: usize, n: usize) -> Vec<f32> {
     if n == 1 {
         return by_row;
     }
+    // In tiles, so that neither side is walked with a stride of a whole row (a prefill's
+    // outputs are megabytes).
+    const TILE: usize = 32;
     let mut out = vec![0f32; n * rows];
-    for (o, ys) in by_row.chunks_exact(n).enumerate() {
-        for (r, y) in ys.iter().enumerate() {
-            out[r * rows + o] = *y;
+    for o0 in (0..rows).step_by(TILE) {
+        for r0 in (0..n).step_by(TILE) {
+            for o in o0..(o0 + TILE).min(rows) {
+                let ys = &by_row[o * n..(o + 1) * n];
+                for r in r0..(r0 + TILE).min(n) {
+                    out[r * rows + o] = ys[r];
+                }
+            }
         }
     }
     out
