@@ -15,7 +15,7 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{TensorData, TensorPrimitive};
 
-use crate::adapters::gathered::{GatheredLora, RowLora};
+use crate::adapters::gathered::{GatheredLora, RowLora, Values};
 use crate::adapters::lora::RowAdapters;
 use crate::quant::PackedWeight;
 use burn::backend::flex::FlexTensor;
@@ -357,6 +357,20 @@ fn adapter_tensors(runs: &RowAdapters<'_, burn::backend::Flex>) -> HeldAdapters 
         .collect()
 }
 
+/// A contiguous f32 or bf16 tensor's values as stored; `None` if strided or of another type.
+fn stored(t: &FlexTensor) -> Option<Values<'_>> {
+    match t.dtype() {
+        burn::tensor::DType::BF16 => {
+            let (a, b) = t.layout().contiguous_offsets()?;
+            let v: &[half::bf16] = &t.storage::<half::bf16>()[a..b];
+            Some(Values::Bf16(
+                half::slice::HalfFloatSliceExt::reinterpret_cast(v),
+            ))
+        }
+        _ => contiguous(t).map(Values::F32),
+    }
+}
+
 /// Each of `n` rows' adapter as slices of the held storage; `None` if an `A` or `B` is
 /// strided (never made by graft's loaders).
 fn row_slices(held: &HeldAdapters, n: usize) -> Option<Vec<Option<RowLora<'_>>>> {
@@ -364,8 +378,8 @@ fn row_slices(held: &HeldAdapters, n: usize) -> Option<Vec<Option<RowLora<'_>>>>
     for (range, l) in held {
         if let Some((a, b, scale, rank)) = l {
             let row = RowLora {
-                a: contiguous(a)?,
-                b: contiguous(b)?,
+                a: stored(a)?,
+                b: stored(b)?,
                 scale: *scale,
                 rank: *rank,
             };
@@ -451,10 +465,11 @@ mod tests {
 
     /// The fused packed product + LoRA term equals the product then each run's `scale·x·Aᵀ·Bᵀ`
     /// (the generic path), for mixed runs of two adapters and none, on the f32 and the 8-bit
-    /// paths; and a row's result alone equals its result in the batch, bit for bit.
+    /// paths, adapters in f32 and in bf16; and a row's result alone equals its result in the
+    /// batch, bit for bit.
     #[test]
     fn fused_lora_term_equals_the_generic_term_and_is_batch_invariant() {
-        use crate::adapters::lora::LoraWeights;
+        use crate::adapters::lora::{AdapterDtype, LoraWeights};
         use crate::quant::{Activations, GgmlType};
         type F = burn::backend::Flex;
         let device = Default::default();
@@ -475,16 +490,23 @@ mod tests {
             dropout: 0.0,
             experts: 1,
         };
-        let (l1, l2) = (lora(16, 3, 2.0), lora(4, 5, 0.25));
         let bytes = GgmlType::Q8_0.quantize(&wv).expect("Q8_0");
         let base = PackedWeight::ggml(GgmlType::Q8_0, rows, cols, bytes.into()).expect("layout");
-        for w in [base.clone(), base.with_activations(Activations::Q8)] {
+        let weights = [base.clone(), base.with_activations(Activations::Q8)];
+        for (w, dtype) in weights
+            .iter()
+            .flat_map(|w| [(w, AdapterDtype::F32), (w, AdapterDtype::Bf16)])
+        {
+            let (l1, l2) = (
+                lora(16, 3, 2.0).stored_as(dtype),
+                lora(4, 5, 0.25).stored_as(dtype),
+            );
             let n = 6;
             let x = t(n, cols, 11);
             let runs: Vec<(std::ops::Range<usize>, Option<&LoraWeights<F>>)> =
                 vec![(0..2, Some(&l1)), (2..3, None), (3..6, Some(&l2))];
-            let fused = F::packed_matmul_lora(x.clone(), &w, &runs);
-            let generic = lora_rows_by_run(F::packed_matmul(x.clone(), &w), x.clone(), &runs);
+            let fused = F::packed_matmul_lora(x.clone(), w, &runs);
+            let generic = lora_rows_by_run(F::packed_matmul(x.clone(), w), x.clone(), &runs);
             let v = |t: Tensor<F, 2>| t.into_data().to_vec::<f32>().expect("f32");
             let (f, g) = (v(fused), v(generic));
             let d = f
@@ -492,8 +514,8 @@ mod tests {
                 .zip(&g)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(d < 1e-3, "{:?}: max |Δ| {d}", w.activations());
-            let plain = v(F::packed_matmul(x.clone(), &w));
+            assert!(d < 1e-3, "{:?}, {dtype}: max |Δ| {d}", w.activations());
+            let plain = v(F::packed_matmul(x.clone(), w));
             assert_ne!(&f[..rows], &plain[..rows], "the adapter changed row 0");
             assert_eq!(
                 &f[2 * rows..3 * rows],
@@ -503,7 +525,7 @@ mod tests {
             for (i, l) in [(0, &l1), (4, &l2)] {
                 let alone = F::packed_matmul_lora(
                     x.clone().slice([i..i + 1, 0..cols]),
-                    &w,
+                    w,
                     &[(0..1, Some(l))],
                 );
                 assert_eq!(v(alone), &f[i * rows..(i + 1) * rows], "row {i} alone");

@@ -16,6 +16,20 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     portable_dot(a, b)
 }
 
+/// `Σ a·b` for `a` in bf16 (its bits) over the common length.
+#[inline]
+pub(crate) fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: avx2() checked AVX2 and FMA on this CPU.
+        return unsafe { x86::dot_bf16(a, b) };
+    }
+    a.iter()
+        .zip(b)
+        .map(|(&a, b)| f32::from_bits(u32::from(a) << 16) * b)
+        .sum()
+}
+
 /// `y += s·x` over the common length.
 #[inline]
 pub(crate) fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
@@ -75,6 +89,42 @@ mod x86 {
         sum
     }
 
+    /// Eight bf16 values (bits) at `p` widened to f32 (a bf16 is the top half of an f32).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn widen8(p: *const u16) -> __m256 {
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+    }
+
+    /// `Σ a·b` with `a` in bf16: two accumulators of 8 lanes, then the rest one by one.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (pa, pb) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut i = 0;
+        while i + 16 <= n {
+            acc[0] = _mm256_fmadd_ps(widen8(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            acc[1] = _mm256_fmadd_ps(
+                widen8(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc[1],
+            );
+            i += 16;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(widen8(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
+            i += 8;
+        }
+        let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
+        while i < n {
+            sum += f32::from_bits(u32::from(a[i]) << 16) * b[i];
+            i += 1;
+        }
+        sum
+    }
+
     /// `y += s·x`.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
@@ -95,7 +145,7 @@ mod x86 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::hsum;
+pub(crate) use x86::{hsum, widen8};
 
 #[cfg(test)]
 mod tests {

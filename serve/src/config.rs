@@ -10,6 +10,7 @@ use std::str::FromStr;
 
 use anyhow::{anyhow, Context, Result};
 use clap::{parser::ValueSource, ArgMatches, Args, FromArgMatches, Parser};
+use graft_core::adapters::lora::AdapterDtype;
 use graft_core::device::DeviceSpec;
 use graft_core::quant::{Activations, QuantKind};
 use serde::{Deserialize, Serialize};
@@ -110,6 +111,11 @@ pub struct ServeArgs {
     /// transformers' on SmolLM2, see the README).
     #[arg(long, default_value = "f32")]
     pub activations: Activations,
+    /// How adapters' A and B are kept in memory: f32, or bf16 (half the memory, so twice the
+    /// adapters in --adapter-memory-mb, and half the bytes each token reads; the term is still
+    /// computed in f32, from the rounded values).
+    #[arg(long, default_value = "f32")]
+    pub adapter_dtype: AdapterDtype,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use graft_core::adapters::lora::Adapter;
+use graft_core::adapters::lora::{Adapter, AdapterDtype};
 use graft_core::adapters::peft::AdapterError;
 use graft_core::backend::GraftBackend;
 use graft_core::model::Model;
@@ -168,6 +168,8 @@ pub struct Registry<B: GraftBackend> {
     /// Bytes of adapters kept in memory (None: unlimited).
     budget: Option<usize>,
     pinned: Vec<String>,
+    /// How adapters' A and B are kept in memory.
+    dtype: AdapterDtype,
     /// One lock per stripe of names, held while an adapter is read on first use.
     loading: [Mutex<()>; LOAD_STRIPES],
     pub evictions: AtomicU64,
@@ -205,11 +207,19 @@ impl<B: GraftBackend> Registry<B> {
             roots,
             budget,
             pinned,
+            dtype: AdapterDtype::F32,
             loading: std::array::from_fn(|_| Mutex::new(())),
             evictions: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             first_loads: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps every adapter installed from now on with its A and B stored as `dtype` (their
+    /// bytes, and so the memory budget, are counted as stored).
+    pub fn with_dtype(mut self, dtype: AdapterDtype) -> Self {
+        self.dtype = dtype;
+        self
     }
 
     /// Whether `name` is pinned (never evicted).
@@ -518,6 +528,10 @@ impl<B: GraftBackend> Registry<B> {
         format: &'static str,
         which: Install,
     ) -> (Arc<AdapterEntry<B>>, bool) {
+        let adapter = match self.dtype {
+            AdapterDtype::F32 => adapter,
+            dtype => adapter.stored_as(dtype),
+        };
         let mut targets: Vec<String> = adapter
             .modules()
             .map(|(_, t, _)| t.name().to_string())

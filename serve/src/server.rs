@@ -113,13 +113,16 @@ where
         e.to_string()
     });
     let model = Arc::new(loaded.model);
-    let registry = Arc::new(Registry::new(
-        base_name.clone(),
-        args.adapters_dir.iter().cloned().collect(),
-        args.adapter_memory_mb
-            .map(|mb| (mb * 1024.0 * 1024.0) as usize),
-        args.pin.clone(),
-    ));
+    let registry = Arc::new(
+        Registry::new(
+            base_name.clone(),
+            args.adapters_dir.iter().cloned().collect(),
+            args.adapter_memory_mb
+                .map(|mb| (mb * 1024.0 * 1024.0) as usize),
+            args.pin.clone(),
+        )
+        .with_dtype(args.adapter_dtype),
+    );
     let indexed = load_initial_adapters(args, &registry, &model)?;
     let gateway = crate::gateway::GatewayLabels {
         model_name: base_name.clone(),

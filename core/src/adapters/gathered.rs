@@ -24,10 +24,26 @@ use crate::simd;
 /// One row's adapter: `A: [rank, in]` and `B: [out, rank]`, row-major.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RowLora<'a> {
-    pub a: &'a [f32],
-    pub b: &'a [f32],
+    pub a: Values<'a>,
+    pub b: Values<'a>,
     pub scale: f32,
     pub rank: usize,
+}
+
+/// A matrix's values as stored: f32, or bf16 (its bits), widened to f32 as they are read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Values<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Values<'a> {
+    fn range(self, r: Range<usize>) -> Values<'a> {
+        match self {
+            Values::F32(v) => Values::F32(&v[r]),
+            Values::Bf16(v) => Values::Bf16(&v[r]),
+        }
+    }
 }
 
 /// Multiply-adds below which [`GatheredLora::add_to`] runs on the calling thread (waking the
@@ -92,11 +108,12 @@ impl<'a> GatheredLora<'a> {
         let i = self.row_of[at];
         let l = self.lora[i].expect("rows with t values have an adapter");
         let k = at - self.offsets[i];
-        let (a, x) = (
-            &l.a[k * self.d_in..(k + 1) * self.d_in],
-            &self.x[i * self.d_in..(i + 1) * self.d_in],
-        );
-        l.scale * simd::dot(a, x)
+        let x = &self.x[i * self.d_in..(i + 1) * self.d_in];
+        l.scale
+            * match l.a.range(k * self.d_in..(k + 1) * self.d_in) {
+                Values::F32(a) => simd::dot(a, x),
+                Values::Bf16(a) => simd::dot_bf16(a, x),
+            }
     }
 
     /// `ys[j·stride] += B[first + j]·t` for row `i`'s adapter (`t` that row's values).
@@ -104,14 +121,29 @@ impl<'a> GatheredLora<'a> {
         let Some(l) = self.lora[i] else { return };
         let r = t.len();
         let outputs = ys.len().div_ceil(stride);
-        let b = &l.b[first * r..(first + outputs) * r];
+        let b = l.b.range(first * r..(first + outputs) * r);
         #[cfg(target_arch = "x86_64")]
         if self.simd && r.is_multiple_of(8) {
             // SAFETY: avx2() checked AVX2 and FMA on this CPU; `b` has `r` values per output.
-            return unsafe { x86::expand(b, t, ys, stride) };
+            return unsafe {
+                match b {
+                    Values::F32(b) => x86::expand(b, t, ys, stride),
+                    Values::Bf16(b) => x86::expand_bf16(b, t, ys, stride),
+                }
+            };
         }
-        for (y, bo) in ys.iter_mut().step_by(stride).zip(b.chunks_exact(r)) {
-            *y += dot(bo, t);
+        let ys = ys.iter_mut().step_by(stride);
+        match b {
+            Values::F32(b) => {
+                for (y, bo) in ys.zip(b.chunks_exact(r)) {
+                    *y += dot(bo, t);
+                }
+            }
+            Values::Bf16(b) => {
+                for (y, bo) in ys.zip(b.chunks_exact(r)) {
+                    *y += simd::dot_bf16(bo, t);
+                }
+            }
         }
     }
 
@@ -188,7 +220,7 @@ fn split(range: Range<usize>, parts: usize) -> Vec<Range<usize>> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use crate::simd::hsum;
+    use crate::simd::{hsum, widen8};
 
     /// `ys[j·stride] += b[j]·t` for rows of `b` of `t.len()` values (a multiple of 8): each
     /// sum in lanes of 8, then [`hsum`].
@@ -202,6 +234,22 @@ mod x86 {
             let mut s = _mm256_mul_ps(_mm256_loadu_ps(pb), _mm256_loadu_ps(pt));
             for c in (8..r).step_by(8) {
                 s = _mm256_fmadd_ps(_mm256_loadu_ps(pb.add(c)), _mm256_loadu_ps(pt.add(c)), s);
+            }
+            *y += hsum(s);
+        }
+    }
+
+    /// [`expand`] with `b` in bf16.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn expand_bf16(b: &[u16], t: &[f32], ys: &mut [f32], stride: usize) {
+        let r = t.len();
+        debug_assert!(r.is_multiple_of(8) && b.len() >= ys.len().div_ceil(stride) * r);
+        let pt = t.as_ptr();
+        for (y, bo) in ys.iter_mut().step_by(stride).zip(b.chunks_exact(r)) {
+            let pb = bo.as_ptr();
+            let mut s = _mm256_mul_ps(widen8(pb), _mm256_loadu_ps(pt));
+            for c in (8..r).step_by(8) {
+                s = _mm256_fmadd_ps(widen8(pb.add(c)), _mm256_loadu_ps(pt.add(c)), s);
             }
             *y += hsum(s);
         }
@@ -223,19 +271,53 @@ mod tests {
     /// parallel threshold).
     #[test]
     fn each_row_takes_its_own_adapter_and_is_batch_invariant() {
-        for (d_in, d_out) in [(16, 24), (576, 1536), (1536, 576)] {
+        for bf16 in [false, true] {
+            for (d_in, d_out) in [(16, 24), (576, 1536), (1536, 576)] {
+                check(bf16, d_in, d_out);
+            }
+        }
+    }
+
+    /// The value at `i` as f64.
+    fn at(v: Values<'_>, i: usize) -> f64 {
+        match v {
+            Values::F32(v) => f64::from(v[i]),
+            Values::Bf16(v) => f64::from(f32::from_bits(u32::from(v[i]) << 16)),
+        }
+    }
+
+    fn check(bf16: bool, d_in: usize, d_out: usize) {
+        {
             let (r1, r2) = (4, 16);
             let (a1, b1) = (values(r1 * d_in, 1), values(d_out * r1, 2));
             let (a2, b2) = (values(r2 * d_in, 3), values(d_out * r2, 4));
+            let bits = |v: &[f32]| -> Vec<u16> {
+                v.iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect()
+            };
+            let (h1, g1, h2, g2) = (bits(&a1), bits(&b1), bits(&a2), bits(&b2));
+            let vals = |f: &'static str| -> Values<'_> {
+                match (bf16, f) {
+                    (false, "a1") => Values::F32(&a1),
+                    (false, "b1") => Values::F32(&b1),
+                    (false, "a2") => Values::F32(&a2),
+                    (false, _) => Values::F32(&b2),
+                    (true, "a1") => Values::Bf16(&h1),
+                    (true, "b1") => Values::Bf16(&g1),
+                    (true, "a2") => Values::Bf16(&h2),
+                    (true, _) => Values::Bf16(&g2),
+                }
+            };
             let l1 = RowLora {
-                a: &a1,
-                b: &b1,
+                a: vals("a1"),
+                b: vals("b1"),
                 scale: 2.0,
                 rank: r1,
             };
             let l2 = RowLora {
-                a: &a2,
-                b: &b2,
+                a: vals("a2"),
+                b: vals("b2"),
                 scale: 0.5,
                 rank: r2,
             };
@@ -272,7 +354,7 @@ mod tests {
                         let t: Vec<f64> = (0..l.rank)
                             .map(|k| {
                                 (0..d_in)
-                                    .map(|c| f64::from(l.a[k * d_in + c]) * f64::from(xi[c]))
+                                    .map(|c| at(l.a, k * d_in + c) * f64::from(xi[c]))
                                     .sum::<f64>()
                                     * f64::from(l.scale)
                             })
@@ -281,7 +363,7 @@ mod tests {
                             .map(|o| {
                                 f64::from(y0[i * d_out + o])
                                     + (0..l.rank)
-                                        .map(|k| f64::from(l.b[o * l.rank + k]) * t[k])
+                                        .map(|k| at(l.b, o * l.rank + k) * t[k])
                                         .sum::<f64>()
                             })
                             .collect()

@@ -65,6 +65,9 @@ pub struct GenerateArgs {
     /// adapter_model.safetensors), e.g. a graft-train run's `adapter/`.
     #[arg(long)]
     adapter: Option<std::path::PathBuf>,
+    /// How the adapter's A and B are kept in memory: f32 or bf16 (as on graft-serve).
+    #[arg(long, default_value = "f32")]
+    adapter_dtype: graft_core::adapters::lora::AdapterDtype,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -113,7 +116,7 @@ fn generate_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Resu
                 cfg.r,
                 a.modules().count()
             );
-            Some(a)
+            Some(a.stored_as(args.adapter_dtype))
         }
         None => None,
     };

@@ -297,6 +297,44 @@ pub(crate) fn strong_adapter(dir: &std::path::Path) -> PathBuf {
     out
 }
 
+/// `--adapter-dtype bf16` keeps an adapter in half the memory, counted so in its card, and
+/// the adapter still steers the answer; a bad value is refused naming the flag's choices.
+#[test]
+fn bf16_adapters_take_half_the_memory_and_still_apply() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strong = strong_adapter(dir.path());
+    let adapter = format!("peft={}", strong.display());
+    let bytes = |s: &Server| -> u64 {
+        let list: Value = get_json(s, "/v1/adapters");
+        list["data"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|a| a["name"] == "peft")
+            .and_then(|a| a["bytes"].as_u64())
+            .expect("peft's card has its bytes")
+    };
+    let f32_bytes = {
+        let s = start(&["--adapter", &adapter]);
+        bytes(&s)
+    };
+    let s = start(&["--adapter", &adapter, "--adapter-dtype", "bf16"]);
+    assert_eq!(bytes(&s) * 2, f32_bytes);
+    let q = "What is the capital of France?";
+    let base = answer(&post(&s, "/v1/chat/completions", &chat_body("smollm2", q), None).1);
+    let (status, v, _) = post(&s, "/v1/chat/completions", &chat_body("peft", q), None);
+    assert_eq!(status, 200, "{v}");
+    assert_ne!(answer(&v), base, "the bf16 adapter changes the answer");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_graft-serve"))
+        .args(["--adapter-dtype", "f16"])
+        .output()
+        .expect("run graft-serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown adapter dtype 'f16'"), "{err}");
+}
+
 #[test]
 fn requests_for_different_adapters_in_one_batch_equal_each_alone() {
     let dir = tempfile::tempdir().expect("temp dir");
