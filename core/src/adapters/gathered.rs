@@ -5,12 +5,13 @@
 //!
 //! Two steps: the shrink `tᵢ = scale·A·xᵢ` and the expand `yᵢ += B·tᵢ`. Beside a packed base
 //! product (decode) both run inside the product's own tasks on the pool, with no pass of their
-//! own: the first output each task finishes makes it claim pieces of the shrink, and each output
-//! gets its expand term right after its base value. At decode sizes a separate pass (or two)
+//! own: the first outputs each task finishes make it claim pieces of the shrink, and each chunk
+//! of outputs gets its expand term right after its base values. At decode sizes a separate pass (or two)
 //! over the pool cost more in hand-offs than the arithmetic; one thread doing all of it left
 //! the other idle. Each `t` value and each output's term is one dot product in a fixed order
 //! whatever the batch or the split, so a row's result depends only on that row
-//! (batch-invariant), fused or not.
+//! (batch-invariant), fused or not. `A` and `B` may be stored in bf16 (`--adapter-dtype bf16`),
+//! widened to f32 as they are read.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
