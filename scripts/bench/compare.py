@@ -154,6 +154,47 @@ def decode(args, res):
     }
 
 
+def generate_tps(prompt, tokens, extra=()):
+    """graft's decode tokens/s for one greedy `generate` run."""
+    out = run([BIN / "graft-serve", "generate", "--model", MODEL, "--prompt", prompt,
+               "--max-tokens", tokens + 1, "--temperature", 0, "--ignore-eos", *extra])
+    return float(re.search(r"decode: \d+ tokens in [\d.]+s \(([\d.]+) tokens/s", out).group(1))
+
+
+def adapter_decode(args, res):
+    """Single-stream decode with an unmerged r=16 all-linear adapter (f32 and bf16 storage)
+    against none, alternating in each round."""
+    peft, _ = ensure_adapter(args, args.work)
+    none, f32, bf16 = [], [], []
+    for _ in range(args.rounds):
+        none.append(generate_tps("Once upon a time", 128))
+        f32.append(generate_tps("Once upon a time", 128, ["--adapter", peft]))
+        bf16.append(generate_tps("Once upon a time", 128, ["--adapter", peft, "--adapter-dtype", "bf16"]))
+    res["adapter_decode"] = {
+        "settings": f"greedy, 128 tokens after a 4-token prompt, {args.threads} threads, {MODEL.name}, "
+                    "f32 activations; adapter r=16 all linear (graft-train bench, one step)",
+        "none_tokens_per_s": med(none), "f32_adapter_tokens_per_s": med(f32),
+        "bf16_adapter_tokens_per_s": med(bf16),
+        "ratio": ratio(med(f32), med(none)), "bf16_ratio": ratio(med(bf16), med(none)),
+    }
+
+
+def context(args, res):
+    """Decode after a ~2,000-token prompt against decode after a 4-token one, alternating."""
+    words = ("the of and to in is was for on that with as by at from his her it an were are which this "
+             "be or has had not but their its they one also first new after who been have more two").split()
+    long_prompt = " ".join(words[(i * 7919) % len(words)] for i in range(2000))
+    short, long = [], []
+    for _ in range(args.rounds):
+        short.append(generate_tps("Once upon a time", 64))
+        long.append(generate_tps(long_prompt, 64))
+    res["context"] = {
+        "settings": f"greedy, 64 tokens after a 4-token and after a ~2,000-token prompt, {args.threads} threads, "
+                    f"{MODEL.name}, f32 activations",
+        "short_tokens_per_s": med(short), "long_tokens_per_s": med(long), "ratio": ratio(med(long), med(short)),
+    }
+
+
 def ensure_adapter(args, work):
     """A trained r=16 all-linear adapter (PEFT dir) and its GGUF-LoRA export."""
     peft = work / "adapter"
@@ -373,6 +414,9 @@ def summary(res, args):
 
     add("decode tokens/s, graft / llama.cpp (llama-bench)", at("decode", "ratio"), ">= 1.0")
     add("decode tokens/s, graft q8 / llama.cpp (llama-bench)", at("decode", "q8_ratio"), ">= 1.0")
+    add("decode with an r=16 adapter / without (f32 adapter)", at("adapter_decode", "ratio"), ">= 0.85")
+    add("decode with an r=16 adapter / without (--adapter-dtype bf16)", at("adapter_decode", "bf16_ratio"), ">= 0.85")
+    add("decode after ~2,000 tokens / after 4", at("context", "ratio"), ">= 0.8")
     add("8 streams on 8 adapters, graft / llama-server", at("serve", "ratio"), ">= 3.0")
     add(f"{args.adapters} adapters Zipf / one adapter (graft)", at("adapters", "ratio"), ">= 0.95")
     add(f"start-up to ready with {args.adapters} adapters (s)", at("adapters", "start_to_ready_s", "median"), "<= 1.0")
@@ -390,7 +434,7 @@ def summary(res, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="decode,serve,adapters,startup,train")
+    ap.add_argument("--only", default="decode,adapter_decode,context,serve,adapters,startup,train")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--clients", type=int, default=8)
@@ -416,7 +460,8 @@ def main():
         if not os.environ.get(name):
             log(f"note: {name} is not set; the anchor's side of the comparison is skipped")
     res = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    sections = {"decode": decode, "serve": serve, "adapters": adapters, "startup": startup, "train": train}
+    sections = {"decode": decode, "adapter_decode": adapter_decode, "context": context, "serve": serve,
+                "adapters": adapters, "startup": startup, "train": train}
     out = args.out or ROOT / "runs" / "bench" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):
