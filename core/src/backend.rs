@@ -214,10 +214,10 @@ impl GraftBackend for burn::backend::Flex {
     ) -> Option<Tensor<Self, 3>> {
         use crate::model::attention_cpu::{attend, Queries};
         let [kv_heads, rows, head_dim] = q.dims();
-        let qt = host3(q);
-        let st = sinks.map(|s| s.clone().into_primitive().tensor());
+        let qt = host(q);
+        let st = sinks.map(host);
         let held: Vec<(FlexTensor, FlexTensor)> =
-            pieces.iter().map(|(k, v)| (host3(k), host3(v))).collect();
+            pieces.iter().map(|(k, v)| (host(k), host(v))).collect();
         let views: Option<Vec<_>> = held
             .iter()
             .map(|(k, v)| {
@@ -290,13 +290,13 @@ impl GraftBackend for burn::backend::Flex {
         if fused {
             y
         } else {
-            lora_rows_by_run(y, x, runs)
+            Self::lora_rows(y, x, runs)
         }
     }
 }
 
 /// A Flex tensor's primitive (shares its storage).
-fn host(t: &Tensor<burn::backend::Flex, 2>) -> FlexTensor {
+fn host<const D: usize>(t: &Tensor<burn::backend::Flex, D>) -> FlexTensor {
     t.clone().into_primitive().tensor()
 }
 
@@ -325,11 +325,6 @@ fn kv_view(
         row_stride: st[1] as usize,
         len,
     })
-}
-
-/// A 3-d Flex tensor's primitive (shares its storage).
-fn host3(t: &Tensor<burn::backend::Flex, 3>) -> FlexTensor {
-    t.clone().into_primitive().tensor()
 }
 
 /// The values of a contiguous f32 tensor (any rank), or `None` if it is strided or not f32.
@@ -428,6 +423,13 @@ impl<B: GraftBackend, C: CheckpointStrategy> GraftBackend for Autodiff<B, C> {
 mod tests {
     use super::*;
 
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn fused_cpu_product_equals_dequantize_then_matmul() {
         type F = burn::backend::Flex;
@@ -451,11 +453,7 @@ mod tests {
                 .into_data()
                 .to_vec::<f32>()
                 .expect("f32");
-            let d = fused
-                .iter()
-                .zip(&dense)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let d = max_abs_diff(&fused, &dense);
             assert!(d < 1e-4, "n={n}: max |Δ| {d}");
             // Batch-invariant: row 0 alone equals row 0 in the batch, bit for bit.
             let alone = w.matmul_t(&xv[..cols], 1);
@@ -509,11 +507,7 @@ mod tests {
             let generic = lora_rows_by_run(F::packed_matmul(x.clone(), w), x.clone(), &runs);
             let v = |t: Tensor<F, 2>| t.into_data().to_vec::<f32>().expect("f32");
             let (f, g) = (v(fused), v(generic));
-            let d = f
-                .iter()
-                .zip(&g)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let d = max_abs_diff(&f, &g);
             assert!(d < 1e-3, "{:?}, {dtype}: max |Δ| {d}", w.activations());
             let plain = v(F::packed_matmul(x.clone(), w));
             assert_ne!(&f[..rows], &plain[..rows], "the adapter changed row 0");
@@ -558,13 +552,9 @@ mod tests {
                 .into_data()
                 .to_vec::<f32>()
                 .expect("f32");
-            let d = ours
-                .iter()
-                .zip(&burns)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let d = max_abs_diff(&ours, &burns);
             assert!(d < 1e-6, "{h}×{rows}×{keys}: max |Δ| {d}");
-            assert!(ours.iter().any(|&p| p == 0.0) && ours.iter().all(|p| p.is_finite()));
+            assert!(ours.contains(&0.0) && ours.iter().all(|p| p.is_finite()));
         }
     }
 
@@ -597,21 +587,13 @@ mod tests {
 
         let v = |t: Tensor<burn::backend::Flex, 2>| t.into_data().to_vec::<f32>().expect("f32");
         let (f1, f2) = (v(y1.inner()), v(y2.inner()));
-        let dy = f1
-            .iter()
-            .zip(&f2)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
+        let dy = max_abs_diff(&f1, &f2);
         assert!(dy <= 1e-4, "forward max |Δ| {dy}");
         let (a, b) = (
             v(x1.grad(&g1).expect("x has a gradient")),
             v(x2.grad(&g2).expect("x has a gradient")),
         );
-        let d = a
-            .iter()
-            .zip(&b)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(&a, &b);
         assert!(d <= 1e-4, "max |Δ| {d}");
         assert!(a.iter().any(|g| g.abs() > 1e-3), "a non-trivial gradient");
     }

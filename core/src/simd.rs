@@ -24,10 +24,13 @@ pub(crate) fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
         // SAFETY: avx2() checked AVX2 and FMA on this CPU.
         return unsafe { x86::dot_bf16(a, b) };
     }
-    a.iter()
-        .zip(b)
-        .map(|(&a, b)| f32::from_bits(u32::from(a) << 16) * b)
-        .sum()
+    a.iter().zip(b).map(|(&a, b)| bf16_to_f32(a) * b).sum()
+}
+
+/// A bf16 (its bits) as f32.
+#[inline]
+pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
+    half::bf16::from_bits(bits).to_f32()
 }
 
 /// `y += s·x` over the common length.
@@ -47,20 +50,17 @@ pub(crate) fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// The sum of `v`'s lanes: `((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7))`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
-        let h = _mm256_hadd_ps(v, v);
-        let h = _mm256_hadd_ps(h, h);
-        _mm_cvtss_f32(_mm_add_ps(
-            _mm256_castps256_ps128(h),
-            _mm256_extractf128_ps(h, 1),
-        ))
-    }
+    pub(crate) use crate::quant::hsum;
 
-    /// `Σ a·b`: four accumulators of 8 lanes, then 8 at a time, then the rest one by one.
-    #[target_feature(enable = "avx2,fma")]
-    pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    /// `Σ a·b` for `a` read eight values at a time by `load8` (and one at a time by `load1`
+    /// past the last 8): four accumulators of 8 lanes, then 8 at a time, then the rest.
+    #[inline(always)]
+    unsafe fn dot_with<T>(
+        a: &[T],
+        b: &[f32],
+        load8: impl Fn(*const T) -> __m256,
+        load1: impl Fn(&T) -> f32,
+    ) -> f32 {
         let n = a.len().min(b.len());
         let (pa, pb) = (a.as_ptr(), b.as_ptr());
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -68,25 +68,27 @@ mod x86 {
         while i + 32 <= n {
             for (k, s) in acc.iter_mut().enumerate() {
                 let o = i + 8 * k;
-                *s = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *s);
+                *s = _mm256_fmadd_ps(load8(pa.add(o)), _mm256_loadu_ps(pb.add(o)), *s);
             }
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
+            acc[0] = _mm256_fmadd_ps(load8(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
             i += 8;
         }
         let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
         let mut sum = hsum(v);
         while i < n {
-            sum += a[i] * b[i];
+            sum += load1(&a[i]) * b[i];
             i += 1;
         }
         sum
+    }
+
+    /// `Σ a·b`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot_with(a, b, |p| _mm256_loadu_ps(p), |&v| v)
     }
 
     /// Eight bf16 values (bits) at `p` widened to f32 (a bf16 is the top half of an f32).
@@ -97,32 +99,10 @@ mod x86 {
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
     }
 
-    /// `Σ a·b` with `a` in bf16: two accumulators of 8 lanes, then the rest one by one.
+    /// `Σ a·b` with `a` in bf16.
     #[target_feature(enable = "avx2,fma")]
     pub(crate) unsafe fn dot_bf16(a: &[u16], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut i = 0;
-        while i + 16 <= n {
-            acc[0] = _mm256_fmadd_ps(widen8(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
-            acc[1] = _mm256_fmadd_ps(
-                widen8(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                acc[1],
-            );
-            i += 16;
-        }
-        while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(widen8(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc[0]);
-            i += 8;
-        }
-        let mut sum = hsum(_mm256_add_ps(acc[0], acc[1]));
-        while i < n {
-            sum += f32::from_bits(u32::from(a[i]) << 16) * b[i];
-            i += 1;
-        }
-        sum
+        dot_with(a, b, |p| widen8(p), |&v| super::bf16_to_f32(v))
     }
 
     /// `y += s·x`.

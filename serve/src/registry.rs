@@ -528,10 +528,7 @@ impl<B: GraftBackend> Registry<B> {
         format: &'static str,
         which: Install,
     ) -> (Arc<AdapterEntry<B>>, bool) {
-        let adapter = match self.dtype {
-            AdapterDtype::F32 => adapter,
-            dtype => adapter.stored_as(dtype),
-        };
+        let adapter = adapter.stored_as(self.dtype);
         let mut targets: Vec<String> = adapter
             .modules()
             .map(|(_, t, _)| t.name().to_string())

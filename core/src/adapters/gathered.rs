@@ -223,37 +223,39 @@ mod x86 {
 
     use crate::simd::{hsum, widen8};
 
-    /// `ys[j·stride] += b[j]·t` for rows of `b` of `t.len()` values (a multiple of 8): each
-    /// sum in lanes of 8, then [`hsum`].
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn expand(b: &[f32], t: &[f32], ys: &mut [f32], stride: usize) {
+    /// `ys[j·stride] += b[j]·t` for rows of `b` of `t.len()` values (a multiple of 8), read
+    /// eight at a time by `load8`: each sum in lanes of 8, then [`hsum`].
+    #[inline(always)]
+    unsafe fn expand_with<T>(
+        b: &[T],
+        t: &[f32],
+        ys: &mut [f32],
+        stride: usize,
+        load8: impl Fn(*const T) -> __m256,
+    ) {
         let r = t.len();
         debug_assert!(r.is_multiple_of(8) && b.len() >= ys.len().div_ceil(stride) * r);
         let pt = t.as_ptr();
         for (y, bo) in ys.iter_mut().step_by(stride).zip(b.chunks_exact(r)) {
             let pb = bo.as_ptr();
-            let mut s = _mm256_mul_ps(_mm256_loadu_ps(pb), _mm256_loadu_ps(pt));
+            let mut s = _mm256_mul_ps(load8(pb), _mm256_loadu_ps(pt));
             for c in (8..r).step_by(8) {
-                s = _mm256_fmadd_ps(_mm256_loadu_ps(pb.add(c)), _mm256_loadu_ps(pt.add(c)), s);
+                s = _mm256_fmadd_ps(load8(pb.add(c)), _mm256_loadu_ps(pt.add(c)), s);
             }
             *y += hsum(s);
         }
     }
 
-    /// [`expand`] with `b` in bf16.
+    /// [`expand_with`] for `b` in f32.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn expand(b: &[f32], t: &[f32], ys: &mut [f32], stride: usize) {
+        expand_with(b, t, ys, stride, |p| _mm256_loadu_ps(p))
+    }
+
+    /// [`expand_with`] for `b` in bf16.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn expand_bf16(b: &[u16], t: &[f32], ys: &mut [f32], stride: usize) {
-        let r = t.len();
-        debug_assert!(r.is_multiple_of(8) && b.len() >= ys.len().div_ceil(stride) * r);
-        let pt = t.as_ptr();
-        for (y, bo) in ys.iter_mut().step_by(stride).zip(b.chunks_exact(r)) {
-            let pb = bo.as_ptr();
-            let mut s = _mm256_mul_ps(widen8(pb), _mm256_loadu_ps(pt));
-            for c in (8..r).step_by(8) {
-                s = _mm256_fmadd_ps(widen8(pb.add(c)), _mm256_loadu_ps(pt.add(c)), s);
-            }
-            *y += hsum(s);
-        }
+        expand_with(b, t, ys, stride, |p| widen8(p))
     }
 }
 
@@ -283,7 +285,7 @@ mod tests {
     fn at(v: Values<'_>, i: usize) -> f64 {
         match v {
             Values::F32(v) => f64::from(v[i]),
-            Values::Bf16(v) => f64::from(f32::from_bits(u32::from(v[i]) << 16)),
+            Values::Bf16(v) => f64::from(crate::simd::bf16_to_f32(v[i])),
         }
     }
 

@@ -109,8 +109,9 @@ pub(crate) type Then<'a> = Option<&'a (dyn Fn(usize, &mut [f32]) + Sync)>;
 
 /// The product `[n, rows]` of `n` activation rows with every row of `w`, computed by weight
 /// row: `each(o, bytes, ys)` gets weight row `o` (relative to `w`), its packed bytes, and its
-/// `n` outputs to fill (then `then` on the task's rows, if any). Rows are split over rayon's pool unless the product is small; each
-/// output is computed by one call in a fixed order, so results do not depend on the split.
+/// `n` outputs to fill (then `then` on the task's rows, if any). Rows are split over rayon's
+/// pool unless the product is small; each output is computed by one call in a fixed order, so
+/// results do not depend on the split.
 pub(super) fn by_rows(
     w: &PackedWeight,
     n: usize,
@@ -278,7 +279,7 @@ pub(super) mod avx2 {
     }
 
     #[inline(always)]
-    pub(in crate::quant) unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
@@ -659,6 +660,17 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// The GGML block types with AVX2 kernels, f32 and 8-bit activations alike.
+    pub(in crate::quant) const SIMD_TYPES: [GgmlType; 7] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
+
     pub(in crate::quant) const ROWS: usize = 150;
     pub(in crate::quant) const COLS: usize = 512; // ROWS·COLS is above PAR_MIN_VALUES: the pool path
 
@@ -694,18 +706,10 @@ pub(super) mod tests {
 
     #[test]
     fn simd_kernels_match_dequantize_then_dot() {
-        let mut weights: Vec<PackedWeight> = [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ]
-        .into_iter()
-        .map(|ty| ggml_weight(ty, ROWS, COLS))
-        .collect();
+        let mut weights: Vec<PackedWeight> = SIMD_TYPES
+            .into_iter()
+            .map(|ty| ggml_weight(ty, ROWS, COLS))
+            .collect();
         let dense: Vec<f32> = activations(ROWS, COLS).iter().map(|v| v / 3.0).collect();
         weights.push(PackedWeight::nf4(ROWS, COLS, &dense));
         for w in &weights {

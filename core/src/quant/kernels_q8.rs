@@ -613,7 +613,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::kernels::tests::{activations, ggml_weight, COLS, ROWS};
+    use crate::quant::kernels::tests::{activations, ggml_weight, COLS, ROWS, SIMD_TYPES};
 
     #[test]
     fn rounding_is_within_half_a_step_and_keeps_nan() {
@@ -644,15 +644,7 @@ mod tests {
     /// is the same alone and in a batch.
     #[test]
     fn integer_kernels_multiply_the_rounded_activations_exactly() {
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q8_0,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ] {
+        for ty in SIMD_TYPES {
             // 32-value blocks also with a tail of 1 and 2 blocks past the groups of 8
             // (SmolLM2's hidden size is 576 = 18 blocks)
             let all_cols: &[usize] = match ty.block_size() {

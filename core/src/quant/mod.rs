@@ -14,6 +14,8 @@ use std::sync::Arc;
 pub use encode::EncodeError;
 pub use ggml::GgmlType;
 pub(crate) use kernels::avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use kernels::avx2::hsum;
 pub use nf4::Nf4Tensor;
 
 /// How a base weight is stored, as named on the command line and in configs.
