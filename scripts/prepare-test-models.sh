@@ -26,8 +26,10 @@ if ! ls -d "$mlflow_venv"/lib/python3*/site-packages/mlflow-3.17.2.dist-info >/d
   python3 -m venv "$mlflow_venv"
   "$mlflow_venv/bin/pip" install --quiet mlflow==3.17.2
 fi
-# Debian's Chromium (report tests), OpenMPI and libclang (graft-train's `mpi` feature: rsmpi runs bindgen).
-pkgs="chromium libopenmpi-dev openmpi-bin libclang-dev"
+# Debian's Chromium (report tests), OpenMPI and libclang (graft-train's `mpi` feature: rsmpi runs
+# bindgen), and Mesa's software Vulkan device (lavapipe) with the Vulkan loader, on which the
+# `wgpu` feature's tests run the GPU code path without a GPU.
+pkgs="chromium libopenmpi-dev openmpi-bin libclang-dev mesa-vulkan-drivers libvulkan1"
 if ! dpkg -s $pkgs >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q $pkgs >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q $pkgs >/dev/null; }

@@ -387,6 +387,9 @@ fn row_slices(held: &HeldAdapters, n: usize) -> Option<Vec<Option<RowLora<'_>>>>
 #[cfg(feature = "cuda")]
 impl GraftBackend for burn_cuda::Cuda {}
 
+#[cfg(feature = "wgpu")]
+impl GraftBackend for burn_wgpu::Wgpu {}
+
 #[derive(Debug)]
 struct PackedMatmulBackward;
 

@@ -116,7 +116,7 @@ pub struct ServeArgs {
     /// computed in f32, from the rounded values).
     #[arg(long, default_value = "f32")]
     pub adapter_dtype: AdapterDtype,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N, wgpu or wgpu:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
 }

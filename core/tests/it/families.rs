@@ -38,17 +38,17 @@ struct Reference {
     prompts: Vec<Vec<u32>>,
 }
 
-struct Case {
-    prompts: Vec<Vec<u32>>,
+pub(crate) struct Case {
+    pub prompts: Vec<Vec<u32>>,
     /// Per prompt, `[len, vocab]` row-major.
-    logits: Vec<Vec<f32>>,
+    pub logits: Vec<Vec<f32>>,
     /// What the GGUF must compute where llama.cpp's converter drops a feature: Mistral's
     /// sliding window is not written to GGUF (llama.cpp runs those files with full attention),
     /// so the reference also has the logits without the window.
-    gguf_logits: Vec<Vec<f32>>,
+    pub gguf_logits: Vec<Vec<f32>>,
 }
 
-fn case(family: &str) -> Case {
+pub(crate) fn case(family: &str) -> Case {
     let dir = format!("families/{family}");
     let r: Reference = serde_json::from_str(
         &std::fs::read_to_string(fixture(&format!("{dir}/reference.json"))).unwrap(),

@@ -16,6 +16,8 @@ mod reference;
 mod smollm2;
 mod tiny;
 mod tiny_model;
+#[cfg(feature = "wgpu")]
+mod wgpu;
 
 use burn::prelude::*;
 

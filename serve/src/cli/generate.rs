@@ -68,7 +68,7 @@ pub struct GenerateArgs {
     /// How the adapter's A and B are kept in memory: f32 or bf16 (as on graft-serve).
     #[arg(long, default_value = "f32")]
     adapter_dtype: graft_core::adapters::lora::AdapterDtype,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N, wgpu or wgpu:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
 }

@@ -3,6 +3,8 @@
 
 mod app;
 mod generate_cli;
+#[cfg(feature = "wgpu")]
+mod gpu;
 mod replicas;
 mod server;
 mod sources;

@@ -19,7 +19,7 @@ fn gguf() -> PathBuf {
     p
 }
 
-fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../core/tests/fixtures")
         .join(name)
@@ -53,7 +53,7 @@ fn start_in(cwd: &std::path::Path, extra: &[&str]) -> Server {
 }
 
 /// A server on `model`, answering to `name`.
-fn start_model(model: &std::path::Path, name: &str, extra: &[&str]) -> Server {
+pub(crate) fn start_model(model: &std::path::Path, name: &str, extra: &[&str]) -> Server {
     spawn_server(model, name, extra, None, &[])
 }
 

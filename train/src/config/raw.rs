@@ -53,7 +53,7 @@ pub struct RawModel {
     /// Compute dtype. Only `f32` today. Default: `f32`.
     #[serde(default)]
     pub compute_dtype: ComputeDtype,
-    /// `cpu`, `cuda` or `cuda:N`. Default: `cpu`.
+    /// `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N`. Default: `cpu`.
     #[serde(default = "defaults::device")]
     pub device: DeviceSpec,
 }

@@ -5,6 +5,8 @@ mod bench;
 mod configs;
 mod data;
 mod dist;
+#[cfg(feature = "wgpu")]
+mod gpu;
 mod library;
 mod merge;
 mod ollama;
