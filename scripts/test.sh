@@ -12,4 +12,6 @@ wgpu="graft-core/wgpu,graft-serve/wgpu,graft-train/wgpu"
 cargo test --release --workspace --features "$wgpu"
 # Data-parallel training over MPI (feature `mpi`; OpenMPI installed by prepare-test-models.sh)
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 cargo test --release -p graft-train --features mpi,wgpu --test it -- dist::
-cargo check --release -p graft-serve -p graft-train --features graft-serve/cuda,graft-train/cuda
+# The CUDA build, tests included (scripts/gpu-check.sh runs them on a GPU).
+cargo check --release --tests -p graft-core -p graft-serve -p graft-train \
+  --features graft-core/cuda,graft-serve/cuda,graft-train/cuda

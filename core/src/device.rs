@@ -62,9 +62,17 @@ pub type Cpu = burn::backend::Flex;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn_cuda::Cuda;
 
+/// The CUDA backend's device.
+#[cfg(feature = "cuda")]
+pub type CudaDevice = burn_cuda::CudaDevice;
+
 /// The wgpu backend.
 #[cfg(feature = "wgpu")]
 pub type Wgpu = burn_wgpu::Wgpu;
+
+/// The wgpu backend's device.
+#[cfg(feature = "wgpu")]
+pub type WgpuDevice = burn_wgpu::WgpuDevice;
 
 /// Whether this build includes the CUDA backend.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
@@ -123,18 +131,18 @@ pub fn run_on<J: OnDevice>(spec: DeviceSpec, job: J) -> Result<J::Output, Device
 
 /// The burn-cuda device for GPU `index`.
 #[cfg(feature = "cuda")]
-pub fn cuda_device(index: usize) -> burn_cuda::CudaDevice {
+pub fn cuda_device(index: usize) -> CudaDevice {
     configure_cubecl();
-    burn_cuda::CudaDevice::new(index)
+    CudaDevice::new(index)
 }
 
 /// The burn-wgpu device: cubecl's default adapter, or the `index`-th discrete GPU.
 #[cfg(feature = "wgpu")]
-pub fn wgpu_device(index: Option<usize>) -> burn_wgpu::WgpuDevice {
+pub fn wgpu_device(index: Option<usize>) -> WgpuDevice {
     configure_cubecl();
     match index {
-        None => burn_wgpu::WgpuDevice::DefaultDevice,
-        Some(i) => burn_wgpu::WgpuDevice::DiscreteGpu(i),
+        None => WgpuDevice::DefaultDevice,
+        Some(i) => WgpuDevice::DiscreteGpu(i),
     }
 }
 

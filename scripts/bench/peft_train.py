@@ -9,6 +9,10 @@ divided by their count. Prints one JSON line: tokens/s, seconds per step split i
 backward and optimizer, peak RSS, and the loss of every step.
 
     python scripts/bench/peft_train.py --run runs/bench/<run> --model <HF dir> [--threads 2]
+
+On a GPU (`--device cuda`), `--qlora` loads the base as bitsandbytes' NF4 with double
+quantization (QLoRA, compute in f32 as graft's) instead of f32; the JSON then also has the peak
+device memory torch allocated.
 """
 
 import argparse
@@ -29,7 +33,13 @@ def main():
     ap.add_argument("--model", required=True, help="the base model as an HF directory (f32)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="default: every recorded step")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--qlora", action="store_true", help="NF4 base with bitsandbytes (cuda only)")
     a = ap.parse_args()
+    cuda = a.device.startswith("cuda")
+    if a.qlora and not cuda:
+        raise SystemExit("--qlora needs --device cuda (bitsandbytes' 4-bit kernels)")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -37,8 +47,16 @@ def main():
     s = inputs["settings"]
     if s["lora_dropout"] != 0.0:
         raise SystemExit("the comparison needs lora_dropout = 0 (dropout masks cannot match)")
-    base = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, f"{a.run}/init-adapter", is_trainable=True)
+    if a.qlora:
+        from transformers import BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32,
+                                                    quantization_config=quant, device_map={"": a.device})
+    else:
+        base = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32).to(a.device)
+    model = PeftModel.from_pretrained(base, f"{a.run}/init-adapter", is_trainable=True).to(a.device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
@@ -63,8 +81,9 @@ def main():
             lens = {len(e["ids"]) for e in mb}
             if len(lens) != 1:
                 raise SystemExit("the comparison needs equal-length examples (packing off, truncated)")
-            ids = torch.tensor([e["ids"] for e in mb])
-            trained = torch.tensor([e["trained"] for e in mb], dtype=torch.bool)
+            ids = torch.tensor([e["ids"] for e in mb], device=a.device)
+            trained = torch.tensor([e["trained"] for e in mb], dtype=torch.bool, device=a.device)
+            sync()
             t = time.perf_counter()
             logits = model(input_ids=ids).logits
             target = ids[:, 1:].masked_fill(~trained[:, 1:], -100)
@@ -74,14 +93,17 @@ def main():
                 ignore_index=-100,
                 reduction="sum",
             ) / max(n_trained, 1)
+            sync()
             fwd += time.perf_counter() - t
             t = time.perf_counter()
             loss.backward()
+            sync()
             bwd += time.perf_counter() - t
             loss_total += loss.item()
         t = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
         opt.step()
+        sync()
         opt_secs = time.perf_counter() - t
         secs = time.perf_counter() - t_step
         rec.append(dict(loss=loss_total, secs=secs, fwd=fwd, bwd=bwd, opt=opt_secs, tps=n_tokens / secs))
@@ -93,6 +115,8 @@ def main():
         "step_secs": med("secs"), "forward_secs": med("fwd"), "backward_secs": med("bwd"),
         "optimizer_secs": med("opt"),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "device": a.device, "qlora": a.qlora,
         "losses": [r["loss"] for r in rec],
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "peft": __import__("peft").__version__,

@@ -3,6 +3,7 @@
 //! transformers' f32 logits at every position; cached decoding and a ragged batch of all
 //! prompts give the same logits as one full forward.
 
+use graft_core::backend::GraftBackend;
 use graft_core::load::{load_gguf, load_hf_dir, LoadOptions, LoadedModel};
 use graft_core::model::{Logits, Model, RopeScaling, SeqCache, SeqInput};
 use serde::Deserialize;
@@ -77,27 +78,55 @@ pub(crate) fn case_of(family: &str) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
 }
 
 pub fn load_family(family: &str, gguf: bool) -> LoadedModel<B> {
+    load_family_on::<B>(family, gguf, &Default::default())
+}
+
+/// A family's tiny model on any backend's device (the GPU tests use these checks too).
+pub fn load_family_on<Bk: GraftBackend>(
+    family: &str,
+    gguf: bool,
+    dev: &Bk::Device,
+) -> LoadedModel<Bk> {
     let dir = fixture(&format!("families/{family}"));
-    let dev = Default::default();
     if gguf {
-        load_gguf::<B>(&dir.join("model.gguf"), LoadOptions::default(), &dev)
+        load_gguf::<Bk>(&dir.join("model.gguf"), LoadOptions::default(), dev)
     } else {
-        load_hf_dir::<B>(&dir, LoadOptions::default(), &dev)
+        load_hf_dir::<Bk>(&dir, LoadOptions::default(), dev)
     }
     .unwrap_or_else(|e| panic!("{family} (gguf: {gguf}): {e}"))
 }
 
-#[test]
-fn every_family_matches_transformers_from_safetensors_and_gguf() {
+/// Row-major logits of every position of `seqs`.
+pub fn logits_of<Bk: GraftBackend>(m: &Model<Bk>, seqs: &mut [SeqInput<'_, Bk>]) -> Vec<f32> {
+    m.forward(seqs, Logits::All)
+        .into_data()
+        .to_vec::<f32>()
+        .expect("f32 tensor")
+}
+
+pub fn alone<'a, Bk: GraftBackend>(
+    tokens: &'a [u32],
+    cache: Option<&'a mut SeqCache<Bk>>,
+) -> SeqInput<'a, Bk> {
+    SeqInput {
+        tokens,
+        cache,
+        adapter: None,
+    }
+}
+
+/// Every family's model from safetensors and from GGUF on `dev` gives transformers' logits
+/// within `tolerance`; returns the max |Δ| per model.
+pub fn check_every_family<Bk: GraftBackend>(dev: &Bk::Device, tolerance: f32) -> String {
     let mut report = Vec::new();
     for family in all_families() {
         let c = case(family);
         for gguf in [false, true] {
-            let m = load_family(family, gguf).model;
+            let m = load_family_on::<Bk>(family, gguf, dev).model;
             let mut worst = 0f32;
             let reference = if gguf { &c.gguf_logits } else { &c.logits };
             for (p, want) in c.prompts.iter().zip(reference) {
-                let got = all_logits(&m, p, None);
+                let got = logits_of(&m, &mut [alone(p, None)]);
                 worst = worst.max(max_abs_diff(&got, want));
             }
             report.push(format!(
@@ -105,21 +134,28 @@ fn every_family_matches_transformers_from_safetensors_and_gguf() {
                 if gguf { "gguf" } else { "hf" }
             ));
             assert!(
-                worst <= TOLERANCE,
+                worst <= tolerance,
                 "{family} (gguf: {gguf}): logits differ from transformers by {worst}"
             );
         }
     }
-    eprintln!("max |Δ| vs transformers: {}", report.join(", "));
+    report.join(", ")
 }
 
-#[test]
-fn cached_decoding_and_ragged_batches_equal_one_full_forward() {
-    for family in all_families() {
+/// For each of `families` (safetensors or GGUF): its longest prompt prefilled a third, then
+/// decoded one token at a time (crossing the windows), and all prompts in one ragged call, give
+/// transformers' logits within `tolerance`.
+pub fn check_cached_and_ragged<Bk: GraftBackend>(
+    dev: &Bk::Device,
+    families: &[&str],
+    gguf: bool,
+    tolerance: f32,
+) {
+    for &family in families {
         let c = case(family);
-        let m = load_family(family, false).model;
+        let reference = if gguf { &c.gguf_logits } else { &c.logits };
+        let m = load_family_on::<Bk>(family, gguf, dev).model;
         let vocab = m.config.vocab_size;
-        // Longest prompt: prefill a third, then one token at a time (crosses the windows).
         // Longrope switches every position's frequencies once a sequence outgrows the original
         // context, so a cache made before that (in transformers too) holds other keys than a
         // full forward: stay within it there.
@@ -133,50 +169,39 @@ fn cached_decoding_and_ragged_batches_equal_one_full_forward() {
         let (p, want) = c
             .prompts
             .iter()
-            .zip(&c.logits)
+            .zip(reference)
             .filter(|(p, _)| p.len() <= limit)
             .max_by_key(|(p, _)| p.len())
             .unwrap();
         let mut cache = SeqCache::new();
         let split = p.len() / 3;
-        let mut got = values(m.forward(
-            &mut [SeqInput {
-                tokens: &p[..split],
-                cache: Some(&mut cache),
-                adapter: None,
-            }],
-            Logits::All,
-        ));
+        let mut got = logits_of(&m, &mut [alone(&p[..split], Some(&mut cache))]);
         for t in split..p.len() {
-            got.extend(values(m.forward(
-                &mut [SeqInput {
-                    tokens: &p[t..t + 1],
-                    cache: Some(&mut cache),
-                    adapter: None,
-                }],
-                Logits::All,
-            )));
+            got.extend(logits_of(&m, &mut [alone(&p[t..t + 1], Some(&mut cache))]));
         }
         let d = max_abs_diff(&got, want);
-        assert!(d <= TOLERANCE, "{family}: cached decoding differs by {d}");
-        // All prompts in one ragged call.
-        let mut seqs: Vec<SeqInput<'_, B>> = c
-            .prompts
-            .iter()
-            .map(|p| SeqInput {
-                tokens: p,
-                cache: None,
-                adapter: None,
-            })
-            .collect();
-        let batch = values(m.forward(&mut seqs, Logits::All));
+        assert!(d <= tolerance, "{family}: cached decoding differs by {d}");
+        let mut seqs: Vec<SeqInput<'_, Bk>> = c.prompts.iter().map(|p| alone(p, None)).collect();
+        let batch = logits_of(&m, &mut seqs);
         let mut off = 0;
-        for (p, want) in c.prompts.iter().zip(&c.logits) {
+        for (p, want) in c.prompts.iter().zip(reference) {
             let d = max_abs_diff(&batch[off..off + p.len() * vocab], want);
-            assert!(d <= TOLERANCE, "{family}: ragged batch row differs by {d}");
+            assert!(d <= tolerance, "{family}: ragged batch row differs by {d}");
             off += p.len() * vocab;
         }
     }
+}
+
+#[test]
+fn every_family_matches_transformers_from_safetensors_and_gguf() {
+    let report = check_every_family::<B>(&Default::default(), TOLERANCE);
+    eprintln!("max |Δ| vs transformers: {report}");
+}
+
+#[test]
+fn cached_decoding_and_ragged_batches_equal_one_full_forward() {
+    let families: Vec<&str> = all_families().collect();
+    check_cached_and_ragged::<B>(&Default::default(), &families, false, TOLERANCE);
 }
 
 /// Past the cache's tail length ([`KvParts::TAIL`] = 128) the cached keys live in two pieces;

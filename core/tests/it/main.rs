@@ -4,6 +4,8 @@ mod bad_files;
 mod batch;
 mod constraint;
 mod families;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod gpu;
 mod harmony;
 mod hub;
 mod merge;
@@ -16,8 +18,6 @@ mod reference;
 mod smollm2;
 mod tiny;
 mod tiny_model;
-#[cfg(feature = "wgpu")]
-mod wgpu;
 
 use burn::prelude::*;
 

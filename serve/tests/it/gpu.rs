@@ -1,10 +1,17 @@
 //! A served request on the GPU code path: graft-serve with `--device wgpu` (Mesa's software
-//! Vulkan device in CI) answers greedy completions on the tiny Llama with and without its PEFT
+//! Vulkan device in CI; `cuda` in a build with it) answers greedy completions on the tiny Llama with and without its PEFT
 //! adapter, token for token as the CPU server does, with the same log-probabilities.
 
 use serde_json::{json, Value};
 
 use crate::server::{fixture, post, start_model};
+
+/// The GPU backend the tests were built with (`cuda` where both are).
+const GPU: &str = if cfg!(feature = "cuda") {
+    "cuda"
+} else {
+    "wgpu"
+};
 
 /// `(tokens, logprobs)` of a greedy completion from `model` (the base or an adapter's name).
 fn greedy(s: &crate::server::Server, model: &str) -> (Vec<String>, Vec<f64>) {
@@ -31,7 +38,7 @@ fn greedy(s: &crate::server::Server, model: &str) -> (Vec<String>, Vec<f64>) {
 }
 
 #[test]
-fn a_served_request_on_wgpu_answers_as_on_the_cpu_with_and_without_an_adapter() {
+fn a_served_request_on_the_gpu_answers_as_on_the_cpu_with_and_without_an_adapter() {
     let model = fixture("families/llama/model.gguf");
     let adapter = format!("peft={}", fixture("families/llama/peft_adapter").display());
     let answers = |device: &str| {
@@ -39,13 +46,13 @@ fn a_served_request_on_wgpu_answers_as_on_the_cpu_with_and_without_an_adapter() 
         [greedy(&s, "tiny"), greedy(&s, "peft")]
     };
     let cpu = answers("cpu");
-    let gpu = answers("wgpu");
+    let gpu = answers(GPU);
     assert_ne!(cpu[0].0, cpu[1].0, "the adapter changes the answer");
     for (c, g) in cpu.iter().zip(&gpu) {
-        assert_eq!(c.0, g.0, "wgpu picked other tokens");
+        assert_eq!(c.0, g.0, "{GPU} picked other tokens");
         assert_eq!(c.0.len(), 8);
         for (a, b) in c.1.iter().zip(&g.1) {
-            assert!((a - b).abs() < 1e-3, "logprob {a} on the cpu, {b} on wgpu");
+            assert!((a - b).abs() < 1e-3, "logprob {a} on the cpu, {b} on {GPU}");
         }
     }
 }

@@ -3,7 +3,7 @@
 
 mod app;
 mod generate_cli;
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod gpu;
 mod replicas;
 mod server;

@@ -1,8 +1,15 @@
 //! Training on the GPU code path: `graft-train bench` with `model.device = "wgpu"` (Mesa's
-//! software Vulkan device in CI) trains QLoRA on the tiny Llama's GGUF (packed base, r=4 on every
+//! software Vulkan device in CI; `cuda` in a build with it) trains QLoRA on the tiny Llama's GGUF (packed base, r=4 on every
 //! linear projection) with the losses of the same run on the CPU, step by step.
 
 use crate::{graft_train, repo_root, stderr};
+
+/// The GPU backend the tests were built with (`cuda` where both are).
+const GPU: &str = if cfg!(feature = "cuda") {
+    "cuda"
+} else {
+    "wgpu"
+};
 
 /// The loss of each step of a 4-step bench run on `device`.
 fn losses(device: &str) -> Vec<f64> {
@@ -35,9 +42,9 @@ fn losses(device: &str) -> Vec<f64> {
 }
 
 #[test]
-fn qlora_on_wgpu_trains_with_the_cpu_losses() {
+fn qlora_on_the_gpu_trains_with_the_cpu_losses() {
     let cpu = losses("cpu");
-    let gpu = losses("wgpu");
+    let gpu = losses(GPU);
     assert_eq!(cpu.len(), 4);
     assert_eq!(gpu.len(), 4);
     // The adapter learns (B starts at zero, so step 1 is the base's loss on both).
@@ -45,7 +52,7 @@ fn qlora_on_wgpu_trains_with_the_cpu_losses() {
     for (c, g) in cpu.iter().zip(&gpu) {
         assert!(
             (c - g).abs() <= 1e-3 * c.abs(),
-            "cpu {cpu:?} vs wgpu {gpu:?}"
+            "cpu {cpu:?} vs {GPU} {gpu:?}"
         );
     }
 }

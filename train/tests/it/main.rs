@@ -5,7 +5,7 @@ mod bench;
 mod configs;
 mod data;
 mod dist;
-#[cfg(feature = "wgpu")]
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod gpu;
 mod library;
 mod merge;
