@@ -1,12 +1,11 @@
 //! `graft-train bench`: a short real run that prints its figures and records its workload
 //! (steps as token ids and loss masks, initial adapter) for other trainers to replay.
 
-use crate::{gguf_path, graft_train, repo_root, stderr};
+use crate::{bench_losses, bench_run, gguf_path};
 
 #[test]
 fn bench_prints_figures_and_records_the_workload() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = repo_root().join("configs/bench.toml");
     let sets = [
         format!("model.base={:?}", gguf_path().display().to_string()),
         "data.max_seq_len=24".into(),
@@ -14,13 +13,7 @@ fn bench_prints_figures_and_records_the_workload() {
         "lora.r=2".into(),
         format!("output.runs_dir={:?}", dir.path().display().to_string()),
     ];
-    let mut args = vec!["bench", config.to_str().expect("utf-8"), "--steps", "3"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    let out = graft_train(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = bench_run(3, &sets);
     let num = |prefix: &str| -> f64 {
         let line = stdout
             .lines()
@@ -39,13 +32,7 @@ fn bench_prints_figures_and_records_the_workload() {
         "{stdout}"
     );
     assert!(stdout.contains("\"r\":2"), "settings are printed: {stdout}");
-    let losses: Vec<f64> = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("loss by step: "))
-        .expect("losses")
-        .split_whitespace()
-        .map(|v| v.parse().expect("a loss"))
-        .collect();
+    let losses = bench_losses(&stdout);
     assert_eq!(losses.len(), 3);
     let run = stdout
         .lines()

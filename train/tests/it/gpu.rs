@@ -2,7 +2,7 @@
 //! software Vulkan device in CI; `cuda` in a build with it) trains QLoRA on the tiny Llama's GGUF (packed base, r=4 on every
 //! linear projection) with the losses of the same run on the CPU, step by step.
 
-use crate::{graft_train, repo_root, stderr};
+use crate::{bench_losses, bench_run, repo_root};
 
 /// The GPU backend the tests were built with (`cuda` where both are).
 const GPU: &str = if cfg!(feature = "cuda") {
@@ -14,7 +14,6 @@ const GPU: &str = if cfg!(feature = "cuda") {
 /// The loss of each step of a 4-step bench run on `device`.
 fn losses(device: &str) -> Vec<f64> {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = repo_root().join("configs/bench.toml");
     let base = repo_root().join("core/tests/fixtures/families/llama/model.gguf");
     let sets = [
         format!("model.base={:?}", base.display().to_string()),
@@ -25,20 +24,7 @@ fn losses(device: &str) -> Vec<f64> {
         "lora.r=4".into(),
         format!("output.runs_dir={:?}", dir.path().display().to_string()),
     ];
-    let mut args = vec!["bench", config.to_str().expect("utf-8"), "--steps", "4"];
-    for s in &sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    let out = graft_train(&args);
-    assert!(out.status.success(), "{device}: {}", stderr(&out));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("loss by step: "))
-        .unwrap_or_else(|| panic!("no losses in {stdout}"))
-        .split_whitespace()
-        .map(|v| v.parse().expect("a loss"))
-        .collect()
+    bench_losses(&bench_run(4, &sets))
 }
 
 #[test]

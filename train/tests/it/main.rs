@@ -44,6 +44,31 @@ pub fn graft_train(args: &[&str]) -> Output {
         .expect("spawn graft-train")
 }
 
+/// `graft-train bench configs/bench.toml --steps <steps>` with each of `sets` as a `--set`;
+/// its stdout, once it has succeeded.
+pub fn bench_run(steps: u32, sets: &[String]) -> String {
+    let config = repo_root().join("configs/bench.toml");
+    let steps = steps.to_string();
+    let mut args = vec!["bench", config.to_str().expect("utf-8"), "--steps", &steps];
+    for s in sets {
+        args.extend(["--set", s.as_str()]);
+    }
+    let out = graft_train(&args);
+    assert!(out.status.success(), "{sets:?}: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `loss by step:` figures a bench run printed.
+pub fn bench_losses(stdout: &str) -> Vec<f64> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("loss by step: "))
+        .unwrap_or_else(|| panic!("no losses in {stdout}"))
+        .split_whitespace()
+        .map(|v| v.parse().expect("a loss"))
+        .collect()
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
