@@ -384,11 +384,35 @@ fn row_slices(held: &HeldAdapters, n: usize) -> Option<Vec<Option<RowLora<'_>>>>
     Some(rows)
 }
 
-#[cfg(feature = "cuda")]
-impl GraftBackend for burn_cuda::Cuda {}
+/// The CubeCL backends (burn-cuda, burn-wgpu): packed products run on the device from the
+/// weight's storage uploaded once ([`crate::quant::gpu`]).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl<R, F, I, BT> GraftBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
+        use crate::quant::gpu;
+        let n = x.dims()[0];
+        if n == 0 {
+            return Tensor::zeros([0, w.rows], &x.device());
+        }
+        if n <= gpu::SMALL_ROWS {
+            let x = x.into_primitive().tensor();
+            return Tensor::from_primitive(TensorPrimitive::Float(gpu::matmul_small::<R, F>(x, w)));
+        }
+        let wd = gpu::dequantize::<R, F>(w, &x.device());
+        x.matmul(Tensor::from_primitive(TensorPrimitive::Float(wd)).transpose())
+    }
 
-#[cfg(feature = "wgpu")]
-impl GraftBackend for burn_wgpu::Wgpu {}
+    fn packed_matmul_transposed(g: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
+        let wd = crate::quant::gpu::dequantize::<R, F>(w, &g.device());
+        g.matmul(Tensor::from_primitive(TensorPrimitive::Float(wd)))
+    }
+}
 
 #[derive(Debug)]
 struct PackedMatmulBackward;

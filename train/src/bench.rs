@@ -95,8 +95,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Prints the figures of a finished bench run from its `metrics.jsonl` (the first step is
-/// warm-up and left out of the medians when there are more).
-pub fn report(cfg: &TrainConfig, run_dir: &Path) -> Result<()> {
+/// warm-up and left out of the medians when there are more) and its `summary`.
+pub fn report(cfg: &TrainConfig, run_dir: &Path, summary: &Value) -> Result<()> {
     let path = run_dir.join("metrics.jsonl");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -145,6 +145,17 @@ pub fn report(cfg: &TrainConfig, run_dir: &Path) -> Result<()> {
         .map(|l| format!("{l:.5}"))
         .collect();
     println!("loss by step: {}", losses.join(" "));
+    let crossings = &summary["adapter_state_transfers"];
+    println!(
+        "adapter state host<->device: {} tensors uploaded, {} read back, over {} micro-batches \
+         ({} tensors in the adapter)",
+        crossings["to_device"],
+        crossings["to_host"],
+        summary["steps"].as_u64().unwrap_or(0) as usize
+            * cfg.train.grad_accum
+            * summary["ranks"].as_u64().unwrap_or(1) as usize,
+        summary["adapter_tensors"]
+    );
     println!("run: {}", run_dir.display());
     Ok(())
 }

@@ -334,6 +334,8 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         "adapter": (!outcome.interrupted).then(|| run_dir.join("adapter")),
         "ranks": outcome.ranks,
         "ranks_identical": outcome.ranks_identical,
+        "adapter_tensors": trainer.param_names().len(),
+        "adapter_state_transfers": outcome.transfers,
     });
     if !outcome.ranks_identical {
         tracing::error!("the {} ranks ended with different adapters", outcome.ranks);
@@ -363,7 +365,7 @@ fn train_on<B: AutodiffBackend + GraftBackend, T: Sample>(
         });
     }
     if bench {
-        return bench::report(cfg, run_dir);
+        return bench::report(cfg, run_dir, &summary);
     }
     eprintln!("{}", serde_json::to_string_pretty(&summary)?);
     if outcome.interrupted {

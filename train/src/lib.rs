@@ -15,6 +15,7 @@ pub mod merge;
 pub mod objective;
 pub mod optim;
 pub mod report;
+pub mod resident;
 pub mod run;
 pub mod setup;
 pub mod task_eval;

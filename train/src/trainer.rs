@@ -1,8 +1,9 @@
 //! The QLoRA training loop.
 //!
-//! The base model stays frozen and quantized; the adapter's A/B values live on the host as flat
-//! f32 vectors (with AdamW's moments beside them). Each micro-batch builds the adapter as
-//! gradient-tracked tensors, runs the model over its sequences as one ragged batch (no padding,
+//! The base model stays frozen and quantized; the adapter's A/B values, their gradients and
+//! AdamW's moments stay on the model's device for the whole run ([`crate::resident`]: they
+//! cross to the host only for checkpoints, the written adapter and a data-parallel all-reduce).
+//! Each micro-batch makes the values gradient leaves (no copy), runs the model over its sequences as one ragged batch (no padding,
 //! no attention across sequences; a preference pair is two sequences), takes the
 //! log-probabilities of the scored positions only (the LM head runs on those rows alone), sums
 //! them per sequence, and back-propagates the [`Objective`]'s loss of those sums (SFT's
@@ -41,7 +42,11 @@ use crate::config::TrainConfig;
 use crate::dist::{Group, Single};
 use crate::objective::{Measured, Objective, PairMetrics, StepSize, Terms};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
+use crate::resident::{self, TransferCounts, Transfers, Values};
 use crate::run::{self, append_jsonl, Checkpoint, TrainerState};
+
+/// The backend the trained values live on: the model's, without autodiff.
+pub type Inner<B> = <B as AutodiffBackend>::InnerBackend;
 
 /// What a finished (or stopped) run reports.
 #[derive(Debug, Clone)]
@@ -55,17 +60,19 @@ pub struct Outcome {
     /// same adapter, bit for bit.
     pub ranks: usize,
     pub ranks_identical: bool,
+    /// Adapter-state tensors that crossed between host and device during the run.
+    pub transfers: TransferCounts,
 }
 
 /// A step's loss and gradient (see [`Trainer::gradients`]).
-#[derive(Debug, Clone, Default)]
-pub struct Gradients {
-    /// d loss / d parameter, in optimizer order.
-    pub grads: Vec<Vec<f32>>,
+#[derive(Debug, Clone)]
+pub struct Gradients<B: Backend> {
+    /// d loss / d parameter, in optimizer order, on the device.
+    pub grads: Values<B>,
     pub loss: f64,
     /// Preference metrics summed over the step's pairs (empty for SFT).
     pub pairs: PairMetrics,
-    /// Seconds in the forward passes and in the backward passes (with gradient read-back).
+    /// Seconds in the forward passes and in the backward passes.
     pub forward_secs: f64,
     pub backward_secs: f64,
 }
@@ -106,6 +113,8 @@ pub struct Trainer<'a, B: AutodiffBackend + GraftBackend, T: Sample = Tokenized>
     /// DPO with `precompute_ref_log_probs`: each train and eval sample's reference Σ log p per
     /// sequence, filled at the start of [`Trainer::run`].
     reference: std::sync::OnceLock<[Vec<Vec<f64>>; 2]>,
+    /// The adapter state's crossings between host and device.
+    transfers: Transfers,
 }
 
 impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
@@ -147,6 +156,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             objective: Objective::new(cfg.train.method, &cfg.preference),
             modules,
             reference: std::sync::OnceLock::new(),
+            transfers: Transfers::default(),
         }
     }
 
@@ -181,22 +191,48 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             .sum()
     }
 
-    /// The initial adapter values (PEFT init), flat, in optimizer order.
-    pub fn initial_params(&self) -> Vec<Vec<f32>> {
+    /// Each parameter's shape, in optimizer order.
+    fn param_shapes(&self) -> Vec<[usize; 2]> {
+        self.modules.iter().flat_map(|m| [m.a, m.b]).collect()
+    }
+
+    /// The initial adapter values (PEFT init, made on the host and uploaded once), in
+    /// optimizer order.
+    pub fn initial_params(&self) -> Values<Inner<B>> {
         let init = self.model.init_adapter(&self.cfg.lora, self.cfg.lora_seed);
-        init.modules()
-            .flat_map(|(_, _, w)| [host(&w.a), host(&w.b)])
-            .collect()
+        let params: Values<Inner<B>> = init
+            .modules()
+            .flat_map(|(_, _, w)| [w.a.clone().inner(), w.b.clone().inner()])
+            .collect();
+        self.transfers.count(params.len(), 0);
+        params
+    }
+
+    /// Host values (a checkpoint's, or a test's) uploaded as the adapter's parameters.
+    ///
+    /// # Errors
+    /// A vector's length does not fit its parameter's shape.
+    pub fn upload(&self, host: Vec<Vec<f32>>) -> Result<Values<Inner<B>>, resident::ShapeMismatch> {
+        self.transfers.upload(
+            host,
+            &self.param_names(),
+            &self.param_shapes(),
+            self.model.device(),
+        )
+    }
+
+    /// The adapter state's crossings between host and device so far.
+    pub fn transfers(&self) -> TransferCounts {
+        self.transfers.counts()
     }
 
     /// The adapter with values `params`; `track` makes them gradient leaves (with dropout).
-    fn adapter(&self, params: &[Vec<f32>], track: bool) -> Adapter<B> {
-        let device = self.model.device();
+    fn adapter(&self, params: &[Tensor<Inner<B>, 2>], track: bool) -> Adapter<B> {
         let mut adapter = Adapter::empty(self.model.layers.len());
         let scale = self.cfg.lora.scale();
         for (i, m) in self.modules.iter().enumerate() {
-            let t = |v: &Vec<f32>, shape: [usize; 2]| {
-                let t = Tensor::<B, 2>::from_data(TensorData::new(v.clone(), shape), device);
+            let t = |v: &Tensor<Inner<B>, 2>| {
+                let t = Tensor::<B, 2>::from_inner(v.clone());
                 if track {
                     t.require_grad()
                 } else {
@@ -204,8 +240,8 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 }
             };
             adapter.layers[m.layer][m.target.index()] = Some(LoraWeights {
-                a: t(&params[2 * i], m.a),
-                b: t(&params[2 * i + 1], m.b),
+                a: t(&params[2 * i]),
+                b: t(&params[2 * i + 1]),
                 scale,
                 dropout: if track {
                     self.cfg.lora.lora_dropout
@@ -414,7 +450,11 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
 
     /// The loss of one step over the training samples `batches` (micro-batches of indices)
     /// with adapter values `params`, and its gradient, in optimizer order.
-    pub fn gradients(&self, params: &[Vec<f32>], batches: &[Vec<usize>]) -> Gradients {
+    pub fn gradients(
+        &self,
+        params: &[Tensor<Inner<B>, 2>],
+        batches: &[Vec<usize>],
+    ) -> Gradients<Inner<B>> {
         self.gradients_in(params, batches, &self.step_size(Split::Train, batches))
     }
 
@@ -422,17 +462,21 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
     /// step's `size` (a data-parallel rank's share).
     fn gradients_in(
         &self,
-        params: &[Vec<f32>],
+        params: &[Tensor<Inner<B>, 2>],
         batches: &[Vec<usize>],
         size: &StepSize,
-    ) -> Gradients {
+    ) -> Gradients<Inner<B>> {
         let size = *size;
         let mut out = Gradients {
-            grads: params.iter().map(|p| vec![0.0; p.len()]).collect(),
-            ..Gradients::default()
+            grads: params.iter().map(Tensor::zeros_like).collect(),
+            loss: 0.0,
+            pairs: PairMetrics::default(),
+            forward_secs: 0.0,
+            backward_secs: 0.0,
         };
+        let device = self.model.device();
         // The CPU backend runs eagerly, so a clock around each call measures it; reading the
-        // per-sequence sums ends the forward on asynchronous devices.
+        // per-sequence sums ends the forward on asynchronous devices, a sync the backward.
         for mb in batches {
             let t = Instant::now();
             let adapter = self.adapter(params, true);
@@ -442,16 +486,17 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             out.forward_secs += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let g = surrogate.backward();
-            for (i, (_, _, w)) in adapter.modules().enumerate() {
-                for (k, t) in [(2 * i, &w.a), (2 * i + 1, &w.b)] {
-                    if let Some(gt) = t.grad(&g) {
-                        let v = gt.into_data().to_vec::<f32>().expect("f32 gradients");
-                        out.grads[k]
-                            .iter_mut()
-                            .zip(v)
-                            .for_each(|(acc, x)| *acc += x);
-                    }
-                }
+            // Summed on the device; a value the loss does not reach keeps its sum.
+            let mine: Values<Inner<B>> = adapter
+                .modules()
+                .flat_map(|(_, _, w)| [&w.a, &w.b])
+                .zip(params)
+                .map(|(t, p)| t.grad(&g).unwrap_or_else(|| p.zeros_like()))
+                .collect();
+            out.grads = resident::add(std::mem::take(&mut out.grads), mine);
+            // for the clock only (it keeps the next micro-batch from overlapping this one)
+            if let Err(e) = B::sync(device) {
+                tracing::warn!("waiting for the device after a backward pass: {e:?}");
             }
             out.backward_secs += t.elapsed().as_secs_f64();
         }
@@ -459,7 +504,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
     }
 
     /// Loss (and pair metrics) over the eval samples (untracked forward).
-    fn eval_loss(&self, params: &[Vec<f32>]) -> Option<(f64, PairMetrics)> {
+    fn eval_loss(&self, params: &[Tensor<Inner<B>, 2>]) -> Option<(f64, PairMetrics)> {
         if self.data.eval.is_empty() {
             return None;
         }
@@ -481,7 +526,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
 
     /// Greedy answers to the first eval prompts (the text before each example's first
     /// trained token).
-    fn samples(&self, params: &[Vec<f32>], step: usize) -> std::io::Result<()> {
+    fn samples(&self, params: &[Tensor<Inner<B>, 2>], step: usize) -> std::io::Result<()> {
         let adapter = self.adapter(params, false);
         let sampling = SamplingParams {
             temperature: 0.0,
@@ -532,7 +577,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
     /// scored answer to `task_eval.jsonl`.
     fn task_metrics(
         &self,
-        params: &[Vec<f32>],
+        params: &[Tensor<Inner<B>, 2>],
         step: usize,
         metrics: &std::path::Path,
         bar: &indicatif::ProgressBar,
@@ -567,12 +612,12 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         Ok(())
     }
 
-    /// Writes a checkpoint for `state` and prunes old ones.
+    /// Writes a checkpoint for `state` (the device state read back) and prunes old ones.
     fn checkpoint(
         &self,
         state: &TrainerState,
-        opt: &AdamW,
-        params: &[Vec<f32>],
+        opt: &AdamW<Tensor<Inner<B>, 2>>,
+        params: &[Tensor<Inner<B>, 2>],
     ) -> std::io::Result<PathBuf> {
         let dir = run::checkpoint_dir(&self.run_dir, state.step);
         let parent = dir
@@ -584,9 +629,14 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
+        let host_opt: AdamW = opt
+            .clone()
+            .map_moments(|v| Ok::<_, std::convert::Infallible>(self.transfers.download(&v)))
+            .unwrap_or_else(|e| match e {});
+        let host_params = self.transfers.download(params);
         let written = self
             .save_adapter(&tmp.join("adapter"), params)
-            .and_then(|()| run::save_state(&tmp, state, opt, params));
+            .and_then(|()| run::save_state(&tmp, state, &host_opt, &host_params));
         if let Err(e) = written {
             // A full disk: leave the earlier checkpoints as they were, and no partial one.
             let _ = std::fs::remove_dir_all(&tmp);
@@ -605,8 +655,10 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
     }
 
     /// Writes the adapter with values `params` as a PEFT directory.
-    pub fn save_adapter(&self, dir: &Path, params: &[Vec<f32>]) -> std::io::Result<()> {
+    pub fn save_adapter(&self, dir: &Path, params: &[Tensor<Inner<B>, 2>]) -> std::io::Result<()> {
         let adapter = self.adapter(params, false);
+        // the PEFT writer reads each tensor back
+        self.transfers.count(0, params.len());
         // Name the projections actually adapted ("all-linear" lists every kind; the model's
         // layout has some of them).
         let mut lora = self.cfg.lora.clone();
@@ -654,12 +706,26 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             .unwrap_or((cfg.train.warmup_ratio * total_steps as f64).ceil() as usize);
 
         let (mut state, mut opt, mut params) = match resume {
-            Some(c) => (c.state, c.optimizer, c.params),
+            Some(c) => {
+                if c.state.param_names != self.param_names() {
+                    return Err(std::io::Error::other(
+                        "the checkpoint's adapter modules differ from the config's",
+                    ));
+                }
+                let bad = |e: resident::ShapeMismatch| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("checkpoint at step {}: {e}", c.state.step),
+                    )
+                };
+                let params = self.upload(c.params).map_err(bad)?;
+                let opt = c.optimizer.map_moments(|v| self.upload(v)).map_err(bad)?;
+                (c.state, opt, params)
+            }
             None => {
                 let params = self.initial_params();
-                let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
                 let opt = AdamW::new(
-                    &sizes,
+                    &params,
                     cfg.train.betas.0,
                     cfg.train.betas.1,
                     cfg.train.epsilon,
@@ -678,11 +744,6 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 (state, opt, params)
             }
         };
-        if state.param_names != self.param_names() {
-            return Err(std::io::Error::other(
-                "the checkpoint's adapter modules differ from the config's",
-            ));
-        }
         self.precompute_reference();
         let metrics = self.run_dir.join("metrics.jsonl");
         let bar = if lead {
@@ -712,7 +773,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 .cloned()
                 .collect();
             let Gradients {
-                mut grads,
+                grads,
                 loss: mut loss_total,
                 pairs: mut pair_metrics,
                 forward_secs: fwd,
@@ -720,16 +781,26 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             } = self.gradients_in(&params, &mine, &size);
             // Every rank stops at the same step when any was asked to.
             let mut stop_votes = 0.0;
-            if ranks > 1 {
-                // One all-reduce for the whole adapter's gradient, not one per tensor.
-                let mut flat: Vec<f32> = grads.iter().flatten().copied().collect();
+            let grads = if ranks > 1 {
+                // One all-reduce for the whole adapter's gradient, not one per tensor, through
+                // a host copy (MPI reduces host memory).
+                let host = self.transfers.download(&grads);
+                let mut flat: Vec<f32> = host.iter().flatten().copied().collect();
                 self.group.sum_f32(&mut flat);
                 let mut rest = &flat[..];
-                for g in &mut grads {
-                    let (mine, tail) = rest.split_at(g.len());
-                    g.copy_from_slice(mine);
-                    rest = tail;
-                }
+                let summed = host
+                    .iter()
+                    .map(|g| {
+                        let (mine, tail) = rest.split_at(g.len());
+                        rest = tail;
+                        mine.to_vec()
+                    })
+                    .collect();
+                self.upload(summed).map_err(std::io::Error::other)?
+            } else {
+                grads
+            };
+            if ranks > 1 {
                 let mut scalars = vec![
                     loss_total,
                     f64::from(u8::from(self.stop.load(Ordering::SeqCst))),
@@ -745,7 +816,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 }
             }
             let t = Instant::now();
-            let grad_norm = clip_grad_norm(&mut grads, cfg.train.max_grad_norm);
+            let (grads, grad_norm) = clip_grad_norm(grads, cfg.train.max_grad_norm);
             let lr = learning_rate(
                 cfg.train.learning_rate,
                 cfg.train.scheduler,
@@ -753,7 +824,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 total_steps,
                 state.step,
             );
-            opt.update(&mut params, &grads, lr);
+            opt.update(&mut params, grads, lr);
             let opt_secs = t.elapsed().as_secs_f64();
             state.step += 1;
             state.tokens_trained += n_tokens as u64;
@@ -835,7 +906,10 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         }
         bar.finish_and_clear();
         state.elapsed_secs = elapsed_before + started.elapsed().as_secs_f64();
-        let ranks_identical = self.group.all_equal(crate::dist::fingerprint(&params));
+        let ranks_identical = ranks == 1
+            || self
+                .group
+                .all_equal(crate::dist::fingerprint(&self.transfers.download(&params)));
         if lead && !interrupted {
             self.save_adapter(&self.run_dir.join("adapter"), &params)?;
         }
@@ -846,6 +920,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             interrupted,
             ranks,
             ranks_identical,
+            transfers: self.transfers.counts(),
         })
     }
 }
@@ -914,14 +989,6 @@ fn to_f64<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
         .into_iter()
         .map(f64::from)
         .collect()
-}
-
-fn host<B: Backend>(t: &Tensor<B, 2>) -> Vec<f32> {
-    t.clone()
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("converted to f32")
 }
 
 /// A line above the progress bar, or a log line when there is no bar.

@@ -61,7 +61,7 @@ impl GgmlType {
         })
     }
 
-    pub fn id(self) -> u32 {
+    pub const fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,
             GgmlType::F16 => 1,
@@ -336,7 +336,7 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// The non-linear four-bit codebook of IQ4_NL and IQ4_XS (`kvalues_iq4nl`).
-const IQ4_NL_VALUES: [i8; 16] = [
+pub(super) const IQ4_NL_VALUES: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
@@ -353,7 +353,7 @@ fn iq4_nl(b: &[u8], y: &mut [f32]) {
 }
 
 /// E2M1 (FP4) values, doubled so that they are integers (`kvalues_mxfp4`).
-const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+pub(super) const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
 /// MXFP4: an E8M0 exponent byte `e`, then 16 bytes of codes in Q4_0 order;
 /// `x = 2^(e − 128) · kvalues[code]` (half the scale against the doubled values), with

@@ -2,8 +2,11 @@
 //! quantization) made on load. Only this module knows codebooks and block layouts; the rest of
 //! graft sees a [`PackedWeight`] that can dequantize itself, whole or by rows.
 
+mod device_copies;
 mod encode;
 mod ggml;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) mod gpu;
 mod kernels;
 mod kernels_q8;
 pub mod mix;
@@ -173,6 +176,22 @@ pub struct PackedWeight {
     data: PackedData,
     /// How [`Self::matmul_t`] treats its activations.
     activations: Activations,
+    /// The storage on GPU devices (shared with the clones and views that share `data`).
+    copies: Arc<device_copies::DeviceCopies>,
+}
+
+/// A packed weight's storage as a GPU kernel reads it (see [`PackedWeight::storage`]).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) enum Storage<'a> {
+    /// Every row's GGML blocks, `row_bytes` per row.
+    Ggml {
+        ty: GgmlType,
+        bytes: &'a [u8],
+        row_bytes: usize,
+    },
+    /// NF4 codes (two per byte, the first in the high nibble) over the row-major flattening,
+    /// and one absmax per [`nf4::BLOCK`] values.
+    Nf4 { codes: &'a [u8], absmax: &'a [f32] },
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +237,7 @@ impl PackedWeight {
             first_row: 0,
             data: PackedData::Ggml { ty, bytes },
             activations: Activations::F32,
+            copies: Arc::default(),
         })
     }
 
@@ -234,6 +254,7 @@ impl PackedWeight {
                 absmax,
             },
             activations: Activations::F32,
+            copies: Arc::default(),
         }
     }
 
@@ -268,7 +289,39 @@ impl PackedWeight {
             first_row: self.first_row + start,
             data: self.data.clone(),
             activations: self.activations,
+            copies: self.copies.clone(),
         }
+    }
+
+    /// The whole storage this weight is (some rows of), for a GPU kernel to upload once.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    pub(crate) fn storage(&self) -> Storage<'_> {
+        match &self.data {
+            PackedData::Ggml { ty, bytes } => Storage::Ggml {
+                ty: *ty,
+                bytes,
+                row_bytes: ty
+                    .bytes_for(self.cols as u64)
+                    .expect("whole blocks per row: checked by PackedWeight::ggml")
+                    as usize,
+            },
+            PackedData::Nf4 { q, absmax } => Storage::Nf4 {
+                codes: &q.packed,
+                absmax,
+            },
+        }
+    }
+
+    /// The row of [`Self::storage`] this weight's row 0 is.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    pub(crate) fn first_row(&self) -> usize {
+        self.first_row
+    }
+
+    /// The storage's copies on GPU devices.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
+    pub(crate) fn device_copies(&self) -> &device_copies::DeviceCopies {
+        &self.copies
     }
 
     /// This weight with its products taking `activations` (see [`Activations`]).

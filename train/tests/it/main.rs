@@ -12,6 +12,7 @@ mod merge;
 mod ollama;
 mod preference;
 mod report;
+mod resident;
 mod resume;
 mod task_eval;
 mod tracking;
@@ -67,6 +68,38 @@ pub fn bench_losses(stdout: &str) -> Vec<f64> {
         .split_whitespace()
         .map(|v| v.parse().expect("a loss"))
         .collect()
+}
+
+/// The adapter-state crossings a bench run printed: tensors uploaded, tensors read back,
+/// micro-batches, tensors in the adapter.
+pub fn bench_crossings(stdout: &str) -> [usize; 4] {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("adapter state host<->device: "))
+        .unwrap_or_else(|| panic!("no crossings in {stdout}"));
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse().expect("a count"))
+        .collect();
+    numbers
+        .try_into()
+        .unwrap_or_else(|n| panic!("four counts in {line:?}: {n:?}"))
+}
+
+/// `configs/bench.toml`'s settings moved onto the tiny Llama's GGUF (a packed base, r=4 on
+/// every linear projection, micro-batch 2 × 48 tokens) on `device`, running in `runs`.
+pub fn tiny_bench_sets(device: &str, runs: &Path) -> Vec<String> {
+    let base = repo_root().join("core/tests/fixtures/families/llama/model.gguf");
+    vec![
+        format!("model.base={:?}", base.display().to_string()),
+        format!("model.device={device:?}"),
+        "data.max_seq_len=48".into(),
+        "train.micro_batch_size=2".into(),
+        "train.learning_rate=1e-2".into(),
+        "lora.r=4".into(),
+        format!("output.runs_dir={:?}", runs.display().to_string()),
+    ]
 }
 
 pub fn stderr(o: &Output) -> String {
