@@ -316,7 +316,28 @@ struct Uploaded<R: CubeRuntime> {
     block_bytes: usize,
 }
 
+/// A launch of one unit per each of `units` values.
+fn grid<R: CubeRuntime>(client: &ComputeClient<R>, units: usize) -> (CubeCount, CubeDim) {
+    let dim = CubeDim::new(client, units);
+    (
+        cubecl::calculate_cube_count_elemwise(client, units, dim),
+        dim,
+    )
+}
+
 impl<R: CubeRuntime> Uploaded<R> {
+    /// The storage and absmax buffers as kernel arguments.
+    fn args(&self) -> (ArrayArg<R>, ArrayArg<R>) {
+        // SAFETY: the handles hold `n_words` u32 and `n_absmax` f32 values (made so in
+        // `uploaded`)
+        unsafe {
+            (
+                ArrayArg::from_raw_parts(self.words.clone(), self.n_words),
+                ArrayArg::from_raw_parts(self.absmax.clone(), self.n_absmax),
+            )
+        }
+    }
+
     /// 32-bit indices where every index of a launch over `units` values fits them (a stack
     /// of experts can pass 4 GiB), else 64-bit.
     fn address_type(&self, units: usize) -> cubecl::ir::AddressType {
@@ -428,15 +449,15 @@ pub fn dequantize<R: CubeRuntime, F: FloatElement>(
     let out = output::<R, F>(device, w.rows, w.cols);
     let client = &out.client;
     let units = w.rows * w.cols;
-    let dim = CubeDim::new(client, units);
-    let count = cubecl::calculate_cube_count_elemwise(client, units, dim);
+    let (count, dim) = grid(client, units);
+    let (words, absmax) = u.args();
     with_kind!(u, |kind| dequantize_kernel::launch::<F, R>(
         client,
         count,
         dim,
         u.address_type(units),
-        unsafe { ArrayArg::from_raw_parts(u.words.clone(), u.n_words) },
-        unsafe { ArrayArg::from_raw_parts(u.absmax.clone(), u.n_absmax) },
+        words,
+        absmax,
         unsafe { ArrayArg::from_raw_parts(out.handle.clone(), units) },
         layout_arg(w, &u),
         kind,
@@ -457,16 +478,16 @@ pub fn matmul_small<R: CubeRuntime, F: FloatElement>(
     let out = output::<R, F>(&device, n, w.rows);
     let client = &out.client;
     let units = n * w.rows;
-    let dim = CubeDim::new(client, units);
-    let count = cubecl::calculate_cube_count_elemwise(client, units, dim);
+    let (count, dim) = grid(client, units);
+    let (words, absmax) = u.args();
     with_kind!(u, |kind| matmul_small_kernel::launch::<F, R>(
         client,
         count,
         dim,
         u.address_type(units.max(n * w.cols)),
         unsafe { ArrayArg::from_raw_parts(x.handle.clone(), n * w.cols) },
-        unsafe { ArrayArg::from_raw_parts(u.words.clone(), u.n_words) },
-        unsafe { ArrayArg::from_raw_parts(u.absmax.clone(), u.n_absmax) },
+        words,
+        absmax,
         unsafe { ArrayArg::from_raw_parts(out.handle.clone(), units) },
         n,
         layout_arg(w, &u),
