@@ -9,7 +9,7 @@ use graft_core::burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Scheduler;
-use crate::resident::Values;
+use crate::resident::{to_f64, Values};
 
 /// AdamW state for a list of parameter tensors: its moments are `S` — device tensors while
 /// training ([`AdamW::update`]), host vectors in a checkpoint.
@@ -106,13 +106,8 @@ pub fn clip_grad_norm<B: Backend>(grads: Values<B>, max_norm: f64) -> (Values<B>
         .iter()
         .map(|g| (g.clone() * g.clone()).sum())
         .collect();
-    let norm = Tensor::<B, 1>::cat(squares, 0)
-        .into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("converted to f32")
+    let norm = to_f64(Tensor::<B, 1>::cat(squares, 0))
         .into_iter()
-        .map(f64::from)
         .sum::<f64>()
         .sqrt();
     if max_norm > 0.0 && norm > max_norm {

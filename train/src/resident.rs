@@ -105,6 +105,17 @@ impl Transfers {
     }
 }
 
+/// Scalars read back (per-sequence log-probability sums, squared-gradient sums), as f64.
+pub fn to_f64<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("converted to f32")
+        .into_iter()
+        .map(f64::from)
+        .collect()
+}
+
 /// The element-wise sums of each pair (on the device; `acc`'s buffers are reused where the
 /// backend can).
 pub fn add<B: Backend>(acc: Values<B>, more: Values<B>) -> Values<B> {

@@ -3,8 +3,9 @@
 //! The base model stays frozen and quantized; the adapter's A/B values, their gradients and
 //! AdamW's moments stay on the model's device for the whole run ([`crate::resident`]: they
 //! cross to the host only for checkpoints, the written adapter and a data-parallel all-reduce).
-//! Each micro-batch makes the values gradient leaves (no copy), runs the model over its sequences as one ragged batch (no padding,
-//! no attention across sequences; a preference pair is two sequences), takes the
+//! Each micro-batch makes the values gradient leaves (no copy), runs the model over its
+//! sequences as one ragged batch (no padding, no attention across sequences; a preference pair
+//! is two sequences), takes the
 //! log-probabilities of the scored positions only (the LM head runs on those rows alone), sums
 //! them per sequence, and back-propagates the [`Objective`]'s loss of those sums (SFT's
 //! cross-entropy, DPO or ORPO). Gradients of the micro-batches of a step are summed with the
@@ -42,7 +43,7 @@ use crate::config::TrainConfig;
 use crate::dist::{Group, Single};
 use crate::objective::{Measured, Objective, PairMetrics, StepSize, Terms};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW};
-use crate::resident::{self, TransferCounts, Transfers, Values};
+use crate::resident::{self, to_f64, TransferCounts, Transfers, Values};
 use crate::run::{self, append_jsonl, Checkpoint, TrainerState};
 
 /// The backend the trained values live on: the model's, without autodiff.
@@ -219,11 +220,6 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             &self.param_shapes(),
             self.model.device(),
         )
-    }
-
-    /// The adapter state's crossings between host and device so far.
-    pub fn transfers(&self) -> TransferCounts {
-        self.transfers.counts()
     }
 
     /// The adapter with values `params`; `track` makes them gradient leaves (with dropout).
@@ -781,7 +777,8 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             } = self.gradients_in(&params, &mine, &size);
             // Every rank stops at the same step when any was asked to.
             let mut stop_votes = 0.0;
-            let grads = if ranks > 1 {
+            let mut grads = grads;
+            if ranks > 1 {
                 // One all-reduce for the whole adapter's gradient, not one per tensor, through
                 // a host copy (MPI reduces host memory).
                 let host = self.transfers.download(&grads);
@@ -796,11 +793,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                         mine.to_vec()
                     })
                     .collect();
-                self.upload(summed).map_err(std::io::Error::other)?
-            } else {
-                grads
-            };
-            if ranks > 1 {
+                grads = self.upload(summed).map_err(std::io::Error::other)?;
                 let mut scalars = vec![
                     loss_total,
                     f64::from(u8::from(self.stop.load(Ordering::SeqCst))),
@@ -979,16 +972,6 @@ impl Schedule {
         }
         step
     }
-}
-
-fn to_f64<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("converted to f32")
-        .into_iter()
-        .map(f64::from)
-        .collect()
 }
 
 /// A line above the progress bar, or a log line when there is no bar.
