@@ -17,6 +17,8 @@ use burn::tensor::{TensorData, TensorPrimitive};
 
 use crate::adapters::gathered::{GatheredLora, RowLora, Values};
 use crate::adapters::lora::RowAdapters;
+use crate::model::attention_blocked;
+use crate::model::Causal;
 use crate::quant::PackedWeight;
 use burn::backend::flex::FlexTensor;
 
@@ -73,6 +75,24 @@ pub trait GraftBackend: Backend {
     ) -> Option<Tensor<Self, 3>> {
         let _ = (q, pieces, scale, softcap, sinks);
         None
+    }
+
+    /// Causal attention of one sequence's query rows against its keys and values, in blocks
+    /// of query positions that never hold the whole `[heads, n, keys]` scores
+    /// ([`crate::model::Causal`] says what each row sees). Under autodiff it is one op whose
+    /// backward recomputes each block's probabilities instead of keeping them.
+    ///
+    /// # Shapes
+    /// `q: [kv_heads, groups·n, dk]`, `k: [kv_heads, keys, dk]`, `v: [kv_heads, keys, dv]`,
+    /// `sinks: [kv_heads·groups]` → `[kv_heads, groups·n, dv]`
+    fn attention_causal(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        sinks: Option<&Tensor<Self, 1>>,
+        spec: &Causal,
+    ) -> Tensor<Self, 3> {
+        attention_blocked::forward(q, &k, &v, sinks, spec)
     }
 
     /// Softmax over the last dimension (attention probabilities; masked scores are −∞).
@@ -443,6 +463,16 @@ impl<B: GraftBackend, C: CheckpointStrategy> GraftBackend for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(y),
         };
         Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
+    fn attention_causal(
+        q: Tensor<Self, 3>,
+        k: Tensor<Self, 3>,
+        v: Tensor<Self, 3>,
+        sinks: Option<&Tensor<Self, 1>>,
+        spec: &Causal,
+    ) -> Tensor<Self, 3> {
+        attention_blocked::tracked(q, k, v, sinks, spec)
     }
 }
 

@@ -13,9 +13,9 @@
 use std::ops::Range;
 
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
 use super::attention::AttnSeq;
+use super::attention_blocked::Causal;
 use super::block::{Block, LayerCtx, Runs};
 use super::config::{MlaConfig, ModelConfig};
 use crate::adapters::lora::{LoraWeights, TargetModule};
@@ -68,7 +68,7 @@ pub(crate) fn attention<'r, B: GraftBackend>(
         .proj(TargetModule::KvB)
         .unwrap_or_else(|| unreachable!("the loader gives latent attention its kv_b_proj"));
     let layer = ctx.layer;
-    let mut outs: Vec<Tensor<B, 2>> = ctx
+    let outs: Vec<Tensor<B, 2>> = ctx
         .seqs
         .iter_mut()
         .map(|s| {
@@ -80,11 +80,7 @@ pub(crate) fn attention<'r, B: GraftBackend>(
             attend_one(c, a, layer, &q, &kv, &k_rot, s, expand)
         })
         .collect();
-    if outs.len() == 1 {
-        outs.pop().unwrap_or_else(|| unreachable!())
-    } else {
-        Tensor::cat(outs, 0)
-    }
+    super::joined(outs, 0)
 }
 
 /// The adapter of the row run that holds batch row `row`.
@@ -135,7 +131,8 @@ fn attend_one<B: GraftBackend>(
         a.v_head_dim,
         a.kv_lora_rank,
     );
-    let (start, mask) = s.mask_for(c.layers[layer].window);
+    let window = c.layers[layer].window;
+    let start = s.start_for(window);
     // The cache's key slot holds the normed latents, its value slot the rotated shared keys,
     // each `[1, positions, width]`.
     let kv_new = kv.clone().slice(span.clone()).reshape([1, n, r]);
@@ -164,13 +161,12 @@ fn attend_one<B: GraftBackend>(
         .swap_dims(0, 1); // [heads, keys, dv]
     let k = Tensor::cat(vec![k_nope, rots.repeat_dim(1, heads)], 2).swap_dims(0, 1); // [heads, keys, dk]
     let q = q.clone().slice(span).swap_dims(0, 1); // [heads, n, dk]
-    let mut scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(c.attention_scale);
-    if let Some(m) = mask {
-        // Built for one key head: [1, heads · n, keys], row h·n + i.
-        scores = scores + m.reshape([heads, n, keys]);
-    }
-    softmax(scores, 2)
-        .matmul(v)
+    let causal = Causal {
+        // Latent attention has no soft-cap.
+        softcap: None,
+        ..s.causal(c, window, 1)
+    };
+    B::attention_causal(q, k, v, None, &causal)
         .swap_dims(0, 1)
         .reshape([n, heads * dv])
 }

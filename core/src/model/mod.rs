@@ -13,6 +13,7 @@
 //! separate sequences, so no attention crosses example boundaries.
 
 mod attention;
+pub(crate) mod attention_blocked;
 pub(crate) mod attention_cpu;
 mod block;
 pub mod config;
@@ -33,6 +34,7 @@ use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
 use crate::quant::Activations;
 use attention::AttnSeq;
+pub use attention_blocked::Causal;
 pub use block::Block;
 use block::{LayerCtx, Runs};
 pub use config::{
@@ -463,9 +465,9 @@ impl<B: GraftBackend> Model<B> {
                 span,
                 past,
                 cache: s.cache.as_deref_mut(),
-                masks: Vec::new(),
+                starts: Vec::new(),
             };
-            a.build_masks(c, &self.windows, &self.device);
+            a.build_starts(&self.windows);
             attn_seqs.push(a);
         }
         let lens: Vec<(usize, usize)> = spans.iter().map(|(s, past)| (*past, s.len())).collect();
@@ -504,6 +506,18 @@ impl<B: GraftBackend> Model<B> {
             }
         }
         self.norm.forward(x)
+    }
+}
+
+/// The parts joined along `dim` (the one part as it is: no copy).
+pub(crate) fn joined<B: Backend, const D: usize>(
+    mut parts: Vec<Tensor<B, D>>,
+    dim: usize,
+) -> Tensor<B, D> {
+    if parts.len() == 1 {
+        parts.pop().unwrap_or_else(|| unreachable!())
+    } else {
+        Tensor::cat(parts, dim)
     }
 }
 
