@@ -44,8 +44,8 @@ pub trait GraftBackend: Backend {
 
     /// `y` plus each row run's adapter term `scale·(x·Aᵀ)·Bᵀ` (rows of a serving batch may
     /// each have their own adapter; PEFT groups rows by adapter the same way). The default
-    /// runs one pair of matrix products per run of rows; the CPU backend overrides it with one
-    /// gathered pass over the rows.
+    /// runs one pair of matrix products per run of rows; the CPU and CubeCL backends override
+    /// it with one gathered pass over the rows (one kernel launch on a GPU).
     ///
     /// # Shapes
     /// `y: [n, out]`, `x: [n, in]` → `[n, out]`
@@ -93,6 +93,19 @@ pub trait GraftBackend: Backend {
         spec: &Causal,
     ) -> Tensor<Self, 3> {
         attention_blocked::forward(q, &k, &v, sinks, spec)
+    }
+
+    /// Puts `w`'s storage where this backend's products read it on `device`: the CubeCL
+    /// backends upload it now (see [`crate::model::Model::place_weights`]); the others read
+    /// it where it is.
+    ///
+    /// Whether this call uploaded it (`false`: already there, or read from the host).
+    ///
+    /// # Errors
+    /// The device's message when it cannot take the weight.
+    fn place_packed(w: &PackedWeight, device: &Self::Device) -> Result<bool, String> {
+        let _ = (w, device);
+        Ok(false)
     }
 
     /// Softmax over the last dimension (attention probabilities; masked scores are −∞).
@@ -432,6 +445,56 @@ where
         let wd = crate::quant::gpu::dequantize::<R, F>(w, &g.device());
         g.matmul(Tensor::from_primitive(TensorPrimitive::Float(wd)))
     }
+
+    /// Uploads the storage (once per weight and device). CubeCL reports a device that cannot
+    /// allocate by panicking; that panic becomes the error.
+    fn place_packed(w: &PackedWeight, device: &Self::Device) -> Result<bool, String> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::quant::gpu::upload::<R>(w, device)
+        }))
+        .map_err(|p| {
+            crate::panic::message(p.as_ref()).unwrap_or_else(|| "the upload failed".into())
+        })
+    }
+
+    /// One launch for the whole batch, whatever its mix of adapters
+    /// ([`crate::adapters::gathered_gpu`]); adapters kept in another float type than the
+    /// backend's, per-expert adapters and ranks over its cube size take the runs' products.
+    fn lora_rows(
+        y: Tensor<Self, 2>,
+        x: Tensor<Self, 2>,
+        runs: &RowAdapters<'_, Self>,
+    ) -> Tensor<Self, 2> {
+        use crate::adapters::gathered_gpu as gathered;
+        let with: Vec<_> = runs
+            .iter()
+            .filter_map(|(rows, l)| l.map(|l| (rows, l)))
+            .collect();
+        if with.is_empty() {
+            return y;
+        }
+        let readable = with
+            .iter()
+            .all(|(_, l)| l.experts <= 1 && l.a.dtype() == F::dtype() && l.b.dtype() == F::dtype());
+        if !readable || !gathered::fits(x.dims()[0], with.iter().map(|(_, l)| l.rank())) {
+            return lora_rows_by_run(y, x, runs);
+        }
+        let runs = with
+            .into_iter()
+            .map(|(rows, l)| gathered::Run {
+                rows: rows.clone(),
+                a: l.a.clone().into_primitive().tensor(),
+                b: l.b.clone().into_primitive().tensor(),
+                scale: l.scale,
+            })
+            .collect();
+        let out = gathered::lora_rows::<R, F>(
+            y.into_primitive().tensor(),
+            x.into_primitive().tensor(),
+            runs,
+        );
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
 }
 
 #[derive(Debug)]
@@ -473,6 +536,10 @@ impl<B: GraftBackend, C: CheckpointStrategy> GraftBackend for Autodiff<B, C> {
         spec: &Causal,
     ) -> Tensor<Self, 3> {
         attention_blocked::tracked(q, k, v, sinks, spec)
+    }
+
+    fn place_packed(w: &PackedWeight, device: &Self::Device) -> Result<bool, String> {
+        B::place_packed(w, device)
     }
 }
 

@@ -3,6 +3,8 @@
 //! ([`merge`]).
 
 pub(crate) mod gathered;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) mod gathered_gpu;
 pub mod gguf_lora;
 pub mod lora;
 pub mod merge;

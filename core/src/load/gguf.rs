@@ -78,6 +78,10 @@ pub fn load_gguf<B: GraftBackend>(
     };
     let mut model = assemble(&l, &config, device)?;
     model.set_activations(opts.activations);
+    model.place_weights().map_err(|message| LoadError::Device {
+        path: path.into(),
+        message,
+    })?;
     let name = file
         .str("general.name")
         .map(str::to_string)

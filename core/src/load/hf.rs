@@ -71,6 +71,10 @@ pub fn load_hf_dir<B: GraftBackend>(
     };
     let mut model = assemble(&l, &config, device)?;
     model.set_activations(opts.activations);
+    model.place_weights().map_err(|message| LoadError::Device {
+        path: dir.into(),
+        message,
+    })?;
     let tokenizer = if dir.join("tokenizer.json").is_file() {
         Some(TokenizerBundle::from_hf_dir(dir).map_err(|e| match e {
             TokenizerError::File { path, message } => LoadError::Tokenizer { path, message },

@@ -39,6 +39,8 @@ pub enum LoadError {
     Config { path: PathBuf, message: String },
     #[error("{path}: corrupt safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
+    #[error("{path}: cannot put the base weights on the device: {message}")]
+    Device { path: PathBuf, message: String },
     #[error("{path}: tensor '{tensor}' is missing")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor '{tensor}' has shape {found:?}, the config implies {expected:?}")]

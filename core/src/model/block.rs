@@ -16,7 +16,6 @@ use crate::adapters::lora::TargetModule;
 use crate::adapters::lora::{LoraWeights, RowAdapters};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
-use crate::quant::Activations;
 
 /// Row runs of a batch and the adapter weights that apply to each, for one projection.
 pub(crate) type Runs<'r, B> = Vec<(std::ops::Range<usize>, Option<&'r LoraWeights<B>>)>;
@@ -111,13 +110,13 @@ impl<B: GraftBackend> Block<B> {
             + self.sinks.as_ref().map_or(0, |s| s.dims()[0] * 4)
     }
 
-    /// Makes the layer's packed projections, experts included, take `activations`.
-    pub fn set_activations(&mut self, activations: Activations) {
+    /// `f` on each of the layer's projections, experts' included.
+    pub fn for_each_proj(&mut self, f: &mut dyn FnMut(&mut Proj<B>)) {
         for p in self.projs.iter_mut().flatten() {
-            p.set_activations(activations);
+            f(p);
         }
         if let Some(x) = &mut self.experts {
-            x.set_activations(activations);
+            x.for_each_proj(f);
         }
     }
 

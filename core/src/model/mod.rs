@@ -31,7 +31,7 @@ use burn::tensor::TensorData;
 
 use crate::adapters::lora::{Adapter, LoraConfig, LoraShape, LoraWeights, TargetModule};
 use crate::backend::GraftBackend;
-use crate::model::proj::Proj;
+use crate::model::proj::{BaseWeight, Proj};
 use crate::quant::Activations;
 use attention::AttnSeq;
 pub use attention_blocked::Causal;
@@ -44,6 +44,15 @@ pub use config::{
 pub use family::Family;
 pub use norm::RmsNorm;
 use rope::Rope;
+
+/// What [`Model::place_weights`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Packed projections seen (a tied LM head counts as its own).
+    pub packed: usize,
+    /// Of them, those whose storage this call uploaded.
+    pub uploaded: usize,
+}
 
 /// The key/value cache of one sequence, per layer. Keys and values (`[kv_heads, len,
 /// head_dim]`) are kept in two parts: a long frozen prefix and a short tail that new tokens are
@@ -333,10 +342,45 @@ impl<B: GraftBackend> Model<B> {
     /// `activations`: [`Activations::Q8`] for llama.cpp's speed and numerics,
     /// [`Activations::F32`] (what loading gives) for the reference numerics.
     pub fn set_activations(&mut self, activations: Activations) {
-        self.embed_tokens.set_activations(activations);
-        self.lm_head.set_activations(activations);
+        self.for_each_proj(&mut |p| p.set_activations(activations));
+    }
+
+    /// Puts every packed base weight where the backend's products read it on the model's
+    /// device ([`GraftBackend::place_packed`]: a GPU backend uploads it now, so loading pays
+    /// for it, not the first request or step, and a device without room fails here).
+    ///
+    /// # Errors
+    /// The first weight the device could not take, with the device's message.
+    pub fn place_weights(&mut self) -> Result<Placement, String> {
+        let device = self.device.clone();
+        let mut result = Ok(Placement::default());
+        self.for_each_proj(&mut |p| {
+            if let (Ok(placed), BaseWeight::Packed(w)) = (&mut result, &p.base) {
+                match B::place_packed(w, &device) {
+                    Ok(now) => {
+                        placed.packed += 1;
+                        placed.uploaded += usize::from(now);
+                    }
+                    Err(e) => {
+                        result = Err(format!(
+                            "a {}×{} {} weight: {e}",
+                            w.rows,
+                            w.cols,
+                            w.kind_name()
+                        ))
+                    }
+                }
+            }
+        });
+        result
+    }
+
+    /// `f` on every projection: embeddings, LM head, each layer's (experts' included).
+    fn for_each_proj(&mut self, f: &mut dyn FnMut(&mut Proj<B>)) {
+        f(&mut self.embed_tokens);
+        f(&mut self.lm_head);
         for l in &mut self.layers {
-            l.set_activations(activations);
+            l.for_each_proj(f);
         }
     }
 

@@ -20,7 +20,6 @@ use super::config::{Activation, ClampedSwiglu, MoeConfig, Routing};
 use crate::adapters::lora::{LoraWeights, RowAdapters};
 use crate::backend::GraftBackend;
 use crate::model::proj::Proj;
-use crate::quant::Activations;
 
 /// The adapters of a sparse layer's batch rows: on the router, and on the experts' gate/up and
 /// down projections (each adapter stacked per expert).
@@ -94,10 +93,10 @@ impl<B: GraftBackend> Expert<B> {
         self.gate.n_bytes() + self.up.n_bytes() + self.down.n_bytes()
     }
 
-    /// Makes the expert's packed projections take `activations`.
-    pub fn set_activations(&mut self, activations: Activations) {
+    /// `f` on each of the expert's projections.
+    pub fn for_each_proj(&mut self, f: &mut dyn FnMut(&mut Proj<B>)) {
         for p in [&mut self.gate, &mut self.up, &mut self.down] {
-            p.set_activations(activations);
+            f(p);
         }
     }
 
@@ -147,11 +146,11 @@ impl<B: GraftBackend> Experts<B> {
             + self.experts.iter().map(Expert::n_bytes).sum::<usize>()
     }
 
-    /// Makes the router's and the experts' packed projections take `activations`.
-    pub fn set_activations(&mut self, activations: Activations) {
-        self.router.set_activations(activations);
+    /// `f` on the router and each expert's projections.
+    pub fn for_each_proj(&mut self, f: &mut dyn FnMut(&mut Proj<B>)) {
+        f(&mut self.router);
         for e in &mut self.experts {
-            e.set_activations(activations);
+            e.for_each_proj(f);
         }
     }
 

@@ -12,6 +12,7 @@
 //! The per-value decoding mirrors `ggml.rs` and `nf4.rs` (the CPU's reference): the same
 //! formulas in the same order of f32 operations.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use burn_cubecl::cubecl;
@@ -345,51 +346,74 @@ impl<R: CubeRuntime> Uploaded<R> {
     }
 }
 
-/// The storage of `w` on `device`, uploaded the first time (a product that meets a weight on
-/// a new device pays for the upload; two threads meeting it at once may both upload, and one
-/// copy is kept).
+/// The storage of `w` on `device`, uploaded the first time (loading places every weight
+/// through [`upload`], so a product meets it there; a weight made after loading — a merge —
+/// is uploaded by the first product that meets it; two threads meeting it at once may both
+/// upload, and one copy is kept).
 fn uploaded<R: CubeRuntime>(w: &PackedWeight, device: &R::Device) -> Arc<Uploaded<R>> {
+    on_device(w, device, &Cell::new(false))
+}
+
+/// Uploads `w`'s storage to `device` if it is not there yet; whether this call did.
+pub fn upload<R: CubeRuntime>(w: &PackedWeight, device: &R::Device) -> bool {
+    let made = Cell::new(false);
+    on_device::<R>(w, device, &made);
+    made.get()
+}
+
+/// [`uploaded`], setting `made` when this call uploads.
+fn on_device<R: CubeRuntime>(
+    w: &PackedWeight,
+    device: &R::Device,
+    made: &Cell<bool>,
+) -> Arc<Uploaded<R>> {
     w.device_copies().get_or_make(
         |u: &Uploaded<R>| u.device == *device,
         || {
-            let client = R::client(device);
-            let (bytes, absmax, kind, row_bytes, block, block_bytes) = match w.storage() {
-                Storage::Ggml {
-                    ty,
-                    bytes,
-                    row_bytes,
-                } => (
-                    bytes,
-                    &[0.0f32][..],
-                    ty.id(),
-                    row_bytes,
-                    ty.block_size(),
-                    ty.type_size(),
-                ),
-                Storage::Nf4 { codes, absmax } => (codes, absmax, NF4, 0, 1, 1),
-            };
-            // whole u32 words (a copy only where the storage ends inside one)
-            let words = if bytes.len() % 4 == 0 {
-                client.create_from_slice(bytes)
-            } else {
-                let mut padded = bytes.to_vec();
-                padded.resize(bytes.len().div_ceil(4) * 4, 0);
-                client.create_from_slice(&padded)
-            };
-            let absmax_bytes: Vec<u8> = absmax.iter().flat_map(|v| v.to_le_bytes()).collect();
-            Uploaded {
-                device: device.clone(),
-                words,
-                n_words: bytes.len().div_ceil(4),
-                absmax: client.create_from_slice(&absmax_bytes),
-                n_absmax: absmax.len(),
-                kind,
-                row_bytes,
-                block,
-                block_bytes,
-            }
+            made.set(true);
+            upload_now(w, device)
         },
     )
+}
+
+/// `w`'s storage copied to `device`.
+fn upload_now<R: CubeRuntime>(w: &PackedWeight, device: &R::Device) -> Uploaded<R> {
+    let client = R::client(device);
+    let (bytes, absmax, kind, row_bytes, block, block_bytes) = match w.storage() {
+        Storage::Ggml {
+            ty,
+            bytes,
+            row_bytes,
+        } => (
+            bytes,
+            &[0.0f32][..],
+            ty.id(),
+            row_bytes,
+            ty.block_size(),
+            ty.type_size(),
+        ),
+        Storage::Nf4 { codes, absmax } => (codes, absmax, NF4, 0, 1, 1),
+    };
+    // whole u32 words (a copy only where the storage ends inside one)
+    let words = if bytes.len() % 4 == 0 {
+        client.create_from_slice(bytes)
+    } else {
+        let mut padded = bytes.to_vec();
+        padded.resize(bytes.len().div_ceil(4) * 4, 0);
+        client.create_from_slice(&padded)
+    };
+    let absmax_bytes: Vec<u8> = absmax.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Uploaded {
+        device: device.clone(),
+        words,
+        n_words: bytes.len().div_ceil(4),
+        absmax: client.create_from_slice(&absmax_bytes),
+        n_absmax: absmax.len(),
+        kind,
+        row_bytes,
+        block,
+        block_bytes,
+    }
 }
 
 /// `$body` with `$kind` bound to the storage kind of `$u` as a constant, so that each kind
@@ -424,7 +448,7 @@ fn layout_arg<R: CubeRuntime>(w: &PackedWeight, u: &Uploaded<R>) -> LayoutLaunch
 }
 
 /// A contiguous `[rows, cols]` output (not the backend's `empty`, which may pad rows on CUDA).
-fn output<R: CubeRuntime, F: FloatElement>(
+pub(crate) fn output<R: CubeRuntime, F: FloatElement>(
     device: &R::Device,
     rows: usize,
     cols: usize,
@@ -560,6 +584,17 @@ mod tests {
             assert_close(&format!("{name} rows 1..4"), &got, &view.dequantize(), tol);
             assert_eq!(w.device_copies().len(), 1, "{name}: one upload for both");
         }
+    }
+
+    #[test]
+    fn a_weight_uploads_once_per_device_and_its_views_share_it() {
+        let device = crate::device::wgpu_device(None);
+        let w = PackedWeight::nf4(6, 512, &activations(6, 512));
+        assert!(upload::<WgpuRuntime>(&w, &device));
+        assert!(!upload::<WgpuRuntime>(&w, &device));
+        assert!(!upload::<WgpuRuntime>(&w.rows_view(1, 3), &device));
+        assert!(!upload::<WgpuRuntime>(&w.clone(), &device));
+        assert_eq!(w.device_copies().len(), 1);
     }
 
     #[test]

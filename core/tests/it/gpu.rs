@@ -6,13 +6,14 @@
 //! of one full forward; so does the real SmolLM2 (ignored by default: minutes on a software
 //! device).
 
-use graft_core::load::{load_gguf, LoadOptions};
+use graft_core::load::{load_gguf, load_hf_dir, LoadOptions};
+use graft_core::quant::QuantKind;
 
 use crate::families::{
     alone, case, check_cached_and_ragged, check_every_family, load_family_on, logits_of,
 };
 use crate::max_abs_diff;
-use crate::reference::read_fixture;
+use crate::reference::{fixture, read_fixture};
 use crate::smollm2::{reference_diffs, reference_of};
 
 #[cfg(feature = "cuda")]
@@ -92,4 +93,30 @@ fn smollm2_matches_transformers_on_the_gpu() {
             "prompt {i}: {d_last} / {d_probe}"
         );
     }
+}
+
+/// Loading puts the packed base on the device: the first product or training step does not
+/// pay for the upload (nor meet a full device there). Placing again finds every weight there.
+#[test]
+fn loading_uploads_the_packed_base_to_the_device() {
+    let nf4 = LoadOptions {
+        quantize: QuantKind::Nf4,
+        ..LoadOptions::default()
+    };
+    for family in ["llama", "qwen3_moe"] {
+        let dir = fixture(&format!("families/{family}"));
+        let mut m = load_hf_dir::<Gpu>(&dir, nf4, &device())
+            .unwrap_or_else(|e| panic!("{family}: {e}"))
+            .model;
+        let again = m.place_weights().expect("placed");
+        assert!(again.packed >= 7, "{family}: {again:?}");
+        assert_eq!(again.uploaded, 0, "{family}: {again:?}");
+    }
+    // On the CPU there is nothing to upload.
+    let dir = fixture("families/llama");
+    let mut cpu = load_hf_dir::<graft_core::burn::backend::Flex>(&dir, nf4, &Default::default())
+        .expect("llama")
+        .model;
+    let placed = cpu.place_weights().expect("placed");
+    assert!(placed.packed >= 7 && placed.uploaded == 0, "{placed:?}");
 }
