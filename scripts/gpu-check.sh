@@ -5,9 +5,11 @@
 #      cached decoding and ragged batches, two threads on one device, a QLoRA run against the
 #      CPU's losses, a served request against the CPU server's) and SmolLM2-135M's logits on the
 #      GPU against transformers';
-#   2. QLoRA training: `graft-train bench configs/bench.toml` on the Q4_1 base and on NF4, tokens/s
+#   2. QLoRA training: `graft-train bench configs/bench.toml` on the Q4_1 base and on NF4, with
+#      f32 products and on NF4 with bf16 ones (`train.compute_dtype`; f16 on wgpu), tokens/s
 #      and peak device memory, and the same workload in PEFT + bitsandbytes (NF4, double
-#      quantization) where torch, peft and bitsandbytes import with CUDA ($PEFT_PYTHON);
+#      quantization, f32 and bf16 compute) where torch, peft and bitsandbytes import with CUDA
+#      ($PEFT_PYTHON);
 #   3. decode: `graft-serve generate` (128 greedy tokens) on the GPU and on the CPU;
 #   4. serving: 8 concurrent streams on 8 different adapters (`graft-serve bench`), on the GPU.
 # Exits non-zero when a parity check fails; the figures end in one summary block.
@@ -73,21 +75,28 @@ else
 fi
 
 echo "== 2. QLoRA training on $gpu"
-for quant in keep nf4; do
+# half: bf16 products on CUDA, f16 on wgpu (WGSL has no bf16)
+half=$([ "$gpu" = cuda ] && echo bf16 || echo f16)
+for setting in keep:f32 nf4:f32 nf4:$half; do
+    quant=${setting%:*} dtype=${setting#*:}
     out=$(with_peak $bin/graft-train bench configs/bench.toml --steps "$steps" \
         --set "model.device=\"$gpu\"" --set "model.quantization=\"$quant\"" \
-        --set "output.runs_dir=\"$work/runs-$quant\"" "${shorter[@]}" 2>&1) || { echo "$out"; status=1; continue; }
+        --set "train.compute_dtype=\"$dtype\"" \
+        --set "output.runs_dir=\"$work/runs-$quant-$dtype\"" "${shorter[@]}" 2>&1) || { echo "$out"; status=1; continue; }
     echo "$out" | grep -E "throughput|seconds/step|loss by step|^run:"
     tps=$(sed -n 's/^throughput: \([0-9.]*\).*/\1/p' <<<"$out")
-    note "graft QLoRA ($([ $quant = keep ] && echo Q4_1 || echo NF4) base): $tps tokens/s, peak device memory $(cat "$peak_file") MiB"
-    [ $quant = nf4 ] && run=$(sed -n 's/^run: //p' <<<"$out")
+    note "graft QLoRA ($([ $quant = keep ] && echo Q4_1 || echo NF4) base, $dtype products): $tps tokens/s, peak device memory $(cat "$peak_file") MiB"
+    if [ $setting = nf4:f32 ]; then run=$(sed -n 's/^run: //p' <<<"$out"); fi
 done
 py=${PEFT_PYTHON:-python3}
 if [ "$gpu" = cuda ] && "$py" -c 'import torch, peft, bitsandbytes; assert torch.cuda.is_available()' 2>/dev/null; then
     hf=$cache/models/SmolLM2-135M-Instruct-f32-sharded
-    out=$("$py" scripts/bench/peft_train.py --run "$run" --model "$hf" --device cuda --qlora)
-    echo "$out"
-    note "PEFT+bitsandbytes QLoRA (NF4): $("$py" -c 'import json,sys; d=json.loads(sys.argv[1]); print(f"{d["tokens_per_sec"]:.0f} tokens/s, peak device memory {d["peak_device_mib"]:.0f} MiB")' "$out")"
+    for dtype in float32 bfloat16; do
+        out=$("$py" scripts/bench/peft_train.py --run "$run" --model "$hf" --device cuda --qlora \
+            --compute-dtype $dtype)
+        echo "$out"
+        note "PEFT+bitsandbytes QLoRA (NF4, $dtype products): $("$py" -c 'import json,sys; d=json.loads(sys.argv[1]); print(f"{d["tokens_per_sec"]:.0f} tokens/s, peak device memory {d["peak_device_mib"]:.0f} MiB")' "$out")"
+    done
 else
     note "PEFT+bitsandbytes: not run (needs CUDA and torch, peft, bitsandbytes in \$PEFT_PYTHON)"
 fi

@@ -13,7 +13,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use burn::tensor::{TensorData, TensorPrimitive};
+use burn::tensor::{DType, FloatDType, TensorData, TensorPrimitive};
 
 use crate::adapters::gathered::{GatheredLora, RowLora, Values};
 use crate::adapters::lora::RowAdapters;
@@ -24,12 +24,13 @@ use burn::backend::flex::FlexTensor;
 
 /// A burn backend graft's model runs on.
 pub trait GraftBackend: Backend {
-    /// `x·Wᵀ` for a packed `W: [out, in]`.
+    /// `x·Wᵀ` for a packed `W: [out, in]`, in `x`'s float type (f32, or a half type for
+    /// [`crate::model::Model::set_compute_dtype`]).
     ///
     /// # Shapes
     /// `x: [n, in]` → `[n, out]`
     fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
-        let wd = dequantized(w, &x.device());
+        let wd = dequantized(w, &x.device()).cast(x.dtype());
         x.matmul(wd.transpose())
     }
 
@@ -38,7 +39,7 @@ pub trait GraftBackend: Backend {
     /// # Shapes
     /// `g: [n, out]` → `[n, in]`
     fn packed_matmul_transposed(g: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
-        let wd = dequantized(w, &g.device());
+        let wd = dequantized(w, &g.device()).cast(g.dtype());
         g.matmul(wd)
     }
 
@@ -106,6 +107,13 @@ pub trait GraftBackend: Backend {
     fn place_packed(w: &PackedWeight, device: &Self::Device) -> Result<bool, String> {
         let _ = (w, device);
         Ok(false)
+    }
+
+    /// Whether products on `device` can run in `dtype` (a half compute dtype): the CPU
+    /// rounds to any; a CubeCL device has the types its shading language has (WGSL: no bf16).
+    fn supports_float(dtype: FloatDType, device: &Self::Device) -> bool {
+        let _ = (dtype, device);
+        true
     }
 
     /// Softmax over the last dimension (attention probabilities; masked scores are −∞).
@@ -288,6 +296,13 @@ impl GraftBackend for burn::backend::Flex {
         w: &PackedWeight,
         runs: &RowAdapters<'_, Self>,
     ) -> Tensor<Self, 2> {
+        let dtype = x.dtype();
+        if dtype != DType::F32 {
+            // A half-precision input (`Model::set_compute_dtype`): the CPU kernels' f32
+            // arithmetic on its values, the result rounded to its type.
+            let y = Self::packed_matmul_lora(x.cast(FloatDType::F32), w, runs);
+            return y.cast(dtype);
+        }
         let [n, cols] = x.dims();
         if cols != w.cols || (n > FUSED_MAX_ROWS && !w.integer_path()) {
             let wd = dequantized(w, &x.device());
@@ -427,22 +442,25 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    /// In `x`'s float type: f32, or the half type of a compute dtype, whose weights are
+    /// dequantized to it for the half-precision GEMM.
     fn packed_matmul(x: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
         use crate::quant::gpu;
         let n = x.dims()[0];
         if n == 0 {
-            return Tensor::zeros([0, w.rows], &x.device());
+            return Tensor::<Self, 2>::zeros([0, w.rows], &x.device()).cast(x.dtype());
         }
         if n <= gpu::SMALL_ROWS {
             let x = x.into_primitive().tensor();
-            return Tensor::from_primitive(TensorPrimitive::Float(gpu::matmul_small::<R, F>(x, w)));
+            let y = gpu::matmul_small_in::<R, F>(x, w);
+            return Tensor::from_primitive(TensorPrimitive::Float(y));
         }
-        let wd = gpu::dequantize::<R, F>(w, &x.device());
+        let wd = gpu::dequantize_to::<R, F>(w, &x.device(), x.dtype());
         x.matmul(Tensor::from_primitive(TensorPrimitive::Float(wd)).transpose())
     }
 
     fn packed_matmul_transposed(g: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
-        let wd = crate::quant::gpu::dequantize::<R, F>(w, &g.device());
+        let wd = crate::quant::gpu::dequantize_to::<R, F>(w, &g.device(), g.dtype());
         g.matmul(Tensor::from_primitive(TensorPrimitive::Float(wd)))
     }
 
@@ -455,6 +473,19 @@ where
         .map_err(|p| {
             crate::panic::message(p.as_ref()).unwrap_or_else(|| "the upload failed".into())
         })
+    }
+
+    /// What the device registered for the type (cubecl's device properties).
+    fn supports_float(dtype: FloatDType, device: &Self::Device) -> bool {
+        use burn_cubecl::cubecl::ir::{ElemType, FloatKind, StorageType, Type};
+        let kind = match dtype {
+            FloatDType::F16 => FloatKind::F16,
+            FloatDType::BF16 => FloatKind::BF16,
+            FloatDType::F64 => FloatKind::F64,
+            _ => return true,
+        };
+        let ty = Type::Scalar(StorageType::Scalar(ElemType::Float(kind)));
+        R::client(device).properties().supports_type(ty)
     }
 
     /// One launch for the whole batch, whatever its mix of adapters
@@ -473,9 +504,11 @@ where
         if with.is_empty() {
             return y;
         }
-        let readable = with
-            .iter()
-            .all(|(_, l)| l.experts <= 1 && l.a.dtype() == F::dtype() && l.b.dtype() == F::dtype());
+        let readable = x.dtype() == F::dtype()
+            && y.dtype() == F::dtype()
+            && with.iter().all(|(_, l)| {
+                l.experts <= 1 && l.a.dtype() == F::dtype() && l.b.dtype() == F::dtype()
+            });
         if !readable || !gathered::fits(x.dims()[0], with.iter().map(|(_, l)| l.rank())) {
             return lora_rows_by_run(y, x, runs);
         }
@@ -540,6 +573,10 @@ impl<B: GraftBackend, C: CheckpointStrategy> GraftBackend for Autodiff<B, C> {
 
     fn place_packed(w: &PackedWeight, device: &Self::Device) -> Result<bool, String> {
         B::place_packed(w, device)
+    }
+
+    fn supports_float(dtype: FloatDType, device: &Self::Device) -> bool {
+        B::supports_float(dtype, device)
     }
 }
 

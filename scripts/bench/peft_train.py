@@ -11,8 +11,10 @@ backward and optimizer, peak RSS, and the loss of every step.
     python scripts/bench/peft_train.py --run runs/bench/<run> --model <HF dir> [--threads 2]
 
 On a GPU (`--device cuda`), `--qlora` loads the base as bitsandbytes' NF4 with double
-quantization (QLoRA, compute in f32 as graft's) instead of f32; the JSON then also has the peak
-device memory torch allocated.
+quantization (QLoRA) instead of f32, its products in `--compute-dtype` (float32, or bfloat16 as
+graft's `train.compute_dtype = "bf16"`: bitsandbytes' bnb_4bit_compute_dtype; the rest of the
+model and the adapter stay f32 on both sides); the JSON then also has the peak device memory
+torch allocated.
 """
 
 import argparse
@@ -35,6 +37,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="default: every recorded step")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--qlora", action="store_true", help="NF4 base with bitsandbytes (cuda only)")
+    ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bitsandbytes' compute dtype of the NF4 products (with --qlora)")
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     if a.qlora and not cuda:
@@ -51,7 +55,8 @@ def main():
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+                                   bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=getattr(torch, a.compute_dtype))
         base = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32,
                                                     quantization_config=quant, device_map={"": a.device})
     else:

@@ -12,6 +12,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::{parser::ValueSource, ArgMatches, Args, FromArgMatches, Parser};
 use graft_core::adapters::lora::AdapterDtype;
 use graft_core::device::DeviceSpec;
+use graft_core::model::ComputeDtype;
 use graft_core::quant::{Activations, QuantKind};
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +117,11 @@ pub struct ServeArgs {
     /// computed in f32, from the rounded values).
     #[arg(long, default_value = "f32")]
     pub adapter_dtype: AdapterDtype,
+    /// The float type of the base projections' products: f32 (the reference numerics), or
+    /// bf16/f16 for a GPU's half-precision GEMM (the packed base dequantized to it; adapter
+    /// terms, norms, attention stay f32; on the CPU, rounding and no speed-up).
+    #[arg(long, default_value = "f32")]
+    pub compute_dtype: ComputeDtype,
     /// cpu, cuda, cuda:N, wgpu or wgpu:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,

@@ -82,6 +82,7 @@ where
         LoadOptions {
             quantize: args.quantize,
             activations: args.activations,
+            compute: args.compute_dtype,
         },
         device,
     )

@@ -44,6 +44,7 @@ pub fn load_model<B: GraftBackend>(cfg: &TrainConfig, device: &B::Device) -> Res
         &source,
         LoadOptions {
             quantize: cfg.model.quantization,
+            compute: cfg.train.compute_dtype,
             ..Default::default()
         },
         device,

@@ -71,6 +71,12 @@ pub fn load_hf_dir<B: GraftBackend>(
     };
     let mut model = assemble(&l, &config, device)?;
     model.set_activations(opts.activations);
+    model
+        .set_compute_dtype(opts.compute)
+        .map_err(|message| LoadError::ComputeDtype {
+            path: dir.into(),
+            message,
+        })?;
     model.place_weights().map_err(|message| LoadError::Device {
         path: dir.into(),
         message,

@@ -13,7 +13,7 @@ use crate::backend::GraftBackend;
 use std::path::{Path, PathBuf};
 
 use crate::formats::gguf::GgufError;
-use crate::model::Model;
+use crate::model::{ComputeDtype, Model};
 use crate::quant::{Activations, QuantKind};
 use crate::text::tokenizer::TokenizerBundle;
 
@@ -41,6 +41,8 @@ pub enum LoadError {
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: cannot put the base weights on the device: {message}")]
     Device { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    ComputeDtype { path: PathBuf, message: String },
     #[error("{path}: tensor '{tensor}' is missing")]
     MissingTensor { path: PathBuf, tensor: String },
     #[error("{path}: tensor '{tensor}' has shape {found:?}, the config implies {expected:?}")]
@@ -159,6 +161,8 @@ pub struct LoadOptions {
     pub quantize: QuantKind,
     /// What packed weights' products round activations to ([`Model::set_activations`]).
     pub activations: Activations,
+    /// The float type of the base products ([`Model::set_compute_dtype`]).
+    pub compute: ComputeDtype,
 }
 
 impl Default for LoadOptions {
@@ -166,6 +170,7 @@ impl Default for LoadOptions {
         LoadOptions {
             quantize: QuantKind::Keep,
             activations: Activations::F32,
+            compute: ComputeDtype::F32,
         }
     }
 }

@@ -16,6 +16,7 @@ mod attention;
 pub(crate) mod attention_blocked;
 pub(crate) mod attention_cpu;
 mod block;
+mod compute;
 pub mod config;
 pub mod family;
 mod mla;
@@ -37,6 +38,7 @@ use attention::AttnSeq;
 pub use attention_blocked::Causal;
 pub use block::Block;
 use block::{LayerCtx, Runs};
+pub use compute::ComputeDtype;
 pub use config::{
     Activation, ClampedSwiglu, LayerConfig, MlaConfig, ModelConfig, MoeConfig, NormPlacement,
     NormSlot, QkNorm, RopeConfig, RopeScaling, Routing, SharedExpert,
@@ -343,6 +345,26 @@ impl<B: GraftBackend> Model<B> {
     /// [`Activations::F32`] (what loading gives) for the reference numerics.
     pub fn set_activations(&mut self, activations: Activations) {
         self.for_each_proj(&mut |p| p.set_activations(activations));
+    }
+
+    /// Runs every projection's base product in `dtype` ([`ComputeDtype`]; loading applies
+    /// [`crate::load::LoadOptions::compute`]).
+    ///
+    /// # Errors
+    /// A type the model's device has no arithmetic for (bf16 on a WGSL device).
+    pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) -> Result<(), String> {
+        if !B::supports_float(dtype.dtype(), &self.device) {
+            return Err(format!(
+                "compute dtype {dtype}: the device has no {dtype} arithmetic (f32{} works)",
+                if dtype == ComputeDtype::Bf16 {
+                    ", and f16 where the device has it,"
+                } else {
+                    ""
+                }
+            ));
+        }
+        self.for_each_proj(&mut |p| p.set_compute_dtype(dtype.dtype()));
+        Ok(())
     }
 
     /// Puts every packed base weight where the backend's products read it on the model's

@@ -8,7 +8,7 @@
 //! product runs once for all rows and each adapter adds its term to its own rows.
 
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{FloatDType, TensorData};
 
 use crate::adapters::lora::RowAdapters;
 use crate::backend::GraftBackend;
@@ -31,6 +31,8 @@ pub struct Proj<B: GraftBackend> {
     pub bias: Option<Tensor<B, 1>>,
     pub out_features: usize,
     pub in_features: usize,
+    /// The float type of the base product ([`Proj::set_compute_dtype`]).
+    pub compute: FloatDType,
 }
 
 impl<B: GraftBackend> Proj<B> {
@@ -47,6 +49,7 @@ impl<B: GraftBackend> Proj<B> {
             bias,
             out_features,
             in_features,
+            compute: FloatDType::F32,
         }
     }
 
@@ -91,6 +94,13 @@ impl<B: GraftBackend> Proj<B> {
         }
     }
 
+    /// Runs the base product in `dtype` ([`crate::model::ComputeDtype`]): the input is rounded
+    /// to it, a packed weight is dequantized to it (a dense one cast per product), the product
+    /// comes back as f32; the adapter term stays in f32 beside it.
+    pub fn set_compute_dtype(&mut self, dtype: FloatDType) {
+        self.compute = dtype;
+    }
+
     /// Bytes held by the base weight and bias.
     pub fn n_bytes(&self) -> usize {
         let base = match &self.base {
@@ -106,12 +116,20 @@ impl<B: GraftBackend> Proj<B> {
     /// # Shapes
     /// `x: [n, in]` → `[n, out]`
     pub fn forward(&self, x: Tensor<B, 2>, adapters: &RowAdapters<'_, B>) -> Tensor<B, 2> {
-        let y = match &self.base {
-            BaseWeight::Dense(w) => {
+        let y = match (&self.base, self.compute) {
+            (BaseWeight::Dense(w), FloatDType::F32) => {
                 let y = x.clone().matmul(w.clone().transpose());
                 B::lora_rows(y, x, adapters)
             }
-            BaseWeight::Packed(p) => B::packed_matmul_lora(x, p, adapters),
+            (BaseWeight::Packed(p), FloatDType::F32) => B::packed_matmul_lora(x, p, adapters),
+            (base, dtype) => {
+                let xc = x.clone().cast(dtype);
+                let y = match base {
+                    BaseWeight::Dense(w) => xc.matmul(w.clone().cast(dtype).transpose()),
+                    BaseWeight::Packed(p) => B::packed_matmul(xc, p),
+                };
+                B::lora_rows(y.cast(FloatDType::F32), x, adapters)
+            }
         };
         match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),

@@ -520,6 +520,36 @@ pub fn matmul_small<R: CubeRuntime, F: FloatElement>(
     out
 }
 
+/// [`dequantize`] into `dtype`'s element type: f32, or f16/bf16 for a half-precision
+/// compute dtype (another type: the backend's `F`).
+pub fn dequantize_to<R: CubeRuntime, F: FloatElement>(
+    w: &PackedWeight,
+    device: &R::Device,
+    dtype: burn::tensor::DType,
+) -> CubeTensor<R> {
+    use burn::tensor::DType;
+    match dtype {
+        DType::F32 => dequantize::<R, f32>(w, device),
+        DType::F16 => dequantize::<R, half::f16>(w, device),
+        DType::BF16 => dequantize::<R, half::bf16>(w, device),
+        _ => dequantize::<R, F>(w, device),
+    }
+}
+
+/// [`matmul_small`] in `x`'s element type (the sums are f32 whatever it is).
+pub fn matmul_small_in<R: CubeRuntime, F: FloatElement>(
+    x: CubeTensor<R>,
+    w: &PackedWeight,
+) -> CubeTensor<R> {
+    use burn::tensor::DType;
+    match x.dtype {
+        DType::F32 => matmul_small::<R, f32>(x, w),
+        DType::F16 => matmul_small::<R, half::f16>(x, w),
+        DType::BF16 => matmul_small::<R, half::bf16>(x, w),
+        _ => matmul_small::<R, F>(x, w),
+    }
+}
+
 #[cfg(all(test, feature = "wgpu"))]
 mod tests {
     use burn_cubecl::cubecl::wgpu::WgpuRuntime;

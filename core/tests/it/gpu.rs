@@ -120,3 +120,57 @@ fn loading_uploads_the_packed_base_to_the_device() {
     let placed = cpu.place_weights().expect("placed");
     assert!(placed.packed >= 7 && placed.uploaded == 0, "{placed:?}");
 }
+
+/// f16 base products on the device (the packed base dequantized to f16 for the device's
+/// GEMM; 3 rows: the direct kernel reading f16 activations): the CPU's f32 logits within f16's
+/// rounding, as the CPU's own f16 run is. (bf16: not a type WGSL has; CUDA runs it in
+/// scripts/gpu-check.sh.)
+#[test]
+fn half_precision_products_on_the_gpu_move_the_logits_by_their_rounding() {
+    use crate::compute_dtype::{bound, largest, logits_in};
+    use graft_core::model::ComputeDtype;
+    for family in ["llama", "qwen3_moe"] {
+        for len in [usize::MAX, 3] {
+            let cpu = Default::default();
+            let want = logits_in::<graft_core::burn::backend::Flex>(
+                family,
+                QuantKind::Nf4,
+                ComputeDtype::F32,
+                len,
+                &cpu,
+            );
+            let got = logits_in::<Gpu>(family, QuantKind::Nf4, ComputeDtype::F16, len, &device());
+            let d = max_abs_diff(&got, &want) / largest(&want);
+            let rows = if len == usize::MAX {
+                "the prompt's"
+            } else {
+                "3"
+            };
+            eprintln!("{family}, {rows} rows, in f16 on the GPU: max |Δ| / max |logit| = {d:.2e}");
+            assert!(
+                d > 0.0 && d <= bound(ComputeDtype::F16),
+                "{family}, {len}: {d:.2e}"
+            );
+        }
+    }
+}
+
+/// bf16 on a WGSL device (no such type there) is refused at load, naming the model and the
+/// type, instead of failing in the first kernel.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_compute_dtype_the_device_lacks_is_a_load_error() {
+    let dir = fixture("families/llama");
+    let opts = LoadOptions {
+        compute: graft_core::model::ComputeDtype::Bf16,
+        ..LoadOptions::default()
+    };
+    let err = match load_hf_dir::<Gpu>(&dir, opts, &device()) {
+        Ok(_) => panic!("bf16 loaded on a WGSL device"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("families/llama") && err.contains("no bf16 arithmetic"),
+        "{err}"
+    );
+}

@@ -2,6 +2,7 @@
 
 mod bad_files;
 mod batch;
+mod compute_dtype;
 mod constraint;
 mod families;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]

@@ -68,6 +68,9 @@ pub struct GenerateArgs {
     /// How the adapter's A and B are kept in memory: f32 or bf16 (as on graft-serve).
     #[arg(long, default_value = "f32")]
     adapter_dtype: graft_core::adapters::lora::AdapterDtype,
+    /// The base products' float type: f32, bf16 or f16 (as on graft-serve).
+    #[arg(long, default_value = "f32")]
+    compute_dtype: graft_core::model::ComputeDtype,
     /// cpu, cuda, cuda:N, wgpu or wgpu:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
@@ -92,6 +95,7 @@ fn generate_on<B: GraftBackend>(args: &GenerateArgs, device: &B::Device) -> Resu
         LoadOptions {
             quantize: args.quantize,
             activations: args.activations,
+            compute: args.compute_dtype,
         },
         device,
     )

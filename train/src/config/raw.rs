@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use graft_core::adapters::lora::TargetModule;
 use graft_core::device::DeviceSpec;
+use graft_core::model::ComputeDtype;
 use graft_core::quant::QuantKind;
 use graft_datasets::format::FormatKind;
 use graft_datasets::tokenize::{TrainOn, Truncation};
@@ -50,20 +51,9 @@ pub struct RawModel {
     /// GGUF blocks stay packed) or `none` (dense f32). Default: `keep`.
     #[serde(default = "defaults::quantization")]
     pub quantization: QuantKind,
-    /// Compute dtype. Only `f32` today. Default: `f32`.
-    #[serde(default)]
-    pub compute_dtype: ComputeDtype,
     /// `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N`. Default: `cpu`.
     #[serde(default = "defaults::device")]
     pub device: DeviceSpec,
-}
-
-/// Arithmetic precision of the trained computation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ComputeDtype {
-    #[default]
-    F32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -284,6 +274,11 @@ pub struct RawTrain {
     /// Tokens per eval sample. Default: 48.
     #[serde(default = "defaults::sample_max_tokens")]
     pub sample_max_tokens: i64,
+    /// The float type of the base projections' products: `f32`, `bf16` or `f16` (see
+    /// `ComputeDtype`: a half type runs a GPU's half-precision GEMM; the LoRA parameters,
+    /// gradients and AdamW's moments stay f32, master weights). Default: `f32`.
+    #[serde(default)]
+    pub compute_dtype: ComputeDtype,
 }
 
 impl Default for RawTrain {

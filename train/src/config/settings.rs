@@ -287,6 +287,8 @@ pub struct TrainSettings {
     pub logging_every: usize,
     pub eval_samples: usize,
     pub sample_max_tokens: usize,
+    /// The base products' float type (`Model::set_compute_dtype`).
+    pub compute_dtype: graft_core::model::ComputeDtype,
 }
 
 impl TryFrom<&RawTrain> for TrainSettings {
@@ -355,6 +357,7 @@ impl TryFrom<&RawTrain> for TrainSettings {
             logging_every: f.at_least("logging_every", t.logging_every, 1)?,
             eval_samples: f.at_least("eval_samples", t.eval_samples, 0)?,
             sample_max_tokens: f.at_least("sample_max_tokens", t.sample_max_tokens, 1)?,
+            compute_dtype: t.compute_dtype,
         })
     }
 }

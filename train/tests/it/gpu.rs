@@ -31,3 +31,15 @@ fn qlora_on_the_gpu_trains_with_the_cpu_losses() {
         );
     }
 }
+
+/// f16 base products on the device (bf16: not a WGSL type; CUDA runs it in
+/// scripts/gpu-check.sh): the CPU's f32 losses within f16's rounding, through the device's
+/// half-precision products and their backward.
+#[test]
+fn half_precision_products_on_the_gpu_train_with_the_f32_losses() {
+    use crate::compute_dtype::{nf4_losses, relative_gap};
+    let (cpu, gpu) = (nf4_losses("cpu", "f32"), nf4_losses(GPU, "f16"));
+    let gap = relative_gap(&cpu, &gpu);
+    eprintln!("f16 on {GPU}: losses {gpu:?} vs f32 on the CPU {cpu:?}: gap {gap:.2e}");
+    assert!(gap <= 5e-3, "{gpu:?} vs {cpu:?}");
+}

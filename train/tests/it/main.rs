@@ -2,6 +2,7 @@
 //! GGUF (made by `scripts/fetch-model.sh`; tests fail, rather than skip, when it is missing).
 
 mod bench;
+mod compute_dtype;
 mod configs;
 mod data;
 mod dist;
