@@ -119,15 +119,25 @@ pub fn fits(n: usize, ranks: impl IntoIterator<Item = usize>) -> bool {
     (1..=MAX_ROWS).contains(&n) && ranks.into_iter().all(|r| (1..=UNITS).contains(&r))
 }
 
-/// `y` plus each run's adapter term, in one launch.
+/// Runs one launch takes: each binds two buffers, and devices bind few per kernel (Metal: 31
+/// storage buffers); a batch with more chains launches of this many, each adding to the
+/// last one's output (which also bounds the kernel variants compiled to this many).
+pub const MAX_RUNS: usize = 8;
+
+/// `y` plus each run's adapter term, in one launch per [`MAX_RUNS`] runs.
 ///
 /// # Shapes
 /// `y: [n, out]`, `x: [n, in]` → `[n, out]`
 pub fn lora_rows<R: CubeRuntime, F: FloatElement>(
     y: CubeTensor<R>,
     x: CubeTensor<R>,
-    runs: Vec<Run<R>>,
+    mut runs: Vec<Run<R>>,
 ) -> CubeTensor<R> {
+    if runs.len() > MAX_RUNS {
+        let rest = runs.split_off(MAX_RUNS);
+        let y = lora_rows::<R, F>(y, x.clone(), runs);
+        return lora_rows::<R, F>(y, x, rest);
+    }
     let (x, y) = (into_contiguous(x), into_contiguous(y));
     let (n, d_in, d_out) = (x.meta.shape()[0], x.meta.shape()[1], y.meta.shape()[1]);
     let device = y.device.clone();
@@ -221,7 +231,8 @@ mod tests {
     }
 
     /// Runs of a mixed batch: adapter 0 (rank 4), no adapter, adapter 1 (rank 24: the units
-    /// split unevenly), adapter 0 again, adapter 2 (the largest rank the kernel takes).
+    /// split unevenly), adapter 0 again, adapter 2 (the largest rank the kernel takes), then
+    /// eight one-row runs of the three in turn (13 runs: two chained launches).
     fn term<B: GraftBackend>(device: &B::Device, gathered: bool) -> Vec<f32> {
         let (d_in, d_out) = (300, 270);
         let adapters = [
@@ -229,16 +240,18 @@ mod tests {
             lora::<B>(24, d_in, d_out, 2, device),
             lora::<B>(UNITS, d_in, d_out, 3, device),
         ];
-        let runs = [
+        let mut runs = vec![
             (0..2, Some(&adapters[0])),
             (2..3, None),
             (3..7, Some(&adapters[1])),
             (7..9, Some(&adapters[0])),
             (9..11, Some(&adapters[2])),
         ];
+        runs.extend((11..ROWS).map(|i| (i..i + 1, Some(&adapters[i % 3]))));
+        assert!(runs.len() > super::MAX_RUNS);
         let (x, y) = (
-            matrix::<B>(11, d_in, 7, device),
-            matrix::<B>(11, d_out, 8, device),
+            matrix::<B>(ROWS, d_in, 7, device),
+            matrix::<B>(ROWS, d_out, 8, device),
         );
         let out = if gathered {
             B::lora_rows(y, x, &runs)
@@ -247,6 +260,8 @@ mod tests {
         };
         out.into_data().to_vec::<f32>().expect("f32")
     }
+
+    const ROWS: usize = 19;
 
     #[test]
     fn one_launch_adds_each_rows_own_adapter_as_the_cpu_does() {
@@ -263,7 +278,7 @@ mod tests {
             );
         }
         // The row with no adapter is `y` as it was.
-        let y = values(11 * 270, 8);
+        let y = values(ROWS * 270, 8);
         assert_eq!(&got[2 * 270..3 * 270], &y[2 * 270..3 * 270]);
         assert_ne!(&got[..270], &y[..270]);
     }

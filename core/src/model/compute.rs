@@ -5,11 +5,12 @@ use burn::tensor::FloatDType;
 
 /// What each projection's base product runs in ([`crate::model::Model::set_compute_dtype`]).
 ///
-/// A half type rounds the projection's input to it and runs the product in it: on a GPU, the
-/// packed base is dequantized to it for the device's half-precision GEMM (bitsandbytes'
+/// A half type rounds a layer projection's input to it and runs the product in it: on a GPU,
+/// the packed base is dequantized to it for the device's half-precision GEMM (bitsandbytes'
 /// `bnb_4bit_compute_dtype`); on the CPU the kernels keep their f32 arithmetic on the rounded
-/// values (no speed-up there). The adapter terms and their parameters (the master weights),
-/// norms, rope, attention, the residual stream and the loss stay f32.
+/// values (no speed-up there; a dense base is cast per product, slower). The LM head, MoE
+/// routers, the adapter terms and their parameters (the master weights), norms, rope,
+/// attention, the residual stream and the loss stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum ComputeDtype {
     /// f32: the reference numerics the parity tests hold graft to.

@@ -50,7 +50,7 @@ use rope::Rope;
 /// What [`Model::place_weights`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Placement {
-    /// Packed projections seen (a tied LM head counts as its own).
+    /// Packed projections seen (the LM head and the layers'; a tied head counts as its own).
     pub packed: usize,
     /// Of them, those whose storage this call uploaded.
     pub uploaded: usize,
@@ -347,15 +347,17 @@ impl<B: GraftBackend> Model<B> {
         self.for_each_proj(&mut |p| p.set_activations(activations));
     }
 
-    /// Runs every projection's base product in `dtype` ([`ComputeDtype`]; loading applies
-    /// [`crate::load::LoadOptions::compute`]).
+    /// Runs the layers' projections' base products in `dtype` ([`ComputeDtype`]; loading
+    /// applies [`crate::load::LoadOptions::compute`]). The LM head and MoE routers stay f32:
+    /// bitsandbytes leaves the LM head unquantized in the model's type, and a rounded router
+    /// could pick other experts.
     ///
     /// # Errors
     /// A type the model's device has no arithmetic for (bf16 on a WGSL device).
     pub fn set_compute_dtype(&mut self, dtype: ComputeDtype) -> Result<(), String> {
         if !B::supports_float(dtype.dtype(), &self.device) {
             return Err(format!(
-                "compute dtype {dtype}: the device has no {dtype} arithmetic (f32{} works)",
+                "compute_dtype = \"{dtype}\": the device has no {dtype} arithmetic (f32{} works)",
                 if dtype == ComputeDtype::Bf16 {
                     ", and f16 where the device has it,"
                 } else {
@@ -363,20 +365,26 @@ impl<B: GraftBackend> Model<B> {
                 }
             ));
         }
-        self.for_each_proj(&mut |p| p.set_compute_dtype(dtype.dtype()));
+        for l in &mut self.layers {
+            l.for_each_proj(&mut |p| p.set_compute_dtype(dtype.dtype()));
+            if let Some(x) = &mut l.experts {
+                x.router.set_compute_dtype(burn::tensor::FloatDType::F32);
+            }
+        }
         Ok(())
     }
 
-    /// Puts every packed base weight where the backend's products read it on the model's
-    /// device ([`GraftBackend::place_packed`]: a GPU backend uploads it now, so loading pays
-    /// for it, not the first request or step, and a device without room fails here).
+    /// Puts every packed base weight that products read on the model's device
+    /// ([`GraftBackend::place_packed`]: a GPU backend uploads it now, so loading pays for it,
+    /// not the first request or step, and a device without room fails here). The embeddings
+    /// are read by rows on the host and stay there (a tied LM head uploads their storage).
     ///
     /// # Errors
     /// The first weight the device could not take, with the device's message.
     pub fn place_weights(&mut self) -> Result<Placement, String> {
         let device = self.device.clone();
         let mut result = Ok(Placement::default());
-        self.for_each_proj(&mut |p| {
+        let mut place = |p: &mut Proj<B>| {
             if let (Ok(placed), BaseWeight::Packed(w)) = (&mut result, &p.base) {
                 match B::place_packed(w, &device) {
                     Ok(now) => {
@@ -393,7 +401,11 @@ impl<B: GraftBackend> Model<B> {
                     }
                 }
             }
-        });
+        };
+        place(&mut self.lm_head);
+        for l in &mut self.layers {
+            l.for_each_proj(&mut place);
+        }
         result
     }
 

@@ -67,3 +67,31 @@ fn half_precision_products_move_the_logits_by_their_rounding() {
         }
     }
 }
+
+/// The half type reaches the layers' projections and the experts, not the LM head nor the
+/// router (bitsandbytes leaves the LM head in the model's type; a rounded router could pick
+/// other experts).
+#[test]
+fn the_lm_head_and_the_router_stay_f32() {
+    use burn::tensor::FloatDType;
+    let dir = fixture("families/qwen3_moe");
+    let opts = LoadOptions {
+        quantize: QuantKind::Nf4,
+        compute: ComputeDtype::Bf16,
+        ..LoadOptions::default()
+    };
+    let m = load_hf_dir::<burn::backend::Flex>(&dir, opts, &Default::default())
+        .expect("qwen3_moe")
+        .model;
+    assert_eq!(m.lm_head.compute, FloatDType::F32);
+    let sparse = m
+        .layers
+        .iter()
+        .find_map(|l| l.experts.as_ref().map(|x| (l, x)))
+        .expect("a sparse layer");
+    let (layer, experts) = sparse;
+    assert_eq!(experts.router.compute, FloatDType::F32);
+    assert_eq!(experts.experts[0].gate.compute, FloatDType::BF16);
+    let q = layer.projs.iter().flatten().next().expect("a projection");
+    assert_eq!(q.compute, FloatDType::BF16);
+}

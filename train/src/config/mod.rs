@@ -14,6 +14,7 @@ pub mod settings;
 use std::path::{Path, PathBuf};
 
 use graft_core::adapters::lora::LoraConfig;
+use graft_core::model::ComputeDtype;
 
 pub use raw::TaskMetric;
 pub use raw::{DpoLoss, Method, RawConfig, Scheduler};
@@ -207,6 +208,22 @@ impl TrainConfig {
             }
         };
         let dir = path.parent().unwrap_or(Path::new(""));
+        // The key's old place (`[model]`): taken where `[train]` leaves the default.
+        if let Some(old) = raw.model.compute_dtype.take() {
+            if raw.train.compute_dtype != ComputeDtype::default() && raw.train.compute_dtype != old
+            {
+                return Err(at(FieldError::new(
+                    "model",
+                    "compute_dtype",
+                    format!("\"{old}\""),
+                    format!(
+                        "moved to train.compute_dtype, which says \"{}\": keep one",
+                        raw.train.compute_dtype
+                    ),
+                )));
+            }
+            raw.train.compute_dtype = old;
+        }
         // Defaults that depend on other settings.
         let seed = raw.train.seed;
         raw.lora.seed.get_or_insert(seed);
@@ -312,6 +329,34 @@ mod tests {
         assert_eq!(b.lora.target_modules, a.lora.target_modules);
         assert_eq!(b.train.scheduler, Scheduler::Cosine);
         assert_eq!(b.data.train_files, a.data.train_files);
+    }
+
+    /// Runs recorded before the key moved to `[train]` have `[model] compute_dtype = "f32"` in
+    /// their config.toml: they still resume, and the resolved config has it in `[train]`.
+    #[test]
+    fn the_compute_dtype_in_its_old_place_still_reads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = config(dir.path(), "");
+        let old = load(&path, &["model.compute_dtype=\"f32\""]).expect("valid");
+        assert_eq!(old.train.compute_dtype, ComputeDtype::F32);
+        let moved = load(&path, &["model.compute_dtype=\"bf16\""]).expect("valid");
+        assert_eq!(moved.train.compute_dtype, ComputeDtype::Bf16);
+        let resolved = moved.resolved_toml();
+        assert!(resolved.contains("compute_dtype = \"bf16\""), "{resolved}");
+        assert_eq!(resolved.matches("compute_dtype").count(), 1, "{resolved}");
+        let e = load(
+            &path,
+            &[
+                "model.compute_dtype=\"bf16\"",
+                "train.compute_dtype=\"f16\"",
+            ],
+        )
+        .expect_err("two places disagree")
+        .to_string();
+        assert!(
+            e.contains("model.compute_dtype") && e.contains("keep one"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct RawModel {
     /// GGUF blocks stay packed) or `none` (dense f32). Default: `keep`.
     #[serde(default = "defaults::quantization")]
     pub quantization: QuantKind,
+    /// Where `train.compute_dtype` was before it moved to `[train]` (runs recorded then have
+    /// `compute_dtype = "f32"` here): still read, moved to `[train]` on resolving.
+    #[serde(default, skip_serializing)]
+    pub compute_dtype: Option<ComputeDtype>,
     /// `cpu`, `cuda`, `cuda:N`, `wgpu` or `wgpu:N`. Default: `cpu`.
     #[serde(default = "defaults::device")]
     pub device: DeviceSpec,

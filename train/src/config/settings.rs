@@ -27,7 +27,7 @@ pub struct FieldError {
 }
 
 impl FieldError {
-    fn new(
+    pub(super) fn new(
         section: &'static str,
         key: &'static str,
         value: impl std::fmt::Display,
