@@ -77,17 +77,7 @@ pub fn load_gguf<B: GraftBackend>(
         device,
     };
     let mut model = assemble(&l, &config, device)?;
-    model.set_activations(opts.activations);
-    model
-        .set_compute_dtype(opts.compute)
-        .map_err(|message| LoadError::ComputeDtype {
-            path: path.into(),
-            message,
-        })?;
-    model.place_weights().map_err(|message| LoadError::Device {
-        path: path.into(),
-        message,
-    })?;
+    super::apply_options(&mut model, opts, path)?;
     let name = file
         .str("general.name")
         .map(str::to_string)

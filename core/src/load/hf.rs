@@ -70,17 +70,7 @@ pub fn load_hf_dir<B: GraftBackend>(
         device,
     };
     let mut model = assemble(&l, &config, device)?;
-    model.set_activations(opts.activations);
-    model
-        .set_compute_dtype(opts.compute)
-        .map_err(|message| LoadError::ComputeDtype {
-            path: dir.into(),
-            message,
-        })?;
-    model.place_weights().map_err(|message| LoadError::Device {
-        path: dir.into(),
-        message,
-    })?;
+    super::apply_options(&mut model, opts, dir)?;
     let tokenizer = if dir.join("tokenizer.json").is_file() {
         Some(TokenizerBundle::from_hf_dir(dir).map_err(|e| match e {
             TokenizerError::File { path, message } => LoadError::Tokenizer { path, message },

@@ -226,6 +226,27 @@ impl ModelSource {
     }
 }
 
+/// What both loaders do to an assembled model: `opts`' activations and compute dtype, then the
+/// packed base placed on the device. `path`: the model's file or directory, for errors.
+fn apply_options<B: GraftBackend>(
+    model: &mut Model<B>,
+    opts: LoadOptions,
+    path: &Path,
+) -> Result<(), LoadError> {
+    model.set_activations(opts.activations);
+    model
+        .set_compute_dtype(opts.compute)
+        .map_err(|message| LoadError::ComputeDtype {
+            path: path.into(),
+            message,
+        })?;
+    model.place_weights().map_err(|message| LoadError::Device {
+        path: path.into(),
+        message,
+    })?;
+    Ok(())
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.into(),
