@@ -17,8 +17,9 @@ use burn::tensor::{DType, FloatDType, TensorData, TensorPrimitive};
 
 use crate::adapters::gathered::{GatheredLora, RowLora, Values};
 use crate::adapters::lora::RowAdapters;
-use crate::model::attention_blocked;
+use crate::model::proj::Proj;
 use crate::model::Causal;
+use crate::model::{attention_blocked, token_logps};
 use crate::quant::PackedWeight;
 use burn::backend::flex::FlexTensor;
 
@@ -41,6 +42,12 @@ pub trait GraftBackend: Backend {
     fn packed_matmul_transposed(g: Tensor<Self, 2>, w: &PackedWeight) -> Tensor<Self, 2> {
         let wd = dequantized(w, &g.device()).cast(g.dtype());
         g.matmul(wd)
+    }
+
+    /// A packed `W: [out, in]` as an f32 tensor on `device` (what the products without a
+    /// fused kernel multiply with).
+    fn unpacked(w: &PackedWeight, device: &Self::Device) -> Tensor<Self, 2> {
+        dequantized(w, device)
     }
 
     /// `y` plus each row run's adapter term `scale·(x·Aᵀ)·Bᵀ` (rows of a serving batch may
@@ -133,6 +140,23 @@ pub trait GraftBackend: Backend {
     ) -> Tensor<Self, 2> {
         let y = Self::packed_matmul(x.clone(), w);
         Self::lora_rows(y, x, runs)
+    }
+
+    /// `log softmax(head(h))[t]` for each row of `hidden` and its target (`[n, 1]`), soft-capped
+    /// logits when `softcap` is set, without keeping the `[n, vocab]` logits
+    /// ([`crate::model::token_logps`]); under autodiff the forward keeps each row's gradient
+    /// with respect to `hidden` instead.
+    ///
+    /// # Shapes
+    /// `hidden: [n, hidden]` → `[n]`
+    fn token_logps(
+        hidden: Tensor<Self, 2>,
+        head: &Proj<Self>,
+        softcap: Option<f32>,
+        targets: Tensor<Self, 2, Int>,
+    ) -> Tensor<Self, 1> {
+        let rows = token_logps::chunk_rows(head.out_features);
+        token_logps::forward(hidden, head, softcap, &targets, rows, false).0
     }
 }
 
@@ -464,6 +488,11 @@ where
         g.matmul(Tensor::from_primitive(TensorPrimitive::Float(wd)))
     }
 
+    fn unpacked(w: &PackedWeight, device: &Self::Device) -> Tensor<Self, 2> {
+        let wd = crate::quant::gpu::dequantize_to::<R, F>(w, device, DType::F32);
+        Tensor::from_primitive(TensorPrimitive::Float(wd))
+    }
+
     /// Uploads the storage (once per weight and device). CubeCL reports a device that cannot
     /// allocate by panicking; that panic becomes the error.
     fn place_packed(w: &PackedWeight, device: &Self::Device) -> Result<bool, String> {
@@ -571,8 +600,22 @@ impl<B: GraftBackend, C: CheckpointStrategy> GraftBackend for Autodiff<B, C> {
         attention_blocked::tracked(q, k, v, sinks, spec)
     }
 
+    fn token_logps(
+        hidden: Tensor<Self, 2>,
+        head: &Proj<Self>,
+        softcap: Option<f32>,
+        targets: Tensor<Self, 2, Int>,
+    ) -> Tensor<Self, 1> {
+        let rows = token_logps::chunk_rows(head.out_features);
+        token_logps::tracked(hidden, head, softcap, targets, rows)
+    }
+
     fn place_packed(w: &PackedWeight, device: &Self::Device) -> Result<bool, String> {
         B::place_packed(w, device)
+    }
+
+    fn unpacked(w: &PackedWeight, device: &Self::Device) -> Tensor<Self, 2> {
+        Tensor::from_inner(B::unpacked(w, device))
     }
 
     fn supports_float(dtype: FloatDType, device: &Self::Device) -> bool {

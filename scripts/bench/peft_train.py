@@ -14,7 +14,8 @@ On a GPU (`--device cuda`), `--qlora` loads the base as bitsandbytes' NF4 with d
 quantization (QLoRA) instead of f32, its products in `--compute-dtype` (float32, or bfloat16 as
 graft's `train.compute_dtype = "bf16"`: bitsandbytes' bnb_4bit_compute_dtype; the rest of the
 model and the adapter stay f32 on both sides); the JSON then also has the peak device memory
-torch allocated.
+torch allocated. A run recorded with `train.gradient_checkpointing = true` runs with
+transformers' gradient checkpointing (non-reentrant) too.
 """
 
 import argparse
@@ -39,6 +40,8 @@ def main():
     ap.add_argument("--qlora", action="store_true", help="NF4 base with bitsandbytes (cuda only)")
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="bitsandbytes' compute dtype of the NF4 products (with --qlora)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="transformers' gradient checkpointing (default: as the run recorded)")
     a = ap.parse_args()
     cuda = a.device.startswith("cuda")
     if a.qlora and not cuda:
@@ -61,6 +64,9 @@ def main():
                                                     quantization_config=quant, device_map={"": a.device})
     else:
         base = AutoModelForCausalLM.from_pretrained(a.model, torch_dtype=torch.float32).to(a.device)
+    if a.gradient_checkpointing or s.get("gradient_checkpointing"):
+        # graft's train.gradient_checkpointing: each decoder layer recomputed in the backward
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PeftModel.from_pretrained(base, f"{a.run}/init-adapter", is_trainable=True).to(a.device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -122,6 +128,7 @@ def main():
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "device": a.device, "qlora": a.qlora,
+        "gradient_checkpointing": bool(a.gradient_checkpointing or s.get("gradient_checkpointing")),
         "losses": [r["loss"] for r in rec],
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "peft": __import__("peft").__version__,

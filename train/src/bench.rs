@@ -78,6 +78,7 @@ fn settings(cfg: &TrainConfig) -> Value {
         "max_grad_norm": cfg.train.max_grad_norm,
         "lr_scheduler": cfg.train.scheduler,
         "warmup_steps": cfg.train.warmup_steps,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "cpu_threads": cpu_threads(),
     })
 }

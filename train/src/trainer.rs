@@ -19,7 +19,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use graft_core::adapters::lora::LoraWeights;
@@ -27,12 +27,11 @@ use graft_core::adapters::lora::{Adapter, TargetModule};
 use graft_core::adapters::peft::{self, PeftConfig};
 use graft_core::backend::GraftBackend;
 use graft_core::burn::prelude::*;
-use graft_core::burn::tensor::activation::log_softmax;
 use graft_core::burn::tensor::backend::AutodiffBackend;
 use graft_core::burn::tensor::TensorData;
 use graft_core::generation::generate::generate;
 use graft_core::generation::sampling::SamplingParams;
-use graft_core::model::{Model, SeqInput};
+use graft_core::model::{Model, Recomputed, SeqInput};
 use graft_core::text::tokenizer::TokenizerBundle;
 use graft_datasets::batch::{epoch_order, micro_batches};
 use graft_datasets::prepare::{Prepared, Sample};
@@ -116,6 +115,8 @@ pub struct Trainer<'a, B: AutodiffBackend + GraftBackend, T: Sample = Tokenized>
     reference: std::sync::OnceLock<[Vec<Vec<f64>>; 2]>,
     /// The adapter state's crossings between host and device.
     transfers: Transfers,
+    /// Micro-batches run with recomputation so far (each draws its own dropout seed).
+    recomputed: AtomicU64,
 }
 
 impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
@@ -158,6 +159,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             modules,
             reference: std::sync::OnceLock::new(),
             transfers: Transfers::default(),
+            recomputed: AtomicU64::new(0),
         }
     }
 
@@ -250,6 +252,12 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         adapter
     }
 
+    /// A fresh dropout seed for a recomputed micro-batch (from the run's seed).
+    fn dropout_seed(&self) -> u64 {
+        let n = self.recomputed.fetch_add(1, Ordering::Relaxed);
+        self.cfg.train.seed ^ n.wrapping_add(1).wrapping_mul(0xd1b5_4a32_d192_ed03)
+    }
+
     /// The sequences of `samples` in forward order: each sample's own, or for pairs every
     /// chosen sequence, then every rejected one.
     fn sequences<'s>(samples: &[&'s T]) -> Vec<&'s Tokenized> {
@@ -272,7 +280,6 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         seqs: &[&Tokenized],
         whole: usize,
     ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>, Vec<usize>) {
-        let device = self.model.device();
         let mut inputs: Vec<SeqInput<'_, B>> = seqs
             .iter()
             .map(|e| SeqInput {
@@ -282,6 +289,18 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             })
             .collect();
         let hidden = self.model.final_hidden(&mut inputs);
+        self.head(hidden, seqs, whole)
+    }
+
+    /// [`Trainer::forward`]'s measures from the final hidden states of `seqs`.
+    #[allow(clippy::type_complexity)]
+    fn head(
+        &self,
+        hidden: Tensor<B, 2>,
+        seqs: &[&Tokenized],
+        whole: usize,
+    ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>, Vec<usize>) {
+        let device = self.model.device();
         let (mut rows, mut targets) = (Vec::new(), Vec::new());
         // (sequence, row) of each trained and each whole-scored position
         let (mut trained, mut scored) = (Vec::new(), Vec::new());
@@ -309,8 +328,10 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         let n = rows.len();
         let rows = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [n]), device);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [n, 1]), device);
-        let logits = self.model.logits(hidden.select(0, rows));
-        let picked = log_softmax(logits, 1).gather(1, targets);
+        let picked = self
+            .model
+            .token_logps(hidden.select(0, rows), targets)
+            .reshape([n, 1]);
         // per-sequence sums as a [n_seq, n] 0/1 matrix times the picked column
         let per_seq = |pairs: &[(usize, usize)], n_seq: usize| {
             let mut m = vec![0f32; n_seq * n];
@@ -383,14 +404,17 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
     }
 
     /// The loss terms of the samples `indices` of `split` under `adapter`, and the tensor
-    /// whose gradient is the loss's (`Σ ∂loss/∂sum · sum`).
+    /// whose gradient is the loss's (`Σ ∂loss/∂sum · sum`). With `recompute` (the dropout
+    /// seed), the layers keep only their inputs, and the backward is finished by the
+    /// returned [`Recomputed`].
     fn micro_batch(
         &self,
         adapter: &Adapter<B>,
         split: Split,
         indices: &[usize],
         step: &StepSize,
-    ) -> (Terms, Tensor<B, 1>) {
+        recompute: Option<u64>,
+    ) -> (Terms, Tensor<B, 1>, Option<Recomputed<'a, B>>) {
         let pool = self.pool(split);
         let samples: Vec<&T> = indices.iter().map(|&i| &pool[i]).collect();
         let seqs = Self::sequences(&samples);
@@ -404,7 +428,19 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         } else {
             0
         };
-        let (sums, whole_sums, counts, whole_counts) = self.forward(Some(adapter), &seqs, whole);
+        let (sums, whole_sums, counts, whole_counts, rec) = match recompute {
+            Some(seed) => {
+                let tokens: Vec<&[u32]> = seqs.iter().map(|e| e.ids.as_slice()).collect();
+                let model: &'a Model<B> = self.model;
+                let (hidden, rec) = model.final_hidden_recomputed(&tokens, adapter, seed);
+                let (s, w, c, wc) = self.head(hidden, &seqs, whole);
+                (s, w, c, wc, Some(rec))
+            }
+            None => {
+                let (s, w, c, wc) = self.forward(Some(adapter), &seqs, whole);
+                (s, w, c, wc, None)
+            }
+        };
         let measured = Measured {
             logps: to_f64(sums.clone()),
             counts,
@@ -422,7 +458,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         if let Some(w) = whole_sums {
             surrogate = surrogate + (w * weights(&terms.d_whole)).sum();
         }
-        (terms, surrogate)
+        (terms, surrogate, rec)
     }
 
     /// The size a step over `batches` (indices into `split`) is averaged over.
@@ -476,18 +512,42 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         for mb in batches {
             let t = Instant::now();
             let adapter = self.adapter(params, true);
-            let (terms, surrogate) = self.micro_batch(&adapter, Split::Train, mb, &size);
+            let recompute = self
+                .cfg
+                .train
+                .gradient_checkpointing
+                .then(|| self.dropout_seed());
+            let (terms, surrogate, rec) =
+                self.micro_batch(&adapter, Split::Train, mb, &size, recompute);
             out.loss += terms.loss;
             out.pairs.merge(&terms.metrics);
             out.forward_secs += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let g = surrogate.backward();
+            let mut found: Vec<Option<Tensor<Inner<B>, 2>>> = match rec {
+                None => adapter
+                    .modules()
+                    .flat_map(|(_, _, w)| [w.a.grad(&g), w.b.grad(&g)])
+                    .collect(),
+                // each layer's values have their gradients in that layer's backward
+                Some(rec) => {
+                    let mut found = vec![None; params.len()];
+                    rec.backward(&g, &adapter, |layer, grads| {
+                        for (i, (l, _, w)) in adapter.modules().enumerate() {
+                            if l == layer {
+                                found[2 * i] = w.a.grad(grads);
+                                found[2 * i + 1] = w.b.grad(grads);
+                            }
+                        }
+                    });
+                    found
+                }
+            };
             // Summed on the device; a value the loss does not reach keeps its sum.
-            let mine: Values<Inner<B>> = adapter
-                .modules()
-                .flat_map(|(_, _, w)| [&w.a, &w.b])
+            let mine: Values<Inner<B>> = found
+                .iter_mut()
                 .zip(params)
-                .map(|(t, p)| t.grad(&g).unwrap_or_else(|| p.zeros_like()))
+                .map(|(g, p)| g.take().unwrap_or_else(|| p.zeros_like()))
                 .collect();
             out.grads = resident::add(std::mem::take(&mut out.grads), mine);
             // for the clock only (it keeps the next micro-batch from overlapping this one)
@@ -513,7 +573,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         let size = self.step_size(Split::Eval, &batches);
         let (mut loss, mut metrics) = (0.0, PairMetrics::default());
         for b in &batches {
-            let (terms, _) = self.micro_batch(&adapter, Split::Eval, b, &size);
+            let (terms, ..) = self.micro_batch(&adapter, Split::Eval, b, &size, None);
             loss += terms.loss;
             metrics.merge(&terms.metrics);
         }

@@ -454,6 +454,23 @@ impl<B: Backend> Adapter<B> {
         })
     }
 
+    /// The same values outside any autodiff graph and not tracked, so nothing computed from
+    /// them is recorded (a no-op on a backend without autodiff).
+    pub fn detached(&self) -> Self {
+        let detach = |w: &LoraWeights<B>| LoraWeights {
+            a: w.a.clone().detach().set_require_grad(false),
+            b: w.b.clone().detach().set_require_grad(false),
+            ..w.clone()
+        };
+        Adapter {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.each_ref().map(|w| w.as_ref().map(detach)))
+                .collect(),
+        }
+    }
+
     /// Number of trainable values (A and B).
     pub fn n_params(&self) -> usize {
         self.modules()

@@ -23,7 +23,9 @@ mod mla;
 pub mod moe;
 mod norm;
 pub mod proj;
+mod recompute;
 mod rope;
+pub(crate) mod token_logps;
 
 use std::ops::Range;
 
@@ -45,6 +47,7 @@ pub use config::{
 };
 pub use family::Family;
 pub use norm::RmsNorm;
+pub use recompute::Recomputed;
 use rope::Rope;
 
 /// What [`Model::place_weights`] did.
@@ -492,6 +495,15 @@ impl<B: GraftBackend> Model<B> {
         }
     }
 
+    /// `log softmax(logits(hidden))[t]` for each row and its target token: what a loss on
+    /// [`Model::logits`] needs, without the `[n, vocab]` logits ([`GraftBackend::token_logps`]).
+    ///
+    /// # Shapes
+    /// `hidden: [n, hidden]`, `targets: [n, 1]` → `[n]`
+    pub fn token_logps(&self, hidden: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        B::token_logps(hidden, &self.lm_head, self.config.final_softcap, targets)
+    }
+
     /// Hidden states after the final norm, `[total_new_tokens, hidden]`.
     pub fn final_hidden(&self, seqs: &mut [SeqInput<'_, B>]) -> Tensor<B, 2> {
         on_pool(|| self.final_hidden_on_pool(seqs))
@@ -524,58 +536,19 @@ impl<B: GraftBackend> Model<B> {
         seqs: &mut [SeqInput<'_, B>],
         mut routes: Option<&mut Vec<moe::Routes>>,
     ) -> Tensor<B, 2> {
-        assert!(
-            seqs.iter().all(|s| !s.tokens.is_empty()),
-            "every sequence needs a new token"
-        );
-        let c = &self.config;
-        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let pass = self.pass(seqs);
         let adapters: Vec<Option<&Adapter<B>>> = seqs.iter().map(|s| s.adapter).collect();
-        let mut attn_seqs = Vec::with_capacity(seqs.len());
-        let mut spans = Vec::with_capacity(seqs.len());
-        let mut start = 0;
-        for s in seqs.iter_mut() {
-            let past = s.cache.as_ref().map_or(0, |c| c.len);
-            let span = start..start + s.tokens.len();
-            start = span.end;
-            spans.push((span.clone(), past));
-            let mut a = AttnSeq {
-                span,
-                past,
-                cache: s.cache.as_deref_mut(),
-                starts: Vec::new(),
-            };
-            a.build_starts(&self.windows);
-            attn_seqs.push(a);
-        }
-        let lens: Vec<(usize, usize)> = spans.iter().map(|(s, past)| (*past, s.len())).collect();
-        let tables: Vec<_> = self
-            .ropes
-            .iter()
-            .map(|r| {
-                (
-                    r.tables::<B>(&lens, c.num_heads, &self.device),
-                    r.tables::<B>(&lens, c.num_kv_heads, &self.device),
-                )
-            })
-            .collect();
-        let mut x = self.embed_tokens.rows(&tokens, &self.device);
-        if let Some(s) = c.embed_scale {
-            x = x.mul_scalar(s);
-        }
-        for (li, layer) in self.layers.iter().enumerate() {
-            let ri = self.layer_rope[li];
-            let ctx = LayerCtx {
-                config: c,
-                layer: li,
-                rope: &self.ropes[ri],
-                q_tables: &tables[ri].0,
-                k_tables: &tables[ri].1,
-                seqs: &mut attn_seqs,
-                routes: routes.as_deref_mut(),
-            };
-            let runs = |t: TargetModule| row_runs(&spans, &adapters, li, t);
-            x = layer.forward(x, ctx, &runs);
+        let mut x = self.embed(seqs);
+        let mut attn_seqs = self.attn_seqs(&pass, seqs);
+        for li in 0..self.layers.len() {
+            x = self.layer(
+                li,
+                x,
+                &pass,
+                &mut attn_seqs,
+                &adapters,
+                routes.as_deref_mut(),
+            );
         }
         drop(attn_seqs);
         for s in seqs.iter_mut() {
@@ -585,6 +558,99 @@ impl<B: GraftBackend> Model<B> {
         }
         self.norm.forward(x)
     }
+
+    /// What every layer of one pass over `seqs` shares: each sequence's rows and cached length,
+    /// and the rope tables.
+    fn pass(&self, seqs: &[SeqInput<'_, B>]) -> Pass<B> {
+        assert!(
+            seqs.iter().all(|s| !s.tokens.is_empty()),
+            "every sequence needs a new token"
+        );
+        let c = &self.config;
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for s in seqs {
+            let past = s.cache.as_ref().map_or(0, |c| c.len);
+            spans.push((start..start + s.tokens.len(), past));
+            start += s.tokens.len();
+        }
+        let lens: Vec<(usize, usize)> = spans.iter().map(|(s, past)| (*past, s.len())).collect();
+        let tables = self
+            .ropes
+            .iter()
+            .map(|r| {
+                (
+                    r.tables::<B>(&lens, c.num_heads, &self.device),
+                    r.tables::<B>(&lens, c.num_kv_heads, &self.device),
+                )
+            })
+            .collect();
+        Pass { spans, tables }
+    }
+
+    /// The embedded new tokens of `seqs`, `[total_new_tokens, hidden]`.
+    fn embed(&self, seqs: &[SeqInput<'_, B>]) -> Tensor<B, 2> {
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let x = self.embed_tokens.rows(&tokens, &self.device);
+        match self.config.embed_scale {
+            Some(s) => x.mul_scalar(s),
+            None => x,
+        }
+    }
+
+    /// Each sequence's attention view: its rows, its cache, the first key each window sees.
+    fn attn_seqs<'s>(
+        &self,
+        pass: &Pass<B>,
+        seqs: &'s mut [SeqInput<'_, B>],
+    ) -> Vec<AttnSeq<'s, B>> {
+        seqs.iter_mut()
+            .zip(&pass.spans)
+            .map(|(s, (span, past))| {
+                let mut a = AttnSeq {
+                    span: span.clone(),
+                    past: *past,
+                    cache: s.cache.as_deref_mut(),
+                    starts: Vec::new(),
+                };
+                a.build_starts(&self.windows);
+                a
+            })
+            .collect()
+    }
+
+    /// Decoder layer `li` on `x`, the rows of sequence `i` with `adapters[i]`.
+    fn layer(
+        &self,
+        li: usize,
+        x: Tensor<B, 2>,
+        pass: &Pass<B>,
+        attn_seqs: &mut [AttnSeq<'_, B>],
+        adapters: &[Option<&Adapter<B>>],
+        routes: Option<&mut Vec<moe::Routes>>,
+    ) -> Tensor<B, 2> {
+        let ri = self.layer_rope[li];
+        let ctx = LayerCtx {
+            config: &self.config,
+            layer: li,
+            rope: &self.ropes[ri],
+            q_tables: &pass.tables[ri].0,
+            k_tables: &pass.tables[ri].1,
+            seqs: attn_seqs,
+            routes,
+        };
+        let runs = |t: TargetModule| row_runs(&pass.spans, adapters, li, t);
+        self.layers[li].forward(x, ctx, &runs)
+    }
+}
+
+/// What every layer of one forward pass shares ([`Model::pass`]).
+struct Pass<B: GraftBackend> {
+    /// Each sequence's rows in the batch, and the tokens already in its cache.
+    spans: Vec<(Range<usize>, usize)>,
+    /// Per distinct rope: `(cos, sin)` tables for the queries and for the keys.
+    #[allow(clippy::type_complexity)]
+    tables: Vec<((Tensor<B, 2>, Tensor<B, 2>), (Tensor<B, 2>, Tensor<B, 2>))>,
 }
 
 /// The parts joined along `dim` (the one part as it is: no copy).

@@ -15,6 +15,7 @@ mod moe;
 mod peft;
 mod q8_activations;
 mod real_models;
+mod recompute;
 mod reference;
 mod smollm2;
 mod tiny;

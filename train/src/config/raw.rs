@@ -283,6 +283,11 @@ pub struct RawTrain {
     /// gradients and AdamW's moments stay f32, master weights). Default: `f32`.
     #[serde(default)]
     pub compute_dtype: ComputeDtype,
+    /// Recompute each decoder layer's activations in the backward instead of keeping them
+    /// (transformers' `gradient_checkpointing`): far less memory for one more forward pass of
+    /// the layers. Default: false.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for RawTrain {

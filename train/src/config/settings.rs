@@ -289,6 +289,8 @@ pub struct TrainSettings {
     pub sample_max_tokens: usize,
     /// The base products' float type (`Model::set_compute_dtype`).
     pub compute_dtype: graft_core::model::ComputeDtype,
+    /// Recompute each layer in the backward (`Model::final_hidden_recomputed`).
+    pub gradient_checkpointing: bool,
 }
 
 impl TryFrom<&RawTrain> for TrainSettings {
@@ -358,6 +360,7 @@ impl TryFrom<&RawTrain> for TrainSettings {
             eval_samples: f.at_least("eval_samples", t.eval_samples, 0)?,
             sample_max_tokens: f.at_least("sample_max_tokens", t.sample_max_tokens, 1)?,
             compute_dtype: t.compute_dtype,
+            gradient_checkpointing: t.gradient_checkpointing,
         })
     }
 }

@@ -12,6 +12,7 @@ mod library;
 mod merge;
 mod ollama;
 mod preference;
+mod recompute;
 mod report;
 mod resident;
 mod resume;

@@ -72,11 +72,16 @@ fn assert_close(what: &str, got: f64, want: f64, tol: f64) {
 }
 
 fn check_case(case: &str, method: &str, extra: &str) {
+    check_case_with(case, method, extra, &[]);
+}
+
+/// [`check_case`] with `sets` (`KEY=VALUE`) applied to the config.
+fn check_case_with(case: &str, method: &str, extra: &str, sets: &[String]) {
     let (reference, grad_bytes) = fixture();
     let want = &reference["cases"][case];
     let dir = tempfile::tempdir().expect("temp dir");
     let path = write_case(dir.path(), &reference["pairs"], method, extra);
-    let cfg = configs(&path, &[]).expect("config").remove(0);
+    let cfg = configs(&path, sets).expect("config").remove(0);
     let device = Default::default();
     let loaded = load_model::<B>(&cfg, &device).expect("model");
     let data = prepare_data::<B, Pair>(&cfg, &loaded).expect("pairs");
@@ -190,6 +195,20 @@ fn dpo_with_precomputed_reference_equals_trl() {
 #[test]
 fn orpo_equals_trl() {
     check_case("orpo", "orpo", "beta = 0.2");
+}
+
+/// With each layer recomputed in the backward (and the fused LM head), DPO's and ORPO's losses
+/// and gradients are TRL's still.
+#[test]
+fn dpo_and_orpo_with_recomputed_layers_equal_trl() {
+    let sets = ["train.gradient_checkpointing=true".to_string()];
+    check_case_with(
+        "dpo_sigmoid",
+        "dpo",
+        "beta = 0.1\nloss_type = \"sigmoid\"",
+        &sets,
+    );
+    check_case_with("orpo", "orpo", "beta = 0.2", &sets);
 }
 
 /// `configs/dpo.toml` on the real SmolLM2 (16 steps): on the held-out pairs the base ranks the
