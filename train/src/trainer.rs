@@ -115,8 +115,9 @@ pub struct Trainer<'a, B: AutodiffBackend + GraftBackend, T: Sample = Tokenized>
     reference: std::sync::OnceLock<[Vec<Vec<f64>>; 2]>,
     /// The adapter state's crossings between host and device.
     transfers: Transfers,
-    /// Micro-batches run with recomputation so far (each draws its own dropout seed).
-    recomputed: AtomicU64,
+    /// The step being run, and this rank's micro-batches of it run with recomputation so far:
+    /// each draws its own dropout seed from them.
+    recomputed: (AtomicU64, AtomicU64),
 }
 
 impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
@@ -159,7 +160,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
             modules,
             reference: std::sync::OnceLock::new(),
             transfers: Transfers::default(),
-            recomputed: AtomicU64::new(0),
+            recomputed: (AtomicU64::new(0), AtomicU64::new(0)),
         }
     }
 
@@ -252,10 +253,19 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         adapter
     }
 
-    /// A fresh dropout seed for a recomputed micro-batch (from the run's seed).
+    /// The dropout seed of the next recomputed micro-batch: from the run's seed, the step and
+    /// the micro-batch's place in the step, so a resumed run draws the masks it would have.
     fn dropout_seed(&self) -> u64 {
-        let n = self.recomputed.fetch_add(1, Ordering::Relaxed);
-        self.cfg.train.seed ^ n.wrapping_add(1).wrapping_mul(0xd1b5_4a32_d192_ed03)
+        let (step, k) = (
+            self.recomputed.0.load(Ordering::Relaxed),
+            self.recomputed.1.fetch_add(1, Ordering::Relaxed),
+        );
+        let micro_batch = k * self.group.size() as u64 + self.group.rank() as u64;
+        self.cfg.train.seed
+            ^ step.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ micro_batch
+                .wrapping_add(1)
+                .wrapping_mul(0xd1b5_4a32_d192_ed03)
     }
 
     /// The sequences of `samples` in forward order: each sample's own, or for pairs every
@@ -818,6 +828,10 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         while state.step < total_steps {
             let t0 = Instant::now();
             B::seed(&device, cfg.train.seed.wrapping_add(state.step as u64));
+            self.recomputed
+                .0
+                .store(state.step as u64, Ordering::Relaxed);
+            self.recomputed.1.store(0, Ordering::Relaxed);
             let step_batches = schedule.next_step(&mut state);
             let size = self.step_size(Split::Train, &step_batches);
             let n_tokens = size.tokens;

@@ -100,7 +100,17 @@ impl<B: AutodiffBackend + GraftBackend> Recomputed<'_, B> {
             if let Some(s) = &self.seeds {
                 B::seed(&model.device, s[li]);
             }
-            let x = input.require_grad();
+            // The first layer's input is the embedding: its gradient is not needed when the
+            // layer's adapter values are there to be tracked.
+            let adapted = adapter
+                .layers
+                .get(li)
+                .is_some_and(|l| l.iter().any(Option::is_some));
+            let x = if li == 0 && adapted {
+                input
+            } else {
+                input.require_grad()
+            };
             let y = super::on_pool(|| {
                 let mut seqs = fresh_seqs(&tokens, adapter);
                 let adapters = vec![Some(adapter); seqs.len()];

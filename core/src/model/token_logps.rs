@@ -46,16 +46,11 @@ fn logits<B: GraftBackend>(h: Tensor<B, 2>, head: &Proj<B>, softcap: Option<f32>
     }
 }
 
-/// `head` with its packed weight dequantized once when the `n` rows take more than one chunk
-/// (each chunk's product would dequantize it again).
-fn unpacked<B: GraftBackend>(
-    head: &Proj<B>,
-    n: usize,
-    rows: usize,
-    device: &B::Device,
-) -> Option<Proj<B>> {
+/// `head` with its packed weight dequantized once, when `reused` (more than one chunk, or the
+/// gradient's product too: each product would dequantize it again).
+fn unpacked<B: GraftBackend>(head: &Proj<B>, reused: bool, device: &B::Device) -> Option<Proj<B>> {
     match &head.base {
-        BaseWeight::Packed(p) if n > rows => Some(Proj {
+        BaseWeight::Packed(p) if reused => Some(Proj {
             base: BaseWeight::Dense(B::unpacked(p, device)),
             ..head.clone()
         }),
@@ -84,7 +79,7 @@ pub(crate) fn forward<B: GraftBackend>(
             gradient.then(|| Tensor::zeros([0, width], &device)),
         );
     }
-    let dense = unpacked(head, n, rows, &hidden.device());
+    let dense = unpacked(head, n > rows || gradient, &hidden.device());
     let head = dense.as_ref().unwrap_or(head);
     let (mut picked, mut grads) = (Vec::new(), Vec::new());
     for r in chunks(n, rows) {

@@ -216,3 +216,32 @@ fn a_run_killed_before_its_first_checkpoint_starts_over_and_a_torn_log_line_is_d
     assert!(!out.status.success());
     assert!(stderr(&out).contains("has ended"), "{}", stderr(&out));
 }
+
+/// With layer recomputation and LoRA dropout, a run killed between checkpoints and resumed
+/// ends with the uninterrupted run's adapter: the masks come from the seed, the step and the
+/// micro-batch, not from how many micro-batches this process has run.
+#[test]
+fn recomputed_dropout_resumes_with_the_same_masks() {
+    let config = |dir: &std::path::Path| {
+        let path = write_config(dir, &format!("{STEPS}gradient_checkpointing = true\n"));
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(
+            &path,
+            text.replacen("alpha = 8\n", "alpha = 8\ndropout = 0.2\n", 1),
+        )
+        .expect("config");
+        path
+    };
+    let full_dir = tempfile::tempdir().expect("temp dir");
+    let out = graft_train(&[config(full_dir.path()).to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let full = single_run(full_dir.path());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = config(dir.path());
+    let (run, exit) = interrupt_after_step_2(dir.path(), &path, "-KILL", |_| true);
+    assert!(!exit.success());
+    let out = graft_train(&["resume", run.to_str().expect("utf-8 path")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let d = max_abs_diff(&full.join("adapter"), &run.join("adapter"));
+    assert!(d <= 1e-6, "resumed adapter differs by {d}");
+}
