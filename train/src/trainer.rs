@@ -290,6 +290,11 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         seqs: &[&Tokenized],
         whole: usize,
     ) -> (Tensor<B, 1>, Option<Tensor<B, 1>>, Vec<usize>, Vec<usize>) {
+        self.head(self.final_hidden(adapter, seqs), seqs, whole)
+    }
+
+    /// The final hidden states of `seqs` (with `adapter`, or the base).
+    fn final_hidden(&self, adapter: Option<&Adapter<B>>, seqs: &[&Tokenized]) -> Tensor<B, 2> {
         let mut inputs: Vec<SeqInput<'_, B>> = seqs
             .iter()
             .map(|e| SeqInput {
@@ -298,8 +303,7 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
                 adapter,
             })
             .collect();
-        let hidden = self.model.final_hidden(&mut inputs);
-        self.head(hidden, seqs, whole)
+        self.model.final_hidden(&mut inputs)
     }
 
     /// [`Trainer::forward`]'s measures from the final hidden states of `seqs`.
@@ -438,19 +442,16 @@ impl<'a, B: AutodiffBackend + GraftBackend, T: Sample> Trainer<'a, B, T> {
         } else {
             0
         };
-        let (sums, whole_sums, counts, whole_counts, rec) = match recompute {
+        let (hidden, rec) = match recompute {
             Some(seed) => {
                 let tokens: Vec<&[u32]> = seqs.iter().map(|e| e.ids.as_slice()).collect();
                 let model: &'a Model<B> = self.model;
                 let (hidden, rec) = model.final_hidden_recomputed(&tokens, adapter, seed);
-                let (s, w, c, wc) = self.head(hidden, &seqs, whole);
-                (s, w, c, wc, Some(rec))
+                (hidden, Some(rec))
             }
-            None => {
-                let (s, w, c, wc) = self.forward(Some(adapter), &seqs, whole);
-                (s, w, c, wc, None)
-            }
+            None => (self.final_hidden(Some(adapter), &seqs), None),
         };
+        let (sums, whole_sums, counts, whole_counts) = self.head(hidden, &seqs, whole);
         let measured = Measured {
             logps: to_f64(sums.clone()),
             counts,

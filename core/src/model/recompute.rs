@@ -29,8 +29,8 @@ pub struct Recomputed<'m, B: AutodiffBackend + GraftBackend> {
     inputs: Vec<Tensor<B, 2>>,
     /// The last layer's output as a gradient leaf.
     last: Tensor<B, 2>,
-    /// Per layer, the seed of its dropout masks (`None`: the adapter has no dropout).
-    seeds: Option<Vec<u64>>,
+    /// The seed of the dropout masks ([`layer_seed`]; `None`: the adapter has no dropout).
+    dropout_seed: Option<u64>,
 }
 
 impl<B: AutodiffBackend + GraftBackend> Model<B> {
@@ -45,12 +45,10 @@ impl<B: AutodiffBackend + GraftBackend> Model<B> {
         adapter: &Adapter<B>,
         seed: u64,
     ) -> (Tensor<B, 2>, Recomputed<'_, B>) {
-        let dropout = adapter.modules().any(|(_, _, w)| w.dropout > 0.0);
-        let seeds = dropout.then(|| {
-            (0..self.layers.len() as u64)
-                .map(|l| seed ^ l.wrapping_mul(0x9e37_79b9_7f4a_7c15))
-                .collect::<Vec<_>>()
-        });
+        let dropout_seed = adapter
+            .modules()
+            .any(|(_, _, w)| w.dropout > 0.0)
+            .then_some(seed);
         let detached = adapter.detached();
         let mut seqs = fresh_seqs(tokens, &detached);
         let pass = self.pass(&seqs);
@@ -60,8 +58,8 @@ impl<B: AutodiffBackend + GraftBackend> Model<B> {
             let mut attn_seqs = self.attn_seqs(&pass, &mut seqs);
             let mut inputs = Vec::with_capacity(self.layers.len());
             for li in 0..self.layers.len() {
-                if let Some(s) = &seeds {
-                    B::seed(&self.device, s[li]);
+                if let Some(s) = dropout_seed {
+                    B::seed(&self.device, layer_seed(s, li));
                 }
                 inputs.push(x.clone());
                 x = self.layer(li, x, &pass, &mut attn_seqs, &adapters, None);
@@ -76,7 +74,7 @@ impl<B: AutodiffBackend + GraftBackend> Model<B> {
             pass,
             inputs,
             last,
-            seeds,
+            dropout_seed,
         };
         (hidden, rec)
     }
@@ -97,8 +95,8 @@ impl<B: AutodiffBackend + GraftBackend> Recomputed<'_, B> {
         let tokens: Vec<&[u32]> = self.tokens.iter().map(Vec::as_slice).collect();
         let mut grad = gradient(&self.last, head);
         for (li, input) in self.inputs.into_iter().enumerate().rev() {
-            if let Some(s) = &self.seeds {
-                B::seed(&model.device, s[li]);
+            if let Some(s) = self.dropout_seed {
+                B::seed(&model.device, layer_seed(s, li));
             }
             // The first layer's input is the embedding: its gradient is not needed when the
             // layer's adapter values are there to be tracked.
@@ -122,6 +120,11 @@ impl<B: AutodiffBackend + GraftBackend> Recomputed<'_, B> {
             visit(li, &grads);
         }
     }
+}
+
+/// The seed of layer `li`'s dropout masks in both of its passes.
+fn layer_seed(seed: u64, li: usize) -> u64 {
+    seed ^ (li as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// Fresh sequences `tokens`, every one with `adapter`.
