@@ -20,6 +20,8 @@ Sections (all by default; pick with --only):
   startup   process start to answering /health, for both servers
   train     `graft-train bench configs/bench.toml` (QLoRA on Q4_1, NF4, LoRA on f32) vs PEFT LoRA
             on the f32 base on the same steps, data and initial adapter
+  train_chat `graft-train bench configs/bench-chat.toml` (short chat examples, micro-batch 8,
+            assistant-only loss; LoRA on f32 and QLoRA on Q4_1) vs PEFT LoRA on the same batches
 
 Every figure is a median over --rounds alternating runs with the range; ratios are graft/anchor.
 Results are printed and written as JSON to --out (default runs/bench/compare-<time>.json).
@@ -366,47 +368,72 @@ def startup(args, res):
                       "graft_s": med(g), "llama_server_s": med(l)}
 
 
-def train(args, res):
-    work = args.work
+def graft_bench(args, config, quant, steps, extra=()):
+    """One `graft-train bench` run: its directory and figures."""
+    o = run([BIN / "graft-train", "bench", ROOT / "configs" / config, "--steps", steps,
+             "--set", f"model.quantization={quant}", "--set", f"output.runs_dir={args.work / 'train'}", *extra])
+    return Path(re.search(r"^run: (.+)$", o, re.M).group(1)), {
+        "tokens_per_s": float(re.search(r"throughput: ([\d.]+) tokens/s", o).group(1)),
+        "split": re.search(r"seconds/step \(median\): (.+)", o).group(1),
+        "peak_rss_mib": float(re.search(r"peak RSS: ([\d.]+) MiB", o).group(1)),
+        "losses": [float(x) for x in re.search(r"loss by step: (.+)", o).group(1).split()],
+    }
+
+
+def peft_bench(args, run_dir, *extra):
+    """PEFT on the workload of a graft bench run (None without PEFT_PYTHON)."""
+    py = os.environ.get("PEFT_PYTHON")
+    if not py:
+        return None
+    o = run([py, ROOT / "scripts" / "bench" / "peft_train.py", "--run", run_dir, "--model", HF_F32,
+             "--threads", args.threads, *extra], stdout_only=True)
+    return json.loads(o.strip().splitlines()[-1])
+
+
+def loss_diff(graft, peft):
+    return max(abs(a - b) / abs(b) for a, b in zip(graft["losses"][:10], peft["losses"][:10]))
+
+
+def train_workload(args, config, variants):
+    """graft's `variants` of one bench config (quantization, `+recompute` for
+    train.gradient_checkpointing), then PEFT on the f32 run's workload; the common ratios."""
     out = {}
     runs = {}
-    # "keep+recompute": QLoRA on the GGUF blocks with train.gradient_checkpointing
-    for q in ["none", "keep", "nf4", "keep+recompute"]:
+    for q in variants:
         steps = args.train_steps if q == "none" else max(3, args.train_steps // 2)
         quant, _, recompute = q.partition("+")
         extra = ["--set", "train.gradient_checkpointing=true"] if recompute else []
-        o = run([BIN / "graft-train", "bench", ROOT / "configs" / "bench.toml", "--steps", steps,
-                 "--set", f"model.quantization={quant}", "--set", f"output.runs_dir={work / 'train'}", *extra])
-        runs[q] = Path(re.search(r"^run: (.+)$", o, re.M).group(1))
-        out[q] = {
-            "tokens_per_s": float(re.search(r"throughput: ([\d.]+) tokens/s", o).group(1)),
-            "split": re.search(r"seconds/step \(median\): (.+)", o).group(1),
-            "peak_rss_mib": float(re.search(r"peak RSS: ([\d.]+) MiB", o).group(1)),
-            "losses": [float(x) for x in re.search(r"loss by step: (.+)", o).group(1).split()],
-        }
-    py = os.environ.get("PEFT_PYTHON")
-    if py:
-        o = run([py, ROOT / "scripts" / "bench" / "peft_train.py", "--run", runs["none"], "--model", HF_F32,
-                 "--threads", args.threads], stdout_only=True)
-        peft = json.loads(o.strip().splitlines()[-1])
+        runs[q], out[q] = graft_bench(args, config, quant, steps, extra)
+    peft = peft_bench(args, runs["none"])
+    if peft:
         out["peft_f32_lora"] = peft
-        g = out["none"]["losses"][:10]
-        p = peft["losses"][:10]
-        out["loss_max_rel_diff_first_10"] = max(abs(a - b) / abs(b) for a, b in zip(g, p))
+        out["loss_max_rel_diff_first_10"] = loss_diff(out["none"], peft)
         out["lora_speed_ratio"] = out["none"]["tokens_per_s"] / peft["tokens_per_sec"]
         out["qlora_memory_ratio"] = out["keep"]["peak_rss_mib"] / peft["peak_rss_mib"]
+    return out, runs, peft
+
+
+def train(args, res):
+    out, runs, peft = train_workload(args, "bench.toml", ["none", "keep", "nf4", "keep+recompute"])
+    if peft:
         out["nf4_memory_ratio"] = out["nf4"]["peak_rss_mib"] / peft["peak_rss_mib"]
         out["qlora_recompute_memory_ratio"] = out["keep+recompute"]["peak_rss_mib"] / peft["peak_rss_mib"]
         # PEFT with transformers' gradient checkpointing: the like-for-like anchor of the last row
-        o = run([py, ROOT / "scripts" / "bench" / "peft_train.py", "--run", runs["none"], "--model", HF_F32,
-                 "--threads", args.threads, "--steps", max(3, args.train_steps // 2),
-                 "--gradient-checkpointing"], stdout_only=True)
-        peft_gc = json.loads(o.strip().splitlines()[-1])
+        peft_gc = peft_bench(args, runs["none"], "--steps", max(3, args.train_steps // 2), "--gradient-checkpointing")
         out["peft_f32_lora_checkpointing"] = peft_gc
         out["qlora_recompute_memory_ratio_vs_peft_checkpointing"] = (
             out["keep+recompute"]["peak_rss_mib"] / peft_gc["peak_rss_mib"])
     out["settings"] = "configs/bench.toml: r=16 alpha=32 all linear, micro-batch 4 x 256 tokens, AdamW lr 2e-4 constant, f32 compute, CPU"
     res["train"] = out
+
+
+def train_chat(args, res):
+    """Short chat examples: micro-batch 8 of ~100 tokens, loss on the assistant turns only."""
+    out, _, _ = train_workload(args, "bench-chat.toml", ["none", "keep"])
+    out["settings"] = ("configs/bench-chat.toml: r=16 alpha=32 all linear, micro-batch 8 chat examples "
+                       "(~100 tokens, 3 turns), assistant-only loss, AdamW lr 2e-4 constant, f32 compute, CPU; "
+                       "PEFT right-pads each micro-batch, tokens/s counts real tokens for both")
+    res["train_chat"] = out
 
 
 def summary(res, args):
@@ -443,12 +470,15 @@ def summary(res, args):
     add("QLoRA (Q4_1) + gradient_checkpointing peak RSS / PEFT f32 LoRA", at("train", "qlora_recompute_memory_ratio"), "<= 0.35")
     add("  same / PEFT f32 LoRA with gradient checkpointing", at("train", "qlora_recompute_memory_ratio_vs_peft_checkpointing"), "")
     add("loss, first 10 steps, max relative difference to PEFT", at("train", "loss_max_rel_diff_first_10"), "<= 0.01", "{:.2e}")
+    add("short-chat LoRA training tokens/s, graft / PEFT (CPU, f32)", at("train_chat", "lora_speed_ratio"), ">= 1.5")
+    add("short-chat QLoRA (Q4_1) peak RSS / PEFT f32 LoRA", at("train_chat", "qlora_memory_ratio"), "")
+    add("short-chat loss, max relative difference to PEFT", at("train_chat", "loss_max_rel_diff_first_10"), "<= 0.01", "{:.2e}")
     print("\n".join(rows))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="decode,adapter_decode,context,serve,adapters,startup,train")
+    ap.add_argument("--only", default="decode,adapter_decode,context,serve,adapters,startup,train,train_chat")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--clients", type=int, default=8)
@@ -475,7 +505,8 @@ def main():
             log(f"note: {name} is not set; the anchor's side of the comparison is skipped")
     res = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     sections = {"decode": decode, "adapter_decode": adapter_decode, "context": context, "serve": serve,
-                "adapters": adapters, "startup": startup, "train": train}
+                "adapters": adapters, "startup": startup, "train": train,
+                "train_chat": train_chat}
     out = args.out or ROOT / "runs" / "bench" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only.split(","):

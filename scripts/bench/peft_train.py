@@ -5,7 +5,8 @@ pins the versions graft is checked against). It reads the run's `bench-inputs.js
 micro-batches as token ids and loss masks) and starts from the run's `init-adapter/`, so both
 trainers take the same steps from the same adapter: plain LoRA on the f32 base (PEFT + torch on
 the CPU), AdamW, gradient clipping, loss = summed cross-entropy over the trained tokens of a step
-divided by their count. Prints one JSON line: tokens/s, seconds per step split into forward,
+divided by their count. Examples of different lengths (the chat bench) are right-padded per
+micro-batch with an attention mask; tokens/s counts the real tokens. Prints one JSON line: tokens/s, seconds per step split into forward,
 backward and optimizer, peak RSS, and the loss of every step.
 
     python scripts/bench/peft_train.py --run runs/bench/<run> --model <HF dir> [--threads 2]
@@ -89,14 +90,18 @@ def main():
         loss_total = 0.0
         opt.zero_grad(set_to_none=True)
         for mb in step:
-            lens = {len(e["ids"]) for e in mb}
-            if len(lens) != 1:
-                raise SystemExit("the comparison needs equal-length examples (packing off, truncated)")
-            ids = torch.tensor([e["ids"] for e in mb], device=a.device)
-            trained = torch.tensor([e["trained"] for e in mb], dtype=torch.bool, device=a.device)
+            # Examples of different lengths (chat) are right-padded with an attention mask: the
+            # padding is never attended to nor trained, and causal attention keeps it out of the
+            # real tokens' values. graft runs the same batch without padding.
+            width = max(len(e["ids"]) for e in mb)
+            ids = torch.tensor([e["ids"] + [0] * (width - len(e["ids"])) for e in mb], device=a.device)
+            trained = torch.tensor([e["trained"] + [False] * (width - len(e["ids"])) for e in mb],
+                                   dtype=torch.bool, device=a.device)
+            attention = torch.tensor([[1] * len(e["ids"]) + [0] * (width - len(e["ids"])) for e in mb],
+                                     device=a.device)
             sync()
             t = time.perf_counter()
-            logits = model(input_ids=ids).logits
+            logits = model(input_ids=ids, attention_mask=attention).logits
             target = ids[:, 1:].masked_fill(~trained[:, 1:], -100)
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]),

@@ -144,7 +144,10 @@ fn block_probs<B: GraftBackend>(
         tanh = Some(t);
     }
     if let Some(m) = s.mask::<B>(block, &q.device()) {
-        scores = (scores.reshape([kvh * g, c, w]) + m).reshape([kvh, g * c, w]);
+        // As `[heads, c·w] + [1, c·w]`: a shared row, which the CPU backend adds with SIMD
+        // (a `[1, c, w]` broadcast over `[heads, c, w]` goes element by element through strides).
+        scores =
+            (scores.reshape([kvh * g, c * w]) + m.reshape([1, c * w])).reshape([kvh, g * c, w]);
     }
     let probs = softmax_with_sinks(scores, sinks, kvh, g, c);
     BlockProbs { q, probs, tanh }
