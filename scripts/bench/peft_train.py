@@ -6,8 +6,9 @@ micro-batches as token ids and loss masks) and starts from the run's `init-adapt
 trainers take the same steps from the same adapter: plain LoRA on the f32 base (PEFT + torch on
 the CPU), AdamW, gradient clipping, loss = summed cross-entropy over the trained tokens of a step
 divided by their count. Examples of different lengths (the chat bench) are right-padded per
-micro-batch with an attention mask; tokens/s counts the real tokens. Prints one JSON line: tokens/s, seconds per step split into forward,
-backward and optimizer, peak RSS, and the loss of every step.
+micro-batch with an attention mask; tokens/s counts the real tokens. Prints one JSON line:
+tokens/s, seconds per step split into forward, backward and optimizer, peak RSS, and the loss
+of every step.
 
     python scripts/bench/peft_train.py --run runs/bench/<run> --model <HF dir> [--threads 2]
 
@@ -94,11 +95,10 @@ def main():
             # padding is never attended to nor trained, and causal attention keeps it out of the
             # real tokens' values. graft runs the same batch without padding.
             width = max(len(e["ids"]) for e in mb)
-            ids = torch.tensor([e["ids"] + [0] * (width - len(e["ids"])) for e in mb], device=a.device)
-            trained = torch.tensor([e["trained"] + [False] * (width - len(e["ids"])) for e in mb],
-                                   dtype=torch.bool, device=a.device)
-            attention = torch.tensor([[1] * len(e["ids"]) + [0] * (width - len(e["ids"])) for e in mb],
-                                     device=a.device)
+            pad = lambda xs, v: xs + [v] * (width - len(xs))
+            ids = torch.tensor([pad(e["ids"], 0) for e in mb], device=a.device)
+            trained = torch.tensor([pad(e["trained"], False) for e in mb], dtype=torch.bool, device=a.device)
+            attention = torch.tensor([pad([1] * len(e["ids"]), 0) for e in mb], device=a.device)
             sync()
             t = time.perf_counter()
             logits = model(input_ids=ids, attention_mask=attention).logits
